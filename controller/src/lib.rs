@@ -1,0 +1,1 @@
+//! The controller: worker registry, heartbeats and expiry (filled in by the cluster issue).

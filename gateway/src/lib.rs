@@ -1,0 +1,1 @@
+//! The OpenAI-compatible HTTP gateway (filled in by the cluster issue).

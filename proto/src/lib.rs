@@ -1,0 +1,1 @@
+//! The gRPC contract between herd components (filled in by the cluster issue).

@@ -1,0 +1,148 @@
+//! `herd chat`: an interactive terminal chat, or one answer with `--prompt`.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use herd_worker::engine::{
+    DTypeChoice, Engine, GenerationParams, LoadOptions, Message, SamplingParams, parse_device,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Flags of `herd chat`.
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    /// An HF checkpoint directory or a .gguf file.
+    #[arg(long, env = "HERD_MODEL")]
+    model: PathBuf,
+    /// Answer this one message, print the answer to stdout and exit.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// System message (replaces the template's default).
+    #[arg(long, env = "HERD_SYSTEM")]
+    system: Option<String>,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Most tokens per answer (default: what the context leaves).
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Seed for reproducible sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Chat template: vicuna_v1.1, one_shot, or a Jinja file.
+    #[arg(long, env = "HERD_CHAT_TEMPLATE")]
+    chat_template: Option<String>,
+    /// Weight dtype: auto, f32, f16, bf16.
+    #[arg(long, env = "HERD_DTYPE", default_value = "auto")]
+    dtype: DTypeChoice,
+    /// Device: cpu or cuda:N.
+    #[arg(long, env = "HERD_DEVICE", default_value = "cpu")]
+    device: String,
+}
+
+fn load(args: &ChatArgs) -> anyhow::Result<Engine> {
+    let device = parse_device(&args.device)?;
+    let opts = LoadOptions {
+        model: args.model.clone(),
+        dtype: args.dtype,
+        device,
+        chat_template: args.chat_template.clone(),
+    };
+    // indicatif draws nothing when stderr is not a terminal.
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("loading {bar:40} {pos}/{len} tensors {elapsed}").expect("static template"),
+    );
+    let engine = Engine::load(&opts, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    });
+    bar.finish_and_clear();
+    Ok(engine?)
+}
+
+/// Runs `herd chat`.
+pub fn run(args: ChatArgs) -> anyhow::Result<()> {
+    let engine = load(&args)?;
+    let params = GenerationParams {
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            seed: args.seed,
+            ..SamplingParams::default()
+        },
+        max_tokens: args.max_tokens,
+        ..GenerationParams::default()
+    };
+    let mut history: Vec<Message> = args.system.iter().map(|s| Message::new("system", s.as_str())).collect();
+    let stdout = std::io::stdout();
+    if let Some(prompt) = &args.prompt {
+        history.push(Message::new("user", prompt.as_str()));
+        answer(&engine, &history, &params, &mut stdout.lock())?;
+        return Ok(());
+    }
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        eprintln!("herd chat: {} — /reset clears the conversation, /exit quits", engine.path().display());
+    }
+    let mut lines = std::io::stdin().lock().lines();
+    loop {
+        if interactive {
+            eprint!("USER> ");
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.context("reading stdin")?;
+        match line.trim() {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                history.truncate(usize::from(args.system.is_some()));
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(Message::new("user", line));
+        match answer(&engine, &history, &params, &mut stdout.lock()) {
+            Ok(text) => history.push(Message::new("assistant", text)),
+            Err(e) => {
+                // A too-long conversation is the user's to fix; keep the session alive.
+                history.pop();
+                eprintln!("herd: {e:#}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Streams one answer to `out` and returns its text.
+fn answer(engine: &Engine, history: &[Message], params: &GenerationParams, out: &mut dyn Write) -> anyhow::Result<String> {
+    let ids = engine.encode_chat(history)?;
+    let mut write_err = None;
+    let done = engine.generate(&ids, params, &mut |tok| {
+        if write_err.is_none()
+            && let Err(e) = out.write_all(tok.text.as_bytes()).and_then(|_| out.flush())
+        {
+            write_err = Some(e);
+        }
+    })?;
+    if let Some(e) = write_err {
+        return Err(e).context("writing the answer");
+    }
+    writeln!(out)?;
+    tracing::debug!(
+        prompt_tokens = done.prompt_tokens,
+        completion_tokens = done.completion_tokens,
+        finish = done.finish_reason.as_str(),
+        "answered"
+    );
+    Ok(done.text)
+}

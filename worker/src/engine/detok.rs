@@ -1,0 +1,50 @@
+//! Incremental detokenization: text deltas that never split a UTF-8 character.
+
+use super::error::Result;
+use super::tokenizer::Tokenizer;
+
+/// Turns a growing list of generated ids into text deltas.
+///
+/// Decoding each token alone loses the tokenizer's context (leading spaces, byte-fallback
+/// pieces that form one character together), so it decodes a short window and emits the
+/// difference, holding back while the tail is an incomplete character.
+#[derive(Debug, Default, Clone)]
+pub struct IncrementalDecoder {
+    ids: Vec<u32>,
+    /// Start of the window that gives context to new tokens.
+    prefix: usize,
+    /// End of the text already emitted.
+    read: usize,
+}
+
+impl IncrementalDecoder {
+    /// An empty decoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a token; returns new text when a complete character is available.
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let before = tok.decode(&self.ids[self.prefix..self.read])?;
+        let now = tok.decode(&self.ids[self.prefix..])?;
+        if now.len() > before.len() && !now.ends_with('\u{FFFD}') {
+            if let Some(delta) = now.get(before.len()..) {
+                let delta = delta.to_string();
+                self.prefix = self.read;
+                self.read = self.ids.len();
+                return Ok(delta);
+            }
+        }
+        Ok(String::new())
+    }
+
+    /// Whatever is still held back (e.g. an incomplete character at the end of generation).
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<String> {
+        let before = tok.decode(&self.ids[self.prefix..self.read])?;
+        let now = tok.decode(&self.ids[self.prefix..])?;
+        self.prefix = self.ids.len();
+        self.read = self.ids.len();
+        Ok(now.get(before.len()..).unwrap_or_default().to_string())
+    }
+}

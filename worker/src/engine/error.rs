@@ -1,0 +1,42 @@
+//! The engine's one error type; the gRPC service maps it to status codes.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong loading a model or generating from it.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A checkpoint file is missing, corrupt or does not match its config.
+    #[error("{}: {msg}", path.display())]
+    Checkpoint { path: PathBuf, msg: String },
+    /// The tokenizer could not be built or failed on input.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The chat template could not be loaded or rendered.
+    #[error("chat template: {0}")]
+    Template(String),
+    /// The prompt alone does not fit in the context window.
+    #[error("the prompt is {prompt} tokens but the model's context length is {context} tokens")]
+    PromptTooLong { prompt: usize, context: usize },
+    /// The prompt fits but prompt + max_tokens does not.
+    #[error(
+        "prompt ({prompt} tokens) + max_tokens ({max_tokens}) = {} exceeds the model's context length of {context} tokens",
+        prompt + max_tokens
+    )]
+    ContextOverflow { prompt: usize, max_tokens: usize, context: usize },
+    /// A request parameter is out of range.
+    #[error("invalid parameter: {0}")]
+    InvalidArgument(String),
+    /// A tensor operation failed while running the model.
+    #[error("model execution: {0}")]
+    Model(#[from] candle_core::Error),
+}
+
+impl EngineError {
+    /// A checkpoint error about `path`.
+    pub fn checkpoint(path: impl Into<PathBuf>, msg: impl std::fmt::Display) -> Self {
+        Self::Checkpoint { path: path.into(), msg: msg.to_string() }
+    }
+}
+
+/// The engine's result type.
+pub type Result<T> = std::result::Result<T, EngineError>;

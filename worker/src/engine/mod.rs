@@ -1,0 +1,437 @@
+//! The inference engine: checkpoint loading, tokenization, chat templates, the LLaMA forward
+//! pass and token generation.
+
+pub mod config;
+pub mod detok;
+pub mod error;
+pub mod model;
+pub mod sampler;
+pub mod sentencepiece;
+pub mod stop;
+pub mod template;
+pub mod tokenizer;
+pub mod weights;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+
+pub use config::ModelConfig;
+pub use error::{EngineError, Result};
+pub use sampler::SamplingParams;
+pub use template::{ChatTemplate, Message, TemplateSource};
+pub use tokenizer::Tokenizer;
+
+use detok::IncrementalDecoder;
+use model::Llama;
+use sampler::Sampler;
+use stop::StopMatcher;
+use tokenizer::TokenizerConfig;
+use weights::{GgufMode, Weights};
+
+/// Most stop strings a request may give (OpenAI's limit).
+pub const MAX_STOP_STRINGS: usize = 4;
+/// Most alternatives per position a request may ask logprobs for (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// The `--dtype` choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DTypeChoice {
+    /// GGUF stays quantized; HF checkpoints use f32 on CPU and f16 on CUDA.
+    #[default]
+    Auto,
+    F32,
+    F16,
+    BF16,
+}
+
+impl FromStr for DTypeChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "f32" | "float32" => Ok(Self::F32),
+            "f16" | "float16" => Ok(Self::F16),
+            "bf16" | "bfloat16" => Ok(Self::BF16),
+            _ => Err(format!("unknown dtype {s:?} (expected auto, f32, f16 or bf16)")),
+        }
+    }
+}
+
+/// Parses `cpu` or `cuda:N` into a device.
+pub fn parse_device(s: &str) -> Result<Device> {
+    if s == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = s
+        .strip_prefix("cuda")
+        .map(|r| r.strip_prefix(':').unwrap_or(r))
+        .map(|n| if n.is_empty() { Ok(0) } else { n.parse::<usize>() });
+    match ordinal {
+        Some(Ok(n)) => Device::new_cuda(n)
+            .map_err(|e| EngineError::InvalidArgument(format!("--device {s}: {e} (build herd with --features cuda)"))),
+        _ => Err(EngineError::InvalidArgument(format!("--device {s}: expected cpu or cuda:N"))),
+    }
+}
+
+/// What to load and how.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// An HF checkpoint directory or a `.gguf` file.
+    pub model: PathBuf,
+    pub dtype: DTypeChoice,
+    pub device: Device,
+    /// `--chat-template NAME|FILE`.
+    pub chat_template: Option<String>,
+}
+
+impl LoadOptions {
+    /// CPU, automatic dtype, the template the model implies.
+    pub fn new(model: impl Into<PathBuf>) -> Self {
+        Self { model: model.into(), dtype: DTypeChoice::Auto, device: Device::Cpu, chat_template: None }
+    }
+}
+
+/// What a generation is asked to do besides sampling.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationParams {
+    pub sampling: SamplingParams,
+    /// Tokens to generate at most; `None` means what the context leaves.
+    pub max_tokens: Option<usize>,
+    /// Up to four strings that end the answer; they are not part of it.
+    pub stop: Vec<String>,
+    /// Extra token ids that end the answer (EOS ids always do unless `ignore_eos`).
+    pub stop_token_ids: Vec<u32>,
+    /// Keep going past EOS (benchmarks).
+    pub ignore_eos: bool,
+    /// Report each sampled token's logprob and this many top alternatives.
+    pub logprobs: Option<usize>,
+}
+
+/// Why generation ended, in OpenAI's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// EOS, a stop token or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+impl FinishReason {
+    /// OpenAI's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+/// Log-probability of a sampled token and its strongest alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub logprob: f32,
+    /// `(token id, logprob)`, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// One sampled token as it streams out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenOutput {
+    pub id: u32,
+    /// Text released by this token (may be empty while a character or stop string is pending).
+    pub text: String,
+    pub logprob: Option<TokenLogprob>,
+}
+
+/// A finished generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// A loaded model with its tokenizer and chat template, ready to generate.
+pub struct Engine {
+    model: Llama,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    template_source: TemplateSource,
+    eos_ids: Vec<u32>,
+    path: PathBuf,
+}
+
+fn resolve_dtype(choice: DTypeChoice, device: &Device) -> Result<DType> {
+    match (choice, device.is_cpu()) {
+        (DTypeChoice::Auto, true) | (DTypeChoice::F32, _) => Ok(DType::F32),
+        (DTypeChoice::Auto, false) | (DTypeChoice::F16, false) => Ok(DType::F16),
+        (DTypeChoice::BF16, false) => Ok(DType::BF16),
+        (DTypeChoice::F16 | DTypeChoice::BF16, true) => Err(EngineError::InvalidArgument(
+            "--dtype f16/bf16 needs a CUDA device; on CPU use auto or f32".into(),
+        )),
+    }
+}
+
+/// EOS ids from `generation_config.json`, if present.
+fn generation_eos(dir: &Path) -> Result<Vec<u32>> {
+    #[derive(serde::Deserialize)]
+    struct GenConfig {
+        eos_token_id: Option<config::OneOrMany>,
+    }
+    let path = dir.join("generation_config.json");
+    if !path.is_file() {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| EngineError::checkpoint(&path, e))?;
+    let g: GenConfig =
+        serde_json::from_str(&text).map_err(|e| EngineError::checkpoint(&path, format!("not valid JSON: {e}")))?;
+    Ok(g.eos_token_id.map(|e| e.ids()).unwrap_or_default())
+}
+
+struct Loaded {
+    cfg: ModelConfig,
+    weights: Weights,
+    tokenizer: Tokenizer,
+    eos_ids: Vec<u32>,
+    model_template: Option<String>,
+    bos_token: String,
+    eos_token: String,
+}
+
+fn open_hf(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
+    let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        return Err(EngineError::checkpoint(&config_path, "missing: not an HF checkpoint directory"));
+    }
+    let cfg = ModelConfig::from_hf_file(&config_path)?;
+    let tcfg = TokenizerConfig::from_dir(dir)?;
+    let tokenizer = Tokenizer::from_hf_dir(dir, &tcfg, cfg.bos_token_id)?;
+    let weights = Weights::open_hf(dir, device, dtype)?;
+    let mut eos_ids = cfg.eos_token_ids.clone();
+    eos_ids.extend(generation_eos(dir)?);
+    eos_ids.extend(tcfg.eos_token().and_then(|t| tokenizer.token_id(t)));
+    let text_of = |t: Option<&str>, id: Option<u32>| {
+        t.map(str::to_string).or_else(|| id.and_then(|i| tokenizer.token(i))).unwrap_or_default()
+    };
+    let bos_token = text_of(tcfg.bos_token(), tokenizer.bos_id());
+    let eos_token = text_of(tcfg.eos_token(), eos_ids.first().copied());
+    Ok(Loaded { model_template: tcfg.chat_template(), cfg, weights, tokenizer, eos_ids, bos_token, eos_token })
+}
+
+fn open_gguf(path: &Path, choice: DTypeChoice, device: &Device) -> Result<Loaded> {
+    let mut file = File::open(path).map_err(|e| EngineError::checkpoint(path, e))?;
+    let content = gguf_file::Content::read(&mut file)
+        .map_err(|e| EngineError::checkpoint(path, format!("not a readable GGUF file: {e}")))?;
+    let cfg = ModelConfig::from_gguf(&content.metadata, path)?;
+    let tokenizer = Tokenizer::from_gguf(&content.metadata, path)?;
+    let model_template = content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
+    let (mode, dtype) = match choice {
+        DTypeChoice::Auto => (GgufMode::Quantized, resolve_dtype(DTypeChoice::F32, device)?),
+        other => (GgufMode::Dequantized, resolve_dtype(other, device)?),
+    };
+    let weights = Weights::open_gguf(path, content, mode, device, dtype)?;
+    let token = |id: Option<u32>| id.and_then(|i| tokenizer.token(i)).unwrap_or_default();
+    let bos_token = token(tokenizer.bos_id());
+    let eos_token = token(cfg.eos_token_ids.first().copied());
+    Ok(Loaded { eos_ids: cfg.eos_token_ids.clone(), cfg, weights, tokenizer, model_template, bos_token, eos_token })
+}
+
+impl Engine {
+    /// Loads a checkpoint; `progress(done, total)` is called as tensors are read.
+    pub fn load(opts: &LoadOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
+        let path = &opts.model;
+        if !path.exists() {
+            return Err(EngineError::checkpoint(path, "no such file or directory"));
+        }
+        let loaded = if path.is_dir() {
+            open_hf(path, resolve_dtype(opts.dtype, &opts.device)?, &opts.device)?
+        } else {
+            open_gguf(path, opts.dtype, &opts.device)?
+        };
+        let Loaded { cfg, weights, tokenizer, mut eos_ids, model_template, bos_token, eos_token } = loaded;
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        if tokenizer.vocab_size() > cfg.vocab_size {
+            tracing::warn!(
+                "tokenizer has {} tokens but the model only {}; prompts using the extra ids will be rejected",
+                tokenizer.vocab_size(),
+                cfg.vocab_size
+            );
+        }
+        let model = Llama::load(&cfg, &weights, &opts.device, progress)?;
+        let (template, template_source) =
+            ChatTemplate::choose(opts.chat_template.as_deref(), path, model_template, &bos_token, &eos_token)?;
+        tracing::info!(
+            model = %path.display(),
+            layers = cfg.num_layers,
+            context = cfg.context_length,
+            template = template.name(),
+            "model loaded"
+        );
+        Ok(Self { model, tokenizer, template, template_source, eos_ids, path: path.clone() })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    /// Tokens one sequence may hold.
+    pub fn context_length(&self) -> usize {
+        self.config().context_length
+    }
+
+    /// The checkpoint this engine was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The chat template in use and why it was chosen.
+    pub fn template(&self) -> (&ChatTemplate, &TemplateSource) {
+        (&self.template, &self.template_source)
+    }
+
+    /// Token ids that end generation.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
+    /// The prompt ids for a conversation, ready for the assistant's answer.
+    pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        let text = self.template.render(messages, true)?;
+        self.tokenizer.encode(&text)
+    }
+
+    /// f32 logits `(n, vocab)` for every position of `ids`, from an empty cache.
+    pub fn logits(&self, ids: &[u32]) -> Result<Tensor> {
+        self.check_ids(ids)?;
+        let mut cache = self.model.new_cache();
+        self.model.forward(ids, &mut cache, true)
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Err(EngineError::InvalidArgument("the prompt is empty".into()));
+        }
+        let vocab = self.config().vocab_size;
+        match ids.iter().find(|&&id| id as usize >= vocab) {
+            Some(id) => Err(EngineError::InvalidArgument(format!("token id {id} is outside the vocabulary of {vocab}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks a request against the context and parameter limits; returns max_tokens to use.
+    pub fn validate(&self, prompt_len: usize, params: &GenerationParams) -> Result<usize> {
+        params.sampling.validate()?;
+        if params.stop.len() > MAX_STOP_STRINGS {
+            return Err(EngineError::InvalidArgument(format!(
+                "at most {MAX_STOP_STRINGS} stop strings are allowed, got {}",
+                params.stop.len()
+            )));
+        }
+        if params.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+            return Err(EngineError::InvalidArgument(format!("top logprobs must be at most {MAX_TOP_LOGPROBS}")));
+        }
+        let context = self.context_length();
+        if prompt_len >= context {
+            return Err(EngineError::PromptTooLong { prompt: prompt_len, context });
+        }
+        let max_tokens = params.max_tokens.unwrap_or(context - prompt_len);
+        if max_tokens == 0 {
+            return Err(EngineError::InvalidArgument("max_tokens must be at least 1".into()));
+        }
+        if prompt_len + max_tokens > context {
+            return Err(EngineError::ContextOverflow { prompt: prompt_len, max_tokens, context });
+        }
+        Ok(max_tokens)
+    }
+
+    /// Generates an answer to `prompt_ids`, calling `on_token` as text becomes final.
+    pub fn generate(
+        &self,
+        prompt_ids: &[u32],
+        params: &GenerationParams,
+        on_token: &mut dyn FnMut(&TokenOutput),
+    ) -> Result<Completion> {
+        self.check_ids(prompt_ids)?;
+        let max_tokens = self.validate(prompt_ids.len(), params)?;
+        let mut stops = params.stop.clone();
+        stops.extend(self.template.default_stops().iter().map(|s| s.to_string()));
+        let mut stopper = StopMatcher::new(&stops);
+        let mut stop_ids = params.stop_token_ids.clone();
+        if !params.ignore_eos {
+            stop_ids.extend(&self.eos_ids);
+        }
+        let mut sampler = Sampler::new(params.sampling.clone());
+        let mut detok = IncrementalDecoder::new();
+        let mut cache = self.model.new_cache();
+        let mut context = prompt_ids.to_vec();
+        let mut out: Vec<u32> = Vec::new();
+        let mut text = String::new();
+        let mut logits = self.model.forward(prompt_ids, &mut cache, false)?;
+        let (finish, by_stop_string) = loop {
+            let mut row = logits.squeeze(0)?.to_vec1::<f32>()?;
+            let logprob_of = params.logprobs.map(|n| (n, sampler::log_softmax(&row)));
+            sampler.apply_penalties(&mut row, &context, &out);
+            let id = sampler.sample(&row);
+            out.push(id);
+            context.push(id);
+            if stop_ids.contains(&id) {
+                break (FinishReason::Stop, false);
+            }
+            let step = stopper.push(&detok.push(&self.tokenizer, id)?);
+            let logprob = logprob_of.map(|(n, lp)| TokenLogprob { logprob: lp[id as usize], top: top_n(&lp, n) });
+            text.push_str(&step.emit);
+            on_token(&TokenOutput { id, text: step.emit, logprob });
+            if step.stopped {
+                break (FinishReason::Stop, true);
+            }
+            if out.len() >= max_tokens {
+                break (FinishReason::Length, false);
+            }
+            logits = self.model.forward(&[id], &mut cache, false)?;
+        };
+        // Release what the decoder and the stop matcher still hold, unless a stop string ended it.
+        if !by_stop_string {
+            let tail = stopper.push(&detok.finish(&self.tokenizer)?);
+            let mut rest = tail.emit;
+            if !tail.stopped {
+                rest.push_str(&stopper.finish());
+            }
+            if !rest.is_empty() {
+                text.push_str(&rest);
+                on_token(&TokenOutput { id: *out.last().unwrap_or(&0), text: rest, logprob: None });
+            }
+        }
+        Ok(Completion {
+            text,
+            prompt_tokens: prompt_ids.len(),
+            completion_tokens: out.len(),
+            token_ids: out,
+            finish_reason: finish,
+        })
+    }
+}
+
+fn top_n(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<(u32, f32)> = logprobs.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+    let n = n.min(idx.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    idx.select_nth_unstable_by(n - 1, |a, b| b.1.total_cmp(&a.1));
+    idx.truncate(n);
+    idx.sort_by(|a, b| b.1.total_cmp(&a.1));
+    idx
+}

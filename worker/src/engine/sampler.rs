@@ -1,0 +1,242 @@
+//! Turns logits into the next token: penalties, temperature, top-k, top-p, seeded sampling.
+
+use std::collections::HashMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::error::{EngineError, Result};
+
+/// How to pick tokens; OpenAI semantics, with vLLM's extras.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// Nucleus mass in (0, 1]; 1 keeps everything.
+    pub top_p: f32,
+    /// Keep the k most likely tokens; 0 keeps all.
+    pub top_k: usize,
+    /// HF-style: > 1 discourages tokens already in the prompt or output.
+    pub repetition_penalty: f32,
+    /// OpenAI: subtracted once from tokens that appeared in the output.
+    pub presence_penalty: f32,
+    /// OpenAI: subtracted per occurrence in the output.
+    pub frequency_penalty: f32,
+    /// Same seed, same output.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding.
+    pub fn greedy() -> Self {
+        Self { temperature: 0.0, ..Self::default() }
+    }
+
+    /// Rejects values outside the documented ranges.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(EngineError::InvalidArgument(m));
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return bad(format!("temperature must be >= 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
+            return bad(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+        }
+        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(format!("{name} must be in [-2, 2], got {v}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A sampler for one sequence, holding its random state.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    /// A sampler seeded from `params.seed`, or from the OS when unset.
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        Self { params, rng }
+    }
+
+    /// Applies penalties in place: repetition over `context` (prompt + output), presence and
+    /// frequency over `output`.
+    pub fn apply_penalties(&self, logits: &mut [f32], context: &[u32], output: &[u32]) {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            let mut seen = vec![false; logits.len()];
+            for &t in context {
+                let Some(l) = logits.get_mut(t as usize) else { continue };
+                if std::mem::replace(&mut seen[t as usize], true) {
+                    continue;
+                }
+                *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            let mut counts: HashMap<u32, u32> = HashMap::new();
+            for &t in output {
+                *counts.entry(t).or_default() += 1;
+            }
+            for (t, n) in counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * n as f32;
+                }
+            }
+        }
+    }
+
+    /// Picks the next token from penalized logits.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        if p.temperature == 0.0 {
+            return argmax(logits);
+        }
+        let mut cands: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_finite())
+            .map(|(i, &l)| (i as u32, l / p.temperature))
+            .collect();
+        if cands.is_empty() {
+            return argmax(logits);
+        }
+        cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if p.top_k > 0 {
+            cands.truncate(p.top_k);
+        }
+        let max = cands[0].1;
+        let mut probs: Vec<f32> = cands.iter().map(|(_, l)| (l - max).exp()).collect();
+        let sum: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= sum);
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            let keep = probs
+                .iter()
+                .position(|x| {
+                    acc += x;
+                    acc >= p.top_p
+                })
+                .map_or(probs.len(), |i| i + 1);
+            probs.truncate(keep);
+            let sum: f32 = probs.iter().sum();
+            probs.iter_mut().for_each(|x| *x /= sum);
+        }
+        let r: f32 = self.rng.random();
+        let mut acc = 0.0;
+        for (i, pr) in probs.iter().enumerate() {
+            acc += pr;
+            if r < acc {
+                return cands[i].0;
+            }
+        }
+        cands[probs.len() - 1].0
+    }
+}
+
+/// Index of the largest logit (the lowest index on ties).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, l) in logits.iter().enumerate() {
+        if *l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Natural-log softmax of `logits`.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln() + max;
+    logits.iter().map(|l| l - lse).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
+        let mut p = SamplingParams { seed: Some(7), ..SamplingParams::default() };
+        f(&mut p);
+        p
+    }
+
+    #[test]
+    fn greedy_takes_argmax() {
+        let mut s = Sampler::new(SamplingParams::greedy());
+        assert_eq!(s.sample(&[0.1, 3.0, 2.9]), 1);
+    }
+
+    #[test]
+    fn same_seed_same_draws() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let draw = |seed| {
+            let mut s = Sampler::new(params(|p| p.seed = Some(seed)));
+            (0..20).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(42), draw(42));
+        assert_ne!(draw(42), draw(43));
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_top_p_small_keeps_best() {
+        let logits = [1.0, 5.0, 4.9, 0.0];
+        let mut s = Sampler::new(params(|p| p.top_k = 1));
+        assert!((0..20).all(|_| s.sample(&logits) == 1));
+        let mut s = Sampler::new(params(|p| p.top_p = 0.01));
+        assert!((0..20).all(|_| s.sample(&logits) == 1));
+    }
+
+    #[test]
+    fn penalties_follow_hf_and_openai() {
+        let s = Sampler::new(params(|p| {
+            p.repetition_penalty = 2.0;
+            p.presence_penalty = 0.5;
+            p.frequency_penalty = 0.25;
+        }));
+        let mut l = vec![4.0, -4.0, 4.0, 1.0];
+        s.apply_penalties(&mut l, &[0, 1, 0], &[2, 2]);
+        assert_eq!(l, vec![2.0, -8.0, 4.0 - 0.5 - 0.5, 1.0]);
+    }
+
+    #[test]
+    fn validation_names_the_parameter() {
+        let e = params(|p| p.top_p = 0.0).validate().unwrap_err().to_string();
+        assert!(e.contains("top_p"), "{e}");
+        let e = params(|p| p.temperature = -1.0).validate().unwrap_err().to_string();
+        assert!(e.contains("temperature"), "{e}");
+        assert!(params(|_| {}).validate().is_ok());
+    }
+
+    #[test]
+    fn log_softmax_normalizes() {
+        let lp = log_softmax(&[1.0, 2.0, 3.0]);
+        let total: f32 = lp.iter().map(|x| x.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+    }
+}
