@@ -14,7 +14,7 @@ pub const HEADS: usize = 4;
 pub const KV_HEADS: usize = 2;
 /// Matches the sentencepiece fixture, whose tokenizer the HF directories use.
 pub const VOCAB: usize = 400;
-pub const CONTEXT: usize = 64;
+pub const CONTEXT: usize = 1024;
 
 /// HF `config.json` of the tiny model.
 pub fn config_json() -> serde_json::Value {

@@ -28,7 +28,22 @@ pub enum EngineError {
     InvalidArgument(String),
     /// A tensor operation failed while running the model.
     #[error("model execution: {0}")]
-    Model(#[from] candle_core::Error),
+    Model(String),
+}
+
+impl From<candle_core::Error> for EngineError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Model(candle_message(&e))
+    }
+}
+
+/// A candle error's message without the backtrace candle attaches when RUST_BACKTRACE is set.
+pub fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        candle_core::Error::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
+        other => other.to_string(),
+    }
 }
 
 impl EngineError {

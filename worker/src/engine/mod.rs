@@ -20,7 +20,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 
 pub use config::ModelConfig;
-pub use error::{EngineError, Result};
+pub use error::{EngineError, Result, candle_message};
 pub use sampler::SamplingParams;
 pub use template::{ChatTemplate, Message, TemplateSource};
 pub use tokenizer::Tokenizer;
@@ -72,7 +72,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
         .map(|n| if n.is_empty() { Ok(0) } else { n.parse::<usize>() });
     match ordinal {
         Some(Ok(n)) => Device::new_cuda(n)
-            .map_err(|e| EngineError::InvalidArgument(format!("--device {s}: {e} (build herd with --features cuda)"))),
+            .map_err(|e| EngineError::InvalidArgument(format!("--device {s}: {} (build herd with --features cuda)", candle_message(&e)))),
         _ => Err(EngineError::InvalidArgument(format!("--device {s}: expected cpu or cuda:N"))),
     }
 }
@@ -227,7 +227,7 @@ fn open_hf(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
 fn open_gguf(path: &Path, choice: DTypeChoice, device: &Device) -> Result<Loaded> {
     let mut file = File::open(path).map_err(|e| EngineError::checkpoint(path, e))?;
     let content = gguf_file::Content::read(&mut file)
-        .map_err(|e| EngineError::checkpoint(path, format!("not a readable GGUF file: {e}")))?;
+        .map_err(|e| EngineError::checkpoint(path, format!("not a readable GGUF file: {}", candle_message(&e))))?;
     let cfg = ModelConfig::from_gguf(&content.metadata, path)?;
     let tokenizer = Tokenizer::from_gguf(&content.metadata, path)?;
     let model_template = content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();

@@ -14,7 +14,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
 
 use super::config::gguf_uint;
-use super::error::{EngineError, Result};
+use super::error::{EngineError, Result, candle_message};
 use super::sentencepiece::{Piece, SpmModel, kind};
 
 /// A tokenizer plus the BOS rule of its model.
@@ -120,8 +120,8 @@ impl Tokenizer {
         let err = |msg: String| EngineError::checkpoint(path, msg);
         let strings = |key: &str| -> Result<Vec<String>> {
             let v = md.get(key).ok_or_else(|| err(format!("GGUF metadata lacks {key}")))?;
-            let list = v.to_vec().map_err(|e| err(format!("{key}: {e}")))?;
-            list.iter().map(|s| s.to_string().cloned().map_err(|e| err(format!("{key}: {e}")))).collect()
+            let list = v.to_vec().map_err(|e| err(format!("{key}: {}", candle_message(&e))))?;
+            list.iter().map(|s| s.to_string().cloned().map_err(|e| err(format!("{key}: {}", candle_message(&e))))).collect()
         };
         let types: Vec<i32> = match md.get("tokenizer.ggml.token_type").and_then(|v| v.to_vec().ok()) {
             Some(list) => list.iter().map(|v| gguf_uint(v).unwrap_or(1) as i32).collect(),

@@ -10,7 +10,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
 
-use super::error::{EngineError, Result};
+use super::error::{EngineError, Result, candle_message};
 
 /// A weight matrix applied as `x @ W^T`, kept quantized or dense.
 #[derive(Debug, Clone)]
@@ -193,13 +193,13 @@ impl Weights {
                 for f in &files {
                     // SAFETY: the file is mapped read-only; herd does not modify checkpoints while serving.
                     let one = unsafe { MmapedSafetensors::new(f) }
-                        .map_err(|e| EngineError::checkpoint(f, format!("not a readable safetensors file: {e}")))?;
+                        .map_err(|e| EngineError::checkpoint(f, format!("not a readable safetensors file: {}", candle_message(&e))))?;
                     for (name, _) in one.tensors() {
                         file_of.insert(name, f.clone());
                     }
                 }
                 // SAFETY: as above.
-                let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| EngineError::checkpoint(dir, e))?;
+                let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| EngineError::checkpoint(dir, candle_message(&e)))?;
                 Store::Safetensors { st, file_of }
             }
             HfFiles::Pth(files) => {
@@ -207,7 +207,7 @@ impl Weights {
                 let mut file_of = HashMap::new();
                 for f in files {
                     let t = candle_core::pickle::PthTensors::new(&f, None)
-                        .map_err(|e| EngineError::checkpoint(&f, format!("not a readable PyTorch checkpoint: {e}")))?;
+                        .map_err(|e| EngineError::checkpoint(&f, format!("not a readable PyTorch checkpoint: {}", candle_message(&e))))?;
                     for name in t.tensor_infos().keys() {
                         file_of.insert(name.clone(), opened.len());
                     }
@@ -281,7 +281,7 @@ impl Weights {
         let mut reader = file.lock().unwrap_or_else(|p| p.into_inner());
         content
             .tensor(&mut *reader, name, &self.device)
-            .map_err(|e| EngineError::checkpoint(&self.path, format!("cannot read tensor {name}: {e}")))
+            .map_err(|e| EngineError::checkpoint(&self.path, format!("cannot read tensor {name}: {}", candle_message(&e))))
     }
 
     /// A dense tensor of the given shape, in the engine dtype.
@@ -291,14 +291,14 @@ impl Weights {
                 let name = w.gguf();
                 let q = self.gguf_qtensor(&name, shape)?;
                 q.dequantize(&self.device)
-                    .map_err(|e| EngineError::checkpoint(&self.path, format!("cannot dequantize {name}: {e}")))?
+                    .map_err(|e| EngineError::checkpoint(&self.path, format!("cannot dequantize {name}: {}", candle_message(&e))))?
             }
             Store::Safetensors { st, .. } => {
                 let name = w.hf();
                 let view = st.get(&name).map_err(|_| self.missing(&name))?;
                 self.check_shape(&name, view.shape(), shape)?;
                 st.load(&name, &self.device)
-                    .map_err(|e| EngineError::checkpoint(self.file_for(&name), format!("cannot read tensor {name}: {e}")))?
+                    .map_err(|e| EngineError::checkpoint(self.file_for(&name), format!("cannot read tensor {name}: {}", candle_message(&e))))?
             }
             Store::Pth { files, file_of } => {
                 let name = w.hf();
@@ -306,7 +306,7 @@ impl Weights {
                 let (path, pth) = &files[idx];
                 let t = pth
                     .get(&name)
-                    .map_err(|e| EngineError::checkpoint(path, format!("cannot read tensor {name}: {e}")))?
+                    .map_err(|e| EngineError::checkpoint(path, format!("cannot read tensor {name}: {}", candle_message(&e))))?
                     .ok_or_else(|| self.missing(&name))?;
                 self.check_shape(&name, t.dims(), shape)?;
                 t.to_device(&self.device)?
@@ -322,7 +322,7 @@ impl Weights {
             let q = self.gguf_qtensor(&name, &[out_dim, in_dim])?;
             if !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
                 let qm = QMatMul::from_qtensor(q)
-                    .map_err(|e| EngineError::checkpoint(&self.path, format!("tensor {name}: {e}")))?;
+                    .map_err(|e| EngineError::checkpoint(&self.path, format!("tensor {name}: {}", candle_message(&e))))?;
                 return Ok(Linear::Quant(qm));
             }
             let dense = q.dequantize(&self.device)?.to_dtype(self.dtype)?;

@@ -1,0 +1,140 @@
+//! Generation behaviour on the real test model: stop strings, seeds, context limits, logprobs.
+
+use std::sync::OnceLock;
+
+use herd_tests::test_model;
+use herd_worker::engine::{
+    Engine, EngineError, FinishReason, GenerationParams, LoadOptions, Message, SamplingParams,
+};
+
+fn engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| Engine::load(&LoadOptions::new(test_model()), &mut |_, _| {}).expect("load test model"))
+}
+
+fn prompt(text: &str) -> Vec<u32> {
+    engine().encode_chat(&[Message::new("user", text)]).unwrap()
+}
+
+fn greedy(max_tokens: usize) -> GenerationParams {
+    GenerationParams { sampling: SamplingParams::greedy(), max_tokens: Some(max_tokens), ..Default::default() }
+}
+
+/// Runs a generation and returns it with the streamed chunks.
+fn run(ids: &[u32], params: &GenerationParams) -> (herd_worker::engine::Completion, Vec<String>) {
+    let mut chunks = Vec::new();
+    let done = engine().generate(ids, params, &mut |t| chunks.push(t.text.clone())).unwrap();
+    (done, chunks)
+}
+
+#[test]
+fn stop_string_spanning_tokens_ends_the_answer_and_never_leaks() {
+    let ids = prompt("Who wrote the play Hamlet?");
+    let (full, chunks) = run(&ids, &greedy(40));
+    assert_eq!(chunks.concat(), full.text);
+    // A stop string made of the end of one token's text and the start of the next.
+    let (mut pos, mut stop) = (0, None);
+    for w in chunks.windows(2) {
+        let (a, b) = (&w[0], &w[1]);
+        if a.chars().count() >= 2 && b.chars().count() >= 2 {
+            let s = format!("{}{}", a.chars().last().unwrap(), b.chars().next().unwrap());
+            let boundary = pos + a.len() - a.chars().last().unwrap().len_utf8();
+            if full.text.find(&s) == Some(boundary) {
+                stop = Some(s);
+                pos = boundary;
+                break;
+            }
+        }
+        pos += a.len();
+    }
+    let stop = stop.expect("a stop string spanning two tokens");
+    let params = GenerationParams { stop: vec![stop.clone()], ..greedy(40) };
+    let (cut, chunks) = run(&ids, &params);
+    assert_eq!(cut.finish_reason, FinishReason::Stop);
+    assert_eq!(cut.text, full.text[..pos], "answer ends right before {stop:?}");
+    assert!(!chunks.concat().contains(&stop));
+    assert_eq!(chunks.concat(), cut.text);
+}
+
+#[test]
+fn same_seed_same_answer() {
+    let ids = prompt("Write a haiku about the sea.");
+    let params = |seed| GenerationParams {
+        sampling: SamplingParams { temperature: 1.0, top_p: 0.95, seed: Some(seed), ..Default::default() },
+        max_tokens: Some(24),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let a = run(&ids, &params(1234)).0;
+    let b = run(&ids, &params(1234)).0;
+    let c = run(&ids, &params(99)).0;
+    assert_eq!(a.token_ids, b.token_ids);
+    assert_eq!(a.text, b.text);
+    assert_ne!(a.token_ids, c.token_ids, "a different seed should sample differently");
+}
+
+#[test]
+fn greedy_answer_counts_tokens_and_reports_finish() {
+    let ids = prompt("Name three primary colors.");
+    let (done, _) = run(&ids, &greedy(200));
+    assert_eq!(done.prompt_tokens, ids.len());
+    assert_eq!(done.completion_tokens, done.token_ids.len());
+    assert_eq!(done.finish_reason, FinishReason::Stop, "the model ends its answer with EOS");
+    assert!(engine().eos_ids().contains(done.token_ids.last().unwrap()));
+    let (short, _) = run(&ids, &greedy(3));
+    assert_eq!(short.finish_reason, FinishReason::Length);
+    assert_eq!(short.completion_tokens, 3);
+}
+
+#[test]
+fn context_overflow_errors_give_both_numbers() {
+    let ctx = engine().context_length();
+    let ids = prompt("Hi");
+    let err = engine().generate(&ids, &greedy(ctx), &mut |_| {}).unwrap_err();
+    match &err {
+        EngineError::ContextOverflow { prompt, max_tokens, context } => {
+            assert_eq!((*prompt, *max_tokens, *context), (ids.len(), ctx, ctx));
+        }
+        other => panic!("expected ContextOverflow, got {other:?}"),
+    }
+    let msg = err.to_string();
+    assert!(msg.contains(&ids.len().to_string()) && msg.contains(&ctx.to_string()), "{msg}");
+
+    let long = vec![ids[3]; ctx + 5];
+    let err = engine().generate(&long, &greedy(1), &mut |_| {}).unwrap_err();
+    assert!(matches!(err, EngineError::PromptTooLong { prompt, context } if prompt == ctx + 5 && context == ctx));
+    assert!(err.to_string().contains(&format!("{}", ctx + 5)));
+}
+
+#[test]
+fn bad_parameters_are_invalid_arguments() {
+    let ids = prompt("Hi");
+    let cases = [
+        GenerationParams { stop: vec!["a".into(); 5], ..greedy(4) },
+        GenerationParams { sampling: SamplingParams { top_p: 1.5, ..Default::default() }, ..greedy(4) },
+        GenerationParams { logprobs: Some(21), ..greedy(4) },
+        greedy(0),
+    ];
+    for params in cases {
+        let err = engine().generate(&ids, &params, &mut |_| {}).unwrap_err();
+        assert!(matches!(err, EngineError::InvalidArgument(_)), "{err:?}");
+    }
+    let err = engine().generate(&[u32::MAX], &greedy(1), &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+}
+
+#[test]
+fn logprobs_report_the_sampled_token_and_top_alternatives() {
+    let ids = prompt("Name three primary colors.");
+    let mut seen = Vec::new();
+    let params = GenerationParams { logprobs: Some(3), ..greedy(5) };
+    engine().generate(&ids, &params, &mut |t| seen.push((t.id, t.logprob.clone()))).unwrap();
+    assert_eq!(seen.len(), 5);
+    for (id, lp) in seen {
+        let lp = lp.expect("logprob requested");
+        assert_eq!(lp.top.len(), 3);
+        assert_eq!(lp.top[0].0, id, "greedy picks the most likely token");
+        assert!(lp.logprob <= 0.0 && (lp.logprob - lp.top[0].1).abs() < 1e-6);
+        assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
+    }
+}
