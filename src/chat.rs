@@ -5,9 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use herd_worker::engine::{
-    DTypeChoice, Engine, GenerationParams, LoadOptions, Message, SamplingParams, parse_device,
-};
+use herd_worker::engine::{DTypeChoice, Engine, GenerationParams, LoadOptions, Message, SamplingParams, parse_device};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Flags of `herd chat`.
@@ -50,12 +48,8 @@ pub struct ChatArgs {
 
 fn load(args: &ChatArgs) -> anyhow::Result<Engine> {
     let device = parse_device(&args.device)?;
-    let opts = LoadOptions {
-        model: args.model.clone(),
-        dtype: args.dtype,
-        device,
-        chat_template: args.chat_template.clone(),
-    };
+    let opts =
+        LoadOptions { model: args.model.clone(), dtype: args.dtype, device, chat_template: args.chat_template.clone() };
     // indicatif draws nothing when stderr is not a terminal.
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("loading {bar:40} {pos}/{len} tensors {elapsed}").expect("static template"),
@@ -124,7 +118,12 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
 }
 
 /// Streams one answer to `out` and returns its text.
-fn answer(engine: &Engine, history: &[Message], params: &GenerationParams, out: &mut dyn Write) -> anyhow::Result<String> {
+fn answer(
+    engine: &Engine,
+    history: &[Message],
+    params: &GenerationParams,
+    out: &mut dyn Write,
+) -> anyhow::Result<String> {
     let ids = engine.encode_chat(history)?;
     let mut write_err = None;
     let done = engine.generate(&ids, params, &mut |tok| {

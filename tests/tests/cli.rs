@@ -79,7 +79,10 @@ fn bad_checkpoints_end_with_one_clear_line() {
     let mut cfg = tiny::config_json();
     cfg["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
     std::fs::write(arch.join("config.json"), cfg.to_string()).unwrap();
-    assert_clear_failure(&chat(&arch, &["--prompt", "hi"]), &["config.json", "unsupported architecture GPT2LMHeadModel"]);
+    assert_clear_failure(
+        &chat(&arch, &["--prompt", "hi"]),
+        &["config.json", "unsupported architecture GPT2LMHeadModel"],
+    );
 
     // Heads that don't divide.
     let heads = dir.path().join("heads");
@@ -112,7 +115,10 @@ fn bad_checkpoints_end_with_one_clear_line() {
     let st = corrupt.join("model.safetensors");
     let bytes = std::fs::read(&st).unwrap();
     std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
-    assert_clear_failure(&chat(&corrupt, &["--prompt", "hi"]), &["model.safetensors", "not a readable safetensors file"]);
+    assert_clear_failure(
+        &chat(&corrupt, &["--prompt", "hi"]),
+        &["model.safetensors", "not a readable safetensors file"],
+    );
     let gguf = dir.path().join("junk.gguf");
     std::fs::write(&gguf, b"definitely not gguf").unwrap();
     assert_clear_failure(&chat(&gguf, &["--prompt", "hi"]), &["junk.gguf", "not a readable GGUF file"]);
@@ -134,7 +140,10 @@ fn bad_checkpoints_end_with_one_clear_line() {
 fn bad_flags_name_the_flag() {
     let model = test_model();
     assert_clear_failure(&chat(&model, &["--dtype", "f64", "--prompt", "hi"]), &["--dtype"]);
-    assert_clear_failure(&chat(&model, &["--chat-template", "no-such-template", "--prompt", "hi"]), &["--chat-template"]);
+    assert_clear_failure(
+        &chat(&model, &["--chat-template", "no-such-template", "--prompt", "hi"]),
+        &["--chat-template"],
+    );
     assert_clear_failure(&chat(&model, &["--top-p", "0", "--prompt", "hi"]), &["top_p"]);
     assert_clear_failure(&chat(&model, &["--max-tokens", "9000", "--prompt", "hi"]), &["9000", "8192"]);
 }

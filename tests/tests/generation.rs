@@ -3,9 +3,7 @@
 use std::sync::OnceLock;
 
 use herd_tests::test_model;
-use herd_worker::engine::{
-    Engine, EngineError, FinishReason, GenerationParams, LoadOptions, Message, SamplingParams,
-};
+use herd_worker::engine::{Engine, EngineError, FinishReason, GenerationParams, LoadOptions, Message, SamplingParams};
 
 fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();

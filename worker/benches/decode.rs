@@ -28,7 +28,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ignore_eos: true,
         ..Default::default()
     };
-    println!("model {} ({:?}), prompt {} tokens, {NEW_TOKENS} new tokens, greedy", model.display(), dtype, prompt.len());
+    println!(
+        "model {} ({:?}), prompt {} tokens, {NEW_TOKENS} new tokens, greedy",
+        model.display(),
+        dtype,
+        prompt.len()
+    );
     let mut rates = Vec::new();
     for run in 0..=RUNS {
         let start = Instant::now();

@@ -122,17 +122,16 @@ impl ModelConfig {
             return Err(EngineError::checkpoint(path, format!("unsupported hidden_act {act}: LLaMA uses silu")));
         }
         let scaling = hf.rope_scaling.as_ref().or(hf.rope_parameters.as_ref());
-        let rope_theta = hf
-            .rope_theta
-            .or_else(|| hf.rope_parameters.as_ref().and_then(|p| p.rope_theta))
-            .unwrap_or(10_000.0);
+        let rope_theta =
+            hf.rope_theta.or_else(|| hf.rope_parameters.as_ref().and_then(|p| p.rope_theta)).unwrap_or(10_000.0);
         let max_pos = hf.max_position_embeddings;
         let (rope_scaling, context_length) = match scaling.and_then(|s| s.r#type.as_deref().map(|t| (t, s))) {
             None | Some(("default", _)) => (RopeScaling::None, max_pos),
             Some((kind, s)) => {
-                let factor = s.factor.filter(|f| *f >= 1.0).ok_or_else(|| {
-                    EngineError::checkpoint(path, format!("rope_scaling {kind} needs a factor >= 1"))
-                })?;
+                let factor = s
+                    .factor
+                    .filter(|f| *f >= 1.0)
+                    .ok_or_else(|| EngineError::checkpoint(path, format!("rope_scaling {kind} needs a factor >= 1")))?;
                 let scaled = (max_pos as f64 * factor) as usize;
                 match kind {
                     "linear" => (RopeScaling::Linear { factor }, scaled),
@@ -192,7 +191,8 @@ impl ModelConfig {
         };
         let hidden_size = need("llama.embedding_length")?;
         let num_heads = need("llama.attention.head_count")?;
-        let num_kv_heads = md.get("llama.attention.head_count_kv").and_then(gguf_uint).map_or(num_heads, |v| v as usize);
+        let num_kv_heads =
+            md.get("llama.attention.head_count_kv").and_then(gguf_uint).map_or(num_heads, |v| v as usize);
         let head_dim = md
             .get("llama.rope.dimension_count")
             .and_then(gguf_uint)
@@ -318,7 +318,8 @@ mod tests {
 
     #[test]
     fn transformers5_rope_parameters_give_theta() {
-        let (_d, p) = write(&format!(r#"{{{BASE},"rope_parameters":{{"rope_type":"default","rope_theta":500000.0}}}}"#));
+        let (_d, p) =
+            write(&format!(r#"{{{BASE},"rope_parameters":{{"rope_type":"default","rope_theta":500000.0}}}}"#));
         let c = ModelConfig::from_hf_file(&p).unwrap();
         assert_eq!(c.rope_theta, 500_000.0);
         assert_eq!(c.rope_scaling, RopeScaling::None);
@@ -326,7 +327,8 @@ mod tests {
 
     #[test]
     fn dynamic_scaling_and_eos_list() {
-        let (_d, p) = write(&format!(r#"{{{BASE},"rope_scaling":{{"rope_type":"dynamic","factor":2.0}},"eos_token_id":[2,7]}}"#));
+        let (_d, p) =
+            write(&format!(r#"{{{BASE},"rope_scaling":{{"rope_type":"dynamic","factor":2.0}},"eos_token_id":[2,7]}}"#));
         let c = ModelConfig::from_hf_file(&p).unwrap();
         assert_eq!(c.rope_scaling, RopeScaling::Dynamic { factor: 2.0, original_max: 4096 });
         assert_eq!(c.eos_token_ids, vec![2, 7]);
@@ -334,7 +336,9 @@ mod tests {
 
     #[test]
     fn bad_configs_name_the_file_and_problem() {
-        let (_d, p) = write(r#"{"architectures":["MistralForCausalLM"],"hidden_size":64,"intermediate_size":1,"num_hidden_layers":1,"num_attention_heads":4,"vocab_size":9}"#);
+        let (_d, p) = write(
+            r#"{"architectures":["MistralForCausalLM"],"hidden_size":64,"intermediate_size":1,"num_hidden_layers":1,"num_attention_heads":4,"vocab_size":9}"#,
+        );
         let e = ModelConfig::from_hf_file(&p).unwrap_err().to_string();
         assert!(e.contains("config.json") && e.contains("unsupported architecture MistralForCausalLM"), "{e}");
         let (_d, p) = write(&format!(r#"{{{BASE},"num_key_value_heads":3}}"#));

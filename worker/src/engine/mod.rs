@@ -71,8 +71,12 @@ pub fn parse_device(s: &str) -> Result<Device> {
         .map(|r| r.strip_prefix(':').unwrap_or(r))
         .map(|n| if n.is_empty() { Ok(0) } else { n.parse::<usize>() });
     match ordinal {
-        Some(Ok(n)) => Device::new_cuda(n)
-            .map_err(|e| EngineError::InvalidArgument(format!("--device {s}: {} (build herd with --features cuda)", candle_message(&e)))),
+        Some(Ok(n)) => Device::new_cuda(n).map_err(|e| {
+            EngineError::InvalidArgument(format!(
+                "--device {s}: {} (build herd with --features cuda)",
+                candle_message(&e)
+            ))
+        }),
         _ => Err(EngineError::InvalidArgument(format!("--device {s}: expected cpu or cuda:N"))),
     }
 }
@@ -172,9 +176,9 @@ fn resolve_dtype(choice: DTypeChoice, device: &Device) -> Result<DType> {
         (DTypeChoice::Auto, true) | (DTypeChoice::F32, _) => Ok(DType::F32),
         (DTypeChoice::Auto, false) | (DTypeChoice::F16, false) => Ok(DType::F16),
         (DTypeChoice::BF16, false) => Ok(DType::BF16),
-        (DTypeChoice::F16 | DTypeChoice::BF16, true) => Err(EngineError::InvalidArgument(
-            "--dtype f16/bf16 needs a CUDA device; on CPU use auto or f32".into(),
-        )),
+        (DTypeChoice::F16 | DTypeChoice::BF16, true) => {
+            Err(EngineError::InvalidArgument("--dtype f16/bf16 needs a CUDA device; on CPU use auto or f32".into()))
+        }
     }
 }
 
@@ -326,7 +330,9 @@ impl Engine {
         }
         let vocab = self.config().vocab_size;
         match ids.iter().find(|&&id| id as usize >= vocab) {
-            Some(id) => Err(EngineError::InvalidArgument(format!("token id {id} is outside the vocabulary of {vocab}"))),
+            Some(id) => {
+                Err(EngineError::InvalidArgument(format!("token id {id} is outside the vocabulary of {vocab}")))
+            }
             None => Ok(()),
         }
     }

@@ -105,7 +105,12 @@ pub struct Llama {
 
 impl Llama {
     /// Reads every tensor the config calls for, checking shapes; `progress(done, total)` follows along.
-    pub fn load(cfg: &ModelConfig, w: &Weights, device: &Device, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
+    pub fn load(
+        cfg: &ModelConfig,
+        w: &Weights,
+        device: &Device,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
         let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
         let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
         let total = 3 + 9 * cfg.num_layers;
@@ -210,9 +215,8 @@ impl Llama {
 /// `(t, start+t)` additive mask: query i sees keys up to position start+i.
 fn causal_mask(start: usize, t: usize, device: &Device, dtype: DType) -> Result<Tensor> {
     let total = start + t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..total).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
+    let mask: Vec<f32> =
+        (0..t).flat_map(|i| (0..total).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Ok(Tensor::from_vec(mask, (t, total), device)?.to_dtype(dtype)?)
 }
 

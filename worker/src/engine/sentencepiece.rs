@@ -149,11 +149,13 @@ impl SpmModel {
     /// Builds the equivalent `tokenizers` tokenizer (no BOS added here; the caller adds it).
     pub fn to_tokenizer(&self) -> Result<HfTokenizer> {
         let err = |e: tokenizers::Error| EngineError::Tokenizer(format!("converting sentencepiece model: {e}"));
-        let vocab: HashMap<&str, u32> = self.pieces.iter().enumerate().map(|(i, p)| (p.text.as_str(), i as u32)).collect();
+        let vocab: HashMap<&str, u32> =
+            self.pieces.iter().enumerate().map(|(i, p)| (p.text.as_str(), i as u32)).collect();
         let merges = self.merges(&vocab);
         let unk = self.pieces.iter().find(|p| p.kind == kind::UNKNOWN).map(|p| p.text.clone());
         let owned: Vocab = vocab.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-        let mut builder = BPE::builder().vocab_and_merges(owned, merges).byte_fallback(self.byte_fallback).fuse_unk(true);
+        let mut builder =
+            BPE::builder().vocab_and_merges(owned, merges).byte_fallback(self.byte_fallback).fuse_unk(true);
         if let Some(unk) = unk {
             builder = builder.unk_token(unk);
         }
@@ -163,7 +165,11 @@ impl SpmModel {
         let mut norms: Vec<NormalizerWrapper> = Vec::new();
         if self.remove_extra_whitespaces {
             norms.push(Strip::new(true, true).into());
-            norms.push(Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(" {2,}".into()), " ").map_err(err)?.into());
+            norms.push(
+                Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(" {2,}".into()), " ")
+                    .map_err(err)?
+                    .into(),
+            );
         }
         if self.add_dummy_prefix {
             norms.push(Prepend::new(SPACE.into()).into());

@@ -159,10 +159,17 @@ impl ChatTemplate {
             }
         }
         match self {
-            Self::VicunaV11 => Ok(fastchat(messages, add_generation_prompt, VICUNA_SYSTEM, ["USER", "ASSISTANT"], &[], [" ", "</s>"])),
-            Self::OneShot => {
-                Ok(fastchat(messages, add_generation_prompt, ONE_SHOT_SYSTEM, ["Human", "Assistant"], &ONE_SHOT_EXAMPLE, ["\n### ", "\n### "]))
+            Self::VicunaV11 => {
+                Ok(fastchat(messages, add_generation_prompt, VICUNA_SYSTEM, ["USER", "ASSISTANT"], &[], [" ", "</s>"]))
             }
+            Self::OneShot => Ok(fastchat(
+                messages,
+                add_generation_prompt,
+                ONE_SHOT_SYSTEM,
+                ["Human", "Assistant"],
+                &ONE_SHOT_EXAMPLE,
+                ["\n### ", "\n### "],
+            )),
             Self::Jinja { source, bos_token, eos_token } => {
                 let mut env = Environment::new();
                 minijinja_contrib::add_to_environment(&mut env);

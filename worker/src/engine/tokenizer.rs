@@ -78,7 +78,9 @@ impl TokenizerConfig {
     pub fn chat_template(&self) -> Option<String> {
         match self.chat_template.as_ref()? {
             TemplateSpec::One(t) => Some(t.clone()),
-            TemplateSpec::Named(list) => list.iter().find(|t| t.name == "default").or(list.first()).map(|t| t.template.clone()),
+            TemplateSpec::Named(list) => {
+                list.iter().find(|t| t.name == "default").or(list.first()).map(|t| t.template.clone())
+            }
         }
     }
 
@@ -103,12 +105,16 @@ impl Tokenizer {
                 .map_err(|e| EngineError::checkpoint(&json, format!("not a valid tokenizer.json: {e}")))?;
             // Whether its post-processor adds BOS tells us what the model was trained with.
             let adds = inner.encode("", true).ok().and_then(|e| e.get_ids().first().copied());
-            let adds_bos = adds.is_some() && adds == bos_id.or_else(|| tcfg.bos_token().and_then(|t| inner.token_to_id(t)));
+            let adds_bos =
+                adds.is_some() && adds == bos_id.or_else(|| tcfg.bos_token().and_then(|t| inner.token_to_id(t)));
             (inner, adds_bos)
         } else if spm.is_file() {
             (SpmModel::from_file(&spm)?.to_tokenizer()?, true)
         } else {
-            return Err(EngineError::checkpoint(dir, "no tokenizer found (expected tokenizer.json or tokenizer.model)"));
+            return Err(EngineError::checkpoint(
+                dir,
+                "no tokenizer found (expected tokenizer.json or tokenizer.model)",
+            ));
         };
         let bos = tcfg.bos_token().and_then(|t| inner.token_to_id(t)).or(bos_id);
         let add_bos = tcfg.add_bos_token.unwrap_or(default_add_bos) && bos.is_some();
@@ -121,7 +127,9 @@ impl Tokenizer {
         let strings = |key: &str| -> Result<Vec<String>> {
             let v = md.get(key).ok_or_else(|| err(format!("GGUF metadata lacks {key}")))?;
             let list = v.to_vec().map_err(|e| err(format!("{key}: {}", candle_message(&e))))?;
-            list.iter().map(|s| s.to_string().cloned().map_err(|e| err(format!("{key}: {}", candle_message(&e))))).collect()
+            list.iter()
+                .map(|s| s.to_string().cloned().map_err(|e| err(format!("{key}: {}", candle_message(&e)))))
+                .collect()
         };
         let types: Vec<i32> = match md.get("tokenizer.ggml.token_type").and_then(|v| v.to_vec().ok()) {
             Some(list) => list.iter().map(|v| gguf_uint(v).unwrap_or(1) as i32).collect(),
@@ -130,7 +138,8 @@ impl Tokenizer {
         let tokens = strings("tokenizer.ggml.tokens")?;
         let kind_of = |i: usize| types.get(i).copied().unwrap_or(kind::NORMAL);
         let flag = |key: &str| md.get(key).and_then(|v| v.to_bool().ok());
-        let model = md.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).map(String::as_str).unwrap_or("llama");
+        let model =
+            md.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).map(String::as_str).unwrap_or("llama");
         let inner = match model {
             "llama" => {
                 let scores: Vec<f32> = match md.get("tokenizer.ggml.scores").and_then(|v| v.to_vec().ok()) {
@@ -140,7 +149,11 @@ impl Tokenizer {
                 let pieces = tokens
                     .iter()
                     .enumerate()
-                    .map(|(i, t)| Piece { text: t.clone(), score: scores.get(i).copied().unwrap_or(0.0), kind: kind_of(i) })
+                    .map(|(i, t)| Piece {
+                        text: t.clone(),
+                        score: scores.get(i).copied().unwrap_or(0.0),
+                        kind: kind_of(i),
+                    })
                     .collect();
                 SpmModel {
                     pieces,
@@ -157,7 +170,11 @@ impl Tokenizer {
                     .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
                     .collect::<Option<Vec<_>>>()
                     .ok_or_else(|| err("tokenizer.ggml.merges has an entry without a space".into()))?;
-                let pre = md.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).map(String::as_str).unwrap_or("default");
+                let pre = md
+                    .get("tokenizer.ggml.pre")
+                    .and_then(|v| v.to_string().ok())
+                    .map(String::as_str)
+                    .unwrap_or("default");
                 gpt2_tokenizer(&tokens, merges, pre, &kind_of).map_err(|e| err(e.to_string()))?
             }
             other => return Err(err(format!("unsupported GGUF tokenizer model {other} (herd reads llama and gpt2)"))),

@@ -192,22 +192,28 @@ impl Weights {
                 let mut file_of = HashMap::new();
                 for f in &files {
                     // SAFETY: the file is mapped read-only; herd does not modify checkpoints while serving.
-                    let one = unsafe { MmapedSafetensors::new(f) }
-                        .map_err(|e| EngineError::checkpoint(f, format!("not a readable safetensors file: {}", candle_message(&e))))?;
+                    let one = unsafe { MmapedSafetensors::new(f) }.map_err(|e| {
+                        EngineError::checkpoint(f, format!("not a readable safetensors file: {}", candle_message(&e)))
+                    })?;
                     for (name, _) in one.tensors() {
                         file_of.insert(name, f.clone());
                     }
                 }
                 // SAFETY: as above.
-                let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| EngineError::checkpoint(dir, candle_message(&e)))?;
+                let st = unsafe { MmapedSafetensors::multi(&files) }
+                    .map_err(|e| EngineError::checkpoint(dir, candle_message(&e)))?;
                 Store::Safetensors { st, file_of }
             }
             HfFiles::Pth(files) => {
                 let mut opened = Vec::new();
                 let mut file_of = HashMap::new();
                 for f in files {
-                    let t = candle_core::pickle::PthTensors::new(&f, None)
-                        .map_err(|e| EngineError::checkpoint(&f, format!("not a readable PyTorch checkpoint: {}", candle_message(&e))))?;
+                    let t = candle_core::pickle::PthTensors::new(&f, None).map_err(|e| {
+                        EngineError::checkpoint(
+                            &f,
+                            format!("not a readable PyTorch checkpoint: {}", candle_message(&e)),
+                        )
+                    })?;
                     for name in t.tensor_infos().keys() {
                         file_of.insert(name.clone(), opened.len());
                     }
@@ -220,7 +226,13 @@ impl Weights {
     }
 
     /// Opens a GGUF file whose metadata has already been read.
-    pub fn open_gguf(path: &Path, content: gguf_file::Content, mode: GgufMode, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn open_gguf(
+        path: &Path,
+        content: gguf_file::Content,
+        mode: GgufMode,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let file = File::open(path).map_err(|e| EngineError::checkpoint(path, e))?;
         Ok(Self {
             store: Store::Gguf { content, file: Mutex::new(BufReader::new(file)), mode },
@@ -254,7 +266,9 @@ impl Weights {
         match &self.store {
             Store::Gguf { .. } => self.path.clone(),
             Store::Safetensors { file_of, .. } => file_of.get(name).cloned().unwrap_or_else(|| self.path.clone()),
-            Store::Pth { files, file_of } => file_of.get(name).map_or_else(|| self.path.clone(), |i| files[*i].0.clone()),
+            Store::Pth { files, file_of } => {
+                file_of.get(name).map_or_else(|| self.path.clone(), |i| files[*i].0.clone())
+            }
         }
     }
 
@@ -279,9 +293,9 @@ impl Weights {
         let info = content.tensor_infos.get(name).ok_or_else(|| self.missing(name))?;
         self.check_shape(name, info.shape.dims(), want)?;
         let mut reader = file.lock().unwrap_or_else(|p| p.into_inner());
-        content
-            .tensor(&mut *reader, name, &self.device)
-            .map_err(|e| EngineError::checkpoint(&self.path, format!("cannot read tensor {name}: {}", candle_message(&e))))
+        content.tensor(&mut *reader, name, &self.device).map_err(|e| {
+            EngineError::checkpoint(&self.path, format!("cannot read tensor {name}: {}", candle_message(&e)))
+        })
     }
 
     /// A dense tensor of the given shape, in the engine dtype.
@@ -290,15 +304,20 @@ impl Weights {
             Store::Gguf { .. } => {
                 let name = w.gguf();
                 let q = self.gguf_qtensor(&name, shape)?;
-                q.dequantize(&self.device)
-                    .map_err(|e| EngineError::checkpoint(&self.path, format!("cannot dequantize {name}: {}", candle_message(&e))))?
+                q.dequantize(&self.device).map_err(|e| {
+                    EngineError::checkpoint(&self.path, format!("cannot dequantize {name}: {}", candle_message(&e)))
+                })?
             }
             Store::Safetensors { st, .. } => {
                 let name = w.hf();
                 let view = st.get(&name).map_err(|_| self.missing(&name))?;
                 self.check_shape(&name, view.shape(), shape)?;
-                st.load(&name, &self.device)
-                    .map_err(|e| EngineError::checkpoint(self.file_for(&name), format!("cannot read tensor {name}: {}", candle_message(&e))))?
+                st.load(&name, &self.device).map_err(|e| {
+                    EngineError::checkpoint(
+                        self.file_for(&name),
+                        format!("cannot read tensor {name}: {}", candle_message(&e)),
+                    )
+                })?
             }
             Store::Pth { files, file_of } => {
                 let name = w.hf();
@@ -306,7 +325,9 @@ impl Weights {
                 let (path, pth) = &files[idx];
                 let t = pth
                     .get(&name)
-                    .map_err(|e| EngineError::checkpoint(path, format!("cannot read tensor {name}: {}", candle_message(&e))))?
+                    .map_err(|e| {
+                        EngineError::checkpoint(path, format!("cannot read tensor {name}: {}", candle_message(&e)))
+                    })?
                     .ok_or_else(|| self.missing(&name))?;
                 self.check_shape(&name, t.dims(), shape)?;
                 t.to_device(&self.device)?
@@ -321,8 +342,9 @@ impl Weights {
             let name = w.gguf();
             let q = self.gguf_qtensor(&name, &[out_dim, in_dim])?;
             if !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
-                let qm = QMatMul::from_qtensor(q)
-                    .map_err(|e| EngineError::checkpoint(&self.path, format!("tensor {name}: {}", candle_message(&e))))?;
+                let qm = QMatMul::from_qtensor(q).map_err(|e| {
+                    EngineError::checkpoint(&self.path, format!("tensor {name}: {}", candle_message(&e)))
+                })?;
                 return Ok(Linear::Quant(qm));
             }
             let dense = q.dequantize(&self.device)?.to_dtype(self.dtype)?;
