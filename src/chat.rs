@@ -52,7 +52,7 @@ fn load(args: &ChatArgs) -> anyhow::Result<Engine> {
         LoadOptions { model: args.model.clone(), dtype: args.dtype, device, chat_template: args.chat_template.clone() };
     // indicatif draws nothing when stderr is not a terminal.
     let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("loading {bar:40} {pos}/{len} tensors {elapsed}").expect("static template"),
+        ProgressStyle::with_template("loading {bar:40} {pos}/{len} layers {elapsed}").expect("static template"),
     );
     let engine = Engine::load(&opts, &mut |done, total| {
         bar.set_length(total as u64);

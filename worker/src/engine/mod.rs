@@ -247,7 +247,7 @@ fn open_gguf(path: &Path, choice: DTypeChoice, device: &Device) -> Result<Loaded
 }
 
 impl Engine {
-    /// Loads a checkpoint; `progress(done, total)` is called as tensors are read.
+    /// Loads a checkpoint; `progress(done, total)` is called as layers are read.
     pub fn load(opts: &LoadOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
         let path = &opts.model;
         if !path.exists() {

@@ -113,43 +113,33 @@ impl Llama {
     ) -> Result<Self> {
         let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
         let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
-        let total = 3 + 9 * cfg.num_layers;
-        let mut done = 0;
-        let mut tick = |progress: &mut dyn FnMut(usize, usize)| {
-            done += 1;
-            progress(done, total);
-        };
+        // Progress counts the embedding, each layer, and the head.
+        let total = cfg.num_layers + 2;
         let embed = w.dense(WeightName::Embed, &[cfg.vocab_size, h])?;
-        tick(progress);
+        progress(1, total);
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             use LayerPart::*;
             let name = |p| WeightName::Layer(i, p);
-            let mut lin = |p, o, n, progress: &mut dyn FnMut(usize, usize)| {
-                let l = w.linear(name(p), o, n);
-                tick(progress);
-                l
-            };
-            let q = lin(Q, q_out, h, progress)?;
-            let k = lin(K, kv_out, h, progress)?;
-            let v = lin(V, kv_out, h, progress)?;
-            let o = lin(O, h, q_out, progress)?;
-            let gate = lin(Gate, inter, h, progress)?;
-            let up = lin(Up, inter, h, progress)?;
-            let down = lin(Down, h, inter, progress)?;
-            let attn_norm = w.dense(name(AttnNorm), &[h])?;
-            let ffn_norm = w.dense(name(FfnNorm), &[h])?;
-            tick(progress);
-            tick(progress);
-            blocks.push(Block { attn_norm, q, k, v, o, ffn_norm, gate, up, down });
+            blocks.push(Block {
+                attn_norm: w.dense(name(AttnNorm), &[h])?,
+                q: w.linear(name(Q), q_out, h)?,
+                k: w.linear(name(K), kv_out, h)?,
+                v: w.linear(name(V), kv_out, h)?,
+                o: w.linear(name(O), h, q_out)?,
+                ffn_norm: w.dense(name(FfnNorm), &[h])?,
+                gate: w.linear(name(Gate), inter, h)?,
+                up: w.linear(name(Up), inter, h)?,
+                down: w.linear(name(Down), h, inter)?,
+            });
+            progress(i + 2, total);
         }
         let norm = w.dense(WeightName::FinalNorm, &[h])?;
-        tick(progress);
         // Tied heads reuse the embedding; GGUF files omit `output.weight` when tied.
         let tied = cfg.tie_word_embeddings || (w.is_gguf() && !w.contains(WeightName::LmHead));
         let head_name = if tied { WeightName::Embed } else { WeightName::LmHead };
         let lm_head = w.linear(head_name, cfg.vocab_size, h)?;
-        tick(progress);
+        progress(total, total);
         let rope = Rope { head_dim: hd, theta: cfg.rope_theta, scaling: cfg.rope_scaling, interleaved: w.is_gguf() };
         Ok(Self { cfg: cfg.clone(), embed, blocks, norm, lm_head, rope, device: device.clone(), dtype: w.dtype() })
     }
