@@ -75,11 +75,12 @@ fn f32_path_matches_transformers() {
     assert!(rate >= 0.99, "f32 path agrees with transformers at {good}/{total} positions, need >= 99%");
 }
 
-/// Issue 2 asks for >= 97% agreement with llama.cpp here; herd measures 192/203 (94.6%), about
-/// the rate at which llama.cpp and the float32 reference agree with each other (94%), and herd's
-/// quantized path also agrees with the float32 reference at 94.6%. Emulating llama.cpp's f16 KV
-/// cache did not move the number. This asserts the measured level so a regression shows; the
-/// 97% target is still open.
+/// Issue 2 asks for >= 97% agreement with llama.cpp here; herd measures 192/203 (94.6%). That
+/// target sits below the noise floor of Q8 activation quantization on this model:
+/// `scripts/quant-noise-floor.py` runs llama.cpp's arithmetic twice, differing only in matmul
+/// accumulation precision (f32 vs f64), and the two agree on top-1 at 190/203 with a mean logit
+/// gap of 0.15, because SmolLM2's outlier activations flip Q8 rounding decisions. llama.cpp and the
+/// float32 reference agree at 189/203. This asserts the measured level so a real regression shows.
 #[test]
 fn quantized_path_matches_llama_cpp() {
     let engine = engine(DTypeChoice::Auto);
