@@ -1,19 +1,27 @@
 //! `herd chat`: an interactive terminal chat, or one answer with `--prompt`.
 
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
 use herd_worker::engine::{DTypeChoice, Engine, GenerationParams, LoadOptions, Message, SamplingParams, parse_device};
 use indicatif::{ProgressBar, ProgressStyle};
 
+mod remote;
+
 /// Flags of `herd chat`.
 #[derive(Args, Debug)]
 pub struct ChatArgs {
-    /// An HF checkpoint directory or a .gguf file.
-    #[arg(long, env = "HERD_MODEL")]
-    model: PathBuf,
+    /// An HF checkpoint directory or a .gguf file to load here.
+    #[arg(long, env = "HERD_MODEL", required_unless_present = "url", conflicts_with = "url")]
+    model: Option<PathBuf>,
+    /// Chat through a herd (or any OpenAI-compatible) gateway instead, e.g. http://127.0.0.1:8000.
+    #[arg(long, env = "HERD_URL")]
+    url: Option<String>,
+    /// With --url: the model to ask (default: the gateway's first model).
+    #[arg(long = "model-name", env = "HERD_MODEL_NAME", requires = "url")]
+    model_name: Option<String>,
     /// Answer this one message, print the answer to stdout and exit.
     #[arg(long)]
     prompt: Option<String>,
@@ -46,10 +54,14 @@ pub struct ChatArgs {
     device: String,
 }
 
-fn load(args: &ChatArgs) -> anyhow::Result<Engine> {
+fn load(args: &ChatArgs, model: &Path) -> anyhow::Result<Engine> {
     let device = parse_device(&args.device)?;
-    let opts =
-        LoadOptions { model: args.model.clone(), dtype: args.dtype, device, chat_template: args.chat_template.clone() };
+    let opts = LoadOptions {
+        model: model.to_path_buf(),
+        dtype: args.dtype,
+        device,
+        chat_template: args.chat_template.clone(),
+    };
     // indicatif draws nothing when stderr is not a terminal.
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("loading {bar:40} {pos}/{len} layers {elapsed}").expect("static template"),
@@ -62,9 +74,31 @@ fn load(args: &ChatArgs) -> anyhow::Result<Engine> {
     Ok(engine?)
 }
 
+/// Where answers come from.
+enum Backend {
+    Local { engine: Box<Engine>, params: GenerationParams },
+    Remote(remote::Client),
+}
+
+impl Backend {
+    /// Streams one answer to `out` and returns its text.
+    fn answer(&self, history: &[Message], out: &mut dyn Write) -> anyhow::Result<String> {
+        match self {
+            Self::Local { engine, params } => answer(engine, history, params, out),
+            Self::Remote(client) => client.answer(history, out),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Local { engine, .. } => engine.path().display().to_string(),
+            Self::Remote(client) => client.describe(),
+        }
+    }
+}
+
 /// Runs `herd chat`.
 pub fn run(args: ChatArgs) -> anyhow::Result<()> {
-    let engine = load(&args)?;
     let params = GenerationParams {
         sampling: SamplingParams {
             temperature: args.temperature,
@@ -76,16 +110,21 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         max_tokens: args.max_tokens,
         ..GenerationParams::default()
     };
+    let backend = match (&args.url, &args.model) {
+        (Some(url), _) => Backend::Remote(remote::Client::new(url, args.model_name.clone(), &params)?),
+        (None, Some(model)) => Backend::Local { engine: Box::new(load(&args, model)?), params },
+        (None, None) => anyhow::bail!("give --model PATH or --url URL"),
+    };
     let mut history: Vec<Message> = args.system.iter().map(|s| Message::new("system", s.as_str())).collect();
     let stdout = std::io::stdout();
     if let Some(prompt) = &args.prompt {
         history.push(Message::new("user", prompt.as_str()));
-        answer(&engine, &history, &params, &mut stdout.lock())?;
+        backend.answer(&history, &mut stdout.lock())?;
         return Ok(());
     }
     let interactive = std::io::stdin().is_terminal();
     if interactive {
-        eprintln!("herd chat: {} — /reset clears the conversation, /exit quits", engine.path().display());
+        eprintln!("herd chat: {} — /reset clears the conversation, /exit quits", backend.describe());
     }
     let mut lines = std::io::stdin().lock().lines();
     loop {
@@ -105,7 +144,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
             _ => {}
         }
         history.push(Message::new("user", line));
-        match answer(&engine, &history, &params, &mut stdout.lock()) {
+        match backend.answer(&history, &mut stdout.lock()) {
             Ok(text) => history.push(Message::new("assistant", text)),
             Err(e) => {
                 // A too-long conversation is the user's to fix; keep the session alive.
@@ -117,7 +156,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Streams one answer to `out` and returns its text.
+/// Streams one answer from a local engine to `out` and returns its text.
 fn answer(
     engine: &Engine,
     history: &[Message],

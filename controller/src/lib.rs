@@ -1,1 +1,216 @@
-//! The controller: worker registry, heartbeats and expiry (filled in by the cluster issue).
+//! The controller: the worker registry (records with a TTL, kept alive by heartbeats), its change
+//! feed, and the `herd.v1.Controller` gRPC service that workers register with and gateways watch.
+
+pub mod error;
+pub mod registry;
+pub mod service;
+#[cfg(test)]
+mod testing;
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{FutureExt, TryStreamExt};
+use herd_proto::v1::controller_server::ControllerServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use error::ControllerError;
+pub use registry::{ChangeStream, MemoryStore, Store, WorkerChange};
+pub use service::ControllerService;
+
+/// Which registry store backs the controller.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StoreKind {
+    /// In-process: one controller replica; the registry is lost when it exits.
+    #[default]
+    Memory,
+}
+
+/// Command-line options of `herd controller`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ControllerArgs {
+    /// Address to serve gRPC on; port 0 picks a free one (the startup line on stdout names it).
+    #[arg(long, env = "HERD_LISTEN", default_value = "0.0.0.0:7000")]
+    pub listen: String,
+    /// Where worker records live.
+    #[arg(long, env = "HERD_STORE", value_enum, default_value_t = StoreKind::Memory)]
+    pub store: StoreKind,
+    /// How long a worker stays registered without a heartbeat (e.g. 10s, 1500ms).
+    #[arg(long, env = "HERD_HEARTBEAT_TTL", default_value = "10s", value_parser = parse_heartbeat_ttl)]
+    pub heartbeat_ttl: Duration,
+}
+
+/// Parses `--heartbeat-ttl`, refusing a TTL that would expire every worker at once.
+fn parse_heartbeat_ttl(value: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(value).map_err(|err| err.to_string())?;
+    check_heartbeat_ttl(ttl).map_err(|err| err.to_string())?;
+    Ok(ttl)
+}
+
+/// Workers are told the TTL in whole milliseconds, so anything shorter than one would read as zero.
+fn check_heartbeat_ttl(ttl: Duration) -> Result<(), ControllerError> {
+    if ttl < Duration::from_millis(1) {
+        return Err(ControllerError::Config(format!(
+            "--heartbeat-ttl must be at least 1ms, got {}",
+            humantime::format_duration(ttl)
+        )));
+    }
+    Ok(())
+}
+
+/// Serves the controller with an in-memory registry whose records live `ttl`, on `listener`,
+/// until `shutdown` completes (open watch streams then end with Unavailable so the drain finishes).
+pub async fn serve(
+    listener: TcpListener,
+    ttl: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ControllerError> {
+    check_heartbeat_ttl(ttl)?;
+    serve_store(listener, Arc::new(MemoryStore::new(ttl)), shutdown).await
+}
+
+/// Serves the controller over any registry store, on `listener`, until `shutdown` completes.
+pub async fn serve_store(
+    listener: TcpListener,
+    store: Arc<dyn Store>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ControllerError> {
+    // Both the watch streams and the server's drain wait on the same signal.
+    let shutdown = shutdown.boxed().shared();
+    let service = ControllerService::new(store).end_watches_on(shutdown.clone());
+    // Small unary RPCs (heartbeats, picks) should not wait on Nagle's algorithm.
+    let incoming = TcpListenerStream::new(listener).map_ok(|stream| {
+        let _ = stream.set_nodelay(true);
+        stream
+    });
+    tonic::transport::Server::builder()
+        .add_service(ControllerServer::new(service))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Runs `herd controller`: binds `--listen`, prints `herd controller listening on {addr}` as the
+/// only line on stdout (tests read the port from it), then serves until `shutdown` completes.
+pub async fn run(
+    args: ControllerArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ControllerError> {
+    check_heartbeat_ttl(args.heartbeat_ttl)?;
+    let store: Arc<dyn Store> = match args.store {
+        StoreKind::Memory => Arc::new(MemoryStore::new(args.heartbeat_ttl)),
+    };
+    let bind_error = |source| ControllerError::Bind { addr: args.listen.clone(), source };
+    let listener = TcpListener::bind(&args.listen).await.map_err(bind_error)?;
+    let local_addr = listener.local_addr().map_err(bind_error)?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "herd controller listening on {local_addr}")
+        .and_then(|()| stdout.flush())
+        .map_err(ControllerError::Stdout)?;
+    drop(stdout);
+    tracing::info!(
+        listen = %local_addr,
+        store = ?args.store,
+        heartbeat_ttl = %humantime::format_duration(args.heartbeat_ttl),
+        "controller started"
+    );
+    serve_store(listener, store, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use futures::StreamExt;
+    use herd_proto::v1::controller_client::ControllerClient;
+    use herd_proto::v1::worker_event::Event;
+    use herd_proto::v1::{HeartbeatRequest, RegisterWorkerRequest, WatchWorkersRequest};
+    use tonic::Code;
+
+    const PATIENCE: Duration = Duration::from_secs(10);
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        args: ControllerArgs,
+    }
+
+    #[test]
+    fn args_defaults_and_overrides() {
+        let cli = Cli::try_parse_from(["herd"]).unwrap();
+        assert_eq!(cli.args.listen, "0.0.0.0:7000");
+        assert_eq!(cli.args.store, StoreKind::Memory);
+        assert_eq!(cli.args.heartbeat_ttl, Duration::from_secs(10));
+
+        let argv = ["herd", "--listen", "127.0.0.1:0", "--store", "memory", "--heartbeat-ttl", "1500ms"];
+        let cli = Cli::try_parse_from(argv).unwrap();
+        assert_eq!(cli.args.listen, "127.0.0.1:0");
+        assert_eq!(cli.args.heartbeat_ttl, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn zero_ttl_is_rejected_naming_the_flag() {
+        for bad in ["0s", "0ms", "soon"] {
+            let err = Cli::try_parse_from(["herd", "--heartbeat-ttl", bad]).unwrap_err().to_string();
+            assert!(err.contains("--heartbeat-ttl"), "{bad}: {err}");
+        }
+        assert!(Cli::try_parse_from(["herd", "--store", "etcd"]).is_err());
+    }
+
+    #[tokio::test]
+    async fn serve_rejects_zero_ttl() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let err = serve(listener, Duration::ZERO, async {}).await.unwrap_err();
+        assert!(err.to_string().contains("--heartbeat-ttl"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn run_names_listen_when_the_bind_fails() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let args = ControllerArgs {
+            listen: taken.local_addr().unwrap().to_string(),
+            store: StoreKind::Memory,
+            heartbeat_ttl: Duration::from_secs(10),
+        };
+        let err = run(args, async {}).await.unwrap_err();
+        assert!(matches!(err, ControllerError::Bind { .. }), "{err:?}");
+        assert!(err.to_string().contains("--listen"), "{err}");
+    }
+
+    /// Over a real socket: register, watch, NotFound on an unknown heartbeat, and a shutdown that
+    /// completes even while a watch stream is open.
+    #[tokio::test]
+    async fn serves_over_grpc_and_shuts_down_with_open_watches() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, Duration::from_secs(5), async move {
+            let _ = stop_rx.await;
+        }));
+
+        let mut client = ControllerClient::connect(format!("http://{addr}")).await.unwrap();
+        let state = testing::worker("w1", &["vicuna-7b"]);
+        let reply = client
+            .register_worker(RegisterWorkerRequest { info: state.info.clone(), load: state.load })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.heartbeat_ttl_ms, 5000);
+
+        let mut watch = client.watch_workers(WatchWorkersRequest {}).await.unwrap().into_inner();
+        let first = tokio::time::timeout(PATIENCE, watch.next()).await.unwrap().unwrap().unwrap();
+        assert!(matches!(first.event, Some(Event::Snapshot(ref s)) if s.workers == vec![state.clone()]), "{first:?}");
+
+        let err = client.heartbeat(HeartbeatRequest { worker_id: "ghost".into(), load: None }).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+
+        stop_tx.send(()).unwrap();
+        let ended = tokio::time::timeout(PATIENCE, watch.next()).await.expect("the watch ends on shutdown");
+        assert_eq!(ended.unwrap().unwrap_err().code(), Code::Unavailable);
+        drop(watch);
+        drop(client);
+        tokio::time::timeout(PATIENCE, server).await.expect("the server drains").unwrap().unwrap();
+    }
+}

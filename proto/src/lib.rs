@@ -1,1 +1,6 @@
-//! The gRPC contract between herd components (filled in by the cluster issue).
+//! herd's gRPC contract: the only thing the controller, worker and gateway crates share.
+
+/// `herd.v1`: the `Controller` and `Worker` services and their messages.
+pub mod v1 {
+    tonic::include_proto!("herd.v1");
+}

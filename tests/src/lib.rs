@@ -49,3 +49,5 @@ pub fn herd_bin() -> PathBuf {
     );
     bin
 }
+
+pub mod cluster;

@@ -1,1 +1,191 @@
+//! The herd worker: the inference engine and the gRPC service that serves it.
+
 pub mod engine;
+pub mod error;
+pub mod registration;
+pub mod scheduler;
+pub mod service;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use herd_proto::v1 as pb;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use engine::{DTypeChoice, Engine, LoadOptions, parse_device};
+pub use error::WorkerError;
+use registration::Registration;
+use scheduler::{Scheduler, SchedulerConfig};
+use service::{Serving, WorkerCore, WorkerService};
+
+/// Flags of `herd worker` (each also read from its `HERD_*` variable).
+#[derive(clap::Args, Debug, Clone)]
+pub struct WorkerArgs {
+    /// An HF checkpoint directory or a .gguf file.
+    #[arg(long, env = "HERD_MODEL")]
+    pub model: PathBuf,
+    /// Controller URL(s) to register with, comma-separated (e.g. http://127.0.0.1:7000).
+    #[arg(long, env = "HERD_CONTROLLER", value_delimiter = ',', required = true)]
+    pub controller: Vec<String>,
+    /// Address the gRPC server binds.
+    #[arg(long, env = "HERD_LISTEN", default_value = "0.0.0.0:7001")]
+    pub listen: String,
+    /// Address others dial, e.g. http://10.0.0.7:7001 (default: the bound address).
+    #[arg(long, env = "HERD_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Name clients use for the model; repeat (or comma-separate) for aliases. Default: the file name.
+    #[arg(long = "model-name", env = "HERD_MODEL_NAME", value_delimiter = ',')]
+    pub model_names: Vec<String>,
+    /// Stable id of this worker (default: random).
+    #[arg(long, env = "HERD_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Weight dtype: auto, f32, f16, bf16.
+    #[arg(long, env = "HERD_DTYPE", default_value = "auto")]
+    pub dtype: DTypeChoice,
+    /// Device: cpu or cuda:N.
+    #[arg(long, env = "HERD_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Chat template: vicuna_v1.1, one_shot, or a Jinja file (default: the model's own).
+    #[arg(long, env = "HERD_CHAT_TEMPLATE")]
+    pub chat_template: Option<String>,
+    /// Sequences generated at once.
+    #[arg(long, env = "HERD_MAX_BATCH_SIZE", default_value_t = 8)]
+    pub max_batch_size: usize,
+    /// Sequences queued beyond those before requests are refused (ResourceExhausted).
+    #[arg(long, env = "HERD_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: usize,
+    /// Compute threads (default: every core). Give co-located workers disjoint shares.
+    #[arg(long, env = "HERD_THREADS")]
+    pub threads: Option<usize>,
+    /// On SIGTERM, how long in-flight requests may take to finish.
+    #[arg(long, env = "HERD_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    /// Sleep after each scheduling round (for tests that need a slow worker).
+    #[arg(long, hide = true, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub debug_step_delay: Duration,
+}
+
+/// The default model name: the file or directory name without a `.gguf` extension.
+pub fn default_name(model: &Path) -> String {
+    let name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    name.strip_suffix(".gguf").map(str::to_string).unwrap_or(name)
+}
+
+fn advertise_url(args: &WorkerArgs, bound: SocketAddr) -> String {
+    if let Some(a) = &args.advertise {
+        return if a.contains("://") { a.clone() } else { format!("http://{a}") };
+    }
+    if bound.ip().is_unspecified() {
+        tracing::warn!("--listen binds every interface; advertising 127.0.0.1 (set --advertise for other hosts)");
+        return format!("http://127.0.0.1:{}", bound.port());
+    }
+    format!("http://{bound}")
+}
+
+fn random_id() -> String {
+    format!("worker-{:08x}", rand::random::<u32>())
+}
+
+/// Runs a worker until `shutdown` resolves, then drains and returns.
+pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) -> Result<(), WorkerError> {
+    if args.max_batch_size == 0 {
+        return Err(WorkerError::Flag { flag: "--max-batch-size", msg: "must be at least 1".into() });
+    }
+    if let Some(n) = args.threads {
+        if n == 0 {
+            return Err(WorkerError::Flag { flag: "--threads", msg: "must be at least 1".into() });
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .thread_name(|i| format!("herd-compute-{i}"))
+            .build_global()
+            .map_err(|e| WorkerError::Flag { flag: "--threads", msg: e.to_string() })?;
+    }
+    let device = parse_device(&args.device)?;
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| WorkerError::Flag { flag: "--listen", msg: format!("cannot bind {}: {e}", args.listen) })?;
+    let bound = listener.local_addr().map_err(|e| WorkerError::Server(e.to_string()))?;
+    println!("herd worker listening on {bound}");
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+
+    let names = if args.model_names.is_empty() { vec![default_name(&args.model)] } else { args.model_names.clone() };
+    let core = Arc::new(WorkerCore::new(names.clone()));
+    let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::worker_server::WorkerServer::new(WorkerService::new(core.clone())))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = server_stopped.await;
+            }),
+    );
+
+    let opts =
+        LoadOptions { model: args.model.clone(), dtype: args.dtype, device, chat_template: args.chat_template.clone() };
+    let engine = tokio::task::spawn_blocking(move || Engine::load(&opts, &mut |_, _| {}))
+        .await
+        .map_err(|e| WorkerError::Server(format!("model loading thread: {e}")))??;
+    let engine = Arc::new(engine);
+    let config = SchedulerConfig {
+        max_batch_size: args.max_batch_size,
+        max_queue: args.max_queue,
+        step_delay: args.debug_step_delay,
+    };
+    let scheduler = Scheduler::start(engine.clone(), config).map_err(|e| WorkerError::Server(e.to_string()))?;
+    let load = scheduler.load().clone();
+    let info = pb::WorkerInfo {
+        worker_id: args.worker_id.clone().unwrap_or_else(random_id),
+        address: advertise_url(&args, bound),
+        models: names,
+        context_length: engine.context_length() as u32,
+        max_batch_size: args.max_batch_size as u32,
+        max_queue: args.max_queue as u32,
+        tp_size: 1,
+        devices: vec![args.device.clone()],
+    };
+    core.set_serving(Serving { engine, scheduler });
+    tracing::info!(worker_id = %info.worker_id, address = %info.address, models = ?info.models, "worker ready");
+
+    let registration = Arc::new(Registration::new(&args.controller, info, load.clone())?);
+    let (stop_reg, stop_rx) = tokio::sync::watch::channel(false);
+    let reg_task = tokio::spawn({
+        let registration = registration.clone();
+        async move { registration.run(stop_rx).await }
+    });
+
+    tokio::pin!(server);
+    tokio::select! {
+        _ = shutdown => {}
+        res = &mut server => {
+            return Err(WorkerError::Server(match res {
+                Ok(Ok(())) => "stopped unexpectedly".into(),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            }));
+        }
+    }
+
+    // Drain: refuse new work, leave the registry, let running requests finish.
+    tracing::info!(running = load.running(), waiting = load.waiting(), "draining");
+    core.start_draining();
+    let _ = stop_reg.send(true);
+    let _ = reg_task.await;
+    registration.deregister().await;
+    let deadline = tokio::time::Instant::now() + args.drain_timeout;
+    while !load.is_idle() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !load.is_idle() {
+        tracing::warn!(running = load.running(), waiting = load.waiting(), "drain timeout; stopping anyway");
+    }
+    let _ = stop_server.send(());
+    // Streams still open after the drain timeout would hold graceful shutdown forever.
+    match tokio::time::timeout(Duration::from_secs(2), &mut server).await {
+        Ok(Ok(Err(e))) => Err(WorkerError::Server(e.to_string())),
+        _ => Ok(()),
+    }
+}

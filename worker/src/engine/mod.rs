@@ -363,6 +363,75 @@ impl Engine {
         Ok(max_tokens)
     }
 
+    /// Starts a generation for `prompt_ids` after checking it against the context and parameter
+    /// limits; nothing runs until [`Engine::step`].
+    pub fn start(&self, prompt_ids: &[u32], params: &GenerationParams) -> Result<Sequence> {
+        self.check_ids(prompt_ids)?;
+        let max_tokens = self.validate(prompt_ids.len(), params)?;
+        let mut stops = params.stop.clone();
+        stops.extend(self.template.default_stops().iter().map(|s| s.to_string()));
+        let mut stop_ids = params.stop_token_ids.clone();
+        if !params.ignore_eos {
+            stop_ids.extend(&self.eos_ids);
+        }
+        Ok(Sequence {
+            cache: self.model.new_cache(),
+            sampler: Sampler::new(params.sampling.clone()),
+            detok: IncrementalDecoder::new(),
+            stopper: StopMatcher::new(&stops),
+            stop_ids,
+            logprobs: params.logprobs,
+            max_tokens,
+            prompt_len: prompt_ids.len(),
+            context: prompt_ids.to_vec(),
+            out: Vec::new(),
+            text: String::new(),
+            finish: None,
+        })
+    }
+
+    /// Runs one forward pass of `seq` (the whole prompt on the first call) and samples one token.
+    pub fn step(&self, seq: &mut Sequence) -> Result<Step> {
+        if seq.finish.is_some() {
+            return Err(EngineError::InvalidArgument("the sequence has already finished".into()));
+        }
+        let input = if seq.out.is_empty() { &seq.context[..] } else { &seq.context[seq.context.len() - 1..] };
+        let logits = self.model.forward(input, &mut seq.cache, false)?;
+        let mut row = logits.squeeze(0)?.to_vec1::<f32>()?;
+        let logprob_of = seq.logprobs.map(|n| (n, sampler::log_softmax(&row)));
+        seq.sampler.apply_penalties(&mut row, &seq.context, &seq.out);
+        let id = seq.sampler.sample(&row);
+        seq.out.push(id);
+        seq.context.push(id);
+        let mut step = Step { token: None, text: String::new(), logprob: None, finish: None };
+        let by_stop_string = if seq.stop_ids.contains(&id) {
+            step.finish = Some(FinishReason::Stop);
+            false
+        } else {
+            let released = seq.stopper.push(&seq.detok.push(&self.tokenizer, id)?);
+            step.token = Some(id);
+            step.text = released.emit;
+            step.logprob = logprob_of.map(|(n, lp)| TokenLogprob { logprob: lp[id as usize], top: top_n(&lp, n) });
+            if released.stopped {
+                step.finish = Some(FinishReason::Stop);
+            } else if seq.out.len() >= seq.max_tokens {
+                step.finish = Some(FinishReason::Length);
+            }
+            released.stopped
+        };
+        // Release what the decoder and the stop matcher still hold, unless a stop string ended it.
+        if step.finish.is_some() && !by_stop_string {
+            let tail = seq.stopper.push(&seq.detok.finish(&self.tokenizer)?);
+            step.text.push_str(&tail.emit);
+            if !tail.stopped {
+                step.text.push_str(&seq.stopper.finish());
+            }
+        }
+        seq.text.push_str(&step.text);
+        seq.finish = step.finish;
+        Ok(step)
+    }
+
     /// Generates an answer to `prompt_ids`, calling `on_token` as text becomes final.
     pub fn generate(
         &self,
@@ -370,64 +439,74 @@ impl Engine {
         params: &GenerationParams,
         on_token: &mut dyn FnMut(&TokenOutput),
     ) -> Result<Completion> {
-        self.check_ids(prompt_ids)?;
-        let max_tokens = self.validate(prompt_ids.len(), params)?;
-        let mut stops = params.stop.clone();
-        stops.extend(self.template.default_stops().iter().map(|s| s.to_string()));
-        let mut stopper = StopMatcher::new(&stops);
-        let mut stop_ids = params.stop_token_ids.clone();
-        if !params.ignore_eos {
-            stop_ids.extend(&self.eos_ids);
-        }
-        let mut sampler = Sampler::new(params.sampling.clone());
-        let mut detok = IncrementalDecoder::new();
-        let mut cache = self.model.new_cache();
-        let mut context = prompt_ids.to_vec();
-        let mut out: Vec<u32> = Vec::new();
-        let mut text = String::new();
-        let mut logits = self.model.forward(prompt_ids, &mut cache, false)?;
-        let (finish, by_stop_string) = loop {
-            let mut row = logits.squeeze(0)?.to_vec1::<f32>()?;
-            let logprob_of = params.logprobs.map(|n| (n, sampler::log_softmax(&row)));
-            sampler.apply_penalties(&mut row, &context, &out);
-            let id = sampler.sample(&row);
-            out.push(id);
-            context.push(id);
-            if stop_ids.contains(&id) {
-                break (FinishReason::Stop, false);
+        let mut seq = self.start(prompt_ids, params)?;
+        loop {
+            let step = self.step(&mut seq)?;
+            if step.token.is_some() || !step.text.is_empty() {
+                let id = step.token.unwrap_or(*seq.out.last().unwrap_or(&0));
+                on_token(&TokenOutput { id, text: step.text, logprob: step.logprob });
             }
-            let step = stopper.push(&detok.push(&self.tokenizer, id)?);
-            let logprob = logprob_of.map(|(n, lp)| TokenLogprob { logprob: lp[id as usize], top: top_n(&lp, n) });
-            text.push_str(&step.emit);
-            on_token(&TokenOutput { id, text: step.emit, logprob });
-            if step.stopped {
-                break (FinishReason::Stop, true);
-            }
-            if out.len() >= max_tokens {
-                break (FinishReason::Length, false);
-            }
-            logits = self.model.forward(&[id], &mut cache, false)?;
-        };
-        // Release what the decoder and the stop matcher still hold, unless a stop string ended it.
-        if !by_stop_string {
-            let tail = stopper.push(&detok.finish(&self.tokenizer)?);
-            let mut rest = tail.emit;
-            if !tail.stopped {
-                rest.push_str(&stopper.finish());
-            }
-            if !rest.is_empty() {
-                text.push_str(&rest);
-                on_token(&TokenOutput { id: *out.last().unwrap_or(&0), text: rest, logprob: None });
+            if step.finish.is_some() {
+                return Ok(seq.into_completion().expect("finished"));
             }
         }
-        Ok(Completion {
-            text,
-            prompt_tokens: prompt_ids.len(),
-            completion_tokens: out.len(),
-            token_ids: out,
-            finish_reason: finish,
+    }
+}
+
+/// One generation in progress: its KV cache, sampler, and the text it has released.
+pub struct Sequence {
+    cache: model::SeqCache,
+    sampler: Sampler,
+    detok: IncrementalDecoder,
+    stopper: StopMatcher,
+    stop_ids: Vec<u32>,
+    logprobs: Option<usize>,
+    max_tokens: usize,
+    prompt_len: usize,
+    context: Vec<u32>,
+    out: Vec<u32>,
+    text: String,
+    finish: Option<FinishReason>,
+}
+
+impl Sequence {
+    /// Tokens in the prompt.
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompt_len
+    }
+
+    /// Tokens sampled so far (a final EOS included).
+    pub fn completion_tokens(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Why it ended, once it has.
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    /// The finished generation; `None` while it is still running.
+    pub fn into_completion(self) -> Option<Completion> {
+        Some(Completion {
+            finish_reason: self.finish?,
+            text: self.text,
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.out.len(),
+            token_ids: self.out,
         })
     }
+}
+
+/// What one [`Engine::step`] produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// The sampled token, unless it was a stop token.
+    pub token: Option<u32>,
+    /// Text released by this step (may be empty while a character or stop string is pending).
+    pub text: String,
+    pub logprob: Option<TokenLogprob>,
+    /// Set on the last step.
+    pub finish: Option<FinishReason>,
 }
 
 fn top_n(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {

@@ -1,0 +1,54 @@
+//! The registry store: worker records that live for a TTL unless refreshed, plus a feed of changes.
+//!
+//! The trait speaks of records, TTLs and change events rather than maps and locks so that an etcd
+//! store (a lease per worker, a watch on the key prefix) can implement it with the same meaning.
+
+mod memory;
+
+pub use memory::MemoryStore;
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::Stream;
+use herd_proto::v1::{WorkerLoad, WorkerState};
+
+use crate::error::ControllerError;
+
+/// One change to the registry, in the order the store applied it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerChange {
+    /// A worker registered, re-registered or reported new load; carries its whole record.
+    Upsert(WorkerState),
+    /// A worker deregistered or expired; carries its id.
+    Removed(String),
+}
+
+/// The changes after a watch's snapshot. It ends with an error (never silently) when the watcher
+/// can no longer be given every change, so the watcher re-reads a snapshot.
+pub type ChangeStream = Pin<Box<dyn Stream<Item = Result<WorkerChange, ControllerError>> + Send>>;
+
+/// Where worker records live: each expires unless its worker heartbeats within the TTL.
+#[tonic::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// How long a record lives without a heartbeat (workers are told this when they register).
+    fn ttl(&self) -> Duration;
+
+    /// Creates or replaces the record for `state.info.worker_id`, starts its TTL afresh, and emits an upsert.
+    async fn register(&self, state: WorkerState) -> Result<(), ControllerError>;
+
+    /// Refreshes a worker's TTL and records its load, emitting an upsert (gateways route on load);
+    /// `UnknownWorker` when the worker is not registered or has already expired.
+    async fn heartbeat(&self, worker_id: &str, load: WorkerLoad) -> Result<(), ControllerError>;
+
+    /// Removes a worker's record, emitting a removal, and returns the record it removed;
+    /// `UnknownWorker` when there was none.
+    async fn deregister(&self, worker_id: &str) -> Result<WorkerState, ControllerError>;
+
+    /// Every live record, ordered by worker id.
+    async fn list(&self) -> Result<Vec<WorkerState>, ControllerError>;
+
+    /// Every live record (ordered by worker id) and the changes after exactly that snapshot:
+    /// the two are taken atomically, so no change falls between them.
+    async fn watch(&self) -> Result<(Vec<WorkerState>, ChangeStream), ControllerError>;
+}

@@ -1,0 +1,379 @@
+//! The `herd.v1.Controller` gRPC service over a registry store.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::{BoxFuture, Shared};
+use futures::{FutureExt, Stream, StreamExt};
+use herd_proto::v1::controller_server::Controller;
+use herd_proto::v1::worker_event::Event;
+use herd_proto::v1::{
+    DeregisterRequest, DeregisterResponse, HeartbeatRequest, HeartbeatResponse, ListModelsRequest, ListModelsResponse,
+    ListWorkersRequest, ListWorkersResponse, ModelEntry, PickWorkerRequest, PickWorkerResponse, RegisterWorkerRequest,
+    RegisterWorkerResponse, WatchWorkersRequest, WorkerEvent, WorkerInfo, WorkerSnapshot, WorkerState,
+};
+use rand::seq::IndexedRandom;
+use tonic::{Request, Response, Status};
+
+use crate::error::ControllerError;
+use crate::registry::{ChangeStream, Store, WorkerChange};
+
+/// The stream `WatchWorkers` answers with: a snapshot, then one event per change.
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WorkerEvent, Status>> + Send>>;
+
+/// A signal every open watch can wait on; `Shared` lets each stream hold its own clone.
+type StopSignal = Shared<BoxFuture<'static, ()>>;
+
+/// Serves registration, heartbeats, listings, watches and picks from a registry store.
+pub struct ControllerService {
+    store: Arc<dyn Store>,
+    stop_watches: StopSignal,
+}
+
+impl ControllerService {
+    /// A service over `store` whose watch streams run until their clients go away.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store, stop_watches: futures::future::pending().boxed().shared() }
+    }
+
+    /// Ends every open (and later) watch stream with Unavailable once `signal` completes. Graceful
+    /// shutdown waits for all streams to finish, and a watch never finishes by itself.
+    #[must_use]
+    pub fn end_watches_on(mut self, signal: impl Future<Output = ()> + Send + 'static) -> Self {
+        self.stop_watches = signal.boxed().shared();
+        self
+    }
+}
+
+/// Checks a registering worker's record: the fields others depend on must be present.
+fn validate_info(info: Option<WorkerInfo>) -> Result<WorkerInfo, ControllerError> {
+    let info = info.ok_or_else(|| ControllerError::InvalidRecord("info is missing".into()))?;
+    if info.worker_id.trim().is_empty() {
+        return Err(ControllerError::InvalidRecord("worker_id is empty".into()));
+    }
+    if info.address.trim().is_empty() {
+        return Err(ControllerError::InvalidRecord(format!("worker {:?}: address is empty", info.worker_id)));
+    }
+    if info.models.is_empty() {
+        return Err(ControllerError::InvalidRecord(format!("worker {:?}: models is empty", info.worker_id)));
+    }
+    if info.models.iter().any(|model| model.trim().is_empty()) {
+        return Err(ControllerError::InvalidRecord(format!("worker {:?}: a model name is empty", info.worker_id)));
+    }
+    Ok(info)
+}
+
+fn require_worker_id(worker_id: &str) -> Result<(), ControllerError> {
+    if worker_id.trim().is_empty() {
+        return Err(ControllerError::InvalidRecord("worker_id is empty".into()));
+    }
+    Ok(())
+}
+
+fn serves(state: &WorkerState, model: &str) -> bool {
+    state.info.as_ref().is_some_and(|info| info.models.iter().any(|name| name == model))
+}
+
+/// Queued plus running sequences: what the least-loaded choice compares.
+fn queue_depth(state: &WorkerState) -> u64 {
+    state.load.as_ref().map_or(0, |load| u64::from(load.running) + u64::from(load.waiting))
+}
+
+/// Every model name and alias with how many workers serve it, sorted by name. The context length is
+/// the smallest any of them reports, so a request that fits it fits whichever worker gets it.
+pub fn model_entries(workers: &[WorkerState]) -> Vec<ModelEntry> {
+    let mut entries: BTreeMap<&str, ModelEntry> = BTreeMap::new();
+    for info in workers.iter().filter_map(|state| state.info.as_ref()) {
+        for (i, name) in info.models.iter().enumerate() {
+            // A name listed twice by one worker still counts that worker once.
+            if info.models[..i].contains(name) {
+                continue;
+            }
+            let entry = entries.entry(name).or_insert_with(|| ModelEntry {
+                name: name.clone(),
+                workers: 0,
+                context_length: info.context_length,
+            });
+            entry.workers += 1;
+            entry.context_length = entry.context_length.min(info.context_length);
+        }
+    }
+    entries.into_values().collect()
+}
+
+/// The least-loaded worker serving `model` (running + waiting), chosen at random among ties so that
+/// clients without a table of their own still spread out.
+pub fn pick_least_loaded(workers: &[WorkerState], model: &str) -> Option<WorkerState> {
+    let serving: Vec<&WorkerState> = workers.iter().filter(|state| serves(state, model)).collect();
+    let least = serving.iter().map(|state| queue_depth(state)).min()?;
+    let tied: Vec<&WorkerState> = serving.into_iter().filter(|state| queue_depth(state) == least).collect();
+    tied.choose(&mut rand::rng()).map(|state| (*state).clone())
+}
+
+fn event(event: Event) -> WorkerEvent {
+    WorkerEvent { event: Some(event) }
+}
+
+/// The snapshot, then the store's changes, until the changes fail or the service stops its watches.
+fn watch_stream(snapshot: Vec<WorkerState>, ttl: Duration, changes: ChangeStream, stop: StopSignal) -> WatchStream {
+    let heartbeat_ttl_ms = ttl.as_millis() as u64;
+    let first = event(Event::Snapshot(WorkerSnapshot { workers: snapshot, heartbeat_ttl_ms }));
+    let rest = futures::stream::unfold(Some((changes, stop)), |state| async move {
+        let (mut changes, mut stop) = state?;
+        tokio::select! {
+            biased;
+            () = &mut stop => Some((Err(Status::unavailable("controller is shutting down; reconnect")), None)),
+            change = changes.next() => match change {
+                Some(Ok(WorkerChange::Upsert(state))) => Some((Ok(event(Event::Upsert(state))), Some((changes, stop)))),
+                Some(Ok(WorkerChange::Removed(id))) => Some((Ok(event(Event::Removed(id))), Some((changes, stop)))),
+                Some(Err(err)) => Some((Err(Status::from(err)), None)),
+                None => None,
+            },
+        }
+    });
+    Box::pin(futures::stream::once(async move { Ok(first) }).chain(rest))
+}
+
+#[tonic::async_trait]
+impl Controller for ControllerService {
+    async fn register_worker(
+        &self,
+        request: Request<RegisterWorkerRequest>,
+    ) -> Result<Response<RegisterWorkerResponse>, Status> {
+        let request = request.into_inner();
+        let info = validate_info(request.info)?;
+        let state = WorkerState { info: Some(info.clone()), load: Some(request.load.unwrap_or_default()) };
+        self.store.register(state).await?;
+        tracing::info!(
+            worker_id = %info.worker_id,
+            address = %info.address,
+            models = ?info.models,
+            context_length = info.context_length,
+            tp_size = info.tp_size,
+            "worker registered"
+        );
+        let heartbeat_ttl_ms = u64::try_from(self.store.ttl().as_millis()).unwrap_or(u64::MAX);
+        Ok(Response::new(RegisterWorkerResponse { heartbeat_ttl_ms }))
+    }
+
+    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        let request = request.into_inner();
+        require_worker_id(&request.worker_id)?;
+        self.store.heartbeat(&request.worker_id, request.load.unwrap_or_default()).await?;
+        Ok(Response::new(HeartbeatResponse {}))
+    }
+
+    async fn deregister(&self, request: Request<DeregisterRequest>) -> Result<Response<DeregisterResponse>, Status> {
+        let request = request.into_inner();
+        require_worker_id(&request.worker_id)?;
+        let removed = self.store.deregister(&request.worker_id).await?;
+        let info = removed.info.unwrap_or_default();
+        tracing::info!(worker_id = %info.worker_id, address = %info.address, models = ?info.models, "worker deregistered");
+        Ok(Response::new(DeregisterResponse {}))
+    }
+
+    async fn list_models(&self, _request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
+        let workers = self.store.list().await?;
+        Ok(Response::new(ListModelsResponse { models: model_entries(&workers) }))
+    }
+
+    async fn list_workers(
+        &self,
+        request: Request<ListWorkersRequest>,
+    ) -> Result<Response<ListWorkersResponse>, Status> {
+        let model = request.into_inner().model;
+        let mut workers = self.store.list().await?;
+        if !model.is_empty() {
+            workers.retain(|state| serves(state, &model));
+        }
+        Ok(Response::new(ListWorkersResponse { workers }))
+    }
+
+    type WatchWorkersStream = WatchStream;
+
+    async fn watch_workers(
+        &self,
+        _request: Request<WatchWorkersRequest>,
+    ) -> Result<Response<Self::WatchWorkersStream>, Status> {
+        let (snapshot, changes) = self.store.watch().await?;
+        Ok(Response::new(watch_stream(snapshot, self.store.ttl(), changes, self.stop_watches.clone())))
+    }
+
+    async fn pick_worker(&self, request: Request<PickWorkerRequest>) -> Result<Response<PickWorkerResponse>, Status> {
+        let model = request.into_inner().model;
+        if model.trim().is_empty() {
+            return Err(ControllerError::InvalidRecord("model is empty".into()).into());
+        }
+        let workers = self.store.list().await?;
+        let worker = pick_least_loaded(&workers, &model).ok_or(ControllerError::NoWorkerForModel(model))?;
+        Ok(Response::new(PickWorkerResponse { worker: Some(worker) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::registry::MemoryStore;
+    use crate::testing::{load, worker};
+    use tonic::Code;
+
+    const PATIENCE: Duration = Duration::from_secs(10);
+
+    fn service() -> ControllerService {
+        ControllerService::new(Arc::new(MemoryStore::new(Duration::from_secs(10))))
+    }
+
+    async fn register(service: &ControllerService, state: WorkerState) {
+        let request = RegisterWorkerRequest { info: state.info, load: state.load };
+        service.register_worker(Request::new(request)).await.unwrap();
+    }
+
+    fn with_load(mut state: WorkerState, running: u32, waiting: u32) -> WorkerState {
+        state.load = Some(load(running, waiting));
+        state
+    }
+
+    async fn next_event(stream: &mut WatchStream) -> Result<Event, Status> {
+        let item = tokio::time::timeout(PATIENCE, stream.next()).await.expect("an event in time").expect("open stream");
+        item.map(|event| event.event.expect("an event"))
+    }
+
+    #[tokio::test]
+    async fn register_replies_with_the_ttl() {
+        let service = ControllerService::new(Arc::new(MemoryStore::new(Duration::from_millis(1500))));
+        let state = worker("w1", &["vicuna-7b"]);
+        let reply = service
+            .register_worker(Request::new(RegisterWorkerRequest { info: state.info, load: None }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.heartbeat_ttl_ms, 1500);
+        let listed = service.list_workers(Request::new(ListWorkersRequest::default())).await.unwrap().into_inner();
+        assert_eq!(listed.workers, vec![worker("w1", &["vicuna-7b"])], "a missing load is stored as zero");
+    }
+
+    #[tokio::test]
+    async fn malformed_records_are_invalid_argument() {
+        let service = service();
+        let mut cases: Vec<(&str, Option<WorkerInfo>)> = vec![("missing info", None)];
+        let base = worker("w1", &["m"]).info.unwrap();
+        cases.push(("empty worker_id", Some(WorkerInfo { worker_id: String::new(), ..base.clone() })));
+        cases.push(("empty address", Some(WorkerInfo { address: " ".into(), ..base.clone() })));
+        cases.push(("no models", Some(WorkerInfo { models: vec![], ..base.clone() })));
+        cases.push(("empty model name", Some(WorkerInfo { models: vec!["m".into(), String::new()], ..base })));
+        for (what, info) in cases {
+            let err = service.register_worker(Request::new(RegisterWorkerRequest { info, load: None })).await;
+            assert_eq!(err.unwrap_err().code(), Code::InvalidArgument, "{what}");
+        }
+        let err = service.heartbeat(Request::new(HeartbeatRequest::default())).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+    }
+
+    #[tokio::test]
+    async fn heartbeat_and_deregister_of_unknown_worker_are_not_found() {
+        let service = service();
+        let request = HeartbeatRequest { worker_id: "ghost".into(), load: Some(load(1, 0)) };
+        let err = service.heartbeat(Request::new(request)).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+        assert!(err.message().contains("ghost"), "{}", err.message());
+
+        register(&service, worker("w1", &["m"])).await;
+        let deregister = || service.deregister(Request::new(DeregisterRequest { worker_id: "w1".into() }));
+        deregister().await.unwrap();
+        assert_eq!(deregister().await.unwrap_err().code(), Code::NotFound);
+    }
+
+    #[tokio::test]
+    async fn list_models_counts_aliases() {
+        let service = service();
+        let mut small = worker("w3", &["llama"]);
+        small.info.as_mut().unwrap().context_length = 1024;
+        register(&service, worker("w1", &["vicuna-7b", "vicuna"])).await;
+        register(&service, worker("w2", &["vicuna-7b", "vicuna-7b"])).await;
+        register(&service, small).await;
+        let models = service.list_models(Request::new(ListModelsRequest {})).await.unwrap().into_inner().models;
+        let summary: Vec<_> = models.iter().map(|m| (m.name.as_str(), m.workers, m.context_length)).collect();
+        assert_eq!(summary, [("llama", 1, 1024), ("vicuna", 1, 2048), ("vicuna-7b", 2, 2048)]);
+    }
+
+    #[tokio::test]
+    async fn list_workers_filters_by_model() {
+        let service = service();
+        register(&service, worker("w1", &["vicuna-7b", "vicuna"])).await;
+        register(&service, worker("w2", &["llama"])).await;
+        let list = |model: &str| {
+            let request = Request::new(ListWorkersRequest { model: model.into() });
+            let service = &service;
+            async move {
+                let workers = service.list_workers(request).await.unwrap().into_inner().workers;
+                workers.into_iter().map(|s| s.info.unwrap().worker_id).collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(list("").await, ["w1", "w2"]);
+        assert_eq!(list("vicuna").await, ["w1"]);
+        assert_eq!(list("llama").await, ["w2"]);
+        assert!(list("nope").await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn pick_worker_chooses_the_least_loaded() {
+        let service = service();
+        register(&service, with_load(worker("busy", &["m"]), 2, 1)).await;
+        register(&service, with_load(worker("light", &["m", "alias"]), 0, 1)).await;
+        register(&service, with_load(worker("idle-other-model", &["other"]), 0, 0)).await;
+        for model in ["m", "alias"] {
+            let reply = service.pick_worker(Request::new(PickWorkerRequest { model: model.into() })).await.unwrap();
+            assert_eq!(reply.into_inner().worker.unwrap().info.unwrap().worker_id, "light");
+        }
+        let err = service.pick_worker(Request::new(PickWorkerRequest { model: "absent-model".into() })).await;
+        let err = err.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+        assert!(err.message().contains("absent-model"), "{}", err.message());
+        let err = service.pick_worker(Request::new(PickWorkerRequest::default())).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+    }
+
+    #[test]
+    fn pick_breaks_ties_at_random() {
+        let workers =
+            vec![with_load(worker("a", &["m"]), 1, 0), with_load(worker("b", &["m"]), 0, 1), worker("c", &["n"])];
+        let chosen: HashSet<String> =
+            (0..200).map(|_| pick_least_loaded(&workers, "m").unwrap().info.unwrap().worker_id).collect();
+        assert_eq!(chosen, HashSet::from(["a".to_owned(), "b".to_owned()]));
+    }
+
+    #[tokio::test]
+    async fn watch_gives_snapshot_then_changes_until_stopped() {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let service =
+            ControllerService::new(Arc::new(MemoryStore::new(Duration::from_secs(10)))).end_watches_on(async move {
+                let _ = stop_rx.await;
+            });
+        register(&service, worker("w1", &["m"])).await;
+        let mut stream = service.watch_workers(Request::new(WatchWorkersRequest {})).await.unwrap().into_inner();
+        match next_event(&mut stream).await.unwrap() {
+            Event::Snapshot(snapshot) => assert_eq!(snapshot.workers, vec![worker("w1", &["m"])]),
+            other => panic!("expected a snapshot first, got {other:?}"),
+        }
+
+        service
+            .heartbeat(Request::new(HeartbeatRequest { worker_id: "w1".into(), load: Some(load(2, 3)) }))
+            .await
+            .unwrap();
+        register(&service, worker("w2", &["m"])).await;
+        service.deregister(Request::new(DeregisterRequest { worker_id: "w1".into() })).await.unwrap();
+
+        assert_eq!(next_event(&mut stream).await.unwrap(), Event::Upsert(with_load(worker("w1", &["m"]), 2, 3)));
+        assert_eq!(next_event(&mut stream).await.unwrap(), Event::Upsert(worker("w2", &["m"])));
+        assert_eq!(next_event(&mut stream).await.unwrap(), Event::Removed("w1".into()));
+
+        stop_tx.send(()).unwrap();
+        assert_eq!(next_event(&mut stream).await.unwrap_err().code(), Code::Unavailable);
+        assert!(stream.next().await.is_none(), "the stream ends after the error");
+    }
+}

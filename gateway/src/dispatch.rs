@@ -1,0 +1,195 @@
+//! Sends one choice to a worker: picking, failover before the first chunk, and collecting the output.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use herd_proto::v1::worker_client::WorkerClient;
+use herd_proto::v1::{GenerateChunk, GenerateRequest, TokenLogprob, Usage};
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Status, Streaming};
+use tracing::{debug, warn};
+
+use crate::GatewayError;
+use crate::router::{InflightGuard, Lookup, WorkerTable};
+
+/// Codes after which a worker is presumed broken: mark it down and try another.
+pub(crate) fn is_worker_failure(code: Code) -> bool {
+    matches!(code, Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled)
+}
+
+/// What all choices of one request share: where to route them and how to label them.
+#[derive(Clone)]
+pub(crate) struct Ctx {
+    pub table: Arc<WorkerTable>,
+    pub model: String,
+    pub request_id: String,
+    pub down_for: Duration,
+    /// The parameter blamed when the worker says the prompt is too long.
+    pub prompt_param: &'static str,
+}
+
+/// A worker stream that produced its first chunk: from here on the choice is committed to it.
+pub(crate) struct Opened {
+    pub worker_id: String,
+    pub first: GenerateChunk,
+    pub rest: Streaming<GenerateChunk>,
+    pub guard: InflightGuard,
+}
+
+/// What one choice has tried so far, so retries go elsewhere and the final error is the right one.
+#[derive(Default)]
+pub(crate) struct Attempts {
+    tried: HashSet<String>,
+    exhausted: bool,
+    last_failure: Option<String>,
+}
+
+/// The whole output of one choice.
+#[derive(Default)]
+pub(crate) struct Completed {
+    /// The worker that produced it.
+    pub worker_id: String,
+    pub text: String,
+    pub logprobs: Vec<TokenLogprob>,
+    pub finish_reason: i32,
+    pub usage: Option<Usage>,
+    tokens: u32,
+    finished: bool,
+    /// Keeps the worker counted until the response is built.
+    _guard: Option<InflightGuard>,
+}
+
+impl Completed {
+    fn push(&mut self, chunk: GenerateChunk) {
+        self.text.push_str(&chunk.text);
+        self.logprobs.extend(chunk.logprobs);
+        self.tokens += chunk.token_ids.len() as u32;
+        if chunk.usage.is_some() {
+            self.usage = chunk.usage;
+        }
+        if chunk.finish_reason != 0 {
+            self.finish_reason = chunk.finish_reason;
+            self.finished = true;
+        }
+    }
+
+    /// Prompt tokens as the worker counted them.
+    pub fn prompt_tokens(&self) -> u32 {
+        self.usage.as_ref().map_or(0, |u| u.prompt_tokens)
+    }
+
+    /// Completion tokens as the worker counted them, else the token ids seen.
+    pub fn completion_tokens(&self) -> u32 {
+        self.usage.as_ref().map_or(self.tokens, |u| u.completion_tokens)
+    }
+}
+
+impl Ctx {
+    /// Logs a worker failure and skips that worker for `--worker-down-for`.
+    pub fn worker_failed(&self, worker_id: &str, status: &Status) {
+        warn!(request_id = %self.request_id, worker = %worker_id, code = ?status.code(),
+              error = %status.message(), "worker failed; marking it down");
+        self.table.mark_down(worker_id, self.down_for);
+    }
+
+    /// Starts `request` on the best worker not yet tried and waits for its first chunk,
+    /// failing over to the next worker while the failure is the worker's.
+    pub async fn open(&self, request: &GenerateRequest, attempts: &mut Attempts) -> Result<Opened, GatewayError> {
+        loop {
+            let Some(picked) = self.table.pick(&self.model, &attempts.tried) else {
+                return Err(self.no_worker(attempts));
+            };
+            attempts.tried.insert(picked.worker_id.clone());
+            debug!(request_id = %self.request_id, worker = %picked.worker_id, address = %picked.address, "calling worker");
+            let mut client = WorkerClient::new(picked.channel.clone());
+            let mut call = tonic::Request::new(request.clone());
+            if let Ok(value) = MetadataValue::try_from(self.request_id.as_str()) {
+                call.metadata_mut().insert("x-request-id", value);
+            }
+            let first = match client.generate(call).await {
+                Ok(response) => {
+                    let mut rest = response.into_inner();
+                    match rest.message().await {
+                        Ok(Some(first)) => Ok((first, rest)),
+                        Ok(None) => Err(Status::unavailable("the worker ended the stream before the first chunk")),
+                        Err(status) => Err(status),
+                    }
+                }
+                Err(status) => Err(status),
+            };
+            match first {
+                Ok((first, rest)) => {
+                    return Ok(Opened { worker_id: picked.worker_id, first, rest, guard: picked.guard });
+                }
+                Err(status) if status.code() == Code::ResourceExhausted => {
+                    debug!(request_id = %self.request_id, worker = %picked.worker_id, "worker queue full; trying another");
+                    attempts.exhausted = true;
+                }
+                Err(status) if is_worker_failure(status.code()) => {
+                    self.worker_failed(&picked.worker_id, &status);
+                    attempts.last_failure = Some(status.message().to_string());
+                }
+                Err(status) => return Err(GatewayError::from_status(&status, self.prompt_param)),
+            }
+        }
+    }
+
+    /// The error when no worker is left to try.
+    fn no_worker(&self, attempts: &Attempts) -> GatewayError {
+        let model = &self.model;
+        if attempts.tried.is_empty() {
+            match self.table.lookup(model) {
+                Lookup::NotSynced => {
+                    return GatewayError::Unavailable {
+                        message: "the gateway has not received the worker table from the controller yet".into(),
+                    };
+                }
+                Lookup::Unknown(served) => return GatewayError::model_not_found(model, &served),
+                Lookup::Known => {}
+            }
+        }
+        if attempts.exhausted {
+            GatewayError::Overloaded { message: format!("every worker serving `{model}` is at capacity; retry later") }
+        } else if let Some(failure) = &attempts.last_failure {
+            GatewayError::Unavailable {
+                message: format!("no healthy worker for model `{model}` (last failure: {failure})"),
+            }
+        } else {
+            GatewayError::Unavailable { message: format!("every worker serving `{model}` is marked down; retry later") }
+        }
+    }
+
+    /// Runs one choice to the end, restarting it on another worker if one dies before the end
+    /// (nothing has reached the client yet, so a restart is invisible).
+    pub async fn complete(&self, request: &GenerateRequest) -> Result<Completed, GatewayError> {
+        let mut attempts = Attempts::default();
+        loop {
+            let Opened { worker_id, first, mut rest, guard } = self.open(request, &mut attempts).await?;
+            let mut done = Completed::default();
+            done.push(first);
+            let failure = loop {
+                if done.finished {
+                    break None;
+                }
+                match rest.message().await {
+                    Ok(Some(chunk)) => done.push(chunk),
+                    Ok(None) => break None,
+                    Err(status) => break Some(status),
+                }
+            };
+            match failure {
+                None => {
+                    done._guard = Some(guard);
+                    done.worker_id = worker_id;
+                    return Ok(done);
+                }
+                Some(status) if is_worker_failure(status.code()) => {
+                    self.worker_failed(&worker_id, &status);
+                    attempts.last_failure = Some(status.message().to_string());
+                }
+                Some(status) => return Err(GatewayError::from_status(&status, self.prompt_param)),
+            }
+        }
+    }
+}

@@ -1,0 +1,685 @@
+//! Request validation: JSON bytes in, a checked [`Plan`] of worker requests out (or a 400 naming the parameter).
+
+use herd_proto::v1::generate_request::Input;
+use herd_proto::v1::{ChatInput, ChatMessage, GenerateRequest, Sampling, TokenIds};
+use serde::de::DeserializeOwned;
+use serde_json::{Number, Value};
+
+use super::types::{ChatCompletionRequest, CompletionRequest, StreamOptions};
+use crate::GatewayError;
+
+/// Most choices per prompt.
+pub const MAX_N: i64 = 16;
+/// Most stop strings.
+pub const MAX_STOP: usize = 4;
+/// Most chat alternatives per token.
+pub const MAX_TOP_LOGPROBS: i64 = 20;
+/// Most completions-style alternatives per token.
+pub const MAX_COMPLETION_LOGPROBS: i64 = 5;
+/// OpenAI's `max_tokens` default for `/v1/completions`.
+pub const DEFAULT_COMPLETION_MAX_TOKENS: u32 = 16;
+
+/// Which endpoint a request came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// `/v1/chat/completions`.
+    Chat,
+    /// `/v1/completions`.
+    Completion,
+}
+
+impl Api {
+    /// Prefix of the request id.
+    pub fn id_prefix(self) -> &'static str {
+        match self {
+            Api::Chat => "chatcmpl",
+            Api::Completion => "cmpl",
+        }
+    }
+
+    /// The parameter blamed when the prompt does not fit the context.
+    pub fn prompt_param(self) -> &'static str {
+        match self {
+            Api::Chat => "messages",
+            Api::Completion => "prompt",
+        }
+    }
+}
+
+/// One choice to generate: its place in the response and its worker request.
+#[derive(Debug, Clone)]
+pub struct ChoicePlan {
+    /// `index` in the response (`prompt_index * n + j` for completions).
+    pub index: u32,
+    /// Which prompt it answers (always 0 for chat).
+    pub prompt_index: usize,
+    /// What to send to the worker.
+    pub request: GenerateRequest,
+}
+
+/// A validated request, ready to dispatch.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The endpoint.
+    pub api: Api,
+    /// The model as requested.
+    pub model: String,
+    /// Every choice, in index order.
+    pub choices: Vec<ChoicePlan>,
+    /// Answer with server-sent events.
+    pub stream: bool,
+    /// Send a usage chunk at the end of the stream.
+    pub include_usage: bool,
+    /// Render log probabilities.
+    pub logprobs: bool,
+    /// The end user, for logs.
+    pub user: Option<String>,
+}
+
+fn invalid(param: impl Into<String>, message: impl Into<String>) -> GatewayError {
+    GatewayError::invalid(param, message)
+}
+
+/// Parses JSON into `T`, turning a type error into a 400 that names the parameter's path.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, GatewayError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(data_error)?;
+    de.end().map_err(|err| syntax_error(&err))?;
+    Ok(value)
+}
+
+/// serde_json's message without the position it appends, which means nothing beyond the path.
+fn bare_message(err: &serde_json::Error) -> String {
+    let text = err.to_string();
+    let suffix = format!(" at line {} column {}", err.line(), err.column());
+    text.strip_suffix(&suffix).unwrap_or(&text).to_string()
+}
+
+fn syntax_error(err: &serde_json::Error) -> GatewayError {
+    GatewayError::InvalidRequest {
+        message: format!("We could not parse the JSON body of your request: {}", bare_message(err)),
+        param: None,
+        code: None,
+    }
+}
+
+fn data_error(err: serde_path_to_error::Error<serde_json::Error>) -> GatewayError {
+    use serde_json::error::Category;
+    let inner = err.inner();
+    if !matches!(inner.classify(), Category::Data) {
+        return syntax_error(inner);
+    }
+    let text = bare_message(inner);
+    let path = err.path().to_string();
+    // serde accepts a struct written as an array; a path starting at an index means the body was one.
+    let path = (path != "." && !path.starts_with('[')).then_some(path);
+    let missing = text.strip_prefix("missing field `").and_then(|rest| rest.strip_suffix('`'));
+    match (missing, path) {
+        (Some(field), path) => {
+            // serde reports a missing field at its parent; name the field itself.
+            let param = match path {
+                Some(path) => format!("{path}.{field}"),
+                None => field.to_string(),
+            };
+            invalid(param.clone(), format!("`{param}` is required"))
+        }
+        (None, Some(path)) => invalid(path.clone(), format!("invalid value for `{path}`: {text}")),
+        (None, None) => GatewayError::InvalidRequest {
+            message: format!("the request body must be a JSON object: {text}"),
+            param: None,
+            code: None,
+        },
+    }
+}
+
+/// An integer parameter within `[min, max]`.
+fn int_param(name: &str, value: Option<&Number>, min: i64, max: i64) -> Result<Option<i64>, GatewayError> {
+    let Some(value) = value else { return Ok(None) };
+    let range = || invalid(name, format!("`{name}` must be an integer between {min} and {max}, got {value}"));
+    match value.as_i64() {
+        Some(v) if (min..=max).contains(&v) => Ok(Some(v)),
+        Some(_) => Err(range()),
+        None if value.is_u64() => Err(range()),
+        None => Err(invalid(name, format!("`{name}` must be an integer between {min} and {max}, got {value}"))),
+    }
+}
+
+fn float_in(name: &str, value: Option<f64>, min: f64, max: f64) -> Result<Option<f64>, GatewayError> {
+    match value {
+        Some(v) if !(min..=max).contains(&v) => {
+            Err(invalid(name, format!("`{name}` must be between {min} and {max}, got {v}")))
+        }
+        other => Ok(other),
+    }
+}
+
+fn stop_param(value: Option<&Value>) -> Result<Vec<String>, GatewayError> {
+    let shape = || invalid("stop", format!("`stop` must be a string or an array of at most {MAX_STOP} strings"));
+    let stops = match value {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => {
+            if items.len() > MAX_STOP {
+                return Err(invalid(
+                    "stop",
+                    format!("`stop` must be a string or an array of at most {MAX_STOP} strings, got {}", items.len()),
+                ));
+            }
+            let mut stops = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                match item {
+                    Value::String(s) => stops.push(s.clone()),
+                    _ => return Err(invalid(format!("stop[{i}]"), format!("`stop[{i}]` must be a string"))),
+                }
+            }
+            stops
+        }
+        Some(_) => return Err(shape()),
+    };
+    // An empty stop string would match everywhere; treat it as no stop.
+    Ok(stops.into_iter().filter(|s| !s.is_empty()).collect())
+}
+
+/// The sampling parameters both endpoints share, unchecked.
+struct CommonIn<'a> {
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    stop: Option<&'a Value>,
+    n: Option<&'a Number>,
+    seed: Option<&'a Number>,
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+    top_k: Option<&'a Number>,
+    repetition_penalty: Option<f64>,
+    stream: Option<bool>,
+    stream_options: Option<&'a StreamOptions>,
+}
+
+/// The shared parameters, checked.
+struct Common {
+    sampling: Sampling,
+    seed: Option<u64>,
+    stop: Vec<String>,
+    n: u32,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn common(c: CommonIn<'_>) -> Result<Common, GatewayError> {
+    let temperature = float_in("temperature", c.temperature, 0.0, 2.0)?.unwrap_or(1.0);
+    let top_p = match c.top_p {
+        Some(v) if !(v > 0.0 && v <= 1.0) => {
+            return Err(invalid("top_p", format!("`top_p` must be greater than 0 and at most 1, got {v}")));
+        }
+        other => other.unwrap_or(1.0),
+    };
+    let presence_penalty = float_in("presence_penalty", c.presence_penalty, -2.0, 2.0)?.unwrap_or(0.0);
+    let frequency_penalty = float_in("frequency_penalty", c.frequency_penalty, -2.0, 2.0)?.unwrap_or(0.0);
+    let repetition_penalty = match c.repetition_penalty {
+        Some(v) if !(v > 0.0 && v.is_finite()) => {
+            return Err(invalid("repetition_penalty", format!("`repetition_penalty` must be greater than 0, got {v}")));
+        }
+        other => other.unwrap_or(1.0),
+    };
+    let top_k = int_param("top_k", c.top_k, 0, i64::from(u32::MAX))?.unwrap_or(0) as u32;
+    let n = int_param("n", c.n, 1, MAX_N)?.unwrap_or(1) as u32;
+    let seed = match c.seed {
+        None => None,
+        Some(v) => match (v.as_u64(), v.as_i64()) {
+            (Some(u), _) => Some(u),
+            // Negative seeds are fine as long as they are deterministic.
+            (None, Some(i)) => Some(i as u64),
+            _ => return Err(invalid("seed", format!("`seed` must be an integer, got {v}"))),
+        },
+    };
+    let stop = stop_param(c.stop)?;
+    let stream = c.stream.unwrap_or(false);
+    let include_usage = stream && c.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
+    let sampling = Sampling {
+        temperature: temperature as f32,
+        top_p: top_p as f32,
+        top_k,
+        repetition_penalty: repetition_penalty as f32,
+        presence_penalty: presence_penalty as f32,
+        frequency_penalty: frequency_penalty as f32,
+        seed: None,
+    };
+    Ok(Common { sampling, seed, stop, n, stream, include_usage })
+}
+
+fn require_model(model: &str) -> Result<String, GatewayError> {
+    if model.is_empty() {
+        return Err(invalid("model", "`model` must be a non-empty string naming a served model"));
+    }
+    Ok(model.to_string())
+}
+
+fn max_tokens_param(name: &str, value: Option<&Number>) -> Result<Option<u32>, GatewayError> {
+    Ok(int_param(name, value, 1, i64::from(u32::MAX))?.map(|v| v as u32))
+}
+
+/// The text of one chat message's `content`.
+fn message_text(i: usize, role: &str, content: Option<&Value>) -> Result<String, GatewayError> {
+    let param = format!("messages[{i}].content");
+    match content {
+        Some(Value::String(s)) => Ok(s.clone()),
+        // An assistant turn that only called tools has no content.
+        None | Some(Value::Null) if role == "assistant" => Ok(String::new()),
+        None | Some(Value::Null) => Err(invalid(param.clone(), format!("`{param}` is required"))),
+        Some(Value::Array(parts)) => {
+            let mut texts = Vec::with_capacity(parts.len());
+            for (j, part) in parts.iter().enumerate() {
+                let kind = part.get("type").and_then(Value::as_str);
+                match (kind, part.get("text")) {
+                    (Some("text"), Some(Value::String(text))) => texts.push(text.as_str()),
+                    (Some("text"), _) => {
+                        return Err(invalid(param.clone(), format!("`{param}[{j}].text` must be a string")));
+                    }
+                    (Some(other), _) => {
+                        return Err(invalid(
+                            param.clone(),
+                            format!(
+                                "unsupported content part type {other:?} in `{param}[{j}]`; only \"text\" parts are supported"
+                            ),
+                        ));
+                    }
+                    (None, _) => {
+                        return Err(invalid(
+                            param.clone(),
+                            format!("`{param}[{j}]` must be an object with \"type\": \"text\" and a \"text\" string"),
+                        ));
+                    }
+                }
+            }
+            Ok(texts.join("\n"))
+        }
+        Some(_) => Err(invalid(param.clone(), format!("`{param}` must be a string or an array of text parts"))),
+    }
+}
+
+/// Validates a chat request body.
+pub fn parse_chat(body: &[u8]) -> Result<Plan, GatewayError> {
+    let req: ChatCompletionRequest = parse_json(body)?;
+    let model = require_model(&req.model)?;
+    if req.messages.is_empty() {
+        return Err(invalid("messages", "`messages` must contain at least one message"));
+    }
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for (i, m) in req.messages.iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            other => {
+                return Err(invalid(
+                    format!("messages[{i}].role"),
+                    format!(
+                        "invalid role {other:?} in `messages[{i}].role`; expected one of system, developer, user, assistant"
+                    ),
+                ));
+            }
+        };
+        let content = message_text(i, role, m.content.as_ref())?;
+        messages.push(ChatMessage { role: role.to_string(), content });
+    }
+    let common = common(CommonIn {
+        temperature: req.temperature,
+        top_p: req.top_p,
+        stop: req.stop.as_ref(),
+        n: req.n.as_ref(),
+        seed: req.seed.as_ref(),
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
+        top_k: req.top_k.as_ref(),
+        repetition_penalty: req.repetition_penalty,
+        stream: req.stream,
+        stream_options: req.stream_options.as_ref(),
+    })?;
+    let max_tokens = max_tokens_param("max_tokens", req.max_tokens.as_ref())?;
+    let max_completion_tokens = max_tokens_param("max_completion_tokens", req.max_completion_tokens.as_ref())?;
+    let logprobs = req.logprobs.unwrap_or(false);
+    let top_logprobs = int_param("top_logprobs", req.top_logprobs.as_ref(), 0, MAX_TOP_LOGPROBS)?;
+    if top_logprobs.is_some() && !logprobs {
+        return Err(invalid("top_logprobs", "`top_logprobs` requires `logprobs` to be true"));
+    }
+    let base = GenerateRequest {
+        model: model.clone(),
+        input: Some(Input::Chat(ChatInput { messages })),
+        sampling: None,
+        max_tokens: max_completion_tokens.or(max_tokens),
+        stop: common.stop.clone(),
+        ignore_eos: req.ignore_eos.unwrap_or(false),
+        logprobs: logprobs.then(|| top_logprobs.unwrap_or(0) as u32),
+    };
+    let choices = (0..common.n)
+        .map(|j| ChoicePlan { index: j, prompt_index: 0, request: with_seed(&base, &common, j) })
+        .collect();
+    Ok(Plan {
+        api: Api::Chat,
+        model,
+        choices,
+        stream: common.stream,
+        include_usage: common.include_usage,
+        logprobs,
+        user: req.user,
+    })
+}
+
+/// `base` with the sampling of choice `j`: seed + j, so that n choices differ yet stay reproducible.
+fn with_seed(base: &GenerateRequest, common: &Common, j: u32) -> GenerateRequest {
+    let mut sampling = common.sampling;
+    sampling.seed = common.seed.map(|s| s.wrapping_add(u64::from(j)));
+    GenerateRequest { sampling: Some(sampling), ..base.clone() }
+}
+
+/// The prompts of a completions request.
+fn prompts(value: Option<&Value>) -> Result<Vec<Input>, GatewayError> {
+    let shape =
+        "`prompt` must be a string, an array of strings, an array of token ids or an array of arrays of token ids";
+    let token = |v: &Value| v.as_u64().filter(|&t| t <= u64::from(u32::MAX)).map(|t| t as u32);
+    match value {
+        None | Some(Value::Null) => Err(invalid("prompt", "`prompt` is required")),
+        Some(Value::String(s)) => Ok(vec![Input::Text(s.clone())]),
+        Some(Value::Array(items)) if items.is_empty() => Err(invalid("prompt", "`prompt` must not be empty")),
+        Some(Value::Array(items)) => match &items[0] {
+            Value::String(_) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::String(s) => Ok(Input::Text(s.clone())),
+                    _ => {
+                        Err(invalid(format!("prompt[{i}]"), format!("`prompt[{i}]` must be a string like the others")))
+                    }
+                })
+                .collect(),
+            Value::Number(_) => {
+                let ids = items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| {
+                        token(v).ok_or_else(|| {
+                            invalid(
+                                format!("prompt[{i}]"),
+                                format!("`prompt[{i}]` must be a token id between 0 and {}", u32::MAX),
+                            )
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(vec![Input::TokenIds(TokenIds { ids })])
+            }
+            Value::Array(_) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let Value::Array(list) = v else {
+                        return Err(invalid(
+                            format!("prompt[{i}]"),
+                            format!("`prompt[{i}]` must be an array of token ids"),
+                        ));
+                    };
+                    if list.is_empty() {
+                        return Err(invalid(format!("prompt[{i}]"), format!("`prompt[{i}]` must not be empty")));
+                    }
+                    let ids = list
+                        .iter()
+                        .enumerate()
+                        .map(|(k, t)| {
+                            token(t).ok_or_else(|| {
+                                invalid(
+                                    format!("prompt[{i}][{k}]"),
+                                    format!("`prompt[{i}][{k}]` must be a token id between 0 and {}", u32::MAX),
+                                )
+                            })
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok(Input::TokenIds(TokenIds { ids }))
+                })
+                .collect(),
+            _ => Err(invalid("prompt", shape)),
+        },
+        Some(_) => Err(invalid("prompt", shape)),
+    }
+}
+
+/// Validates a completions request body.
+pub fn parse_completion(body: &[u8]) -> Result<Plan, GatewayError> {
+    let req: CompletionRequest = parse_json(body)?;
+    let model = require_model(&req.model)?;
+    if req.echo == Some(true) {
+        return Err(invalid("echo", "`echo` is not supported"));
+    }
+    match &req.suffix {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) if s.is_empty() => {}
+        Some(_) => return Err(invalid("suffix", "`suffix` is not supported")),
+    }
+    let prompts = prompts(req.prompt.as_ref())?;
+    let common = common(CommonIn {
+        temperature: req.temperature,
+        top_p: req.top_p,
+        stop: req.stop.as_ref(),
+        n: req.n.as_ref(),
+        seed: req.seed.as_ref(),
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
+        top_k: req.top_k.as_ref(),
+        repetition_penalty: req.repetition_penalty,
+        stream: req.stream,
+        stream_options: req.stream_options.as_ref(),
+    })?;
+    let best_of = int_param("best_of", req.best_of.as_ref(), 1, MAX_N)?;
+    if best_of.is_some_and(|b| b != 1 && b != i64::from(common.n)) {
+        return Err(invalid("best_of", "`best_of` is not supported (only `best_of` equal to `n`)"));
+    }
+    let max_tokens = max_tokens_param("max_tokens", req.max_tokens.as_ref())?.unwrap_or(DEFAULT_COMPLETION_MAX_TOKENS);
+    let logprobs = int_param("logprobs", req.logprobs.as_ref(), 0, MAX_COMPLETION_LOGPROBS)?;
+    let n = common.n;
+    let mut choices = Vec::with_capacity(prompts.len() * n as usize);
+    for (p, input) in prompts.into_iter().enumerate() {
+        let base = GenerateRequest {
+            model: model.clone(),
+            input: Some(input),
+            sampling: None,
+            max_tokens: Some(max_tokens),
+            stop: common.stop.clone(),
+            ignore_eos: req.ignore_eos.unwrap_or(false),
+            logprobs: logprobs.map(|k| k as u32),
+        };
+        for j in 0..n {
+            choices.push(ChoicePlan {
+                index: p as u32 * n + j,
+                prompt_index: p,
+                request: with_seed(&base, &common, j),
+            });
+        }
+    }
+    Ok(Plan {
+        api: Api::Completion,
+        model,
+        choices,
+        stream: common.stream,
+        include_usage: common.include_usage,
+        logprobs: logprobs.is_some(),
+        user: req.user,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat_err(body: &str) -> (u16, Option<String>, String) {
+        match parse_chat(body.as_bytes()) {
+            Ok(_) => panic!("accepted: {body}"),
+            Err(e) => (e.status().as_u16(), e.body().error.param, e.to_string()),
+        }
+    }
+
+    fn completion_err(body: &str) -> (u16, Option<String>, String) {
+        match parse_completion(body.as_bytes()) {
+            Ok(_) => panic!("accepted: {body}"),
+            Err(e) => (e.status().as_u16(), e.body().error.param, e.to_string()),
+        }
+    }
+
+    const MSG: &str = r#""messages":[{"role":"user","content":"hi"}]"#;
+
+    #[test]
+    fn chat_validation_table() {
+        // (body, expected param, a fragment of the message)
+        let cases: Vec<(String, Option<&str>, &str)> = vec![
+            ("".into(), None, "parse the JSON"),
+            ("{".into(), None, "parse the JSON"),
+            ("[1]".into(), None, "JSON object"),
+            (format!(r#"{{"model":"m",{MSG}}} trailing"#), None, "parse the JSON"),
+            (format!("{{{MSG}}}"), Some("model"), "`model` is required"),
+            (format!(r#"{{"model":5,{MSG}}}"#), Some("model"), "invalid type"),
+            (format!(r#"{{"model":"",{MSG}}}"#), Some("model"), "non-empty"),
+            (r#"{"model":"m"}"#.into(), Some("messages"), "required"),
+            (r#"{"model":"m","messages":[]}"#.into(), Some("messages"), "at least one"),
+            (r#"{"model":"m","messages":{}}"#.into(), Some("messages"), "invalid type"),
+            (r#"{"model":"m","messages":[{"content":"x"}]}"#.into(), Some("messages[0].role"), "required"),
+            (r#"{"model":"m","messages":[{"role":"tool","content":"x"}]}"#.into(), Some("messages[0].role"), "expected one of"),
+            (r#"{"model":"m","messages":[{"role":"user"}]}"#.into(), Some("messages[0].content"), "required"),
+            (r#"{"model":"m","messages":[{"role":"user","content":5}]}"#.into(), Some("messages[0].content"), "string or an array"),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"a"},{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}"#.into(),
+                Some("messages[1].content"),
+                "image_url",
+            ),
+            (r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text"}]}]}"#.into(), Some("messages[0].content"), "text"),
+            (format!(r#"{{"model":"m",{MSG},"temperature":2.5}}"#), Some("temperature"), "between 0 and 2"),
+            (format!(r#"{{"model":"m",{MSG},"temperature":-0.1}}"#), Some("temperature"), "between 0 and 2"),
+            (format!(r#"{{"model":"m",{MSG},"temperature":"hot"}}"#), Some("temperature"), "invalid type"),
+            (format!(r#"{{"model":"m",{MSG},"top_p":0}}"#), Some("top_p"), "greater than 0"),
+            (format!(r#"{{"model":"m",{MSG},"top_p":1.01}}"#), Some("top_p"), "at most 1"),
+            (format!(r#"{{"model":"m",{MSG},"max_tokens":0}}"#), Some("max_tokens"), "between 1 and 4294967295"),
+            (format!(r#"{{"model":"m",{MSG},"max_tokens":4294967296}}"#), Some("max_tokens"), "between 1"),
+            (format!(r#"{{"model":"m",{MSG},"max_tokens":18446744073709551615}}"#), Some("max_tokens"), "between 1"),
+            (format!(r#"{{"model":"m",{MSG},"max_tokens":1.5}}"#), Some("max_tokens"), "integer"),
+            (format!(r#"{{"model":"m",{MSG},"max_tokens":"10"}}"#), Some("max_tokens"), "invalid type"),
+            (format!(r#"{{"model":"m",{MSG},"max_completion_tokens":-1}}"#), Some("max_completion_tokens"), "between 1"),
+            (format!(r#"{{"model":"m",{MSG},"stop":["a","b","c","d","e"]}}"#), Some("stop"), "at most 4"),
+            (format!(r#"{{"model":"m",{MSG},"stop":5}}"#), Some("stop"), "string or an array"),
+            (format!(r#"{{"model":"m",{MSG},"stop":["a",1]}}"#), Some("stop[1]"), "must be a string"),
+            (format!(r#"{{"model":"m",{MSG},"n":0}}"#), Some("n"), "between 1 and 16"),
+            (format!(r#"{{"model":"m",{MSG},"n":17}}"#), Some("n"), "between 1 and 16"),
+            (format!(r#"{{"model":"m",{MSG},"seed":1.5}}"#), Some("seed"), "integer"),
+            (format!(r#"{{"model":"m",{MSG},"presence_penalty":2.1}}"#), Some("presence_penalty"), "between -2 and 2"),
+            (format!(r#"{{"model":"m",{MSG},"frequency_penalty":-3}}"#), Some("frequency_penalty"), "between -2 and 2"),
+            (format!(r#"{{"model":"m",{MSG},"logprobs":1}}"#), Some("logprobs"), "invalid type"),
+            (format!(r#"{{"model":"m",{MSG},"top_logprobs":2}}"#), Some("top_logprobs"), "requires `logprobs`"),
+            (format!(r#"{{"model":"m",{MSG},"logprobs":true,"top_logprobs":21}}"#), Some("top_logprobs"), "between 0 and 20"),
+            (format!(r#"{{"model":"m",{MSG},"stream":"yes"}}"#), Some("stream"), "invalid type"),
+            (format!(r#"{{"model":"m",{MSG},"stream_options":{{"include_usage":1}}}}"#), Some("stream_options.include_usage"), "invalid type"),
+            (format!(r#"{{"model":"m",{MSG},"top_k":-1}}"#), Some("top_k"), "between 0"),
+            (format!(r#"{{"model":"m",{MSG},"repetition_penalty":0}}"#), Some("repetition_penalty"), "greater than 0"),
+            (format!(r#"{{"model":"m",{MSG},"user":7}}"#), Some("user"), "invalid type"),
+        ];
+        for (body, param, fragment) in cases {
+            let (status, got_param, message) = chat_err(&body);
+            assert_eq!(status, 400, "{body}");
+            assert_eq!(got_param.as_deref(), param, "{body}: {message}");
+            assert!(message.contains(fragment), "{body}: {message:?} lacks {fragment:?}");
+        }
+        // Invalid UTF-8 is a parse error, not a panic.
+        let bad =
+            [br#"{"model":"m","messages":[{"role":"user","content":""#.as_slice(), &[0xff, 0xfe], br#""}]}"#].concat();
+        assert_eq!(parse_chat(&bad).unwrap_err().status().as_u16(), 400);
+    }
+
+    #[test]
+    fn chat_plan_is_built_from_defaults_and_params() {
+        let plan = parse_chat(
+            br#"{"model":"vicuna","messages":[{"role":"developer","content":"be brief"},
+                {"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]},
+                {"role":"assistant","content":null}],
+                "unknown_field":{"x":1},"max_tokens":5,"max_completion_tokens":7,"n":3,"seed":10,
+                "stop":"STOP","logprobs":true,"top_logprobs":2,"stream":true,"stream_options":{"include_usage":true},
+                "top_k":40,"repetition_penalty":1.1,"user":"u1"}"#,
+        )
+        .unwrap();
+        assert_eq!(plan.api, Api::Chat);
+        assert_eq!(plan.model, "vicuna");
+        assert!(plan.stream && plan.include_usage && plan.logprobs);
+        assert_eq!(plan.user.as_deref(), Some("u1"));
+        assert_eq!(plan.choices.len(), 3);
+        let r = &plan.choices[2].request;
+        assert_eq!(plan.choices[2].index, 2);
+        let Some(Input::Chat(chat)) = &r.input else { panic!("not chat") };
+        let roles: Vec<_> = chat.messages.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
+        assert_eq!(roles, [("system", "be brief"), ("user", "a\nb"), ("assistant", "")]);
+        assert_eq!(r.max_tokens, Some(7));
+        assert_eq!(r.stop, ["STOP"]);
+        assert_eq!(r.logprobs, Some(2));
+        let s = r.sampling.as_ref().unwrap();
+        assert_eq!((s.temperature, s.top_p, s.top_k), (1.0, 1.0, 40));
+        assert_eq!(s.seed, Some(12));
+        assert!((s.repetition_penalty - 1.1).abs() < 1e-6);
+        assert_eq!(plan.choices[0].request.sampling.as_ref().unwrap().seed, Some(10));
+
+        let plan = parse_chat(
+            br#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream_options":{"include_usage":true}}"#,
+        )
+        .unwrap();
+        assert!(!plan.stream && !plan.include_usage && !plan.logprobs);
+        let r = &plan.choices[0].request;
+        assert_eq!((r.max_tokens, r.logprobs), (None, None));
+        let s = r.sampling.as_ref().unwrap();
+        assert_eq!((s.temperature, s.top_p, s.seed, s.repetition_penalty), (1.0, 1.0, None, 1.0));
+        let plan =
+            parse_chat(br#"{"model":"m","messages":[{"role":"user","content":"x"}],"logprobs":true,"stop":null}"#)
+                .unwrap();
+        assert_eq!(plan.choices[0].request.logprobs, Some(0));
+    }
+
+    #[test]
+    fn completion_validation_table() {
+        let cases: Vec<(&str, Option<&str>, &str)> = vec![
+            (r#"{"model":"m"}"#, Some("prompt"), "required"),
+            (r#"{"model":"m","prompt":[]}"#, Some("prompt"), "not be empty"),
+            (r#"{"model":"m","prompt":5}"#, Some("prompt"), "must be a string"),
+            (r#"{"model":"m","prompt":[{"a":1}]}"#, Some("prompt"), "must be a string"),
+            (r#"{"model":"m","prompt":["a",1]}"#, Some("prompt[1]"), "string"),
+            (r#"{"model":"m","prompt":[1,-2]}"#, Some("prompt[1]"), "token id"),
+            (r#"{"model":"m","prompt":[1,4294967296]}"#, Some("prompt[1]"), "token id"),
+            (r#"{"model":"m","prompt":[[1],[]]}"#, Some("prompt[1]"), "not be empty"),
+            (r#"{"model":"m","prompt":[[1],[2,"x"]]}"#, Some("prompt[1][1]"), "token id"),
+            (r#"{"model":"m","prompt":[[1],2]}"#, Some("prompt[1]"), "array of token ids"),
+            (r#"{"model":"m","prompt":"x","echo":true}"#, Some("echo"), "not supported"),
+            (r#"{"model":"m","prompt":"x","suffix":"end"}"#, Some("suffix"), "not supported"),
+            (r#"{"model":"m","prompt":"x","logprobs":6}"#, Some("logprobs"), "between 0 and 5"),
+            (r#"{"model":"m","prompt":"x","logprobs":true}"#, Some("logprobs"), "invalid type"),
+            (r#"{"model":"m","prompt":"x","best_of":3}"#, Some("best_of"), "not supported"),
+            (r#"{"model":"m","prompt":"x","max_tokens":0}"#, Some("max_tokens"), "between 1"),
+            (r#"{"model":"m","prompt":"x","temperature":3}"#, Some("temperature"), "between 0 and 2"),
+            (r#"{"prompt":"x"}"#, Some("model"), "required"),
+        ];
+        for (body, param, fragment) in cases {
+            let (status, got_param, message) = completion_err(body);
+            assert_eq!(status, 400, "{body}");
+            assert_eq!(got_param.as_deref(), param, "{body}: {message}");
+            assert!(message.contains(fragment), "{body}: {message:?} lacks {fragment:?}");
+        }
+    }
+
+    #[test]
+    fn completion_prompts_and_indices() {
+        let plan =
+            parse_completion(br#"{"model":"m","prompt":["a","b"],"n":2,"seed":5,"echo":false,"suffix":null}"#).unwrap();
+        let got: Vec<_> =
+            plan.choices.iter().map(|c| (c.index, c.prompt_index, c.request.sampling.as_ref().unwrap().seed)).collect();
+        assert_eq!(got, [(0, 0, Some(5)), (1, 0, Some(6)), (2, 1, Some(5)), (3, 1, Some(6))]);
+        assert!(matches!(&plan.choices[2].request.input, Some(Input::Text(t)) if t == "b"));
+        assert_eq!(plan.choices[0].request.max_tokens, Some(DEFAULT_COMPLETION_MAX_TOKENS));
+        let plan = parse_completion(br#"{"model":"m","prompt":[1,2,3],"logprobs":0,"max_tokens":9}"#).unwrap();
+        assert_eq!(plan.choices.len(), 1);
+        assert!(plan.logprobs);
+        assert_eq!(plan.choices[0].request.logprobs, Some(0));
+        assert_eq!(plan.choices[0].request.max_tokens, Some(9));
+        assert!(matches!(&plan.choices[0].request.input, Some(Input::TokenIds(t)) if t.ids == [1, 2, 3]));
+        let plan = parse_completion(br#"{"model":"m","prompt":[[1],[2,3]]}"#).unwrap();
+        assert_eq!(plan.choices.len(), 2);
+        assert_eq!(plan.choices[1].prompt_index, 1);
+    }
+}

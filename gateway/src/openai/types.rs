@@ -1,0 +1,469 @@
+//! OpenAI's request and response bodies, as they travel over the wire.
+//!
+//! Requests keep loosely typed fields (`Number`, `Value`) where the gateway checks ranges and shapes
+//! itself, so that every violation gets a message naming the parameter and what is allowed.
+//! Unknown fields are ignored: clients send many.
+
+use herd_proto::v1::{FinishReason, TokenLogprob};
+use serde::{Deserialize, Serialize};
+use serde_json::{Number, Value};
+
+/// `POST /v1/chat/completions` body.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatCompletionRequest {
+    /// Model name or alias.
+    pub model: String,
+    /// The conversation, oldest first.
+    pub messages: Vec<ChatMessageIn>,
+    /// Sampling temperature in [0, 2].
+    pub temperature: Option<f64>,
+    /// Nucleus mass in (0, 1].
+    pub top_p: Option<f64>,
+    /// Tokens to generate at most (legacy name).
+    pub max_tokens: Option<Number>,
+    /// Tokens to generate at most; wins over `max_tokens`.
+    pub max_completion_tokens: Option<Number>,
+    /// A stop string or up to 4 of them.
+    pub stop: Option<Value>,
+    /// Choices to generate, 1..=16.
+    pub n: Option<Number>,
+    /// Sampling seed; choice i uses seed + i.
+    pub seed: Option<Number>,
+    /// In [-2, 2].
+    pub presence_penalty: Option<f64>,
+    /// In [-2, 2].
+    pub frequency_penalty: Option<f64>,
+    /// Whether to return each token's log probability.
+    pub logprobs: Option<bool>,
+    /// Alternatives per token, 0..=20; needs `logprobs`.
+    pub top_logprobs: Option<Number>,
+    /// The end user, for logs.
+    pub user: Option<String>,
+    /// Answer with server-sent events.
+    pub stream: Option<bool>,
+    /// Streaming options.
+    pub stream_options: Option<StreamOptions>,
+    /// Extension: keep only the k most likely tokens (0 keeps all).
+    pub top_k: Option<Number>,
+    /// Extension: repetition penalty, > 0 (1 is none).
+    pub repetition_penalty: Option<f64>,
+    /// Extension (vLLM's): keep generating past EOS, for benchmarks.
+    pub ignore_eos: Option<bool>,
+}
+
+/// One message of a chat request.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatMessageIn {
+    /// `system`, `developer`, `user` or `assistant`.
+    pub role: String,
+    /// A string or a list of `{"type":"text","text":...}` parts.
+    pub content: Option<Value>,
+}
+
+/// `stream_options` of a request.
+#[derive(Debug, Clone, Deserialize)]
+pub struct StreamOptions {
+    /// Send a final chunk with the usage.
+    pub include_usage: Option<bool>,
+}
+
+/// `POST /v1/completions` body.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    /// Model name or alias.
+    pub model: String,
+    /// A string, strings, token ids, or lists of token ids.
+    pub prompt: Option<Value>,
+    /// Not supported (400 unless empty).
+    pub suffix: Option<Value>,
+    /// Not supported (400 if true).
+    pub echo: Option<bool>,
+    /// Only accepted when it asks for nothing beyond `n`.
+    pub best_of: Option<Number>,
+    /// Completions-style logprobs: alternatives per token, 0..=5.
+    pub logprobs: Option<Number>,
+    /// Sampling temperature in [0, 2].
+    pub temperature: Option<f64>,
+    /// Nucleus mass in (0, 1].
+    pub top_p: Option<f64>,
+    /// Tokens to generate at most (OpenAI's default for this endpoint: 16).
+    pub max_tokens: Option<Number>,
+    /// A stop string or up to 4 of them.
+    pub stop: Option<Value>,
+    /// Choices per prompt, 1..=16.
+    pub n: Option<Number>,
+    /// Sampling seed; choice j of a prompt uses seed + j.
+    pub seed: Option<Number>,
+    /// In [-2, 2].
+    pub presence_penalty: Option<f64>,
+    /// In [-2, 2].
+    pub frequency_penalty: Option<f64>,
+    /// The end user, for logs.
+    pub user: Option<String>,
+    /// Answer with server-sent events.
+    pub stream: Option<bool>,
+    /// Streaming options.
+    pub stream_options: Option<StreamOptions>,
+    /// Extension: keep only the k most likely tokens (0 keeps all).
+    pub top_k: Option<Number>,
+    /// Extension: repetition penalty, > 0 (1 is none).
+    pub repetition_penalty: Option<f64>,
+    /// Extension (vLLM's): keep generating past EOS, for benchmarks.
+    pub ignore_eos: Option<bool>,
+}
+
+/// Token counts of a response.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UsageOut {
+    /// Prompt tokens, counted once per prompt.
+    pub prompt_tokens: u64,
+    /// Generated tokens over all choices.
+    pub completion_tokens: u64,
+    /// The sum of both.
+    pub total_tokens: u64,
+}
+
+/// A non-streaming chat answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatCompletion {
+    /// `chatcmpl-...`.
+    pub id: String,
+    /// Always `chat.completion`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// The model as requested.
+    pub model: String,
+    /// One per choice, by index.
+    pub choices: Vec<ChatChoice>,
+    /// Token counts.
+    pub usage: UsageOut,
+}
+
+/// One choice of a chat answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatChoice {
+    /// The choice's index.
+    pub index: u32,
+    /// The generated message.
+    pub message: AssistantMessage,
+    /// Token log probabilities, when asked for.
+    pub logprobs: Option<ChatLogprobs>,
+    /// `stop` or `length`.
+    pub finish_reason: &'static str,
+}
+
+/// The assistant's message.
+#[derive(Debug, Clone, Serialize)]
+pub struct AssistantMessage {
+    /// Always `assistant`.
+    pub role: &'static str,
+    /// The generated text.
+    pub content: String,
+}
+
+/// Chat-style log probabilities.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatLogprobs {
+    /// One entry per generated token.
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+/// One generated token's log probability and alternatives.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatTokenLogprob {
+    /// The token's text.
+    pub token: String,
+    /// Its log probability.
+    pub logprob: f32,
+    /// Its UTF-8 bytes.
+    pub bytes: Vec<u8>,
+    /// The most likely alternatives.
+    pub top_logprobs: Vec<ChatTopLogprob>,
+}
+
+/// One alternative token.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatTopLogprob {
+    /// The token's text.
+    pub token: String,
+    /// Its log probability.
+    pub logprob: f32,
+    /// Its UTF-8 bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// One streamed chat chunk.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatCompletionChunk {
+    /// The request's id, the same in every chunk.
+    pub id: String,
+    /// Always `chat.completion.chunk`.
+    pub object: &'static str,
+    /// Unix seconds, the same in every chunk.
+    pub created: u64,
+    /// The model as requested.
+    pub model: String,
+    /// The choices this chunk advances; empty in the usage chunk.
+    pub choices: Vec<ChatChunkChoice>,
+    /// Absent unless `stream_options.include_usage`; then null except in the last chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<UsageOut>>,
+}
+
+/// One choice's part of a streamed chat chunk.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatChunkChoice {
+    /// The choice's index.
+    pub index: u32,
+    /// What to append.
+    pub delta: Delta,
+    /// Log probabilities of this chunk's tokens, when asked for.
+    pub logprobs: Option<ChatLogprobs>,
+    /// Set in the choice's last chunk.
+    pub finish_reason: Option<&'static str>,
+}
+
+/// The increment of a streamed chat message.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Delta {
+    /// `assistant`, in the first chunk only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    /// Text to append.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// A non-streaming completions answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Completion {
+    /// `cmpl-...`.
+    pub id: String,
+    /// Always `text_completion`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// The model as requested.
+    pub model: String,
+    /// One per choice, by index.
+    pub choices: Vec<CompletionChoice>,
+    /// Token counts.
+    pub usage: UsageOut,
+}
+
+/// One streamed completions chunk.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompletionChunk {
+    /// The request's id, the same in every chunk.
+    pub id: String,
+    /// Always `text_completion`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// The model as requested.
+    pub model: String,
+    /// The choices this chunk advances; empty in the usage chunk.
+    pub choices: Vec<CompletionChoice>,
+    /// Absent unless `stream_options.include_usage`; then null except in the last chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<UsageOut>>,
+}
+
+/// One completions choice (or its increment when streaming).
+#[derive(Debug, Clone, Serialize)]
+pub struct CompletionChoice {
+    /// The generated text (or the increment).
+    pub text: String,
+    /// `prompt_index * n + j`.
+    pub index: u32,
+    /// Completions-style log probabilities, when asked for.
+    pub logprobs: Option<CompletionLogprobs>,
+    /// `stop` or `length`; null until the choice's last chunk.
+    pub finish_reason: Option<&'static str>,
+}
+
+/// Completions-style log probabilities.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct CompletionLogprobs {
+    /// The generated tokens.
+    pub tokens: Vec<String>,
+    /// Each token's log probability.
+    pub token_logprobs: Vec<f32>,
+    /// Each token's alternatives, token to log probability.
+    pub top_logprobs: Vec<TopLogprobMap>,
+    /// Each token's character offset in the generated text.
+    pub text_offset: Vec<u32>,
+}
+
+/// A token-to-logprob object that keeps the worker's order (most likely first) and f32 precision.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TopLogprobMap(pub Vec<(String, f32)>);
+
+impl Serialize for TopLogprobMap {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut seen = std::collections::HashSet::new();
+        let mut map = serializer.serialize_map(None)?;
+        for (token, logprob) in &self.0 {
+            // JSON objects cannot repeat a key; the first (most likely) entry wins.
+            if seen.insert(token.as_str()) {
+                map.serialize_entry(token, logprob)?;
+            }
+        }
+        map.end()
+    }
+}
+
+/// `GET /v1/models` answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelList {
+    /// Always `list`.
+    pub object: &'static str,
+    /// The served models.
+    pub data: Vec<ModelObject>,
+}
+
+/// One served model (name or alias).
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelObject {
+    /// The name clients pass as `model`.
+    pub id: String,
+    /// Always `model`.
+    pub object: &'static str,
+    /// When the gateway first saw it served, unix seconds.
+    pub created: u64,
+    /// Always `herd`.
+    pub owned_by: &'static str,
+}
+
+/// `GET /health` answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Health {
+    /// Always `ok` while the gateway serves.
+    pub status: &'static str,
+    /// Workers in the table.
+    pub workers: usize,
+}
+
+/// OpenAI's name for a worker's finish reason.
+pub fn finish_reason_str(reason: i32) -> &'static str {
+    if reason == FinishReason::Length as i32 { "length" } else { "stop" }
+}
+
+/// Chat-style log probabilities of some tokens.
+pub fn chat_logprobs(items: &[TokenLogprob]) -> ChatLogprobs {
+    let content = items
+        .iter()
+        .map(|lp| ChatTokenLogprob {
+            token: lp.token.clone(),
+            logprob: lp.logprob,
+            bytes: lp.token.as_bytes().to_vec(),
+            top_logprobs: lp
+                .top
+                .iter()
+                .map(|t| ChatTopLogprob {
+                    token: t.token.clone(),
+                    logprob: t.logprob,
+                    bytes: t.token.as_bytes().to_vec(),
+                })
+                .collect(),
+        })
+        .collect();
+    ChatLogprobs { content }
+}
+
+/// Completions-style log probabilities of some tokens; `offset` carries the text offset across chunks.
+pub fn completion_logprobs(items: &[TokenLogprob], offset: &mut u32) -> CompletionLogprobs {
+    let mut out = CompletionLogprobs::default();
+    for lp in items {
+        out.tokens.push(lp.token.clone());
+        out.token_logprobs.push(lp.logprob);
+        out.top_logprobs.push(TopLogprobMap(lp.top.iter().map(|t| (t.token.clone(), t.logprob)).collect()));
+        out.text_offset.push(*offset);
+        *offset += lp.token.chars().count() as u32;
+    }
+    out
+}
+
+/// Usage over choices: `(prompt_index, prompt_tokens, completion_tokens)` each; prompts count once.
+pub fn total_usage(choices: impl IntoIterator<Item = (usize, u32, u32)>) -> UsageOut {
+    let mut prompts: std::collections::BTreeMap<usize, u32> = std::collections::BTreeMap::new();
+    let mut completion = 0u64;
+    for (prompt, prompt_tokens, completion_tokens) in choices {
+        let seen = prompts.entry(prompt).or_default();
+        *seen = (*seen).max(prompt_tokens);
+        completion += u64::from(completion_tokens);
+    }
+    let prompt: u64 = prompts.values().map(|&p| u64::from(p)).sum();
+    UsageOut { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herd_proto::v1::TopLogprob;
+    use serde_json::json;
+
+    fn lp(token: &str, logprob: f32, top: &[(&str, f32)]) -> TokenLogprob {
+        TokenLogprob {
+            token: token.into(),
+            logprob,
+            top: top.iter().map(|(t, l)| TopLogprob { token: (*t).into(), logprob: *l }).collect(),
+        }
+    }
+
+    #[test]
+    fn chat_logprobs_format() {
+        let v = serde_json::to_value(chat_logprobs(&[lp("é", -0.5, &[("é", -0.5), ("e", -1.25)])])).unwrap();
+        assert_eq!(
+            v,
+            json!({"content": [{"token": "é", "logprob": -0.5, "bytes": [195, 169],
+                "top_logprobs": [{"token": "é", "logprob": -0.5, "bytes": [195, 169]},
+                                 {"token": "e", "logprob": -1.25, "bytes": [101]}]}]})
+        );
+    }
+
+    #[test]
+    fn completion_logprobs_offsets_carry_over() {
+        let mut offset = 0;
+        let a = completion_logprobs(&[lp("Hé", -0.5, &[("Hé", -0.5)]), lp("llo", -0.25, &[])], &mut offset);
+        let b = completion_logprobs(&[lp("!", -2.0, &[])], &mut offset);
+        assert_eq!(
+            serde_json::to_value(a).unwrap(),
+            json!({"tokens": ["Hé", "llo"], "token_logprobs": [-0.5, -0.25],
+                   "top_logprobs": [{"Hé": -0.5}, {}], "text_offset": [0, 2]})
+        );
+        assert_eq!(b.text_offset, vec![5]);
+    }
+
+    #[test]
+    fn usage_counts_each_prompt_once() {
+        let u = total_usage([(0, 10, 3), (0, 10, 4), (1, 7, 1)]);
+        assert_eq!(u, UsageOut { prompt_tokens: 17, completion_tokens: 8, total_tokens: 25 });
+    }
+
+    #[test]
+    fn finish_reasons() {
+        assert_eq!(finish_reason_str(FinishReason::Stop as i32), "stop");
+        assert_eq!(finish_reason_str(FinishReason::Length as i32), "length");
+        assert_eq!(finish_reason_str(0), "stop");
+    }
+
+    #[test]
+    fn chunk_usage_field_is_absent_null_or_set() {
+        let mut chunk = ChatCompletionChunk {
+            id: "x".into(),
+            object: "chat.completion.chunk",
+            created: 1,
+            model: "m".into(),
+            choices: vec![],
+            usage: None,
+        };
+        assert!(serde_json::to_value(&chunk).unwrap().get("usage").is_none());
+        chunk.usage = Some(None);
+        assert_eq!(serde_json::to_value(&chunk).unwrap()["usage"], Value::Null);
+        chunk.usage = Some(Some(UsageOut { prompt_tokens: 1, completion_tokens: 2, total_tokens: 3 }));
+        assert_eq!(serde_json::to_value(&chunk).unwrap()["usage"]["total_tokens"], 3);
+    }
+}

@@ -1,0 +1,469 @@
+//! The worker table and the routing policy: least loaded healthy worker for a model, random tie-break.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use herd_proto::v1::{WorkerEvent, WorkerState, worker_event};
+use rand::Rng;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, warn};
+
+/// How long dialing a worker may take before the call fails over.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// HTTP/2 pings notice a worker host that vanished mid-stream, so no stream hangs forever.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Counts one request against a worker's in-flight total until dropped.
+#[derive(Debug)]
+pub struct InflightGuard(Arc<AtomicUsize>);
+
+impl InflightGuard {
+    fn new(counter: Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        InflightGuard(counter)
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A worker chosen for one call: where to send it and the guard that counts it.
+#[derive(Debug)]
+pub struct Picked {
+    /// The worker's id.
+    pub worker_id: String,
+    /// Its gRPC address.
+    pub address: String,
+    /// A lazily connected channel to it (shared by all calls).
+    pub channel: Channel,
+    /// Counts this call in the worker's in-flight total.
+    pub guard: InflightGuard,
+}
+
+/// What the table knows about a model, to tell a 404 from a 503.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// No snapshot has arrived yet, so nothing can be said.
+    NotSynced,
+    /// No worker serves it; the served model names.
+    Unknown(Vec<String>),
+    /// At least one worker serves it.
+    Known,
+}
+
+struct Entry {
+    state: WorkerState,
+    address: String,
+    channel: Channel,
+    inflight: Arc<AtomicUsize>,
+    down_until: Option<Instant>,
+    /// Set while the worker is missing from the latest snapshot: dropped after this instant.
+    missing_until: Option<Instant>,
+    first_seen: u64,
+}
+
+impl Entry {
+    fn new(state: WorkerState) -> Option<Entry> {
+        let info = state.info.as_ref()?;
+        let address = info.address.clone();
+        let endpoint = match Endpoint::from_shared(address.clone()) {
+            Ok(endpoint) => endpoint,
+            Err(err) => {
+                warn!(worker = %info.worker_id, %address, error = %err, "ignoring worker with an invalid address");
+                return None;
+            }
+        };
+        let channel = endpoint
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+            .connect_lazy();
+        Some(Entry {
+            state,
+            address,
+            channel,
+            inflight: Arc::new(AtomicUsize::new(0)),
+            down_until: None,
+            missing_until: None,
+            first_seen: unix_now(),
+        })
+    }
+
+    fn models(&self) -> &[String] {
+        self.state.info.as_ref().map(|i| i.models.as_slice()).unwrap_or(&[])
+    }
+
+    fn serves(&self, model: &str) -> bool {
+        self.models().iter().any(|m| m == model)
+    }
+
+    fn is_down(&self, now: Instant) -> bool {
+        self.down_until.is_some_and(|until| until > now)
+    }
+
+    /// The gateway's own in-flight calls plus the worker's last reported queue.
+    fn score(&self) -> u64 {
+        let waiting = self.state.load.as_ref().map_or(0, |l| l.waiting);
+        self.inflight.load(Ordering::SeqCst) as u64 + u64::from(waiting)
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    workers: HashMap<String, Entry>,
+    synced: bool,
+}
+
+/// The gateway's live view of the workers, kept by the watch loop and read by every request.
+#[derive(Default)]
+pub struct WorkerTable {
+    inner: Mutex<Inner>,
+}
+
+/// Seconds since the epoch, for OpenAI's `created` fields.
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn id_and_address(state: &WorkerState) -> Option<(String, String)> {
+    let info = state.info.as_ref()?;
+    (!info.worker_id.is_empty()).then(|| (info.worker_id.clone(), info.address.clone()))
+}
+
+impl WorkerTable {
+    /// An empty table that has seen no snapshot yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Locks the table, first dropping workers that stayed missing from a snapshot past their deadline.
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic elsewhere must not take routing down with it; the data stays consistent per call.
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        inner.workers.retain(|id, e| {
+            let keep = e.missing_until.is_none_or(|until| until > now);
+            if !keep {
+                debug!(worker = %id, "worker missing from the controller's snapshot expired");
+            }
+            keep
+        });
+        inner
+    }
+
+    /// Applies one event of the controller's watch stream; true if it was a snapshot.
+    pub fn apply_event(&self, event: WorkerEvent) -> bool {
+        match event.event {
+            Some(worker_event::Event::Snapshot(snapshot)) => {
+                self.apply_snapshot(snapshot.workers, Duration::from_millis(snapshot.heartbeat_ttl_ms));
+                true
+            }
+            Some(worker_event::Event::Upsert(state)) => {
+                self.upsert(state);
+                false
+            }
+            Some(worker_event::Event::Removed(id)) => {
+                self.remove(&id);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Replaces the table, keeping channels, counts and down marks of workers whose address is unchanged.
+    ///
+    /// A worker missing from the snapshot stays for `keep_missing_for` (the registry's TTL) unless an
+    /// upsert brings it back: a restarted controller knows nobody until the workers' next heartbeat.
+    pub fn apply_snapshot(&self, workers: Vec<WorkerState>, keep_missing_for: Duration) {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let mut old = std::mem::take(&mut inner.workers);
+        for state in workers {
+            let Some((id, address)) = id_and_address(&state) else {
+                warn!("ignoring a worker record without an id");
+                continue;
+            };
+            match old.remove(&id).filter(|e| e.address == address) {
+                Some(mut entry) => {
+                    entry.state = state;
+                    entry.missing_until = None;
+                    inner.workers.insert(id, entry);
+                }
+                None => {
+                    if let Some(entry) = Entry::new(state) {
+                        inner.workers.insert(id, entry);
+                    }
+                }
+            }
+        }
+        if !keep_missing_for.is_zero() {
+            let deadline = now + keep_missing_for;
+            for (id, mut entry) in old {
+                // Already missing from an earlier snapshot: its first deadline stands.
+                entry.missing_until = Some(entry.missing_until.map_or(deadline, |d| d.min(deadline)));
+                inner.workers.insert(id, entry);
+            }
+        }
+        inner.synced = true;
+        debug!(workers = inner.workers.len(), "applied worker snapshot");
+    }
+
+    /// Adds a worker or updates its record and load.
+    pub fn upsert(&self, state: WorkerState) {
+        let Some((id, address)) = id_and_address(&state) else {
+            warn!("ignoring a worker record without an id");
+            return;
+        };
+        let mut inner = self.lock();
+        match inner.workers.get_mut(&id) {
+            Some(entry) if entry.address == address => {
+                entry.state = state;
+                entry.missing_until = None;
+            }
+            _ => {
+                if let Some(entry) = Entry::new(state) {
+                    debug!(worker = %id, %address, "worker added");
+                    inner.workers.insert(id, entry);
+                }
+            }
+        }
+    }
+
+    /// Forgets a worker that deregistered or expired.
+    pub fn remove(&self, worker_id: &str) {
+        if self.lock().workers.remove(worker_id).is_some() {
+            debug!(worker = %worker_id, "worker removed");
+        }
+    }
+
+    /// Skips a worker for `duration` after it failed.
+    pub fn mark_down(&self, worker_id: &str, duration: Duration) {
+        if let Some(entry) = self.lock().workers.get_mut(worker_id) {
+            entry.down_until = Some(Instant::now() + duration);
+        }
+    }
+
+    /// Picks the least-loaded healthy worker serving `model` (name or alias), skipping `exclude`.
+    ///
+    /// The in-flight count is raised before the lock is released, so concurrent picks spread out.
+    pub fn pick(&self, model: &str, exclude: &HashSet<String>) -> Option<Picked> {
+        let now = Instant::now();
+        let inner = self.lock();
+        let mut best: Vec<(&String, &Entry)> = Vec::new();
+        let mut best_score = u64::MAX;
+        for (id, entry) in &inner.workers {
+            if exclude.contains(id) || !entry.serves(model) || entry.is_down(now) {
+                continue;
+            }
+            let score = entry.score();
+            if score < best_score {
+                best_score = score;
+                best.clear();
+            }
+            if score == best_score {
+                best.push((id, entry));
+            }
+        }
+        let (id, entry) = match best.len() {
+            0 => return None,
+            1 => best[0],
+            n => best[rand::rng().random_range(0..n)],
+        };
+        Some(Picked {
+            worker_id: id.clone(),
+            address: entry.address.clone(),
+            channel: entry.channel.clone(),
+            guard: InflightGuard::new(entry.inflight.clone()),
+        })
+    }
+
+    /// Whether any worker serves `model`, ignoring health.
+    pub fn lookup(&self, model: &str) -> Lookup {
+        let inner = self.lock();
+        if !inner.synced {
+            return Lookup::NotSynced;
+        }
+        if inner.workers.values().any(|e| e.serves(model)) {
+            return Lookup::Known;
+        }
+        let names: std::collections::BTreeSet<String> =
+            inner.workers.values().flat_map(|e| e.models().iter().cloned()).collect();
+        Lookup::Unknown(names.into_iter().collect())
+    }
+
+    /// Every served model name and alias, sorted, with the time (unix seconds) it was first seen.
+    pub fn models(&self) -> Vec<(String, u64)> {
+        let inner = self.lock();
+        let mut models: BTreeMap<String, u64> = BTreeMap::new();
+        for entry in inner.workers.values() {
+            for name in entry.models() {
+                let created = models.entry(name.clone()).or_insert(entry.first_seen);
+                *created = (*created).min(entry.first_seen);
+            }
+        }
+        models.into_iter().collect()
+    }
+
+    /// Number of workers in the table, healthy or not.
+    pub fn len(&self) -> usize {
+        self.lock().workers.len()
+    }
+
+    /// Whether the table has no workers.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether a snapshot has been received since start.
+    pub fn is_synced(&self) -> bool {
+        self.lock().synced
+    }
+
+    /// The gateway's in-flight count for a worker, if it is in the table.
+    pub fn inflight(&self, worker_id: &str) -> Option<usize> {
+        self.lock().workers.get(worker_id).map(|e| e.inflight.load(Ordering::SeqCst))
+    }
+
+    /// Whether a worker is currently skipped after a failure.
+    pub fn is_down(&self, worker_id: &str) -> bool {
+        self.lock().workers.get(worker_id).is_some_and(|e| e.is_down(Instant::now()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::worker_state;
+
+    fn table(workers: Vec<WorkerState>) -> WorkerTable {
+        let table = WorkerTable::new();
+        table.apply_snapshot(workers, Duration::ZERO);
+        table
+    }
+
+    fn none() -> HashSet<String> {
+        HashSet::new()
+    }
+
+    #[tokio::test]
+    async fn picks_least_loaded_by_queue_and_inflight() {
+        let t = table(vec![
+            worker_state("a", "http://127.0.0.1:1", &["m"], 3),
+            worker_state("b", "http://127.0.0.1:2", &["m"], 1),
+        ]);
+        let first = t.pick("m", &none()).unwrap();
+        assert_eq!(first.worker_id, "b");
+        // b: 1 waiting + 1 in flight = 2 < 3.
+        let second = t.pick("m", &none()).unwrap();
+        assert_eq!(second.worker_id, "b");
+        assert_eq!(t.inflight("b"), Some(2));
+        // b now scores 3 like a: both are candidates, and a must come up.
+        let mut seen = HashSet::new();
+        for _ in 0..200 {
+            seen.insert(t.pick("m", &none()).unwrap().worker_id);
+        }
+        assert_eq!(seen, HashSet::from(["a".to_string(), "b".to_string()]));
+        drop((first, second));
+        assert_eq!(t.inflight("b"), Some(0));
+    }
+
+    #[tokio::test]
+    async fn random_tie_break_covers_all() {
+        let t = table(vec![
+            worker_state("a", "http://127.0.0.1:1", &["m"], 0),
+            worker_state("b", "http://127.0.0.1:2", &["m"], 0),
+            worker_state("c", "http://127.0.0.1:3", &["m"], 0),
+        ]);
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for _ in 0..300 {
+            *counts.entry(t.pick("m", &none()).unwrap().worker_id).or_default() += 1;
+        }
+        assert_eq!(counts.len(), 3, "{counts:?}");
+        assert!(counts.values().all(|&c| c > 30), "{counts:?}");
+    }
+
+    #[tokio::test]
+    async fn skips_down_excluded_and_other_models() {
+        let t = table(vec![
+            worker_state("a", "http://127.0.0.1:1", &["m", "alias"], 0),
+            worker_state("b", "http://127.0.0.1:2", &["m"], 5),
+            worker_state("c", "http://127.0.0.1:3", &["other"], 0),
+        ]);
+        assert_eq!(t.pick("alias", &none()).unwrap().worker_id, "a");
+        assert!(t.pick("ali", &none()).is_none(), "names match exactly");
+        t.mark_down("a", Duration::from_secs(60));
+        assert!(t.is_down("a"));
+        assert_eq!(t.pick("m", &none()).unwrap().worker_id, "b");
+        assert!(t.pick("alias", &none()).is_none());
+        let exclude = HashSet::from(["b".to_string()]);
+        assert!(t.pick("m", &exclude).is_none());
+        t.mark_down("c", Duration::from_millis(0));
+        assert_eq!(t.pick("other", &none()).unwrap().worker_id, "c", "an expired mark is ignored");
+    }
+
+    #[tokio::test]
+    async fn snapshot_and_events_keep_counts_of_unchanged_workers() {
+        let t = table(vec![worker_state("a", "http://127.0.0.1:1", &["m"], 0)]);
+        let guard = t.pick("m", &none()).unwrap();
+        t.mark_down("a", Duration::from_secs(60));
+        t.apply_snapshot(
+            vec![
+                worker_state("a", "http://127.0.0.1:1", &["m"], 2),
+                worker_state("b", "http://127.0.0.1:2", &["m"], 0),
+            ],
+            Duration::ZERO,
+        );
+        assert_eq!(t.inflight("a"), Some(1));
+        assert!(t.is_down("a"));
+        t.upsert(worker_state("a", "http://127.0.0.1:1", &["m"], 4));
+        assert_eq!(t.inflight("a"), Some(1));
+        // A new address is a new process: fresh entry.
+        t.upsert(worker_state("a", "http://127.0.0.1:9", &["m"], 0));
+        assert_eq!(t.inflight("a"), Some(0));
+        assert!(!t.is_down("a"));
+        drop(guard);
+        t.remove("b");
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.models().iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>(), ["m"]);
+    }
+
+    #[tokio::test]
+    async fn lookup_tells_unknown_from_unsynced() {
+        let t = WorkerTable::new();
+        assert_eq!(t.lookup("m"), Lookup::NotSynced);
+        t.upsert(worker_state("a", "http://127.0.0.1:1", &["m", "x"], 0));
+        assert_eq!(t.lookup("m"), Lookup::NotSynced, "only a snapshot syncs");
+        t.apply_snapshot(vec![worker_state("a", "http://127.0.0.1:1", &["m", "x"], 0)], Duration::ZERO);
+        assert_eq!(t.lookup("m"), Lookup::Known);
+        assert_eq!(t.lookup("y"), Lookup::Unknown(vec!["m".into(), "x".into()]));
+    }
+
+    #[tokio::test]
+    async fn workers_missing_from_a_snapshot_are_kept_for_the_ttl() {
+        let t = table(vec![
+            worker_state("a", "http://127.0.0.1:1", &["m"], 0),
+            worker_state("b", "http://127.0.0.1:2", &["m"], 0),
+            worker_state("c", "http://127.0.0.1:3", &["m"], 0),
+        ]);
+        // A restarted controller only knows "a" so far.
+        t.apply_snapshot(vec![worker_state("a", "http://127.0.0.1:1", &["m"], 0)], Duration::from_millis(200));
+        assert_eq!(t.len(), 3);
+        t.upsert(worker_state("b", "http://127.0.0.1:2", &["m"], 0));
+        t.remove("c");
+        assert_eq!(t.len(), 2);
+        t.apply_snapshot(vec![worker_state("a", "http://127.0.0.1:1", &["m"], 0)], Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(250));
+        // "b" missed its heartbeat window: gone.
+        assert_eq!(t.len(), 1);
+        assert!(t.inflight("b").is_none());
+        // Without a TTL a snapshot replaces the table outright.
+        t.apply_snapshot(vec![], Duration::ZERO);
+        assert!(t.is_empty());
+    }
+}

@@ -1,0 +1,161 @@
+//! `herd up`: a whole cluster on one machine — controller and gateway in this process, each
+//! worker a child process with its own share of the cores.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use herd_proto::v1 as pb;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+
+/// Flags of `herd up`.
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// An HF checkpoint directory or a .gguf file.
+    #[arg(long, env = "HERD_MODEL")]
+    model: PathBuf,
+    /// Worker processes to start.
+    #[arg(long, env = "HERD_WORKERS", default_value_t = 1)]
+    workers: usize,
+    /// Gateway port.
+    #[arg(long, env = "HERD_PORT", default_value_t = 8000)]
+    port: u16,
+    /// Gateway bind address.
+    #[arg(long, env = "HERD_HOST", default_value = "127.0.0.1")]
+    host: String,
+    /// Name clients use for the model, repeatable for aliases (default: the file name).
+    #[arg(long = "model-name", env = "HERD_MODEL_NAME", value_delimiter = ',')]
+    model_names: Vec<String>,
+    /// Weight dtype: auto, f32, f16, bf16.
+    #[arg(long, env = "HERD_DTYPE", default_value = "auto")]
+    dtype: String,
+    /// Chat template: vicuna_v1.1, one_shot, or a Jinja file.
+    #[arg(long, env = "HERD_CHAT_TEMPLATE")]
+    chat_template: Option<String>,
+    /// Registry heartbeat TTL.
+    #[arg(long, env = "HERD_HEARTBEAT_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
+    heartbeat_ttl: Duration,
+}
+
+/// Sends SIGTERM so the worker drains instead of dying mid-request.
+fn terminate(child: &Child) {
+    if let Some(pid) = child.id() {
+        // SAFETY: kill(2) with a pid we spawned and still own; no memory is touched.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGTERM);
+        }
+    }
+}
+
+fn spawn_worker(args: &UpArgs, controller: &str, threads: usize, index: usize) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe().context("locating the herd binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("worker")
+        .arg("--model")
+        .arg(&args.model)
+        .args(["--controller", controller, "--listen", "127.0.0.1:0", "--dtype", &args.dtype])
+        .args(["--threads", &threads.to_string(), "--worker-id", &format!("up-worker-{index}")]);
+    for name in &args.model_names {
+        cmd.args(["--model-name", name]);
+    }
+    if let Some(t) = &args.chat_template {
+        cmd.args(["--chat-template", t]);
+    }
+    // The child's "listening" line is ours to swallow; its logs go to our stderr.
+    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
+    let mut child = cmd.spawn().context("starting a worker process")?;
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(out).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                tracing::debug!(worker = index, "{line}");
+            }
+        });
+    }
+    Ok(child)
+}
+
+/// Waits until `n` workers are registered, failing if a worker process exits first.
+async fn wait_for_workers(controller: &str, n: usize, children: &mut [Child]) -> anyhow::Result<()> {
+    let mut client = pb::controller_client::ControllerClient::connect(controller.to_string()).await?;
+    loop {
+        for (i, child) in children.iter_mut().enumerate() {
+            if let Some(status) = child.try_wait()? {
+                bail!("worker {i} exited while starting ({status}); see its log above");
+            }
+        }
+        let workers = client.list_workers(pb::ListWorkersRequest::default()).await?.into_inner().workers;
+        if workers.len() >= n {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Runs `herd up` until Ctrl-C or SIGTERM.
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    if args.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    if !args.model.exists() {
+        bail!("--model {}: no such file or directory", args.model.display());
+    }
+    let controller_listener = TcpListener::bind("127.0.0.1:0").await.context("binding the controller")?;
+    let controller = format!("http://{}", controller_listener.local_addr()?);
+    let (stop_controller, controller_stopped) = tokio::sync::oneshot::channel::<()>();
+    let controller_task = tokio::spawn(herd_controller::serve(controller_listener, args.heartbeat_ttl, async {
+        let _ = controller_stopped.await;
+    }));
+
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = (cores / args.workers).max(1);
+    let mut children =
+        (0..args.workers).map(|i| spawn_worker(&args, &controller, threads, i)).collect::<anyhow::Result<Vec<_>>>()?;
+
+    let bind = format!("{}:{}", args.host, args.port);
+    let gateway_listener = TcpListener::bind(&bind).await.with_context(|| format!("--port: cannot bind {bind}"))?;
+    let gateway_addr = gateway_listener.local_addr()?;
+    let gateway_args = herd_gateway::GatewayArgs {
+        controller: vec![controller.clone()],
+        listen: gateway_addr.to_string(),
+        max_body_bytes: 4 << 20,
+        worker_down_for: Duration::from_secs(10),
+        retry_after: 1,
+    };
+    let (stop_gateway, gateway_stopped) = tokio::sync::oneshot::channel::<()>();
+    let gateway_task = tokio::spawn(herd_gateway::serve(gateway_listener, gateway_args, async {
+        let _ = gateway_stopped.await;
+    }));
+
+    eprintln!("herd up: loading {} worker(s) of {} …", args.workers, args.model.display());
+    let ready = tokio::select! {
+        r = wait_for_workers(&controller, args.workers, &mut children) => r,
+        _ = crate::shutdown_signal() => Err(anyhow::anyhow!("interrupted while starting")),
+    };
+    if ready.is_ok() {
+        let url = format!("http://{gateway_addr}");
+        println!("herd is serving at {url}");
+        println!(
+            "try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' \
+             -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Who wrote Hamlet?\"}}]}}'",
+            args.model_names.first().cloned().unwrap_or_else(|| herd_worker::default_name(&args.model))
+        );
+        crate::shutdown_signal().await;
+        eprintln!("herd up: stopping");
+    }
+    for child in &children {
+        terminate(child);
+    }
+    for child in &mut children {
+        let _ = child.wait().await;
+    }
+    let _ = stop_gateway.send(());
+    let _ = stop_controller.send(());
+    let _ = gateway_task.await;
+    let _ = controller_task.await;
+    ready
+}

@@ -1,0 +1,122 @@
+//! Real herd processes on 127.0.0.1 with OS-chosen ports: a controller, workers, a gateway.
+//! Every process is killed when its handle drops, so a failing test leaves nothing behind.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::{herd_bin, test_model};
+
+/// One running `herd` process and the address it printed.
+pub struct Proc {
+    child: Child,
+    /// The `host:port` from its "listening on" line.
+    pub addr: String,
+}
+
+impl Proc {
+    /// Starts `herd <args>` and waits (up to 2 minutes) for its "listening on" line.
+    pub fn start(args: &[String]) -> Proc {
+        let mut child = Command::new(herd_bin())
+            .args(args)
+            .env("HERD_LOG", std::env::var("HERD_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start herd");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("herd {args:?} printed no \"listening on\" line within 2 minutes");
+            }
+        };
+        Proc { child, addr }
+    }
+
+    /// `http://host:port`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The OS process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal (e.g. `libc::SIGTERM`, `libc::SIGKILL`).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on a child we spawned and have not reaped.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, sig);
+        }
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The model name workers register in these tests.
+pub const MODEL: &str = "smollm2";
+
+/// `herd controller` on an OS-chosen port (or `listen`), with a short TTL.
+pub fn controller(listen: &str, ttl: &str) -> Proc {
+    Proc::start(&["controller", "--listen", listen, "--heartbeat-ttl", ttl].map(String::from))
+}
+
+/// `herd worker` serving the test model as [`MODEL`], one compute thread, plus `extra` flags.
+pub fn worker(controller: &Proc, extra: &[&str]) -> Proc {
+    let mut args: Vec<String> =
+        ["worker", "--listen", "127.0.0.1:0", "--threads", "1", "--model-name", MODEL].map(String::from).to_vec();
+    args.extend(["--model".into(), test_model().display().to_string(), "--controller".into(), controller.url()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Proc::start(&args)
+}
+
+/// `herd gateway` watching `controller`.
+pub fn gateway(controller: &Proc) -> Proc {
+    Proc::start(&["gateway".into(), "--listen".into(), "127.0.0.1:0".into(), "--controller".into(), controller.url()])
+}
+
+/// Waits until the gateway lists `n` workers for [`MODEL`] (its /health count), up to `limit`.
+pub async fn wait_for_workers(gateway: &Proc, n: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let client = reqwest::Client::new();
+    loop {
+        let health: Option<serde_json::Value> = match client.get(format!("{}/health", gateway.url())).send().await {
+            Ok(resp) => resp.json().await.ok(),
+            Err(_) => None,
+        };
+        if health.as_ref().and_then(|h| h["workers"].as_u64()) == Some(n as u64) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the gateway did not see {n} workers within {limit:?}: {health:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

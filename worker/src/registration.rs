@@ -1,0 +1,137 @@
+//! Keeps the worker registered: register once loaded, heartbeat every TTL/3 with the load,
+//! register again when a controller answers that it does not know us (it restarted).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use herd_proto::v1 as pb;
+use herd_proto::v1::controller_client::ControllerClient;
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::error::WorkerError;
+use crate::scheduler::Load;
+
+/// The controllers a worker reports to, and what it tells them.
+pub struct Registration {
+    controllers: Vec<(String, ControllerClient<Channel>)>,
+    info: pb::WorkerInfo,
+    load: Arc<Load>,
+}
+
+/// The wait after a failed registration grows to this.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Each controller call gives up after this, so a dead controller cannot stall heartbeats.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+impl Registration {
+    /// Clients for `urls` (connected lazily: a controller may start after the worker).
+    pub fn new(urls: &[String], info: pb::WorkerInfo, load: Arc<Load>) -> Result<Self, WorkerError> {
+        if urls.is_empty() {
+            return Err(WorkerError::Flag {
+                flag: "--controller",
+                msg: "at least one controller URL is needed".into(),
+            });
+        }
+        let controllers = urls
+            .iter()
+            .map(|url| {
+                let endpoint = Endpoint::from_shared(url.clone())
+                    .map_err(|e| WorkerError::Flag { flag: "--controller", msg: format!("{url:?}: {e}") })?
+                    .connect_timeout(CALL_TIMEOUT)
+                    .timeout(CALL_TIMEOUT);
+                Ok((url.clone(), ControllerClient::new(endpoint.connect_lazy())))
+            })
+            .collect::<Result<_, WorkerError>>()?;
+        Ok(Self { controllers, info, load })
+    }
+
+    fn current_load(&self) -> pb::WorkerLoad {
+        pb::WorkerLoad { running: self.load.running() as u32, waiting: self.load.waiting() as u32 }
+    }
+
+    /// Registers with the first controller that answers; returns the heartbeat TTL.
+    async fn register(&self) -> Result<Duration, Status> {
+        let mut last = Status::unavailable("no controller configured");
+        for (url, client) in &self.controllers {
+            let req = pb::RegisterWorkerRequest { info: Some(self.info.clone()), load: Some(self.current_load()) };
+            match client.clone().register_worker(req).await {
+                Ok(resp) => {
+                    let ttl = Duration::from_millis(resp.into_inner().heartbeat_ttl_ms.max(300));
+                    tracing::info!(controller = %url, worker_id = %self.info.worker_id, ttl = ?ttl, "registered");
+                    return Ok(ttl);
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Heartbeats the first controller that answers; NotFound means it forgot us.
+    async fn heartbeat(&self) -> Result<(), Status> {
+        let mut last = Status::unavailable("no controller configured");
+        for (_, client) in &self.controllers {
+            let req = pb::HeartbeatRequest { worker_id: self.info.worker_id.clone(), load: Some(self.current_load()) };
+            match client.clone().heartbeat(req).await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.code() == Code::NotFound => return Err(e),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Removes the registration (on drain); failures are only logged since expiry cleans up anyway.
+    pub async fn deregister(&self) {
+        for (url, client) in &self.controllers {
+            let req = pb::DeregisterRequest { worker_id: self.info.worker_id.clone() };
+            match client.clone().deregister(req).await {
+                Ok(_) => {
+                    tracing::info!(controller = %url, "deregistered");
+                    return;
+                }
+                Err(e) => tracing::warn!(controller = %url, error = %e.message(), "deregister failed"),
+            }
+        }
+    }
+
+    /// Registers, then heartbeats until `stop` turns true.
+    pub async fn run(&self, mut stop: watch::Receiver<bool>) {
+        let mut ttl = None;
+        let mut backoff = Duration::from_millis(200);
+        while !*stop.borrow() {
+            let wait = match ttl {
+                None => match self.register().await {
+                    Ok(t) => {
+                        ttl = Some(t);
+                        backoff = Duration::from_millis(200);
+                        t / 3
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e.message(), retry_in = ?backoff, "registration failed");
+                        let wait = backoff;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        wait
+                    }
+                },
+                Some(t) => match self.heartbeat().await {
+                    Ok(()) => t / 3,
+                    Err(e) if e.code() == Code::NotFound => {
+                        tracing::info!("the controller does not know this worker; registering again");
+                        ttl = None;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e.message(), "heartbeat failed");
+                        t / 3
+                    }
+                },
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+}
