@@ -1,4 +1,4 @@
-# The two quickstart commands: `make up` runs herd on the test model, `make test` runs every test.
+# The two quickstart commands: `make up` serves the test model on http://127.0.0.1:8000, `make test` runs every test.
 MODEL ?= models/SmolLM2-135M-Instruct.Q4_1.gguf
 CARGO ?= cargo
 
@@ -10,10 +10,10 @@ setup:
 model:
 	bash scripts/fetch-test-model.sh
 
-## Chat with the test model in the terminal.
+## A whole local cluster on the test model: controller, one worker, gateway on :8000.
 up: setup model
 	$(CARGO) build --release --bin herd
-	$(CARGO) run --release --bin herd -- chat --model $(MODEL)
+	$(CARGO) run --release --bin herd -- up --model $(MODEL) --model-name smollm2
 
 ## Build everything in release (the binary is used by tests/) and run all tests.
 test: setup model

@@ -67,6 +67,18 @@ fn spawn_worker(args: &UpArgs, controller: &str, threads: usize, index: usize) -
     }
     // The child's "listening" line is ours to swallow; its logs go to our stderr.
     cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
+    // If `herd up` itself dies (even by SIGKILL), the kernel tells its workers to drain and exit.
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl is async-signal-safe and touches no memory of the forked child.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
     let mut child = cmd.spawn().context("starting a worker process")?;
     if let Some(out) = child.stdout.take() {
         tokio::spawn(async move {

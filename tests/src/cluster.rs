@@ -18,6 +18,12 @@ pub struct Proc {
 impl Proc {
     /// Starts `herd <args>` and waits (up to 2 minutes) for its "listening on" line.
     pub fn start(args: &[String]) -> Proc {
+        Self::start_until(args, "listening on ")
+    }
+
+    /// Starts `herd <args>` and waits (up to 2 minutes) for a stdout line containing `marker`;
+    /// what follows the marker is the address.
+    pub fn start_until(args: &[String], marker: &'static str) -> Proc {
         let mut child = Command::new(herd_bin())
             .args(args)
             .env("HERD_LOG", std::env::var("HERD_TEST_LOG").unwrap_or_else(|_| "warn".into()))
@@ -29,7 +35,7 @@ impl Proc {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("listening on ").nth(1) {
+                if let Some(addr) = line.split(marker).nth(1) {
                     let _ = tx.send(addr.trim().to_string());
                 }
             }
@@ -38,15 +44,15 @@ impl Proc {
             Ok(addr) => addr,
             Err(_) => {
                 let _ = child.kill();
-                panic!("herd {args:?} printed no \"listening on\" line within 2 minutes");
+                panic!("herd {args:?} printed no {marker:?} line within 2 minutes");
             }
         };
         Proc { child, addr }
     }
 
-    /// `http://host:port`.
+    /// `http://host:port` (the address as printed when it already is a URL).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        if self.addr.contains("://") { self.addr.clone() } else { format!("http://{}", self.addr) }
     }
 
     /// The OS process id.

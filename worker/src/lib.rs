@@ -49,7 +49,7 @@ pub struct WorkerArgs {
     /// Device: cpu or cuda:N.
     #[arg(long, env = "HERD_DEVICE", default_value = "cpu")]
     pub device: String,
-    /// Chat template: vicuna_v1.1, one_shot, or a Jinja file (default: the model's own).
+    /// Chat template: vicuna_v1.1, one_shot, or a Jinja file (default: as `herd chat` chooses).
     #[arg(long, env = "HERD_CHAT_TEMPLATE")]
     pub chat_template: Option<String>,
     /// Sequences generated at once.

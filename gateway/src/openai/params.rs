@@ -297,6 +297,25 @@ fn message_text(i: usize, role: &str, content: Option<&Value>) -> Result<String,
     }
 }
 
+/// The parameters chat and completions requests share, which both spell the same way.
+macro_rules! common_in {
+    ($req:expr) => {
+        CommonIn {
+            temperature: $req.temperature,
+            top_p: $req.top_p,
+            stop: $req.stop.as_ref(),
+            n: $req.n.as_ref(),
+            seed: $req.seed.as_ref(),
+            presence_penalty: $req.presence_penalty,
+            frequency_penalty: $req.frequency_penalty,
+            top_k: $req.top_k.as_ref(),
+            repetition_penalty: $req.repetition_penalty,
+            stream: $req.stream,
+            stream_options: $req.stream_options.as_ref(),
+        }
+    };
+}
+
 /// Validates a chat request body.
 pub fn parse_chat(body: &[u8]) -> Result<Plan, GatewayError> {
     let req: ChatCompletionRequest = parse_json(body)?;
@@ -322,19 +341,7 @@ pub fn parse_chat(body: &[u8]) -> Result<Plan, GatewayError> {
         let content = message_text(i, role, m.content.as_ref())?;
         messages.push(ChatMessage { role: role.to_string(), content });
     }
-    let common = common(CommonIn {
-        temperature: req.temperature,
-        top_p: req.top_p,
-        stop: req.stop.as_ref(),
-        n: req.n.as_ref(),
-        seed: req.seed.as_ref(),
-        presence_penalty: req.presence_penalty,
-        frequency_penalty: req.frequency_penalty,
-        top_k: req.top_k.as_ref(),
-        repetition_penalty: req.repetition_penalty,
-        stream: req.stream,
-        stream_options: req.stream_options.as_ref(),
-    })?;
+    let common = common(common_in!(req))?;
     let max_tokens = max_tokens_param("max_tokens", req.max_tokens.as_ref())?;
     let max_completion_tokens = max_tokens_param("max_completion_tokens", req.max_completion_tokens.as_ref())?;
     let logprobs = req.logprobs.unwrap_or(false);
@@ -454,19 +461,7 @@ pub fn parse_completion(body: &[u8]) -> Result<Plan, GatewayError> {
         Some(_) => return Err(invalid("suffix", "`suffix` is not supported")),
     }
     let prompts = prompts(req.prompt.as_ref())?;
-    let common = common(CommonIn {
-        temperature: req.temperature,
-        top_p: req.top_p,
-        stop: req.stop.as_ref(),
-        n: req.n.as_ref(),
-        seed: req.seed.as_ref(),
-        presence_penalty: req.presence_penalty,
-        frequency_penalty: req.frequency_penalty,
-        top_k: req.top_k.as_ref(),
-        repetition_penalty: req.repetition_penalty,
-        stream: req.stream,
-        stream_options: req.stream_options.as_ref(),
-    })?;
+    let common = common(common_in!(req))?;
     let best_of = int_param("best_of", req.best_of.as_ref(), 1, MAX_N)?;
     if best_of.is_some_and(|b| b != 1 && b != i64::from(common.n)) {
         return Err(invalid("best_of", "`best_of` is not supported (only `best_of` equal to `n`)"));

@@ -9,12 +9,13 @@ use std::convert::Infallible;
 use axum::response::sse::Event;
 use futures::stream::{self, BoxStream, Stream, StreamExt};
 use herd_proto::v1::{GenerateChunk, Usage};
+use serde::Serialize;
 use tonic::{Status, Streaming};
 
 use super::params::Api;
 use super::types::{
-    ChatChunkChoice, ChatCompletionChunk, CompletionChoice, CompletionChunk, Delta, UsageOut, chat_logprobs,
-    completion_logprobs, finish_reason_str, total_usage,
+    ChatChunkChoice, Chunk, CompletionChoice, Delta, UsageOut, chat_logprobs, completion_logprobs, finish_reason_str,
+    total_usage,
 };
 use crate::GatewayError;
 use crate::dispatch::{Ctx, Opened, is_worker_failure};
@@ -79,21 +80,17 @@ impl Formatter {
     }
 
     fn chat(&self, choices: Vec<ChatChunkChoice>, usage: Option<Option<UsageOut>>) -> String {
-        let chunk = ChatCompletionChunk {
-            id: self.meta.id.clone(),
-            object: "chat.completion.chunk",
-            created: self.meta.created,
-            model: self.meta.model.clone(),
-            choices,
-            usage,
-        };
-        serde_json::to_string(&chunk).unwrap_or_default()
+        self.chunk("chat.completion.chunk", choices, usage)
     }
 
     fn completion(&self, choices: Vec<CompletionChoice>, usage: Option<Option<UsageOut>>) -> String {
-        let chunk = CompletionChunk {
+        self.chunk("text_completion", choices, usage)
+    }
+
+    fn chunk<C: Serialize>(&self, object: &'static str, choices: Vec<C>, usage: Option<Option<UsageOut>>) -> String {
+        let chunk = Chunk {
             id: self.meta.id.clone(),
-            object: "text_completion",
+            object,
             created: self.meta.created,
             model: self.meta.model.clone(),
             choices,

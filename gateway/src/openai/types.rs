@@ -123,22 +123,48 @@ pub struct UsageOut {
     pub total_tokens: u64,
 }
 
-/// A non-streaming chat answer.
+/// A non-streaming answer: `ChatCompletion` or `Completion`.
 #[derive(Debug, Clone, Serialize)]
-pub struct ChatCompletion {
-    /// `chatcmpl-...`.
+pub struct Answer<C> {
+    /// `chatcmpl-...` or `cmpl-...`.
     pub id: String,
-    /// Always `chat.completion`.
+    /// `chat.completion` or `text_completion`.
     pub object: &'static str,
     /// Unix seconds.
     pub created: u64,
     /// The model as requested.
     pub model: String,
     /// One per choice, by index.
-    pub choices: Vec<ChatChoice>,
+    pub choices: Vec<C>,
     /// Token counts.
     pub usage: UsageOut,
 }
+
+/// A non-streaming chat answer.
+pub type ChatCompletion = Answer<ChatChoice>;
+/// A non-streaming completions answer.
+pub type Completion = Answer<CompletionChoice>;
+
+/// One streamed chunk: `chat.completion.chunk` or a streamed `text_completion`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Chunk<C> {
+    /// The request's id, the same in every chunk.
+    pub id: String,
+    /// `chat.completion.chunk` or `text_completion`.
+    pub object: &'static str,
+    /// Unix seconds, the same in every chunk.
+    pub created: u64,
+    /// The model as requested.
+    pub model: String,
+    /// The choices this chunk advances; empty in the usage chunk.
+    pub choices: Vec<C>,
+    /// Absent unless `stream_options.include_usage`; then null except in the last chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<UsageOut>>,
+}
+
+/// One streamed chat chunk.
+pub type ChatCompletionChunk = Chunk<ChatChunkChoice>;
 
 /// One choice of a chat answer.
 #[derive(Debug, Clone, Serialize)]
@@ -193,24 +219,6 @@ pub struct ChatTopLogprob {
     pub bytes: Vec<u8>,
 }
 
-/// One streamed chat chunk.
-#[derive(Debug, Clone, Serialize)]
-pub struct ChatCompletionChunk {
-    /// The request's id, the same in every chunk.
-    pub id: String,
-    /// Always `chat.completion.chunk`.
-    pub object: &'static str,
-    /// Unix seconds, the same in every chunk.
-    pub created: u64,
-    /// The model as requested.
-    pub model: String,
-    /// The choices this chunk advances; empty in the usage chunk.
-    pub choices: Vec<ChatChunkChoice>,
-    /// Absent unless `stream_options.include_usage`; then null except in the last chunk.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Option<UsageOut>>,
-}
-
 /// One choice's part of a streamed chat chunk.
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatChunkChoice {
@@ -233,41 +241,6 @@ pub struct Delta {
     /// Text to append.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
-}
-
-/// A non-streaming completions answer.
-#[derive(Debug, Clone, Serialize)]
-pub struct Completion {
-    /// `cmpl-...`.
-    pub id: String,
-    /// Always `text_completion`.
-    pub object: &'static str,
-    /// Unix seconds.
-    pub created: u64,
-    /// The model as requested.
-    pub model: String,
-    /// One per choice, by index.
-    pub choices: Vec<CompletionChoice>,
-    /// Token counts.
-    pub usage: UsageOut,
-}
-
-/// One streamed completions chunk.
-#[derive(Debug, Clone, Serialize)]
-pub struct CompletionChunk {
-    /// The request's id, the same in every chunk.
-    pub id: String,
-    /// Always `text_completion`.
-    pub object: &'static str,
-    /// Unix seconds.
-    pub created: u64,
-    /// The model as requested.
-    pub model: String,
-    /// The choices this chunk advances; empty in the usage chunk.
-    pub choices: Vec<CompletionChoice>,
-    /// Absent unless `stream_options.include_usage`; then null except in the last chunk.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Option<UsageOut>>,
 }
 
 /// One completions choice (or its increment when streaming).

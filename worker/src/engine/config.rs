@@ -148,11 +148,8 @@ impl ModelConfig {
                 }
             }
         };
-        let head_dim = hf.head_dim.unwrap_or(if hf.num_attention_heads == 0 {
-            0
-        } else {
-            hf.hidden_size / hf.num_attention_heads
-        });
+        // Zero heads is caught by validate(); a zero head_dim here just defers to it.
+        let head_dim = hf.head_dim.unwrap_or(hf.hidden_size.checked_div(hf.num_attention_heads).unwrap_or(0));
         let cfg = Self {
             hidden_size: hf.hidden_size,
             intermediate_size: hf.intermediate_size,
@@ -196,7 +193,7 @@ impl ModelConfig {
         let head_dim = md
             .get("llama.rope.dimension_count")
             .and_then(gguf_uint)
-            .map_or(if num_heads == 0 { 0 } else { hidden_size / num_heads }, |v| v as usize);
+            .map_or(hidden_size.checked_div(num_heads).unwrap_or(0), |v| v as usize);
         let float = |key: &str| md.get(key).and_then(gguf_float);
         let max_pos = need("llama.context_length")?;
         let scaling_type = md.get("llama.rope.scaling.type").and_then(|v| v.to_string().ok()).cloned();
@@ -255,13 +252,13 @@ impl ModelConfig {
         if let Some((name, _)) = fields.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} is 0"));
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {} is odd; RoPE needs it even", self.head_dim));
         }
         Ok(())

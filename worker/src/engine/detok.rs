@@ -28,13 +28,14 @@ impl IncrementalDecoder {
         self.ids.push(id);
         let before = tok.decode(&self.ids[self.prefix..self.read])?;
         let now = tok.decode(&self.ids[self.prefix..])?;
-        if now.len() > before.len() && !now.ends_with('\u{FFFD}') {
-            if let Some(delta) = now.get(before.len()..) {
-                let delta = delta.to_string();
-                self.prefix = self.read;
-                self.read = self.ids.len();
-                return Ok(delta);
-            }
+        if now.len() > before.len()
+            && !now.ends_with('\u{FFFD}')
+            && let Some(delta) = now.get(before.len()..)
+        {
+            let delta = delta.to_string();
+            self.prefix = self.read;
+            self.read = self.ids.len();
+            return Ok(delta);
         }
         Ok(String::new())
     }

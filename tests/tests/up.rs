@@ -1,0 +1,34 @@
+//! `herd up` starts a whole cluster on the test model; `herd chat --url` talks to it; Ctrl-C
+//! stops everything cleanly.
+
+use std::process::Command;
+use std::time::Duration;
+
+use herd_tests::cluster::Proc;
+use herd_tests::{herd_bin, test_model};
+
+#[test]
+fn herd_up_serves_chat_clients_and_stops_on_ctrl_c() {
+    let model = test_model().display().to_string();
+    let args = ["up", "--model", &model, "--port", "0", "--workers", "1", "--model-name", "smol"].map(String::from);
+    let mut up = Proc::start_until(&args, "serving at ");
+    let out = Command::new(herd_bin())
+        .args(["chat", "--url", &up.url(), "--temperature", "0", "--max-tokens", "24"])
+        .args(["--prompt", "Who wrote the play Hamlet?"])
+        .output()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(answer.contains("Shakespeare"), "answer: {answer}");
+
+    let bad = Command::new(herd_bin())
+        .args(["chat", "--url", &up.url(), "--model-name", "nope", "--prompt", "hi"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("404") && err.contains("nope"), "{err}");
+
+    up.signal(libc::SIGINT);
+    let status = up.wait_exit(Duration::from_secs(60)).expect("herd up stops after Ctrl-C");
+    assert!(status.success(), "herd up exits 0: {status:?}");
+}
