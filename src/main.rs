@@ -3,7 +3,9 @@
 mod chat;
 mod up;
 
+use std::future::Future;
 use std::io::IsTerminal;
+use std::pin::Pin;
 
 use clap::{Parser, Subcommand};
 
@@ -29,25 +31,44 @@ enum Command {
     Chat(chat::ChatArgs),
 }
 
-/// Resolves on Ctrl-C or SIGTERM, whichever comes first.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Listens for Ctrl-C and SIGTERM from the moment it is called (so a signal during a long model
+/// load is not lost); the future resolves on the first of them. Call it inside the runtime.
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+        })
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
 
 /// A runtime for a server role; few threads, since the engine computes on its own threads.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+/// Runs a server role on its runtime until it returns; `role` gets the shutdown signal.
+fn serve<F: Future<Output = anyhow::Result<()>>>(
+    role: impl FnOnce(Pin<Box<dyn Future<Output = ()> + Send>>) -> F,
+) -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let result = rt.block_on(async {
+        let stop = shutdown_signal()?;
+        role(Box::pin(stop)).await
+    });
+    // The role is done; a model load it abandoned on a signal must not hold the exit.
+    rt.shutdown_background();
+    result
 }
 
 fn main() {
@@ -59,12 +80,10 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Controller(args) => {
-            runtime().and_then(|rt| Ok(rt.block_on(herd_controller::run(args, shutdown_signal()))?))
-        }
-        Command::Worker(args) => runtime().and_then(|rt| Ok(rt.block_on(herd_worker::run(args, shutdown_signal()))?)),
-        Command::Gateway(args) => runtime().and_then(|rt| Ok(rt.block_on(herd_gateway::run(args, shutdown_signal()))?)),
-        Command::Up(args) => runtime().and_then(|rt| rt.block_on(up::run(args))),
+        Command::Controller(args) => serve(|stop| async move { Ok(herd_controller::run(args, stop).await?) }),
+        Command::Worker(args) => serve(|stop| async move { Ok(herd_worker::run(args, stop).await?) }),
+        Command::Gateway(args) => serve(|stop| async move { Ok(herd_gateway::run(args, stop).await?) }),
+        Command::Up(args) => serve(|stop| up::run(args, stop)),
         Command::Chat(args) => chat::run(args),
     };
     if let Err(e) = result {

@@ -1,7 +1,9 @@
 //! `herd up`: a whole cluster on one machine — controller and gateway in this process, each
 //! worker a child process with its own share of the cores.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -108,8 +110,8 @@ async fn wait_for_workers(controller: &str, n: usize, children: &mut [Child]) ->
     }
 }
 
-/// Runs `herd up` until Ctrl-C or SIGTERM.
-pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+/// Runs `herd up` until `stop` (Ctrl-C or SIGTERM).
+pub async fn run(args: UpArgs, mut stop: Pin<Box<dyn Future<Output = ()> + Send>>) -> anyhow::Result<()> {
     if args.workers == 0 {
         bail!("--workers must be at least 1");
     }
@@ -144,11 +146,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }));
 
     eprintln!("herd up: loading {} worker(s) of {} …", args.workers, args.model.display());
+    // Ok(false): stopped by the user before the workers were ready, which is no error.
     let ready = tokio::select! {
-        r = wait_for_workers(&controller, args.workers, &mut children) => r,
-        _ = crate::shutdown_signal() => Err(anyhow::anyhow!("interrupted while starting")),
+        r = wait_for_workers(&controller, args.workers, &mut children) => r.map(|()| true),
+        _ = &mut stop => Ok(false),
     };
-    if ready.is_ok() {
+    if matches!(ready, Ok(true)) {
         let url = format!("http://{gateway_addr}");
         println!("herd is serving at {url}");
         println!(
@@ -156,7 +159,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
              -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Who wrote Hamlet?\"}}]}}'",
             args.model_names.first().cloned().unwrap_or_else(|| herd_worker::default_name(&args.model))
         );
-        crate::shutdown_signal().await;
+        stop.await;
         eprintln!("herd up: stopping");
     }
     for child in &children {
@@ -169,5 +172,5 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let _ = stop_controller.send(());
     let _ = gateway_task.await;
     let _ = controller_task.await;
-    ready
+    ready.map(drop)
 }

@@ -49,11 +49,12 @@ fn parse_heartbeat_ttl(value: &str) -> Result<Duration, String> {
     Ok(ttl)
 }
 
-/// Workers are told the TTL in whole milliseconds, so anything shorter than one would read as zero.
+/// Workers are told the TTL in whole milliseconds, so anything shorter than one would read as zero;
+/// a TTL over a day is a typo (and would overflow clock arithmetic if absurdly large).
 fn check_heartbeat_ttl(ttl: Duration) -> Result<(), ControllerError> {
-    if ttl < Duration::from_millis(1) {
+    if ttl < Duration::from_millis(1) || ttl > Duration::from_secs(24 * 3600) {
         return Err(ControllerError::Config(format!(
-            "--heartbeat-ttl must be at least 1ms, got {}",
+            "--heartbeat-ttl must be between 1ms and 24h, got {}",
             humantime::format_duration(ttl)
         )));
     }

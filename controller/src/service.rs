@@ -112,13 +112,18 @@ pub fn pick_least_loaded(workers: &[WorkerState], model: &str) -> Option<WorkerS
     tied.choose(&mut rand::rng()).map(|state| (*state).clone())
 }
 
+/// The TTL as the protocol carries it.
+fn ttl_ms(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn event(event: Event) -> WorkerEvent {
     WorkerEvent { event: Some(event) }
 }
 
 /// The snapshot, then the store's changes, until the changes fail or the service stops its watches.
 fn watch_stream(snapshot: Vec<WorkerState>, ttl: Duration, changes: ChangeStream, stop: StopSignal) -> WatchStream {
-    let heartbeat_ttl_ms = ttl.as_millis() as u64;
+    let heartbeat_ttl_ms = ttl_ms(ttl);
     let first = event(Event::Snapshot(WorkerSnapshot { workers: snapshot, heartbeat_ttl_ms }));
     let rest = futures::stream::unfold(Some((changes, stop)), |state| async move {
         let (mut changes, mut stop) = state?;
@@ -154,7 +159,7 @@ impl Controller for ControllerService {
             tp_size = info.tp_size,
             "worker registered"
         );
-        let heartbeat_ttl_ms = u64::try_from(self.store.ttl().as_millis()).unwrap_or(u64::MAX);
+        let heartbeat_ttl_ms = ttl_ms(self.store.ttl());
         Ok(Response::new(RegisterWorkerResponse { heartbeat_ttl_ms }))
     }
 

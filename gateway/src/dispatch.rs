@@ -13,17 +13,28 @@ use tracing::{debug, warn};
 use crate::GatewayError;
 use crate::router::{InflightGuard, Lookup, WorkerTable};
 
-/// Codes after which a worker is presumed broken: mark it down and try another.
+/// Codes after which a worker is presumed broken: mark it down and try another. `Unknown` is what a
+/// connection dropped mid-stream reads as. `Internal` is not here: a live worker answered it about
+/// this request, and marking every worker down for one bad request would take the model offline.
 pub(crate) fn is_worker_failure(code: Code) -> bool {
-    matches!(code, Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled)
+    matches!(code, Code::Unavailable | Code::Unknown | Code::Cancelled)
+}
+
+/// The failure of a worker stream that ended before its finishing chunk.
+pub(crate) fn ended_early() -> Status {
+    Status::unavailable("the worker's stream ended before the answer finished")
 }
 
 /// What all choices of one request share: where to route them and how to label them.
 #[derive(Clone)]
 pub(crate) struct Ctx {
+    /// The live worker table.
     pub table: Arc<WorkerTable>,
+    /// The model as requested.
     pub model: String,
+    /// Sent to workers as `x-request-id`.
     pub request_id: String,
+    /// How long a failed worker is skipped.
     pub down_for: Duration,
     /// The parameter blamed when the worker says the prompt is too long.
     pub prompt_param: &'static str,
@@ -31,9 +42,13 @@ pub(crate) struct Ctx {
 
 /// A worker stream that produced its first chunk: from here on the choice is committed to it.
 pub(crate) struct Opened {
+    /// The worker that answered.
     pub worker_id: String,
+    /// Its first chunk.
     pub first: GenerateChunk,
+    /// The chunks still to come.
     pub rest: Streaming<GenerateChunk>,
+    /// Counts the choice against the worker while it runs.
     pub guard: InflightGuard,
 }
 
@@ -50,9 +65,13 @@ pub(crate) struct Attempts {
 pub(crate) struct Completed {
     /// The worker that produced it.
     pub worker_id: String,
+    /// The whole answer.
     pub text: String,
+    /// Per-token log probabilities, when asked for.
     pub logprobs: Vec<TokenLogprob>,
+    /// The proto `FinishReason`.
     pub finish_reason: i32,
+    /// Token counts from the last chunk.
     pub usage: Option<Usage>,
     tokens: u32,
     finished: bool,
@@ -112,7 +131,7 @@ impl Ctx {
                     let mut rest = response.into_inner();
                     match rest.message().await {
                         Ok(Some(first)) => Ok((first, rest)),
-                        Ok(None) => Err(Status::unavailable("the worker ended the stream before the first chunk")),
+                        Ok(None) => Err(ended_early()),
                         Err(status) => Err(status),
                     }
                 }
@@ -174,7 +193,7 @@ impl Ctx {
                 }
                 match rest.message().await {
                     Ok(Some(chunk)) => done.push(chunk),
-                    Ok(None) => break None,
+                    Ok(None) => break Some(ended_early()),
                     Err(status) => break Some(status),
                 }
             };

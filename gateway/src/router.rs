@@ -10,11 +10,20 @@ use rand::Rng;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, warn};
 
-/// How long dialing a worker may take before the call fails over.
+/// How long dialing a worker or controller may take before the call fails over.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// HTTP/2 pings notice a worker host that vanished mid-stream, so no stream hangs forever.
+/// HTTP/2 pings notice a host that vanished mid-stream, so no stream hangs forever.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The gRPC endpoint for a worker or controller URL, with the gateway's timeouts and pings.
+pub(crate) fn endpoint(url: &str) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(url.to_string())?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+        .keep_alive_while_idle(true))
+}
 
 /// Counts one request against a worker's in-flight total until dropped.
 #[derive(Debug)]
@@ -72,18 +81,13 @@ impl Entry {
     fn new(state: WorkerState) -> Option<Entry> {
         let info = state.info.as_ref()?;
         let address = info.address.clone();
-        let endpoint = match Endpoint::from_shared(address.clone()) {
-            Ok(endpoint) => endpoint,
+        let channel = match endpoint(&address) {
+            Ok(endpoint) => endpoint.connect_lazy(),
             Err(err) => {
                 warn!(worker = %info.worker_id, %address, error = %err, "ignoring worker with an invalid address");
                 return None;
             }
         };
-        let channel = endpoint
-            .connect_timeout(CONNECT_TIMEOUT)
-            .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
-            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
-            .connect_lazy();
         Some(Entry {
             state,
             address,
@@ -321,16 +325,19 @@ impl WorkerTable {
     }
 
     /// Whether a snapshot has been received since start.
+    #[cfg(test)]
     pub fn is_synced(&self) -> bool {
         self.lock().synced
     }
 
     /// The gateway's in-flight count for a worker, if it is in the table.
+    #[cfg(test)]
     pub fn inflight(&self, worker_id: &str) -> Option<usize> {
         self.lock().workers.get(worker_id).map(|e| e.inflight.load(Ordering::SeqCst))
     }
 
     /// Whether a worker is currently skipped after a failure.
+    #[cfg(test)]
     pub fn is_down(&self, worker_id: &str) -> bool {
         self.lock().workers.get(worker_id).is_some_and(|e| e.is_down(Instant::now()))
     }

@@ -5,19 +5,15 @@ use std::time::Duration;
 
 use herd_proto::v1::WatchWorkersRequest;
 use herd_proto::v1::controller_client::ControllerClient;
-use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
+use crate::router::endpoint;
 use crate::{GatewayError, WorkerTable};
 
 /// First reconnect delay; doubled after each round in which no controller answered.
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest reconnect delay.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Pings notice a controller that vanished without closing the stream.
-const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
-const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Rejects `--controller` values that can never be dialed, before serving starts.
 pub fn check_urls(urls: &[String]) -> Result<(), GatewayError> {
@@ -25,8 +21,12 @@ pub fn check_urls(urls: &[String]) -> Result<(), GatewayError> {
         return Err(GatewayError::InvalidController { url: String::new(), reason: "no controller given".into() });
     }
     for url in urls {
-        Endpoint::from_shared(url.clone())
-            .map_err(|err| GatewayError::InvalidController { url: url.clone(), reason: err.to_string() })?;
+        // Without a scheme the URI parses, but every call would then fail with "invalid URI".
+        if !url.contains("://") {
+            let reason = format!("needs a scheme, e.g. http://{url}");
+            return Err(GatewayError::InvalidController { url: url.clone(), reason });
+        }
+        endpoint(url).map_err(|err| GatewayError::InvalidController { url: url.clone(), reason: err.to_string() })?;
     }
     Ok(())
 }
@@ -47,6 +47,7 @@ pub async fn watch_controllers(urls: Vec<String>, table: Arc<WorkerTable>) {
     let mut start = 0;
     loop {
         let mut synced = false;
+        let mut last_reason = String::new();
         for k in 0..urls.len() {
             let i = (start + k) % urls.len();
             let (got_snapshot, why) = watch_once(&urls[i], &table).await;
@@ -57,11 +58,13 @@ pub async fn watch_controllers(urls: Vec<String>, table: Arc<WorkerTable>) {
                 break;
             }
             debug!(controller = %urls[i], reason = %why, "controller did not answer");
+            last_reason = why;
         }
         if synced {
             backoff = INITIAL_BACKOFF;
         } else {
-            warn!(controllers = ?urls, retry_in = ?backoff, "no controller answered; keeping the last worker table");
+            warn!(controllers = ?urls, reason = %last_reason, retry_in = ?backoff,
+                  "no controller answered; keeping the last worker table");
         }
         tokio::time::sleep(backoff).await;
         if !synced {
@@ -72,12 +75,8 @@ pub async fn watch_controllers(urls: Vec<String>, table: Arc<WorkerTable>) {
 
 /// One watch session: whether a snapshot arrived, and why the session ended.
 async fn watch_once(url: &str, table: &WorkerTable) -> (bool, String) {
-    let endpoint = match Endpoint::from_shared(url.to_string()) {
-        Ok(endpoint) => endpoint
-            .connect_timeout(CONNECT_TIMEOUT)
-            .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
-            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
-            .keep_alive_while_idle(true),
+    let endpoint = match endpoint(url) {
+        Ok(endpoint) => endpoint,
         Err(err) => return (false, format!("invalid URL: {err}")),
     };
     let channel = match endpoint.connect().await {

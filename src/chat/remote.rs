@@ -70,14 +70,15 @@ impl Client {
                 bail!("{status}: {}", err["error"]["message"].as_str().unwrap_or("no error message"));
             }
             let mut text = String::new();
-            let mut pending = String::new();
+            // Bytes, not text: a character may be split between two network reads.
+            let mut pending: Vec<u8> = Vec::new();
             let mut bytes = resp.bytes_stream();
             while let Some(piece) = bytes.next().await {
-                pending.push_str(&String::from_utf8_lossy(&piece?));
-                while let Some(end) = pending.find('\n') {
-                    let line = pending[..end].trim_end_matches('\r').to_string();
-                    pending.drain(..=end);
-                    let Some(data) = line.strip_prefix("data: ") else { continue };
+                pending.extend_from_slice(&piece?);
+                while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    let line = String::from_utf8_lossy(&line);
+                    let Some(data) = line.trim_end().strip_prefix("data: ") else { continue };
                     if data == "[DONE]" {
                         return Ok(text);
                     }
@@ -92,7 +93,7 @@ impl Client {
                     }
                 }
             }
-            Ok(text)
+            bail!("the connection closed before the answer finished")
         })?;
         writeln!(out)?;
         Ok(text)

@@ -1,7 +1,7 @@
 //! Least-loaded routing across two real workers: even under a burst, skewed toward the faster one.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use herd_tests::cluster::{MODEL, controller, gateway, wait_for_workers, worker};
@@ -18,6 +18,13 @@ async fn ask(client: &reqwest::Client, url: &str, i: usize) -> String {
     worker
 }
 
+/// Both tests load the 2 CPUs; run one at a time so their workers' relative speeds are their own.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 fn tally(ids: Vec<String>) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
     for id in ids {
@@ -28,6 +35,7 @@ fn tally(ids: Vec<String>) -> HashMap<String, usize> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_burst_is_shared_between_two_workers() {
+    let _serial = serial();
     let ctl = controller("127.0.0.1:0", "5s");
     let _a = worker(&ctl, &["--worker-id", "a"]);
     let _b = worker(&ctl, &["--worker-id", "b"]);
@@ -53,8 +61,9 @@ async fn a_burst_is_shared_between_two_workers() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_faster_worker_gets_more_requests() {
+    let _serial = serial();
     let ctl = controller("127.0.0.1:0", "5s");
-    let _slow = worker(&ctl, &["--worker-id", "slow", "--debug-step-delay", "400ms"]);
+    let _slow = worker(&ctl, &["--worker-id", "slow", "--debug-step-delay", "1s"]);
     let _fast = worker(&ctl, &["--worker-id", "fast"]);
     let gw = gateway(&ctl);
     wait_for_workers(&gw, 2, Duration::from_secs(120)).await;

@@ -18,7 +18,12 @@ pub enum WorkerError {
     Draining,
     /// The request names a model this worker does not serve.
     #[error("model {model:?} is not served here (serving: {})", served.join(", "))]
-    UnknownModel { model: String, served: Vec<String> },
+    UnknownModel {
+        /// The name asked for.
+        model: String,
+        /// The names this worker answers to.
+        served: Vec<String>,
+    },
     /// The request is malformed.
     #[error("{0}")]
     InvalidArgument(String),
@@ -30,7 +35,12 @@ pub enum WorkerError {
     Stopped,
     /// A flag value is unusable.
     #[error("{flag}: {msg}")]
-    Flag { flag: &'static str, msg: String },
+    Flag {
+        /// The flag, e.g. `--listen`.
+        flag: &'static str,
+        /// What is wrong with its value.
+        msg: String,
+    },
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Server(String),

@@ -69,6 +69,9 @@ pub struct WorkerArgs {
     pub debug_step_delay: Duration,
 }
 
+/// Longest `--drain-timeout` accepted (longer ones are typos, and overflow clocks).
+const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
 /// The default model name: the file or directory name without a `.gguf` extension.
 pub fn default_name(model: &Path) -> String {
     let name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
@@ -94,6 +97,9 @@ fn random_id() -> String {
 pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) -> Result<(), WorkerError> {
     if args.max_batch_size == 0 {
         return Err(WorkerError::Flag { flag: "--max-batch-size", msg: "must be at least 1".into() });
+    }
+    if args.drain_timeout > MAX_DRAIN_TIMEOUT {
+        return Err(WorkerError::Flag { flag: "--drain-timeout", msg: "must be at most 24h".into() });
     }
     if let Some(n) = args.threads {
         if n == 0 {
@@ -126,9 +132,16 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
 
     let opts =
         LoadOptions { model: args.model.clone(), dtype: args.dtype, device, chat_template: args.chat_template.clone() };
-    let engine = tokio::task::spawn_blocking(move || Engine::load(&opts, &mut |_, _| {}))
-        .await
-        .map_err(|e| WorkerError::Server(format!("model loading thread: {e}")))??;
+    let loading = tokio::task::spawn_blocking(move || Engine::load(&opts, &mut |_, _| {}));
+    tokio::pin!(shutdown);
+    let engine = tokio::select! {
+        loaded = loading => loaded.map_err(|e| WorkerError::Server(format!("model loading thread: {e}")))??,
+        // Nothing was registered or accepted yet: stopping is all there is to do.
+        _ = &mut shutdown => {
+            tracing::info!("stopped while loading the model");
+            return Ok(());
+        }
+    };
     let engine = Arc::new(engine);
     let config = SchedulerConfig {
         max_batch_size: args.max_batch_size,
@@ -158,8 +171,17 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
     });
 
     tokio::pin!(server);
+    let engine_died = async {
+        while !load.is_stopped() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
     tokio::select! {
-        _ = shutdown => {}
+        _ = &mut shutdown => {}
+        _ = engine_died => {
+            registration.deregister().await;
+            return Err(WorkerError::Server("the engine thread stopped; exiting so a supervisor restarts the worker".into()));
+        }
         res = &mut server => {
             return Err(WorkerError::Server(match res {
                 Ok(Ok(())) => "stopped unexpectedly".into(),
@@ -176,10 +198,10 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
     let _ = reg_task.await;
     registration.deregister().await;
     let deadline = tokio::time::Instant::now() + args.drain_timeout;
-    while !load.is_idle() && tokio::time::Instant::now() < deadline {
+    while !core.is_idle() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    if !load.is_idle() {
+    if !core.is_idle() {
         tracing::warn!(running = load.running(), waiting = load.waiting(), "drain timeout; stopping anyway");
     }
     let _ = stop_server.send(());

@@ -25,6 +25,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Each controller call gives up after this, so a dead controller cannot stall heartbeats.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Heartbeats come three times per TTL, so one lost heartbeat never expires a live worker.
+fn interval(ttl: Duration) -> Duration {
+    (ttl / 3).max(Duration::from_millis(1))
+}
+
 impl Registration {
     /// Clients for `urls` (connected lazily: a controller may start after the worker).
     pub fn new(urls: &[String], info: pb::WorkerInfo, load: Arc<Load>) -> Result<Self, WorkerError> {
@@ -37,6 +42,10 @@ impl Registration {
         let controllers = urls
             .iter()
             .map(|url| {
+                if !url.contains("://") {
+                    let msg = format!("{url:?} needs a scheme, e.g. http://{url}");
+                    return Err(WorkerError::Flag { flag: "--controller", msg });
+                }
                 let endpoint = Endpoint::from_shared(url.clone())
                     .map_err(|e| WorkerError::Flag { flag: "--controller", msg: format!("{url:?}: {e}") })?
                     .connect_timeout(CALL_TIMEOUT)
@@ -58,7 +67,7 @@ impl Registration {
             let req = pb::RegisterWorkerRequest { info: Some(self.info.clone()), load: Some(self.current_load()) };
             match client.clone().register_worker(req).await {
                 Ok(resp) => {
-                    let ttl = Duration::from_millis(resp.into_inner().heartbeat_ttl_ms.max(300));
+                    let ttl = Duration::from_millis(resp.into_inner().heartbeat_ttl_ms);
                     tracing::info!(controller = %url, worker_id = %self.info.worker_id, ttl = ?ttl, "registered");
                     return Ok(ttl);
                 }
@@ -101,12 +110,15 @@ impl Registration {
         let mut ttl = None;
         let mut backoff = Duration::from_millis(200);
         while !*stop.borrow() {
+            if self.load.is_stopped() {
+                return;
+            }
             let wait = match ttl {
                 None => match self.register().await {
                     Ok(t) => {
                         ttl = Some(t);
                         backoff = Duration::from_millis(200);
-                        t / 3
+                        interval(t)
                     }
                     Err(e) => {
                         tracing::warn!(error = %e.message(), retry_in = ?backoff, "registration failed");
@@ -116,7 +128,7 @@ impl Registration {
                     }
                 },
                 Some(t) => match self.heartbeat().await {
-                    Ok(()) => t / 3,
+                    Ok(()) => interval(t),
                     Err(e) if e.code() == Code::NotFound => {
                         tracing::info!("the controller does not know this worker; registering again");
                         ttl = None;
@@ -124,7 +136,7 @@ impl Registration {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e.message(), "heartbeat failed");
-                        t / 3
+                        interval(t)
                     }
                 },
             };

@@ -4,8 +4,9 @@
 //! threads, and sharing cores with tokio's workers collapses throughput.
 
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -27,6 +28,10 @@ struct Job {
 pub struct Load {
     running: AtomicUsize,
     waiting: AtomicUsize,
+    /// Submitted and not yet finished, cancelled or failed: what a drain waits for.
+    active: AtomicUsize,
+    /// The engine thread has exited (it only does so on a bug).
+    stopped: AtomicBool,
 }
 
 impl Load {
@@ -40,9 +45,14 @@ impl Load {
         self.waiting.load(Ordering::SeqCst)
     }
 
-    /// Nothing running or queued.
+    /// Nothing left to finish: no sequence is submitted, or the engine thread is gone.
     pub fn is_idle(&self) -> bool {
-        self.running() == 0 && self.waiting() == 0
+        self.active.load(Ordering::SeqCst) == 0 || self.is_stopped()
+    }
+
+    /// The engine thread has exited; nothing submitted will run.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
     }
 }
 
@@ -51,7 +61,7 @@ impl Load {
 pub struct SchedulerConfig {
     /// Sequences stepped together.
     pub max_batch_size: usize,
-    /// Sequences queued beyond those before submissions are refused.
+    /// Sequences queued when every batch slot is taken, before submissions are refused.
     pub max_queue: usize,
     /// Sleep after each round; a test-only knob to make a worker slower than its peer.
     pub step_delay: Duration,
@@ -60,7 +70,7 @@ pub struct SchedulerConfig {
 /// Why a submission was refused.
 #[derive(Debug, PartialEq, Eq)]
 pub enum SubmitError {
-    /// The queue holds `max_queue` sequences already.
+    /// Every batch slot is taken and the queue holds `max_queue` sequences.
     QueueFull,
     /// The engine thread has stopped.
     Stopped,
@@ -70,7 +80,7 @@ pub enum SubmitError {
 pub struct Scheduler {
     jobs: mpsc::Sender<Job>,
     load: Arc<Load>,
-    max_queue: usize,
+    capacity: usize,
 }
 
 impl Scheduler {
@@ -79,23 +89,40 @@ impl Scheduler {
         let (jobs, rx) = mpsc::channel();
         let load = Arc::new(Load::default());
         let thread_load = load.clone();
-        let max_queue = config.max_queue;
-        std::thread::Builder::new()
-            .name("herd-engine".into())
-            .spawn(move || run(&engine, &config, &rx, &thread_load))?;
-        Ok(Self { jobs, load, max_queue })
+        let capacity = config.max_batch_size.max(1) + config.max_queue;
+        std::thread::Builder::new().name("herd-engine".into()).spawn(move || {
+            // Whatever ends the loop, a panic included, the service must learn that nothing runs.
+            struct Stopped<'a>(&'a Load);
+            impl Drop for Stopped<'_> {
+                fn drop(&mut self) {
+                    self.0.stopped.store(true, Ordering::SeqCst);
+                }
+            }
+            let _stopped = Stopped(&thread_load);
+            run(&engine, &config, &rx, &thread_load)
+        })?;
+        Ok(Self { jobs, load, capacity })
+    }
+
+    /// True when a submission now would be refused for lack of room.
+    pub fn is_full(&self) -> bool {
+        self.load.active.load(Ordering::SeqCst) >= self.capacity
     }
 
     /// Queues `seq`; its steps arrive on `out`. Dropping the receiver cancels it at the next round.
     pub fn submit(&self, seq: Sequence, out: UnboundedSender<StepResult>) -> Result<(), SubmitError> {
-        // Reserve the queue slot first so concurrent submitters cannot overshoot max_queue.
-        let prev = self.load.waiting.fetch_add(1, Ordering::SeqCst);
-        if prev >= self.max_queue {
-            self.load.waiting.fetch_sub(1, Ordering::SeqCst);
+        if self.load.is_stopped() {
+            return Err(SubmitError::Stopped);
+        }
+        // Reserve the slot first so concurrent submitters cannot overshoot the capacity.
+        if self.load.active.fetch_add(1, Ordering::SeqCst) >= self.capacity {
+            self.load.active.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::QueueFull);
         }
+        self.load.waiting.fetch_add(1, Ordering::SeqCst);
         self.jobs.send(Job { seq, out }).map_err(|_| {
             self.load.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.load.active.fetch_sub(1, Ordering::SeqCst);
             SubmitError::Stopped
         })
     }
@@ -106,9 +133,17 @@ impl Scheduler {
     }
 }
 
+/// Steps one sequence; a panic in the engine fails that sequence instead of the thread.
+fn step(engine: &Engine, seq: &mut Sequence) -> StepResult {
+    std::panic::catch_unwind(AssertUnwindSafe(|| engine.step(seq)))
+        .unwrap_or_else(|_| Err(EngineError::Model("the engine panicked on this sequence".into())))
+}
+
 fn run(engine: &Engine, config: &SchedulerConfig, rx: &mpsc::Receiver<Job>, load: &Load) {
     let mut queue: VecDeque<Job> = VecDeque::new();
     let mut running: Vec<Job> = Vec::new();
+    // Marks a job as gone from the scheduler, whichever way it left.
+    let retire = || load.active.fetch_sub(1, Ordering::SeqCst);
     loop {
         // Block only when there is nothing to step.
         if running.is_empty() && queue.is_empty() {
@@ -118,31 +153,40 @@ fn run(engine: &Engine, config: &SchedulerConfig, rx: &mpsc::Receiver<Job>, load
             }
         }
         queue.extend(rx.try_iter());
+        // Clients that left while queued free their place at once.
+        queue.retain(|job| {
+            let alive = !job.out.is_closed();
+            if !alive {
+                load.waiting.fetch_sub(1, Ordering::SeqCst);
+                retire();
+            }
+            alive
+        });
         while running.len() < config.max_batch_size.max(1) {
             let Some(job) = queue.pop_front() else { break };
+            running.push(job);
+            // Count it as running before it stops counting as waiting, so the load never dips.
+            load.running.store(running.len(), Ordering::SeqCst);
             load.waiting.fetch_sub(1, Ordering::SeqCst);
-            if !job.out.is_closed() {
-                running.push(job);
-            }
         }
-        load.running.store(running.len(), Ordering::SeqCst);
         running.retain_mut(|job| {
             // The client went away: stop spending compute on it.
-            if job.out.is_closed() {
-                return false;
+            let keep = !job.out.is_closed()
+                && match step(engine, &mut job.seq) {
+                    Ok(step) => {
+                        let done = step.finish.is_some();
+                        job.out.send(Ok(step)).is_ok() && !done
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "generation failed");
+                        let _ = job.out.send(Err(e));
+                        false
+                    }
+                };
+            if !keep {
+                retire();
             }
-            match engine.step(&mut job.seq) {
-                Ok(step) => {
-                    let done = step.finish.is_some();
-                    let delivered = job.out.send(Ok(step)).is_ok();
-                    delivered && !done
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "generation failed");
-                    let _ = job.out.send(Err(e));
-                    false
-                }
-            }
+            keep
         });
         load.running.store(running.len(), Ordering::SeqCst);
         if !config.step_delay.is_zero() {

@@ -1,22 +1,23 @@
 //! The `herd.v1.Worker` gRPC service over the engine and its scheduler.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use futures::Stream;
 use herd_proto::v1 as pb;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio::sync::mpsc::UnboundedReceiver;
 use tonic::{Request, Response, Status};
 
 use crate::engine::{Engine, FinishReason, GenerationParams, Message, SamplingParams, Step};
 use crate::error::WorkerError;
-use crate::scheduler::{Load, Scheduler, SubmitError};
+use crate::scheduler::{Load, Scheduler, StepResult, SubmitError};
 
 /// The loaded engine and the thread that runs it.
 pub struct Serving {
+    /// Tokenizer, template and model.
     pub engine: Arc<Engine>,
+    /// The engine thread's queue and load.
     pub scheduler: Scheduler,
 }
 
@@ -26,12 +27,14 @@ pub struct WorkerCore {
     pub names: Vec<String>,
     serving: OnceLock<Serving>,
     draining: AtomicBool,
+    /// Requests accepted but not yet handed to the scheduler (still tokenizing).
+    admitting: AtomicUsize,
 }
 
 impl WorkerCore {
     /// A worker still loading its model.
     pub fn new(names: Vec<String>) -> Self {
-        Self { names, serving: OnceLock::new(), draining: AtomicBool::new(false) }
+        Self { names, serving: OnceLock::new(), draining: AtomicBool::new(false), admitting: AtomicUsize::new(0) }
     }
 
     /// Marks the model loaded; requests are accepted from now on.
@@ -54,6 +57,11 @@ impl WorkerCore {
         self.serving().map(|s| s.scheduler.load())
     }
 
+    /// Nothing accepted is left unfinished (what a drain waits for).
+    pub fn is_idle(&self) -> bool {
+        self.admitting.load(Ordering::SeqCst) == 0 && self.load().is_none_or(|l| l.is_idle())
+    }
+
     /// The serving state as Health reports it.
     pub fn state(&self) -> pb::ServingState {
         match (self.serving.get(), self.draining.load(Ordering::SeqCst)) {
@@ -63,15 +71,40 @@ impl WorkerCore {
         }
     }
 
-    fn accepting(&self, model: &str) -> Result<&Serving, WorkerError> {
+    fn serving_model(&self, model: &str) -> Result<&Serving, WorkerError> {
         if self.draining.load(Ordering::SeqCst) {
             return Err(WorkerError::Draining);
         }
         let serving = self.serving.get().ok_or(WorkerError::Loading)?;
+        if serving.scheduler.load().is_stopped() {
+            return Err(WorkerError::Stopped);
+        }
         if !model.is_empty() && !self.names.iter().any(|n| n == model) {
             return Err(WorkerError::UnknownModel { model: model.to_string(), served: self.names.clone() });
         }
         Ok(serving)
+    }
+
+    /// Accepts a generation: counted from here until it reaches the scheduler, so a drain that
+    /// starts meanwhile waits for it.
+    fn admit(&self, model: &str) -> Result<(&Serving, Admitting<'_>), WorkerError> {
+        self.admitting.fetch_add(1, Ordering::SeqCst);
+        let guard = Admitting(&self.admitting);
+        let serving = self.serving_model(model)?;
+        // Refuse before paying for tokenization.
+        if serving.scheduler.is_full() {
+            return Err(WorkerError::QueueFull(serving.scheduler.load().waiting()));
+        }
+        Ok((serving, guard))
+    }
+}
+
+/// Holds a request in [`WorkerCore::is_idle`]'s count until it is queued or refused.
+struct Admitting<'a>(&'a AtomicUsize);
+
+impl Drop for Admitting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -110,13 +143,43 @@ fn chat_messages(input: &pb::ChatInput) -> Result<Vec<Message>, WorkerError> {
         .collect()
 }
 
-fn prompt_ids(engine: &Engine, input: Option<&pb::generate_request::Input>) -> Result<Vec<u32>, WorkerError> {
-    use pb::generate_request::Input;
-    match input {
-        Some(Input::Chat(chat)) => Ok(engine.encode_chat(&chat_messages(chat)?)?),
-        Some(Input::Text(text)) => Ok(engine.tokenizer().encode(text)?),
-        Some(Input::TokenIds(ids)) => Ok(ids.ids.clone()),
-        None => Err(WorkerError::InvalidArgument("the request has no input (chat, text or token_ids)".into())),
+/// A prompt as either RPC carries it.
+enum Prompt {
+    Chat(pb::ChatInput),
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+impl Prompt {
+    fn from_generate(input: Option<pb::generate_request::Input>) -> Result<Self, WorkerError> {
+        use pb::generate_request::Input;
+        match input {
+            Some(Input::Chat(chat)) => Ok(Self::Chat(chat)),
+            Some(Input::Text(text)) => Ok(Self::Text(text)),
+            Some(Input::TokenIds(ids)) => Ok(Self::Ids(ids.ids)),
+            None => Err(WorkerError::InvalidArgument("the request has no input (chat, text or token_ids)".into())),
+        }
+    }
+
+    fn from_count(input: Option<pb::count_tokens_request::Input>) -> Result<Self, WorkerError> {
+        use pb::count_tokens_request::Input;
+        match input {
+            Some(Input::Chat(chat)) => Ok(Self::Chat(chat)),
+            Some(Input::Text(text)) => Ok(Self::Text(text)),
+            None => Err(WorkerError::InvalidArgument("the request has no input (chat or text)".into())),
+        }
+    }
+
+    /// Token ids, rendered and tokenized off the async runtime (a long prompt takes a while).
+    async fn ids(self, engine: &Arc<Engine>) -> Result<Vec<u32>, WorkerError> {
+        let engine = engine.clone();
+        tokio::task::spawn_blocking(move || match self {
+            Self::Chat(chat) => Ok(engine.encode_chat(&chat_messages(&chat)?)?),
+            Self::Text(text) => Ok(engine.tokenizer().encode(&text)?),
+            Self::Ids(ids) => Ok(ids),
+        })
+        .await
+        .map_err(|e| WorkerError::Server(format!("tokenizer task: {e}")))?
     }
 }
 
@@ -176,16 +239,40 @@ fn request_id<T>(req: &Request<T>) -> String {
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateChunk, Status>> + Send>>;
 
+/// The steps of one sequence as chunks; a channel that closes before the finishing step (the
+/// engine thread died) ends the stream with an error rather than passing for a finished answer.
+fn chunks(
+    engine: Arc<Engine>,
+    rx: UnboundedReceiver<StepResult>,
+    prompt_tokens: usize,
+) -> impl Stream<Item = Result<pb::GenerateChunk, Status>> + Send {
+    futures::stream::unfold(Some((rx, 0usize)), move |state| {
+        let engine = engine.clone();
+        async move {
+            let (mut rx, sampled) = state?;
+            match rx.recv().await {
+                Some(Ok(step)) => {
+                    let finished = step.finish.is_some();
+                    let chunk = chunk(&engine, step, prompt_tokens, sampled + 1);
+                    Some((Ok(chunk), (!finished).then_some((rx, sampled + 1))))
+                }
+                Some(Err(e)) => Some((Err(Status::from(WorkerError::from(e))), None)),
+                None => Some((Err(Status::from(WorkerError::Stopped)), None)),
+            }
+        }
+    })
+}
+
 #[tonic::async_trait]
 impl pb::worker_server::Worker for WorkerService {
     type GenerateStream = ChunkStream;
 
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<ChunkStream>, Status> {
         let id = request_id(&request);
-        let req = request.into_inner();
-        let serving = self.core.accepting(&req.model)?;
+        let mut req = request.into_inner();
+        let (serving, _admitting) = self.core.admit(&req.model)?;
         let engine = serving.engine.clone();
-        let ids = prompt_ids(&engine, req.input.as_ref())?;
+        let ids = Prompt::from_generate(req.input.take())?.ids(&engine).await?;
         let seq = engine.start(&ids, &generation_params(&req)).map_err(WorkerError::from)?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         serving.scheduler.submit(seq, tx).map_err(|e| match e {
@@ -193,28 +280,16 @@ impl pb::worker_server::Worker for WorkerService {
             SubmitError::Stopped => WorkerError::Stopped,
         })?;
         tracing::debug!(request_id = %id, prompt_tokens = ids.len(), "generation queued");
-        let prompt_tokens = ids.len();
-        let mut sampled = 0;
-        let stream = UnboundedReceiverStream::new(rx).map(move |step| {
-            sampled += 1;
-            step.map(|s| chunk(&engine, s, prompt_tokens, sampled)).map_err(|e| Status::from(WorkerError::from(e)))
-        });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(chunks(engine, rx, ids.len()))))
     }
 
     async fn count_tokens(
         &self,
         request: Request<pb::CountTokensRequest>,
     ) -> Result<Response<pb::CountTokensResponse>, Status> {
-        use pb::count_tokens_request::Input;
         let req = request.into_inner();
-        let serving = self.core.accepting(&req.model)?;
-        let engine = &serving.engine;
-        let ids = match &req.input {
-            Some(Input::Chat(chat)) => engine.encode_chat(&chat_messages(chat)?).map_err(WorkerError::from)?,
-            Some(Input::Text(text)) => engine.tokenizer().encode(text).map_err(WorkerError::from)?,
-            None => return Err(WorkerError::InvalidArgument("the request has no input (chat or text)".into()).into()),
-        };
+        let engine = self.core.serving_model(&req.model)?.engine.clone();
+        let ids = Prompt::from_count(req.input)?.ids(&engine).await?;
         Ok(Response::new(pb::CountTokensResponse {
             tokens: ids.len() as u32,
             context_length: engine.context_length() as u32,

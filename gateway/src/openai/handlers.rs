@@ -357,6 +357,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_internal_error_fails_the_request_without_marking_the_worker_down() {
+        let w = FakeWorker::start(Script::Refuse(Code::Internal, "out of memory on this prompt")).await;
+        let other = FakeWorker::start(Script::Reply(vec!["ok"])).await;
+        let (app, table) =
+            app_with(vec![worker_state("a", &w.address, &["m"], 0), worker_state("b", &other.address, &["m"], 9)]);
+        let (status, _, v) = post_json(&app, "/v1/chat/completions", chat(1)).await;
+        assert_eq!(status, 503, "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("out of memory"), "{v}");
+        assert!(!table.is_down("a"), "one bad request must not take a worker out of rotation");
+        assert!(other.calls().is_empty(), "the request is not replayed on every worker");
+    }
+
+    #[tokio::test]
     async fn all_workers_failing_is_503_and_exhausted_is_429() {
         let dead = dead_address().await;
         let (app, _) = app_with(vec![worker_state("dead", &dead, &["m"], 0)]);
@@ -492,7 +505,7 @@ mod tests {
 
     #[tokio::test]
     async fn streaming_worker_failure_sends_one_error_event() {
-        let w = FakeWorker::start(Script::DieAfter(vec!["Hel", "lo"], Code::Internal)).await;
+        let w = FakeWorker::start(Script::DieAfter(vec!["Hel", "lo"], Code::Unknown)).await;
         let (app, table) = app_with(vec![worker_state("a", &w.address, &["m"], 0)]);
         let mut body = chat(1);
         body["stream"] = json!(true);

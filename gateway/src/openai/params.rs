@@ -10,6 +10,8 @@ use crate::GatewayError;
 
 /// Most choices per prompt.
 pub const MAX_N: i64 = 16;
+/// Most choices one completions request may fan out to (prompts × n).
+pub const MAX_CHOICES: usize = 128;
 /// Most stop strings.
 pub const MAX_STOP: usize = 4;
 /// Most chat alternatives per token.
@@ -469,6 +471,12 @@ pub fn parse_completion(body: &[u8]) -> Result<Plan, GatewayError> {
     let max_tokens = max_tokens_param("max_tokens", req.max_tokens.as_ref())?.unwrap_or(DEFAULT_COMPLETION_MAX_TOKENS);
     let logprobs = int_param("logprobs", req.logprobs.as_ref(), 0, MAX_COMPLETION_LOGPROBS)?;
     let n = common.n;
+    if prompts.len() * n as usize > MAX_CHOICES {
+        return Err(invalid(
+            "prompt",
+            format!("{} prompts × n = {n} would make more than {MAX_CHOICES} choices", prompts.len()),
+        ));
+    }
     let mut choices = Vec::with_capacity(prompts.len() * n as usize);
     for (p, input) in prompts.into_iter().enumerate() {
         let base = GenerateRequest {

@@ -18,7 +18,7 @@ use super::types::{
     total_usage,
 };
 use crate::GatewayError;
-use crate::dispatch::{Ctx, Opened, is_worker_failure};
+use crate::dispatch::{Ctx, Opened, ended_early, is_worker_failure};
 use crate::router::InflightGuard;
 
 /// The `data:` payload that ends a stream.
@@ -152,14 +152,6 @@ impl Formatter {
         out
     }
 
-    /// The events when a choice's stream ended without a finish reason (treated as a stop).
-    pub fn on_end(&mut self, pos: usize) -> Vec<String> {
-        match self.choices.get(pos) {
-            Some(c) if !c.finished => vec![self.finish(pos, 0)],
-            _ => Vec::new(),
-        }
-    }
-
     fn finish(&mut self, pos: usize, reason: i32) -> String {
         self.choices[pos].finished = true;
         let index = self.choices[pos].index;
@@ -210,7 +202,6 @@ impl Formatter {
 
 enum Item {
     Chunk(GenerateChunk),
-    Ended,
     Failed(Status),
 }
 
@@ -228,7 +219,8 @@ fn choice_items(pos: usize, first: GenerateChunk, rest: Streaming<GenerateChunk>
                 let next = (chunk.finish_reason == 0).then_some(rest);
                 Some(((pos, Item::Chunk(chunk)), next))
             }
-            Ok(None) => Some(((pos, Item::Ended), None)),
+            // The last chunk carries the finish reason: a stream that ends before it was cut off.
+            Ok(None) => Some(((pos, Item::Failed(ended_early())), None)),
             Err(status) => Some(((pos, Item::Failed(status)), None)),
         }
     });
@@ -270,7 +262,6 @@ pub(crate) fn events(
         loop {
             let out = match d.merged.next().await {
                 Some((pos, Item::Chunk(chunk))) => d.fmt.on_chunk(pos, chunk),
-                Some((pos, Item::Ended)) => d.fmt.on_end(pos),
                 Some((pos, Item::Failed(status))) => {
                     if is_worker_failure(status.code()) {
                         d.ctx.worker_failed(d.fmt.worker_id(pos), &status);
@@ -354,7 +345,9 @@ mod tests {
         let mut f = Formatter::new(meta(Api::Chat, false, true), [(0, 0, "w".to_string())]);
         let mut c = chunk("", None, None);
         c.logprobs = vec![TokenLogprob { token: "\u{fffd}".into(), logprob: -0.5, top: vec![] }];
-        let events = parse([f.start(), f.on_chunk(0, c), f.on_end(0), f.done()].concat());
+        let mut last = chunk("", None, None);
+        last.finish_reason = FinishReason::Stop as i32;
+        let events = parse([f.start(), f.on_chunk(0, c), f.on_chunk(0, last), f.done()].concat());
         assert!(events[..3].iter().all(|e| e.get("usage").is_none()), "{events:?}");
         // A chunk with empty text but logprobs is still sent.
         assert_eq!(events[1]["choices"][0]["logprobs"]["content"][0]["logprob"], json!(-0.5));

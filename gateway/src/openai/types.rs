@@ -163,9 +163,6 @@ pub struct Chunk<C> {
     pub usage: Option<Option<UsageOut>>,
 }
 
-/// One streamed chat chunk.
-pub type ChatCompletionChunk = Chunk<ChatChunkChoice>;
-
 /// One choice of a chat answer.
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatChoice {
@@ -425,7 +422,7 @@ mod tests {
 
     #[test]
     fn chunk_usage_field_is_absent_null_or_set() {
-        let mut chunk = ChatCompletionChunk {
+        let mut chunk = Chunk::<ChatChunkChoice> {
             id: "x".into(),
             object: "chat.completion.chunk",
             created: 1,
