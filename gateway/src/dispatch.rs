@@ -71,9 +71,8 @@ pub(crate) struct Completed {
     pub logprobs: Vec<TokenLogprob>,
     /// The proto `FinishReason`.
     pub finish_reason: i32,
-    /// Token counts from the last chunk.
-    pub usage: Option<Usage>,
-    tokens: u32,
+    /// Its token counts.
+    pub tally: Tally,
     finished: bool,
     /// Keeps the worker counted until the response is built.
     _guard: Option<InflightGuard>,
@@ -82,11 +81,8 @@ pub(crate) struct Completed {
 impl Completed {
     fn push(&mut self, chunk: GenerateChunk) {
         self.text.push_str(&chunk.text);
+        self.tally.add(&chunk);
         self.logprobs.extend(chunk.logprobs);
-        self.tokens += chunk.token_ids.len() as u32;
-        if chunk.usage.is_some() {
-            self.usage = chunk.usage;
-        }
         if chunk.finish_reason != 0 {
             self.finish_reason = chunk.finish_reason;
             self.finished = true;
@@ -95,12 +91,34 @@ impl Completed {
 
     /// Prompt tokens as the worker counted them.
     pub fn prompt_tokens(&self) -> u32 {
-        self.usage.as_ref().map_or(0, |u| u.prompt_tokens)
+        self.tally.counts().0
     }
 
     /// Completion tokens as the worker counted them, else the token ids seen.
     pub fn completion_tokens(&self) -> u32 {
-        self.usage.as_ref().map_or(self.tokens, |u| u.completion_tokens)
+        self.tally.counts().1
+    }
+}
+
+/// Token counts of one choice: the worker's usage (sent with its last chunk), else the ids seen.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    usage: Option<Usage>,
+    tokens: u32,
+}
+
+impl Tally {
+    /// Counts a chunk.
+    pub fn add(&mut self, chunk: &GenerateChunk) {
+        self.tokens += chunk.token_ids.len() as u32;
+        if chunk.usage.is_some() {
+            self.usage = chunk.usage;
+        }
+    }
+
+    /// `(prompt, completion)` tokens.
+    pub fn counts(&self) -> (u32, u32) {
+        self.usage.as_ref().map_or((0, self.tokens), |u| (u.prompt_tokens, u.completion_tokens))
     }
 }
 

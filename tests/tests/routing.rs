@@ -1,11 +1,12 @@
 //! Least-loaded routing across two real workers: even under a burst, skewed toward the faster one.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use herd_tests::cluster::{MODEL, controller, gateway, wait_for_workers, worker};
 use serde_json::json;
+use tokio::sync::Mutex;
 
 /// Sends one short chat request; returns the id of the worker that served it.
 async fn ask(client: &reqwest::Client, url: &str, i: usize) -> String {
@@ -19,11 +20,7 @@ async fn ask(client: &reqwest::Client, url: &str, i: usize) -> String {
 }
 
 /// Both tests load the 2 CPUs; run one at a time so their workers' relative speeds are their own.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
+static SERIAL: Mutex<()> = Mutex::const_new(());
 
 fn tally(ids: Vec<String>) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
@@ -35,7 +32,7 @@ fn tally(ids: Vec<String>) -> HashMap<String, usize> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_burst_is_shared_between_two_workers() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let ctl = controller("127.0.0.1:0", "5s");
     let _a = worker(&ctl, &["--worker-id", "a"]);
     let _b = worker(&ctl, &["--worker-id", "b"]);
@@ -61,7 +58,7 @@ async fn a_burst_is_shared_between_two_workers() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_faster_worker_gets_more_requests() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let ctl = controller("127.0.0.1:0", "5s");
     let _slow = worker(&ctl, &["--worker-id", "slow", "--debug-step-delay", "1s"]);
     let _fast = worker(&ctl, &["--worker-id", "fast"]);

@@ -8,7 +8,7 @@ use std::convert::Infallible;
 
 use axum::response::sse::Event;
 use futures::stream::{self, BoxStream, Stream, StreamExt};
-use herd_proto::v1::{GenerateChunk, Usage};
+use herd_proto::v1::GenerateChunk;
 use serde::Serialize;
 use tonic::{Status, Streaming};
 
@@ -18,7 +18,7 @@ use super::types::{
     total_usage,
 };
 use crate::GatewayError;
-use crate::dispatch::{Ctx, Opened, ended_early, is_worker_failure};
+use crate::dispatch::{Ctx, Opened, Tally, ended_early, is_worker_failure};
 use crate::router::InflightGuard;
 
 /// The `data:` payload that ends a stream.
@@ -46,8 +46,7 @@ struct ChoiceState {
     prompt_index: usize,
     worker_id: String,
     finished: bool,
-    usage: Option<Usage>,
-    tokens: u32,
+    tally: Tally,
     text_offset: u32,
 }
 
@@ -67,8 +66,7 @@ impl Formatter {
                 prompt_index,
                 worker_id,
                 finished: false,
-                usage: None,
-                tokens: 0,
+                tally: Tally::default(),
                 text_offset: 0,
             })
             .collect();
@@ -123,10 +121,7 @@ impl Formatter {
         if choice.finished {
             return out;
         }
-        choice.tokens += chunk.token_ids.len() as u32;
-        if chunk.usage.is_some() {
-            choice.usage = chunk.usage;
-        }
+        choice.tally.add(&chunk);
         let index = choice.index;
         // Empty text is a pending character or stop string: nothing to say unless logprobs are due.
         let has_logprobs = logprobs && !chunk.logprobs.is_empty();
@@ -182,8 +177,7 @@ impl Formatter {
         let mut out = Vec::new();
         if self.meta.include_usage {
             let usage = total_usage(self.choices.iter().map(|c| {
-                let (prompt, completion) =
-                    c.usage.as_ref().map_or((0, c.tokens), |u| (u.prompt_tokens, u.completion_tokens));
+                let (prompt, completion) = c.tally.counts();
                 (c.prompt_index, prompt, completion)
             }));
             out.push(match self.meta.api {
@@ -285,7 +279,7 @@ pub(crate) fn events(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use herd_proto::v1::{FinishReason, TokenLogprob};
+    use herd_proto::v1::{FinishReason, TokenLogprob, Usage};
     use serde_json::{Value, json};
 
     fn meta(api: Api, include_usage: bool, logprobs: bool) -> StreamMeta {
