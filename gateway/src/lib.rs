@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tracing::info;
@@ -86,7 +85,6 @@ impl AppState {
 /// The gateway's HTTP routes, ready to serve or to call in-process.
 pub fn router(state: AppState) -> Router {
     use openai::handlers;
-    let limit = state.settings.max_body_bytes;
     let retry_after = state.settings.retry_after;
     Router::new()
         .route("/v1/models", get(handlers::list_models))
@@ -97,7 +95,6 @@ pub fn router(state: AppState) -> Router {
         // Must come after the routes: it only applies to those already added.
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .fallback(handlers::not_found)
-        .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::map_response_with_state(retry_after, handlers::add_retry_after))
         .with_state(state)
 }

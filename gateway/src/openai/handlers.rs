@@ -1,12 +1,12 @@
 //! The HTTP handlers: parse, validate, dispatch each choice to a worker, answer in OpenAI's format.
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use futures::future::try_join_all;
 use rand::Rng;
 use rand::distr::Alphanumeric;
@@ -28,35 +28,44 @@ pub fn new_request_id(prefix: &str) -> String {
     format!("{prefix}-{suffix}")
 }
 
-fn body_bytes(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, GatewayError> {
-    body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            GatewayError::BodyTooLarge { limit: state.settings.max_body_bytes }
-        } else {
-            GatewayError::InvalidRequest {
-                message: format!("could not read the request body: {}", rejection.body_text()),
-                param: None,
-                code: None,
-            }
+/// Most bytes of an oversized body read (and discarded) before answering 413.
+const DRAIN_CAP: usize = 64 << 20;
+
+/// Reads the body up to `--max-body-bytes`. An oversized body is still read to its end (up to
+/// [`DRAIN_CAP`]) before the 413 goes out: closing a socket with unread data resets the
+/// connection, and the client would see a network error instead of the answer.
+async fn body_bytes(state: &AppState, body: Body) -> Result<Vec<u8>, GatewayError> {
+    let limit = state.settings.max_body_bytes;
+    let mut frames = body.into_data_stream();
+    let (mut kept, mut seen) = (Vec::new(), 0usize);
+    while let Some(frame) = frames.next().await {
+        let frame = frame.map_err(|e| GatewayError::InvalidRequest {
+            message: format!("could not read the request body: {e}"),
+            param: None,
+            code: None,
+        })?;
+        seen += frame.len();
+        if seen <= limit {
+            kept.extend_from_slice(&frame);
+        } else if seen > limit.saturating_add(DRAIN_CAP) {
+            break;
         }
-    })
+    }
+    if seen > limit {
+        return Err(GatewayError::BodyTooLarge { limit });
+    }
+    Ok(kept)
 }
 
 /// `POST /v1/chat/completions`.
-pub async fn chat_completions(
-    State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, GatewayError> {
-    let plan = parse_chat(&body_bytes(&state, body)?)?;
+pub async fn chat_completions(State(state): State<AppState>, body: Body) -> Result<Response, GatewayError> {
+    let plan = parse_chat(&body_bytes(&state, body).await?)?;
     Ok(execute(state, plan).await)
 }
 
 /// `POST /v1/completions`.
-pub async fn completions(
-    State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, GatewayError> {
-    let plan = parse_completion(&body_bytes(&state, body)?)?;
+pub async fn completions(State(state): State<AppState>, body: Body) -> Result<Response, GatewayError> {
+    let plan = parse_completion(&body_bytes(&state, body).await?)?;
     Ok(execute(state, plan).await)
 }
 
