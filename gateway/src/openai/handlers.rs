@@ -15,8 +15,8 @@ use tracing::{Instrument, info, info_span};
 use super::params::{Api, Plan, parse_chat, parse_completion};
 use super::sse::{self, StreamMeta};
 use super::types::{
-    AssistantMessage, ChatChoice, ChatCompletion, Completion, CompletionChoice, Health, ModelList, ModelObject,
-    chat_logprobs, completion_logprobs, finish_reason_str, total_usage,
+    Answer, AssistantMessage, ChatChoice, CompletionChoice, Health, ModelList, ModelObject, chat_logprobs,
+    completion_logprobs, finish_reason_str, total_usage,
 };
 use crate::dispatch::{Attempts, Ctx};
 use crate::router::unix_now;
@@ -125,16 +125,11 @@ async fn generate(state: AppState, plan: Plan, id: String) -> Result<Response, G
     let usage = total_usage(
         plan.choices.iter().zip(&done).map(|(c, d)| (c.prompt_index, d.prompt_tokens(), d.completion_tokens())),
     );
+    let pairs = plan.choices.iter().zip(&done);
     let response = match plan.api {
-        Api::Chat => Json(ChatCompletion {
-            id,
-            object: "chat.completion",
-            created,
-            model: plan.model.clone(),
-            choices: plan
-                .choices
-                .iter()
-                .zip(&done)
+        Api::Chat => Json(Answer::new(
+            (id, "chat.completion", created, plan.model.clone(), usage),
+            pairs
                 .map(|(c, d)| ChatChoice {
                     index: c.index,
                     message: AssistantMessage { role: "assistant", content: d.text.clone() },
@@ -142,18 +137,11 @@ async fn generate(state: AppState, plan: Plan, id: String) -> Result<Response, G
                     finish_reason: finish_reason_str(d.finish_reason),
                 })
                 .collect(),
-            usage,
-        })
+        ))
         .into_response(),
-        Api::Completion => Json(Completion {
-            id,
-            object: "text_completion",
-            created,
-            model: plan.model.clone(),
-            choices: plan
-                .choices
-                .iter()
-                .zip(&done)
+        Api::Completion => Json(Answer::new(
+            (id, "text_completion", created, plan.model.clone(), usage),
+            pairs
                 .map(|(c, d)| CompletionChoice {
                     text: d.text.clone(),
                     index: c.index,
@@ -161,8 +149,7 @@ async fn generate(state: AppState, plan: Plan, id: String) -> Result<Response, G
                     finish_reason: Some(finish_reason_str(d.finish_reason)),
                 })
                 .collect(),
-            usage,
-        })
+        ))
         .into_response(),
     };
     info!(prompt_tokens = usage.prompt_tokens, completion_tokens = usage.completion_tokens, "generation done");

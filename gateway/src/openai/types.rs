@@ -140,10 +140,13 @@ pub struct Answer<C> {
     pub usage: UsageOut,
 }
 
-/// A non-streaming chat answer.
-pub type ChatCompletion = Answer<ChatChoice>;
-/// A non-streaming completions answer.
-pub type Completion = Answer<CompletionChoice>;
+impl<C> Answer<C> {
+    /// An answer with `(id, object, created, model, usage)` around `choices`.
+    pub fn new(head: (String, &'static str, u64, String, UsageOut), choices: Vec<C>) -> Self {
+        let (id, object, created, model, usage) = head;
+        Self { id, object, created, model, choices, usage }
+    }
+}
 
 /// One streamed chunk: `chat.completion.chunk` or a streamed `text_completion`.
 #[derive(Debug, Clone, Serialize)]
