@@ -98,16 +98,26 @@ pub fn controller(listen: &str, ttl: &str) -> Proc {
 
 /// `herd worker` serving the test model as [`MODEL`], one compute thread, plus `extra` flags.
 pub fn worker(controller: &Proc, extra: &[&str]) -> Proc {
+    worker_of(&controller.url(), extra)
+}
+
+/// [`worker`] registering with `controllers` (comma-separated URLs).
+pub fn worker_of(controllers: &str, extra: &[&str]) -> Proc {
     let mut args: Vec<String> =
         ["worker", "--listen", "127.0.0.1:0", "--threads", "1", "--model-name", MODEL].map(String::from).to_vec();
-    args.extend(["--model".into(), test_model().display().to_string(), "--controller".into(), controller.url()]);
+    args.extend(["--model".into(), test_model().display().to_string(), "--controller".into(), controllers.into()]);
     args.extend(extra.iter().map(|s| s.to_string()));
     Proc::start(&args)
 }
 
 /// `herd gateway` watching `controller`.
 pub fn gateway(controller: &Proc) -> Proc {
-    Proc::start(&["gateway".into(), "--listen".into(), "127.0.0.1:0".into(), "--controller".into(), controller.url()])
+    gateway_of(&controller.url())
+}
+
+/// `herd gateway` watching `controllers` (comma-separated URLs).
+pub fn gateway_of(controllers: &str) -> Proc {
+    Proc::start(&["gateway", "--listen", "127.0.0.1:0", "--controller", controllers].map(String::from))
 }
 
 /// Waits until the gateway lists `n` workers for [`MODEL`] (its /health count), up to `limit`.

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use herd_proto::v1 as pb;
-use herd_tests::cluster::{MODEL, Proc, controller, gateway, wait_for_workers, worker};
+use herd_tests::cluster::{MODEL, Proc, controller, gateway, gateway_of, wait_for_workers, worker, worker_of};
 use serde_json::{Value, json};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
@@ -130,6 +130,30 @@ async fn a_controller_restart_loses_nothing() {
     // A worker that joins after the restart reaches the gateway: it watches the new controller.
     let _w2 = worker(&ctl, &["--worker-id", "w2"]);
     wait_for_workers(&gw, 2, Duration::from_secs(120)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn workers_and_gateways_fail_over_to_a_second_controller() {
+    let a = controller("127.0.0.1:0", "3s");
+    let b = controller("127.0.0.1:0", "3s");
+    let both = format!("{},{}", a.url(), b.url());
+    let _w = worker_of(&both, &["--worker-id", "w"]);
+    let gw = gateway_of(&both);
+    wait_for_workers(&gw, 1, Duration::from_secs(120)).await;
+    assert_eq!(list_workers(&a).await, ["w"], "the worker registers with the first controller");
+    let url = format!("{}/v1/chat/completions", gw.url());
+    drop(a);
+    let lost = std::time::Instant::now();
+    // Requests keep succeeding across more than a TTL while the worker and gateway move to B.
+    while lost.elapsed() < Duration::from_secs(4) {
+        assert!(done(&stream(&url, "Hi!", 2, None).await), "a request failed after controller A died");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while list_workers(&b).await.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the worker did not move to controller B");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(done(&stream(&url, "Still there?", 2, None).await));
 }
 
 #[tokio::test(flavor = "multi_thread")]
