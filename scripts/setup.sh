@@ -4,6 +4,8 @@
 set -euo pipefail
 missing=()
 command -v protoc >/dev/null || missing+=(protobuf-compiler)
+# The registry tests start a real etcd (ETCD_BIN may point at one elsewhere).
+[ -n "${ETCD_BIN:-}" ] || command -v etcd >/dev/null || missing+=(etcd-server)
 command -v python3 >/dev/null || missing+=(python3 python3-pip)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
+use herd_controller::{ControllerArgs, StoreKind};
 use herd_proto::v1 as pb;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
@@ -38,6 +39,15 @@ pub struct UpArgs {
     /// Chat template: vicuna_v1.1, one_shot, or a Jinja file.
     #[arg(long, env = "HERD_CHAT_TEMPLATE")]
     chat_template: Option<String>,
+    /// Registry store: memory (in this process) or etcd.
+    #[arg(long, env = "HERD_STORE", value_enum, default_value_t = StoreKind::Memory)]
+    store: StoreKind,
+    /// With `--store etcd`: etcd URLs, comma-separated.
+    #[arg(long, env = "HERD_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// With `--store etcd`: key prefix.
+    #[arg(long, env = "HERD_ETCD_PREFIX", default_value = "/herd")]
+    etcd_prefix: String,
     /// Registry heartbeat TTL.
     #[arg(long, env = "HERD_HEARTBEAT_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
     heartbeat_ttl: Duration,
@@ -121,7 +131,17 @@ pub async fn run(args: UpArgs, mut stop: Pin<Box<dyn Future<Output = ()> + Send>
     let controller_listener = TcpListener::bind("127.0.0.1:0").await.context("binding the controller")?;
     let controller = format!("http://{}", controller_listener.local_addr()?);
     let (stop_controller, controller_stopped) = tokio::sync::oneshot::channel::<()>();
-    let controller_task = tokio::spawn(herd_controller::serve(controller_listener, args.heartbeat_ttl, async {
+    let store = herd_controller::open_store(&ControllerArgs {
+        listen: controller.clone(),
+        store: args.store,
+        heartbeat_ttl: args.heartbeat_ttl,
+        etcd_endpoints: args.etcd_endpoints.clone(),
+        etcd_prefix: args.etcd_prefix.clone(),
+        etcd_user: None,
+        etcd_password: None,
+    })
+    .await?;
+    let controller_task = tokio::spawn(herd_controller::serve_store(controller_listener, store, async {
         let _ = controller_stopped.await;
     }));
 

@@ -11,6 +11,9 @@ pub enum ControllerError {
     /// Heartbeat or deregister named a worker the registry does not hold (never registered, or expired).
     #[error("unknown worker {0:?}: register again")]
     UnknownWorker(String),
+    /// A live worker already holds this id (etcd store).
+    #[error("worker id {0:?} is already registered by a live worker; pick another --worker-id or wait for its TTL")]
+    DuplicateWorker(String),
     /// No registered worker serves the requested model.
     #[error("no worker serves model {0:?}")]
     NoWorkerForModel(String),
@@ -44,6 +47,7 @@ impl From<ControllerError> for Status {
     fn from(err: ControllerError) -> Self {
         let code = match &err {
             ControllerError::InvalidRecord(_) => Code::InvalidArgument,
+            ControllerError::DuplicateWorker(_) => Code::AlreadyExists,
             // Workers react to NotFound on Heartbeat by registering again.
             ControllerError::UnknownWorker(_) | ControllerError::NoWorkerForModel(_) => Code::NotFound,
             // Unavailable tells watchers to reconnect, which is what both store trouble and lag need.

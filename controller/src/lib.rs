@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 pub use error::ControllerError;
-pub use registry::{ChangeStream, MemoryStore, Store, WorkerChange};
+pub use registry::{ChangeStream, EtcdOptions, EtcdStore, MemoryStore, Store, WorkerChange};
 pub use service::ControllerService;
 
 /// Which registry store backs the controller.
@@ -26,6 +26,8 @@ pub enum StoreKind {
     /// In-process: one controller replica; the registry is lost when it exits.
     #[default]
     Memory,
+    /// etcd: registrations outlive the controller, and any number of replicas share them.
+    Etcd,
 }
 
 /// Command-line options of `herd controller`.
@@ -40,6 +42,36 @@ pub struct ControllerArgs {
     /// How long a worker stays registered without a heartbeat (e.g. 10s, 1500ms).
     #[arg(long, env = "HERD_HEARTBEAT_TTL", default_value = "10s", value_parser = parse_heartbeat_ttl)]
     pub heartbeat_ttl: Duration,
+    /// With `--store etcd`: etcd URLs, comma-separated (e.g. http://127.0.0.1:2379).
+    #[arg(long, env = "HERD_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// With `--store etcd`: key prefix; records live under `{prefix}/v1/workers/`.
+    #[arg(long, env = "HERD_ETCD_PREFIX", default_value = "/herd")]
+    pub etcd_prefix: String,
+    /// With `--store etcd`: user, when etcd has auth enabled (needs --etcd-password).
+    #[arg(long, env = "HERD_ETCD_USER", requires = "etcd_password")]
+    pub etcd_user: Option<String>,
+    /// With `--store etcd`: password of --etcd-user.
+    #[arg(long, env = "HERD_ETCD_PASSWORD", requires = "etcd_user")]
+    pub etcd_password: Option<String>,
+}
+
+/// The store `args` ask for (etcd's connection is lazy: this succeeds while etcd is down).
+pub async fn open_store(args: &ControllerArgs) -> Result<Arc<dyn Store>, ControllerError> {
+    Ok(match args.store {
+        StoreKind::Memory => Arc::new(MemoryStore::new(args.heartbeat_ttl)),
+        StoreKind::Etcd => {
+            if args.etcd_endpoints.is_empty() {
+                return Err(ControllerError::Config("--store etcd needs --etcd-endpoints URL[,URL]".into()));
+            }
+            let options = EtcdOptions {
+                endpoints: args.etcd_endpoints.clone(),
+                prefix: args.etcd_prefix.clone(),
+                user: args.etcd_user.clone().zip(args.etcd_password.clone()),
+            };
+            Arc::new(EtcdStore::connect(&options, args.heartbeat_ttl).await?)
+        }
+    })
 }
 
 /// Parses `--heartbeat-ttl`, refusing a TTL that would expire every worker at once.
@@ -100,9 +132,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControllerError> {
     check_heartbeat_ttl(args.heartbeat_ttl)?;
-    let store: Arc<dyn Store> = match args.store {
-        StoreKind::Memory => Arc::new(MemoryStore::new(args.heartbeat_ttl)),
-    };
+    let store = open_store(&args).await?;
     let bind_error = |source| ControllerError::Bind { addr: args.listen.clone(), source };
     let listener = TcpListener::bind(&args.listen).await.map_err(bind_error)?;
     let local_addr = listener.local_addr().map_err(bind_error)?;
@@ -157,7 +187,14 @@ mod tests {
             let err = Cli::try_parse_from(["herd", "--heartbeat-ttl", bad]).unwrap_err().to_string();
             assert!(err.contains("--heartbeat-ttl"), "{bad}: {err}");
         }
-        assert!(Cli::try_parse_from(["herd", "--store", "etcd"]).is_err());
+        assert!(Cli::try_parse_from(["herd", "--store", "paper"]).is_err());
+    }
+
+    #[tokio::test]
+    async fn etcd_store_needs_endpoints() {
+        let cli = Cli::try_parse_from(["herd", "--store", "etcd", "--listen", "127.0.0.1:0"]).unwrap();
+        let err = run(cli.args, async {}).await.unwrap_err().to_string();
+        assert!(err.contains("--etcd-endpoints"), "{err}");
     }
 
     #[tokio::test]
@@ -170,11 +207,8 @@ mod tests {
     #[tokio::test]
     async fn run_names_listen_when_the_bind_fails() {
         let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let args = ControllerArgs {
-            listen: taken.local_addr().unwrap().to_string(),
-            store: StoreKind::Memory,
-            heartbeat_ttl: Duration::from_secs(10),
-        };
+        let listen = taken.local_addr().unwrap().to_string();
+        let args = Cli::try_parse_from(["herd", "--listen", &listen]).unwrap().args;
         let err = run(args, async {}).await.unwrap_err();
         assert!(matches!(err, ControllerError::Bind { .. }), "{err:?}");
         assert!(err.to_string().contains("--listen"), "{err}");

@@ -3,8 +3,10 @@
 //! The trait speaks of records, TTLs and change events rather than maps and locks so that an etcd
 //! store (a lease per worker, a watch on the key prefix) can implement it with the same meaning.
 
+mod etcd;
 mod memory;
 
+pub use etcd::{EtcdOptions, EtcdStore};
 pub use memory::MemoryStore;
 
 use std::pin::Pin;
@@ -12,6 +14,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use herd_proto::v1::{WorkerLoad, WorkerState};
+use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::error::ControllerError;
 
@@ -34,7 +37,9 @@ pub trait Store: Send + Sync + 'static {
     /// How long a record lives without a heartbeat (workers are told this when they register).
     fn ttl(&self) -> Duration;
 
-    /// Creates or replaces the record for `state.info.worker_id`, starts its TTL afresh, and emits an upsert.
+    /// Creates the record for `state.info.worker_id`, starts its TTL afresh, and emits an upsert.
+    /// The memory store replaces a live record of the same id; the etcd store refuses it
+    /// (`DuplicateWorker`), since two workers may then be claiming one id.
     async fn register(&self, state: WorkerState) -> Result<(), ControllerError>;
 
     /// Refreshes a worker's TTL and records its load, emitting an upsert (gateways route on load);
@@ -51,4 +56,17 @@ pub trait Store: Send + Sync + 'static {
     /// Every live record (ordered by worker id) and the changes after exactly that snapshot:
     /// the two are taken atomically, so no change falls between them.
     async fn watch(&self) -> Result<(Vec<WorkerState>, ChangeStream), ControllerError>;
+}
+
+/// Turns a broadcast receiver into a change stream that ends with an error, rather than skipping
+/// ahead, when the watcher lagged or the store went away: either way its table is no longer exact.
+fn changes(receiver: broadcast::Receiver<WorkerChange>) -> ChangeStream {
+    Box::pin(futures::stream::unfold(Some(receiver), |receiver| async move {
+        let mut receiver = receiver?;
+        match receiver.recv().await {
+            Ok(change) => Some((Ok(change), Some(receiver))),
+            Err(RecvError::Lagged(missed)) => Some((Err(ControllerError::WatchLagged(missed)), None)),
+            Err(RecvError::Closed) => Some((Err(ControllerError::Store("the registry store was closed".into())), None)),
+        }
+    }))
 }

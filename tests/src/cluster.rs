@@ -44,7 +44,7 @@ impl Proc {
             Ok(addr) => addr,
             Err(_) => {
                 let _ = child.kill();
-                panic!("herd {args:?} printed no {marker:?} line within 2 minutes");
+                panic!("herd {args:?} exited or printed no {marker:?} line within 2 minutes (its stderr is above)");
             }
         };
         Proc { child, addr }
@@ -94,6 +94,13 @@ pub const MODEL: &str = "smollm2";
 /// `herd controller` on an OS-chosen port (or `listen`), with a short TTL.
 pub fn controller(listen: &str, ttl: &str) -> Proc {
     Proc::start(&["controller", "--listen", listen, "--heartbeat-ttl", ttl].map(String::from))
+}
+
+/// `herd controller --store etcd` on `etcd_url` (records under the default `/herd` prefix).
+pub fn controller_on_etcd(listen: &str, ttl: &str, etcd_url: &str) -> Proc {
+    let args =
+        ["controller", "--listen", listen, "--heartbeat-ttl", ttl, "--store", "etcd", "--etcd-endpoints", etcd_url];
+    Proc::start(&args.map(String::from))
 }
 
 /// `herd worker` serving the test model as [`MODEL`], one compute thread, plus `extra` flags.

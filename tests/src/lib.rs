@@ -51,3 +51,4 @@ pub fn herd_bin() -> PathBuf {
 }
 
 pub mod cluster;
+pub mod etcd;

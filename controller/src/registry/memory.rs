@@ -5,10 +5,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use herd_proto::v1::{WorkerLoad, WorkerState};
-use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::broadcast;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::{ChangeStream, Store, WorkerChange};
+use super::{ChangeStream, Store, WorkerChange, changes};
 use crate::error::ControllerError;
 
 /// Changes buffered per watcher before a slow one is cut off (and re-reads a snapshot).
@@ -197,19 +197,6 @@ impl Store for MemoryStore {
         log_expired(&expired);
         Ok((snapshot, changes(receiver)))
     }
-}
-
-/// Turns a broadcast receiver into a change stream that ends with an error, rather than skipping
-/// ahead, when the watcher lagged or the store went away: either way its table is no longer exact.
-fn changes(receiver: broadcast::Receiver<WorkerChange>) -> ChangeStream {
-    Box::pin(futures::stream::unfold(Some(receiver), |receiver| async move {
-        let mut receiver = receiver?;
-        match receiver.recv().await {
-            Ok(change) => Some((Ok(change), Some(receiver))),
-            Err(RecvError::Lagged(missed)) => Some((Err(ControllerError::WatchLagged(missed)), None)),
-            Err(RecvError::Closed) => Some((Err(ControllerError::Store("the registry store was closed".into())), None)),
-        }
-    }))
 }
 
 #[cfg(test)]

@@ -1,0 +1,141 @@
+//! The etcd registry store with a real etcd: registrations outlive controllers, replicas share
+//! them, silent workers expire, and a worker id can be held by one live worker only.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use herd_proto::v1 as pb;
+use herd_proto::v1::controller_client::ControllerClient;
+use herd_tests::cluster::{MODEL, Proc, controller_on_etcd, gateway, wait_for_workers, worker};
+use herd_tests::etcd::Etcd;
+use serde_json::json;
+use tonic::Code;
+use tonic::transport::Channel;
+
+async fn client(controller: &Proc) -> ControllerClient<Channel> {
+    ControllerClient::connect(controller.url()).await.expect("controller answers")
+}
+
+fn record(id: &str, address: &str) -> pb::RegisterWorkerRequest {
+    let info = pb::WorkerInfo {
+        worker_id: id.into(),
+        address: address.into(),
+        models: vec![MODEL.into()],
+        context_length: 2048,
+        max_batch_size: 1,
+        max_queue: 1,
+        tp_size: 1,
+        devices: vec!["cpu".into()],
+    };
+    pb::RegisterWorkerRequest { info: Some(info), load: None }
+}
+
+async fn worker_ids(controller: &Proc) -> Vec<String> {
+    let resp = client(controller).await.list_workers(pb::ListWorkersRequest::default()).await.unwrap();
+    resp.into_inner().workers.into_iter().map(|w| w.info.unwrap().worker_id).collect()
+}
+
+/// The etcd create revision of a worker's key: it changes only when the worker registers anew.
+async fn create_revision(etcd: &Etcd, id: &str) -> i64 {
+    let mut etcd = etcd_client::Client::connect([etcd.url()], None).await.unwrap();
+    let resp = etcd.get(format!("/herd/v1/workers/{id}"), None).await.unwrap();
+    resp.kvs().first().map(|kv| kv.create_revision()).expect("the worker's key exists")
+}
+
+async fn chat(gateway: &Proc) -> u16 {
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+    let url = format!("{}/v1/chat/completions", gateway.url());
+    reqwest::Client::new().post(url).json(&body).send().await.expect("gateway answers").status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_controller_on_the_same_etcd_knows_every_worker_without_re_registration() {
+    let etcd = Etcd::start();
+    // The default TTL: leases outlive a controller restart of a few seconds.
+    let first = controller_on_etcd("127.0.0.1:0", "10s", &etcd.url());
+    let addr = first.addr.clone();
+    let _w = worker(&first, &["--worker-id", "w"]);
+    let gw = gateway(&first);
+    wait_for_workers(&gw, 1, Duration::from_secs(120)).await;
+    let registered = create_revision(&etcd, "w").await;
+
+    first.signal(libc::SIGKILL);
+    drop(first);
+    assert_eq!(chat(&gw).await, 200, "the gateway serves while no controller runs");
+    let second = controller_on_etcd(&addr, "10s", &etcd.url());
+    let started = Instant::now();
+    while worker_ids(&second).await != ["w"] {
+        assert!(started.elapsed() < Duration::from_secs(2), "the new controller does not list the worker");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Heartbeats (every TTL/3) now reach the new controller, which finds the worker's lease in etcd.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(create_revision(&etcd, "w").await, registered, "the worker registered again");
+    assert_eq!(chat(&gw).await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_duplicate_worker_id_is_refused() {
+    let etcd = Etcd::start();
+    let ctl = controller_on_etcd("127.0.0.1:0", "5s", &etcd.url());
+    let mut c = client(&ctl).await;
+    c.register_worker(record("twin", "http://127.0.0.1:1001")).await.expect("the first one registers");
+    let err = c.register_worker(record("twin", "http://127.0.0.1:1002")).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(err.message().contains("twin"), "{}", err.message());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_share_registrations_and_expire_silent_workers() {
+    let etcd = Etcd::start();
+    let a = controller_on_etcd("127.0.0.1:0", "2s", &etcd.url());
+    let b = controller_on_etcd("127.0.0.1:0", "2s", &etcd.url());
+    let mut watch = client(&b).await.watch_workers(pb::WatchWorkersRequest {}).await.unwrap().into_inner();
+    let first = watch.next().await.unwrap().unwrap();
+    assert!(matches!(first.event, Some(pb::worker_event::Event::Snapshot(_))));
+
+    client(&a).await.register_worker(record("shared", "http://127.0.0.1:1003")).await.unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(1), watch.next()).await;
+    let event = seen.expect("B sees A's registration within 1 s").unwrap().unwrap();
+    assert!(
+        matches!(event.event, Some(pb::worker_event::Event::Upsert(ref s)) if s.info.as_ref().unwrap().worker_id == "shared")
+    );
+
+    // A heartbeat through either replica keeps the lease alive.
+    let beat = |ctl: &Proc| {
+        let url = ctl.url();
+        async move {
+            let load = pb::WorkerLoad { running: 1, waiting: 0 };
+            let mut c = ControllerClient::connect(url).await.unwrap();
+            c.heartbeat(pb::HeartbeatRequest { worker_id: "shared".into(), load: Some(load) }).await
+        }
+    };
+    for _ in 0..4 {
+        beat(&b).await.expect("B renews a lease A granted");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    assert_eq!(worker_ids(&a).await, ["shared"]);
+    let silent_since = Instant::now();
+    for ctl in [&a, &b] {
+        while !worker_ids(ctl).await.is_empty() {
+            assert!(silent_since.elapsed() < Duration::from_secs(3), "a silent worker outlives TTL + 1 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(beat(&a).await.unwrap_err().code(), Code::NotFound, "an expired worker must register again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn herd_up_runs_on_etcd() {
+    let etcd = Etcd::start();
+    let model = herd_tests::test_model().display().to_string();
+    let url = etcd.url();
+    let args =
+        ["up", "--model", &model, "--port", "0", "--model-name", MODEL, "--store", "etcd", "--etcd-endpoints", &url];
+    let mut up = Proc::start_until(&args.map(String::from), "serving at ");
+    assert_eq!(chat(&up).await, 200);
+    create_revision(&etcd, "up-worker-0").await;
+    up.signal(libc::SIGINT);
+    let status = up.wait_exit(Duration::from_secs(60)).expect("herd up stops after Ctrl-C");
+    assert!(status.success(), "{status:?}");
+}
