@@ -6,9 +6,11 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use herd_proto::v1 as pb;
 use herd_proto::v1::controller_client::ControllerClient;
-use herd_tests::cluster::{MODEL, Proc, controller_on_etcd, gateway, wait_for_workers, worker};
+use herd_tests::cluster::{MODEL, Proc, controller_on_etcd, gateway, gateway_of, wait_for_workers, worker, worker_of};
 use herd_tests::etcd::Etcd;
 use serde_json::json;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -42,9 +44,10 @@ async fn create_revision(etcd: &Etcd, id: &str) -> i64 {
     resp.kvs().first().map(|kv| kv.create_revision()).expect("the worker's key exists")
 }
 
-async fn chat(gateway: &Proc) -> u16 {
+/// One short chat request through the gateway at `gateway_url`; its HTTP status.
+async fn chat(gateway_url: &str) -> u16 {
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
-    let url = format!("{}/v1/chat/completions", gateway.url());
+    let url = format!("{gateway_url}/v1/chat/completions");
     reqwest::Client::new().post(url).json(&body).send().await.expect("gateway answers").status().as_u16()
 }
 
@@ -61,7 +64,7 @@ async fn a_new_controller_on_the_same_etcd_knows_every_worker_without_re_registr
 
     first.signal(libc::SIGKILL);
     drop(first);
-    assert_eq!(chat(&gw).await, 200, "the gateway serves while no controller runs");
+    assert_eq!(chat(&gw.url()).await, 200, "the gateway serves while no controller runs");
     let second = controller_on_etcd(&addr, "10s", &etcd.url());
     let started = Instant::now();
     while worker_ids(&second).await != ["w"] {
@@ -71,7 +74,7 @@ async fn a_new_controller_on_the_same_etcd_knows_every_worker_without_re_registr
     // Heartbeats (every TTL/3) now reach the new controller, which finds the worker's lease in etcd.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(create_revision(&etcd, "w").await, registered, "the worker registered again");
-    assert_eq!(chat(&gw).await, 200);
+    assert_eq!(chat(&gw.url()).await, 200);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -133,9 +136,66 @@ async fn herd_up_runs_on_etcd() {
     let args =
         ["up", "--model", &model, "--port", "0", "--model-name", MODEL, "--store", "etcd", "--etcd-endpoints", &url];
     let mut up = Proc::start_until(&args.map(String::from), "serving at ");
-    assert_eq!(chat(&up).await, 200);
+    assert_eq!(chat(&up.url()).await, 200);
     create_revision(&etcd, "up-worker-0").await;
     up.signal(libc::SIGINT);
     let status = up.wait_exit(Duration::from_secs(60)).expect("herd up stops after Ctrl-C");
     assert!(status.success(), "{status:?}");
+}
+
+/// Sends chat requests back to back until `stop` says so; returns every status.
+fn chat_until(gateway: &Proc, mut stop: oneshot::Receiver<()>) -> JoinHandle<Vec<u16>> {
+    let url = gateway.url();
+    tokio::spawn(async move {
+        let mut statuses = Vec::new();
+        while stop.try_recv().is_err() {
+            statuses.push(chat(&url).await);
+        }
+        statuses
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_on_etcd_take_over_from_a_dead_one_with_no_failed_request() {
+    let etcd = Etcd::start();
+    let a = controller_on_etcd("127.0.0.1:0", "3s", &etcd.url());
+    let b = controller_on_etcd("127.0.0.1:0", "3s", &etcd.url());
+    let both = format!("{},{}", a.url(), b.url());
+    let _w = worker_of(&both, &["--worker-id", "w"]);
+    let gw = gateway_of(&both);
+    wait_for_workers(&gw, 1, Duration::from_secs(120)).await;
+    let registered = create_revision(&etcd, "w").await;
+    let (stop, stopped) = oneshot::channel();
+    let load = chat_until(&gw, stopped);
+    drop(a);
+    // Longer than a TTL: the worker's heartbeats must be reaching B.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let _ = stop.send(());
+    let statuses = load.await.unwrap();
+    assert!(!statuses.is_empty() && statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert_eq!(worker_ids(&b).await, ["w"]);
+    assert_eq!(create_revision(&etcd, "w").await, registered, "the worker had to register again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_etcd_outage_under_load_fails_no_request_and_drops_no_worker() {
+    let mut etcd = Etcd::start();
+    let ctl = controller_on_etcd("127.0.0.1:0", "3s", &etcd.url());
+    let _w = worker(&ctl, &["--worker-id", "w"]);
+    let gw = gateway(&ctl);
+    wait_for_workers(&gw, 1, Duration::from_secs(120)).await;
+    let registered = create_revision(&etcd, "w").await;
+    let (stop, stopped) = oneshot::channel();
+    let load = chat_until(&gw, stopped);
+    etcd.stop();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(worker_ids(&ctl).await, ["w"], "the controller serves its last view while etcd is away");
+    etcd.resume();
+    // Two heartbeats after etcd returns.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let _ = stop.send(());
+    let statuses = load.await.unwrap();
+    assert!(!statuses.is_empty() && statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert_eq!(worker_ids(&ctl).await, ["w"], "after the outage the registry matches the live workers");
+    assert_eq!(create_revision(&etcd, "w").await, registered, "the live worker was dropped and re-registered");
 }
