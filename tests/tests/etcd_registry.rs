@@ -1,6 +1,8 @@
 //! The etcd registry store with a real etcd: registrations outlive controllers, replicas share
 //! them, silent workers expire, and a worker id can be held by one live worker only.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -198,4 +200,99 @@ async fn an_etcd_outage_under_load_fails_no_request_and_drops_no_worker() {
     assert!(!statuses.is_empty() && statuses.iter().all(|&s| s == 200), "{statuses:?}");
     assert_eq!(worker_ids(&ctl).await, ["w"], "after the outage the registry matches the live workers");
     assert_eq!(create_revision(&etcd, "w").await, registered, "the live worker was dropped and re-registered");
+}
+
+/// A TCP proxy in front of etcd that the test can cut, to break one controller's watch while
+/// etcd stays up for everyone else.
+struct Proxy {
+    url: String,
+    cut: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(target: String) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (cut, conns) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
+        let (accept_cut, accept_conns) = (cut.clone(), conns.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if accept_cut.load(Ordering::SeqCst) {
+                    continue; // dropped: refused while cut
+                }
+                let target = target.trim_start_matches("http://").to_string();
+                accept_conns.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                }));
+            }
+        });
+        Proxy { url, cut, conns }
+    }
+
+    /// Drops every connection and refuses new ones until [`Proxy::restore`].
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for conn in self.conns.lock().unwrap().drain(..) {
+            conn.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The next event of a WatchWorkers stream, as `+id` (upsert) or `-id` (removed), within 15 s.
+async fn next_event(stream: &mut tonic::Streaming<pb::WorkerEvent>) -> String {
+    use pb::worker_event::Event;
+    let event = tokio::time::timeout(Duration::from_secs(15), stream.next()).await.expect("an event in time");
+    match event.unwrap().unwrap().event.unwrap() {
+        Event::Upsert(s) => format!("+{}", s.info.unwrap().worker_id),
+        Event::Removed(id) => format!("-{id}"),
+        Event::Snapshot(s) => format!("snapshot of {}", s.workers.len()),
+    }
+}
+
+/// Controller A sees etcd through a proxy; B directly. While A's watch is cut, B records changes.
+async fn changes_during_a_cut_watch(compact: bool) -> Vec<String> {
+    let etcd = Etcd::start();
+    let proxy = Proxy::start(etcd.url()).await;
+    let a = controller_on_etcd("127.0.0.1:0", "20s", &proxy.url);
+    let b = controller_on_etcd("127.0.0.1:0", "20s", &etcd.url());
+    let mut watch = client(&a).await.watch_workers(pb::WatchWorkersRequest {}).await.unwrap().into_inner();
+    assert_eq!(next_event(&mut watch).await, "snapshot of 0");
+    client(&b).await.register_worker(record("before", "http://127.0.0.1:2001")).await.unwrap();
+    assert_eq!(next_event(&mut watch).await, "+before");
+
+    proxy.cut();
+    let mut c = client(&b).await;
+    c.register_worker(record("gone", "http://127.0.0.1:2002")).await.unwrap();
+    c.deregister(pb::DeregisterRequest { worker_id: "gone".into() }).await.unwrap();
+    c.register_worker(record("after", "http://127.0.0.1:2003")).await.unwrap();
+    if compact {
+        let mut etcd_client = etcd_client::Client::connect([etcd.url()], None).await.unwrap();
+        let revision = etcd_client.get("/", None).await.unwrap().header().unwrap().revision();
+        etcd_client.compact(revision, None).await.unwrap();
+    }
+    proxy.restore();
+    let mut seen = Vec::new();
+    while !seen.contains(&"+after".to_string()) {
+        seen.push(next_event(&mut watch).await);
+    }
+    assert_eq!(worker_ids(&a).await, ["after", "before"], "A's registry matches etcd again");
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resumed_watch_loses_no_event() {
+    assert_eq!(changes_during_a_cut_watch(false).await, ["+gone", "-gone", "+after"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watch_past_a_compaction_resyncs_the_difference() {
+    // "gone" came and went inside the compacted history: only the net change is left to emit.
+    assert_eq!(changes_during_a_cut_watch(true).await, ["+after"]);
 }
