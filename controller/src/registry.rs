@@ -53,6 +53,11 @@ pub trait Store: Send + Sync + 'static {
     /// Every live record, ordered by worker id.
     async fn list(&self) -> Result<Vec<WorkerState>, ControllerError>;
 
+    /// `Err(reason)` while the store cannot vouch that its records are current (etcd unreachable).
+    fn readiness(&self) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Every live record (ordered by worker id) and the changes after exactly that snapshot:
     /// the two are taken atomically, so no change falls between them.
     async fn watch(&self) -> Result<(Vec<WorkerState>, ChangeStream), ControllerError>;

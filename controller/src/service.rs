@@ -10,9 +10,10 @@ use futures::{FutureExt, Stream, StreamExt};
 use herd_proto::v1::controller_server::Controller;
 use herd_proto::v1::worker_event::Event;
 use herd_proto::v1::{
-    DeregisterRequest, DeregisterResponse, HeartbeatRequest, HeartbeatResponse, ListModelsRequest, ListModelsResponse,
-    ListWorkersRequest, ListWorkersResponse, ModelEntry, PickWorkerRequest, PickWorkerResponse, RegisterWorkerRequest,
-    RegisterWorkerResponse, WatchWorkersRequest, WorkerEvent, WorkerInfo, WorkerSnapshot, WorkerState,
+    ControllerHealthRequest, ControllerHealthResponse, DeregisterRequest, DeregisterResponse, HeartbeatRequest,
+    HeartbeatResponse, ListModelsRequest, ListModelsResponse, ListWorkersRequest, ListWorkersResponse, ModelEntry,
+    PickWorkerRequest, PickWorkerResponse, RegisterWorkerRequest, RegisterWorkerResponse, WatchWorkersRequest,
+    WorkerEvent, WorkerInfo, WorkerSnapshot, WorkerState,
 };
 use rand::seq::IndexedRandom;
 use tonic::{Request, Response, Status};
@@ -206,6 +207,15 @@ impl Controller for ControllerService {
         Ok(Response::new(watch_stream(snapshot, self.store.ttl(), changes, self.stop_watches.clone())))
     }
 
+    async fn health(&self, _: Request<ControllerHealthRequest>) -> Result<Response<ControllerHealthResponse>, Status> {
+        let workers = self.store.list().await.map_or(0, |w| w.len() as u32);
+        let (ready, reason) = match self.store.readiness() {
+            Ok(()) => (true, String::new()),
+            Err(reason) => (false, reason),
+        };
+        Ok(Response::new(ControllerHealthResponse { ready, reason, workers }))
+    }
+
     async fn pick_worker(&self, request: Request<PickWorkerRequest>) -> Result<Response<PickWorkerResponse>, Status> {
         let model = request.into_inner().model;
         if model.trim().is_empty() {
@@ -323,6 +333,14 @@ mod tests {
         assert_eq!(list("vicuna").await, ["w1"]);
         assert_eq!(list("llama").await, ["w2"]);
         assert!(list("nope").await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn health_reports_ready_and_the_worker_count() {
+        let service = service();
+        register(&service, worker("w", &["m"])).await;
+        let health = service.health(Request::new(ControllerHealthRequest {})).await.unwrap().into_inner();
+        assert_eq!((health.ready, health.reason.as_str(), health.workers), (true, "", 1));
     }
 
     #[tokio::test]

@@ -250,6 +250,13 @@ impl Controller for FakeControllerService {
     async fn pick_worker(&self, _: Request<PickWorkerRequest>) -> Result<Response<PickWorkerResponse>, Status> {
         Err(Status::unimplemented("fake controller"))
     }
+
+    async fn health(
+        &self,
+        _: Request<herd_proto::v1::ControllerHealthRequest>,
+    ) -> Result<Response<herd_proto::v1::ControllerHealthResponse>, Status> {
+        Err(Status::unimplemented("fake controller"))
+    }
 }
 
 /// A running fake controller; each `WatchWorkers` call replays the next session.

@@ -34,6 +34,10 @@ fn record(id: &str, address: &str) -> pb::RegisterWorkerRequest {
     pb::RegisterWorkerRequest { info: Some(info), load: None }
 }
 
+async fn health(controller: &Proc) -> pb::ControllerHealthResponse {
+    client(controller).await.health(pb::ControllerHealthRequest {}).await.unwrap().into_inner()
+}
+
 async fn worker_ids(controller: &Proc) -> Vec<String> {
     let resp = client(controller).await.list_workers(pb::ListWorkersRequest::default()).await.unwrap();
     resp.into_inner().workers.into_iter().map(|w| w.info.unwrap().worker_id).collect()
@@ -189,12 +193,21 @@ async fn an_etcd_outage_under_load_fails_no_request_and_drops_no_worker() {
     let registered = create_revision(&etcd, "w").await;
     let (stop, stopped) = oneshot::channel();
     let load = chat_until(&gw, stopped);
+    assert!(health(&ctl).await.ready);
     etcd.stop();
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(worker_ids(&ctl).await, ["w"], "the controller serves its last view while etcd is away");
+    let away = health(&ctl).await;
+    assert!(!away.ready && away.reason.contains("etcd"), "not ready while etcd is away: {away:?}");
     etcd.resume();
     // Two heartbeats after etcd returns.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let back = tokio::time::timeout(Duration::from_secs(10), async {
+        while !health(&ctl).await.ready {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    back.await.expect("ready again once etcd is back");
     let _ = stop.send(());
     let statuses = load.await.unwrap();
     assert!(!statuses.is_empty() && statuses.iter().all(|&s| s == 200), "{statuses:?}");

@@ -44,6 +44,8 @@ pub struct EtcdStore {
 /// The registry as last read from etcd: records with their lease ids, and the change feed.
 struct View {
     table: Mutex<Table>,
+    /// Why the view may be stale (the last attempt to reach etcd failed); `None` when in sync.
+    stale: Mutex<Option<String>>,
 }
 
 struct Table {
@@ -62,6 +64,10 @@ fn worker_id(state: &WorkerState) -> &str {
 impl View {
     fn lock(&self) -> MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_stale(&self, reason: Option<String>) {
+        *self.stale.lock().unwrap_or_else(PoisonError::into_inner) = reason;
     }
 
     fn get(&self, id: &str) -> Option<(WorkerState, i64)> {
@@ -124,7 +130,10 @@ impl EtcdStore {
             .map_err(|e| ControllerError::Config(format!("--etcd-endpoints {:?}: {e}", options.endpoints)))?;
         let dir = format!("{}/v1/workers/", options.prefix.trim_end_matches('/'));
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
-        let view = Arc::new(View { table: Mutex::new(Table { workers: HashMap::new(), events }) });
+        let view = Arc::new(View {
+            table: Mutex::new(Table { workers: HashMap::new(), events }),
+            stale: Mutex::new(Some("the registry has not been read from etcd yet".into())),
+        });
         tokio::spawn(follow(client.clone(), dir.clone(), Arc::downgrade(&view)));
         Ok(Self { client, dir, ttl, view })
     }
@@ -164,13 +173,13 @@ async fn follow(mut client: Client, dir: String, view: Weak<View>) {
             None => read_all(&mut client, &dir, &current).await,
             Some(revision) => watch_from(&mut client, &dir, revision, &view).await,
         };
-        drop(current);
         match step {
             Ok(next) => {
                 backoff = Duration::from_millis(100);
                 next_revision = next;
             }
             Err(e) => {
+                current.set_stale(Some(e.to_string()));
                 tracing::warn!(error = %e, retry_in = ?backoff, "etcd unreachable; serving the last registry view");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -196,6 +205,10 @@ async fn watch_from(
 ) -> Result<Option<i64>, ControllerError> {
     let options = WatchOptions::new().with_prefix().with_start_revision(revision);
     let mut stream = client.watch(dir, Some(options)).await.map_err(store_err)?;
+    if let Some(view) = view.upgrade() {
+        // Watching from where the view stands: it is current again.
+        view.set_stale(None);
+    }
     loop {
         let resp = match stream.message().await {
             Ok(Some(resp)) => resp,
@@ -290,6 +303,10 @@ impl Store for EtcdStore {
 
     async fn list(&self) -> Result<Vec<WorkerState>, ControllerError> {
         Ok(self.view.snapshot().0)
+    }
+
+    fn readiness(&self) -> Result<(), String> {
+        self.view.stale.lock().unwrap_or_else(PoisonError::into_inner).clone().map_or(Ok(()), Err)
     }
 
     async fn watch(&self) -> Result<(Vec<WorkerState>, ChangeStream), ControllerError> {
