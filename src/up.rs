@@ -139,6 +139,9 @@ pub async fn run(args: UpArgs, mut stop: Pin<Box<dyn Future<Output = ()> + Send>
         etcd_prefix: args.etcd_prefix.clone(),
         etcd_user: None,
         etcd_password: None,
+        etcd_ca: None,
+        etcd_cert: None,
+        etcd_key: None,
     })
     .await?;
     let controller_task = tokio::spawn(herd_controller::serve_store(controller_listener, store, async {

@@ -8,6 +8,7 @@ pub mod service;
 mod testing;
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 pub use error::ControllerError;
-pub use registry::{ChangeStream, EtcdOptions, EtcdStore, MemoryStore, Store, WorkerChange};
+pub use registry::{ChangeStream, EtcdOptions, EtcdStore, EtcdTls, MemoryStore, Store, WorkerChange};
 pub use service::ControllerService;
 
 /// Which registry store backs the controller.
@@ -54,6 +55,20 @@ pub struct ControllerArgs {
     /// With `--store etcd`: password of --etcd-user.
     #[arg(long, env = "HERD_ETCD_PASSWORD", requires = "etcd_user")]
     pub etcd_password: Option<String>,
+    /// With `--store etcd` over https: PEM file of the CA that signed etcd's certificate.
+    #[arg(long, env = "HERD_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// With `--store etcd` over https: PEM client certificate, when etcd checks clients.
+    #[arg(long, env = "HERD_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// With `--store etcd` over https: PEM key of --etcd-cert.
+    #[arg(long, env = "HERD_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+}
+
+/// Reads a PEM file named by `flag`.
+fn read_pem(flag: &str, path: &Path) -> Result<Vec<u8>, ControllerError> {
+    std::fs::read(path).map_err(|e| ControllerError::Config(format!("{flag} {}: {e}", path.display())))
 }
 
 /// The store `args` ask for (etcd's connection is lazy: this succeeds while etcd is down).
@@ -64,10 +79,22 @@ pub async fn open_store(args: &ControllerArgs) -> Result<Arc<dyn Store>, Control
             if args.etcd_endpoints.is_empty() {
                 return Err(ControllerError::Config("--store etcd needs --etcd-endpoints URL[,URL]".into()));
             }
+            let tls = match (&args.etcd_ca, args.etcd_cert.as_ref().zip(args.etcd_key.as_ref())) {
+                (None, None) => None,
+                (ca, identity) => Some(EtcdTls {
+                    ca: ca.as_deref().map(|p| read_pem("--etcd-ca", p)).transpose()?,
+                    identity: identity
+                        .map(|(cert, key)| {
+                            Ok::<_, ControllerError>((read_pem("--etcd-cert", cert)?, read_pem("--etcd-key", key)?))
+                        })
+                        .transpose()?,
+                }),
+            };
             let options = EtcdOptions {
                 endpoints: args.etcd_endpoints.clone(),
                 prefix: args.etcd_prefix.clone(),
                 user: args.etcd_user.clone().zip(args.etcd_password.clone()),
+                tls,
             };
             Arc::new(EtcdStore::connect(&options, args.heartbeat_ttl).await?)
         }

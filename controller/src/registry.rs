@@ -6,7 +6,7 @@
 mod etcd;
 mod memory;
 
-pub use etcd::{EtcdOptions, EtcdStore};
+pub use etcd::{EtcdOptions, EtcdStore, EtcdTls};
 pub use memory::MemoryStore;
 
 use std::pin::Pin;

@@ -12,6 +12,7 @@ pub struct Etcd {
     data: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
+    tls: bool,
 }
 
 /// The etcd binary: `$ETCD_BIN`, else `etcd` on PATH (Debian's `etcd-server`, which `.ci/run` installs).
@@ -33,19 +34,39 @@ fn free_port() -> u16 {
 impl Etcd {
     /// Starts etcd and waits (up to 30 s) until it accepts connections.
     pub fn start() -> Etcd {
+        Self::launch(false)
+    }
+
+    /// Starts etcd serving clients over TLS and requiring client certificates; [`Etcd::pem`]
+    /// names the CA, client certificate and key (made with the `openssl` command).
+    pub fn start_tls() -> Etcd {
+        Self::launch(true)
+    }
+
+    fn launch(tls: bool) -> Etcd {
         let mut etcd = Etcd {
             child: None,
             data: tempfile::tempdir().expect("a temporary data dir"),
             client_port: free_port(),
             peer_port: free_port(),
+            tls,
         };
+        if tls {
+            make_certificates(etcd.data.path());
+        }
         etcd.resume();
         etcd
     }
 
-    /// `http://127.0.0.1:PORT`, for `--etcd-endpoints`.
+    /// A PEM file of a TLS etcd: `ca.pem`, `client.pem` or `client-key.pem`.
+    pub fn pem(&self, name: &str) -> PathBuf {
+        self.data.path().join(name)
+    }
+
+    /// `http(s)://127.0.0.1:PORT`, for `--etcd-endpoints`.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// Kills etcd (its data stays, for [`Etcd::resume`]).
@@ -60,7 +81,17 @@ impl Etcd {
     pub fn resume(&mut self) {
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let client = self.url();
-        let child = Command::new(etcd_bin())
+        let mut cmd = Command::new(etcd_bin());
+        if self.tls {
+            cmd.arg("--cert-file")
+                .arg(self.pem("server.pem"))
+                .arg("--key-file")
+                .arg(self.pem("server-key.pem"))
+                .arg("--trusted-ca-file")
+                .arg(self.pem("ca.pem"))
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", "herd-test", "--data-dir"])
             .arg(self.data.path().join("data"))
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
@@ -76,6 +107,32 @@ impl Etcd {
             assert!(Instant::now() < deadline, "etcd did not listen on {} within 30 s", self.url());
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, in `dir`.
+fn make_certificates(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output();
+        match out {
+            Ok(out) if out.status.success() => {}
+            other => panic!("openssl {args:?} failed (the TLS test needs the openssl command): {other:?}"),
+        }
+    };
+    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n").unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    run(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out", "ca.pem"]
+        .into_iter()
+        .chain(["-days", "1", "-subj", "/CN=herd-test-ca"])
+        .collect::<Vec<_>>());
+    for (name, cn) in [("server", "127.0.0.1"), ("client", "herd-controller")] {
+        let (key, csr, pem, ext) =
+            (format!("{name}-key.pem"), format!("{name}.csr"), format!("{name}.pem"), format!("{name}.ext"));
+        run(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", &format!("/CN={cn}")]);
+        run(&["x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial"]
+            .into_iter()
+            .chain(["-out", &pem, "-days", "1", "-extfile", &ext])
+            .collect::<Vec<_>>());
     }
 }
 

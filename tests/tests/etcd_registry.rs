@@ -309,3 +309,18 @@ async fn a_watch_past_a_compaction_resyncs_the_difference() {
     // "gone" came and went inside the compacted history: only the net change is left to emit.
     assert_eq!(changes_during_a_cut_watch(true).await, ["+after"]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_controller_reaches_etcd_over_tls_with_a_client_certificate() {
+    let etcd = Etcd::start_tls();
+    let pem = |name: &str| etcd.pem(name).display().to_string();
+    let args = ["controller", "--listen", "127.0.0.1:0", "--store", "etcd", "--etcd-endpoints", &etcd.url()]
+        .into_iter()
+        .chain(["--etcd-ca", &pem("ca.pem"), "--etcd-cert", &pem("client.pem"), "--etcd-key", &pem("client-key.pem")])
+        .map(String::from)
+        .collect::<Vec<_>>();
+    let ctl = Proc::start(&args);
+    client(&ctl).await.register_worker(record("secure", "http://127.0.0.1:3001")).await.expect("registers over TLS");
+    assert_eq!(worker_ids(&ctl).await, ["secure"]);
+    assert!(health(&ctl).await.ready);
+}

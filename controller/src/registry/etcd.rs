@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, KeyValue, PutOptions,
+    TlsOptions, Txn, TxnOp, WatchOptions,
 };
 use herd_proto::v1::{WorkerLoad, WorkerState};
 use prost::Message;
@@ -30,6 +31,17 @@ pub struct EtcdOptions {
     pub prefix: String,
     /// User and password, when etcd has auth enabled.
     pub user: Option<(String, String)>,
+    /// For https endpoints.
+    pub tls: Option<EtcdTls>,
+}
+
+/// PEM material for talking to etcd over TLS.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    /// The CA that signed etcd's certificate (default: none beyond what the endpoint proves).
+    pub ca: Option<Vec<u8>>,
+    /// Client certificate and key, when etcd requires client certificates.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// Worker records in etcd, read through a local view.
@@ -124,6 +136,16 @@ impl EtcdStore {
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
         if let Some((user, password)) = &options.user {
             connect = connect.with_user(user.clone(), password.clone());
+        }
+        if let Some(tls) = &options.tls {
+            let mut config = TlsOptions::new();
+            if let Some(ca) = &tls.ca {
+                config = config.ca_certificate(Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = &tls.identity {
+                config = config.identity(Identity::from_pem(cert, key));
+            }
+            connect = connect.with_tls(config);
         }
         let client = Client::connect(&options.endpoints, Some(connect))
             .await
