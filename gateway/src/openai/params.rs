@@ -381,11 +381,22 @@ fn with_seed(base: &GenerateRequest, common: &Common, j: u32) -> GenerateRequest
     GenerateRequest { sampling: Some(sampling), ..base.clone() }
 }
 
+/// A list of token ids at `path` (e.g. `prompt` or `prompt[2]`), each naming itself when invalid.
+fn token_ids(list: &[Value], path: &str) -> Result<Vec<u32>, GatewayError> {
+    list.iter()
+        .enumerate()
+        .map(|(k, v)| {
+            v.as_u64().filter(|&t| t <= u64::from(u32::MAX)).map(|t| t as u32).ok_or_else(|| {
+                invalid(format!("{path}[{k}]"), format!("`{path}[{k}]` must be a token id between 0 and {}", u32::MAX))
+            })
+        })
+        .collect()
+}
+
 /// The prompts of a completions request.
 fn prompts(value: Option<&Value>) -> Result<Vec<Input>, GatewayError> {
     let shape =
         "`prompt` must be a string, an array of strings, an array of token ids or an array of arrays of token ids";
-    let token = |v: &Value| v.as_u64().filter(|&t| t <= u64::from(u32::MAX)).map(|t| t as u32);
     match value {
         None | Some(Value::Null) => Err(invalid("prompt", "`prompt` is required")),
         Some(Value::String(s)) => Ok(vec![Input::Text(s.clone())]),
@@ -401,21 +412,7 @@ fn prompts(value: Option<&Value>) -> Result<Vec<Input>, GatewayError> {
                     }
                 })
                 .collect(),
-            Value::Number(_) => {
-                let ids = items
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| {
-                        token(v).ok_or_else(|| {
-                            invalid(
-                                format!("prompt[{i}]"),
-                                format!("`prompt[{i}]` must be a token id between 0 and {}", u32::MAX),
-                            )
-                        })
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(vec![Input::TokenIds(TokenIds { ids })])
-            }
+            Value::Number(_) => Ok(vec![Input::TokenIds(TokenIds { ids: token_ids(items, "prompt")? })]),
             Value::Array(_) => items
                 .iter()
                 .enumerate()
@@ -429,18 +426,7 @@ fn prompts(value: Option<&Value>) -> Result<Vec<Input>, GatewayError> {
                     if list.is_empty() {
                         return Err(invalid(format!("prompt[{i}]"), format!("`prompt[{i}]` must not be empty")));
                     }
-                    let ids = list
-                        .iter()
-                        .enumerate()
-                        .map(|(k, t)| {
-                            token(t).ok_or_else(|| {
-                                invalid(
-                                    format!("prompt[{i}][{k}]"),
-                                    format!("`prompt[{i}][{k}]` must be a token id between 0 and {}", u32::MAX),
-                                )
-                            })
-                        })
-                        .collect::<Result<Vec<_>, _>>()?;
+                    let ids = token_ids(list, &format!("prompt[{i}]"))?;
                     Ok(Input::TokenIds(TokenIds { ids }))
                 })
                 .collect(),
