@@ -3,6 +3,10 @@
 //! Requests keep loosely typed fields (`Number`, `Value`) where the gateway checks ranges and shapes
 //! itself, so that every violation gets a message naming the parameter and what is allowed.
 //! Unknown fields are ignored: clients send many.
+//!
+//! The chat and completions requests spell their shared sampling fields out twice on purpose:
+//! `#[serde(flatten)]` would deserialize them through a buffer that loses the field path, and
+//! every type error would then stop naming its parameter.
 
 use herd_proto::v1::{FinishReason, TokenLogprob};
 use serde::{Deserialize, Serialize};
