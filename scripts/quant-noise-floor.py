@@ -80,7 +80,7 @@ def forward(ids, mode):
 
 modes = ["f32", "q8-f32", "q8-f64"]
 top1 = {m: [] for m in modes}
-gap, ref_top1, lc_top1 = [], [], []
+gap, flipped_leads, ref_top1, lc_top1 = [], [], [], []
 for case in ref["cases"]:
     ids = np.array(case["prompt_ids"] + case["greedy_ids"])
     start = len(case["prompt_ids"]) - 1
@@ -89,6 +89,11 @@ for case in ref["cases"]:
         for m in modes:
             top1[m].append(int(logits[m][k].argmax()))
         gap += [abs(logits["q8-f32"][k][i] - logits["q8-f64"][k][i]) for i, _ in lc]
+        # How far ahead a top-1 choice can be and still flip under the other accumulation.
+        if top1["q8-f32"][-1] != top1["q8-f64"][-1]:
+            for a in ("q8-f32", "q8-f64"):
+                top2 = np.sort(logits[a][k])[-2:]
+                flipped_leads.append(float(top2[1] - top2[0]))
         ref_top1.append(case["top5"][k][0][0])
         lc_top1.append(lc[0][0])
 
@@ -100,4 +105,4 @@ print(f"llama.cpp vs HF float32 reference:       {same(lc_top1, ref_top1)}/{n}")
 for m in modes[1:]:
     print(f"{m} vs llama.cpp:                     {same(top1[m], lc_top1)}/{n}")
 print(f"q8-f32 vs q8-f64 (same algorithm):       {same(top1['q8-f32'], top1['q8-f64'])}/{n}, "
-      f"mean |logit gap| {np.mean(gap):.3f}")
+      f"mean |logit gap| {np.mean(gap):.3f}, largest top-1 lead that flipped {max(flipped_leads, default=0):.3f}")

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
-use herd_worker::engine::{DTypeChoice, Engine, GenerationParams, LoadOptions, Message, SamplingParams, parse_device};
+use herd_worker::engine::{DTypeChoice, Engine, GenerationParams, LoadOptions, Message, SamplingParams, parse_devices};
 use indicatif::{ProgressBar, ProgressStyle};
 
 mod remote;
@@ -49,17 +49,19 @@ pub struct ChatArgs {
     /// Weight dtype: auto, f32, f16, bf16.
     #[arg(long, env = "HERD_DTYPE", default_value = "auto")]
     dtype: DTypeChoice,
-    /// Device: cpu or cuda:N.
-    #[arg(long, env = "HERD_DEVICE", default_value = "cpu")]
-    device: String,
+    /// Tensor-parallel ranks to split the model over (default: one per device listed).
+    #[arg(long, env = "HERD_TP")]
+    tp: Option<usize>,
+    /// Devices: cpu (every rank a CPU thread), cuda (the first --tp GPUs), or cuda:0,cuda:1,...
+    #[arg(long, visible_alias = "device", env = "HERD_DEVICES", value_delimiter = ',', default_value = "cpu")]
+    devices: Vec<String>,
 }
 
 fn load(args: &ChatArgs, model: &Path) -> anyhow::Result<Engine> {
-    let device = parse_device(&args.device)?;
     let opts = LoadOptions {
         model: model.to_path_buf(),
         dtype: args.dtype,
-        device,
+        devices: parse_devices(&args.devices, args.tp)?,
         chat_template: args.chat_template.clone(),
     };
     // indicatif draws nothing when stderr is not a terminal.

@@ -39,6 +39,13 @@ pub struct UpArgs {
     /// Chat template: vicuna_v1.1, one_shot, or a Jinja file.
     #[arg(long, env = "HERD_CHAT_TEMPLATE")]
     chat_template: Option<String>,
+    /// Tensor-parallel ranks per worker.
+    #[arg(long, env = "HERD_TP", default_value_t = 1)]
+    tp: usize,
+    /// Devices: cpu, cuda (GPUs 0.. handed out --tp per worker), or a list of cuda:N with
+    /// --workers × --tp entries, taken --tp per worker in order.
+    #[arg(long, visible_alias = "device", env = "HERD_DEVICES", value_delimiter = ',', default_value = "cpu")]
+    devices: Vec<String>,
     /// Registry store: memory (in this process) or etcd.
     #[arg(long, env = "HERD_STORE", value_enum, default_value_t = StoreKind::Memory)]
     store: StoreKind,
@@ -63,14 +70,36 @@ fn terminate(child: &Child) {
     }
 }
 
-fn spawn_worker(args: &UpArgs, controller: &str, threads: usize, index: usize) -> anyhow::Result<Child> {
+/// The `--devices` value of each worker: CPU workers share the CPU; GPUs are dealt out
+/// `tp` per worker, so no two ranks share one.
+fn worker_devices(devices: &[String], tp: usize, workers: usize) -> anyhow::Result<Vec<String>> {
+    if tp == 0 {
+        bail!("--tp must be at least 1");
+    }
+    let list: Vec<&str> = devices.iter().map(|d| d.trim()).filter(|d| !d.is_empty()).collect();
+    match list.as_slice() {
+        [] | ["cpu"] => Ok(vec!["cpu".into(); workers]),
+        ["cuda"] => Ok((0..workers)
+            .map(|w| (0..tp).map(|r| format!("cuda:{}", w * tp + r)).collect::<Vec<_>>().join(","))
+            .collect()),
+        list if list.len() == workers * tp => Ok(list.chunks(tp).map(|c| c.join(",")).collect()),
+        list => bail!(
+            "--devices names {} devices, but --workers {workers} × --tp {tp} needs {}",
+            list.len(),
+            workers * tp
+        ),
+    }
+}
+
+fn spawn_worker(args: &UpArgs, controller: &str, threads: usize, index: usize, devices: &str) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("locating the herd binary")?;
     let mut cmd = Command::new(exe);
     cmd.arg("worker")
         .arg("--model")
         .arg(&args.model)
         .args(["--controller", controller, "--listen", "127.0.0.1:0", "--dtype", &args.dtype])
-        .args(["--threads", &threads.to_string(), "--worker-id", &format!("up-worker-{index}")]);
+        .args(["--threads", &threads.to_string(), "--worker-id", &format!("up-worker-{index}")])
+        .args(["--tp", &args.tp.to_string(), "--devices", devices]);
     for name in &args.model_names {
         cmd.args(["--model-name", name]);
     }
@@ -128,6 +157,7 @@ pub async fn run(args: UpArgs, mut stop: Pin<Box<dyn Future<Output = ()> + Send>
     if !args.model.exists() {
         bail!("--model {}: no such file or directory", args.model.display());
     }
+    let devices = worker_devices(&args.devices, args.tp, args.workers)?;
     let controller_listener = TcpListener::bind("127.0.0.1:0").await.context("binding the controller")?;
     let controller = format!("http://{}", controller_listener.local_addr()?);
     let (stop_controller, controller_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -150,8 +180,9 @@ pub async fn run(args: UpArgs, mut stop: Pin<Box<dyn Future<Output = ()> + Send>
 
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let threads = (cores / args.workers).max(1);
-    let mut children =
-        (0..args.workers).map(|i| spawn_worker(&args, &controller, threads, i)).collect::<anyhow::Result<Vec<_>>>()?;
+    let mut children = (0..args.workers)
+        .map(|i| spawn_worker(&args, &controller, threads, i, &devices[i]))
+        .collect::<anyhow::Result<Vec<_>>>()?;
 
     let bind = format!("{}:{}", args.host, args.port);
     let gateway_listener = TcpListener::bind(&bind).await.with_context(|| format!("--port: cannot bind {bind}"))?;
@@ -196,4 +227,19 @@ pub async fn run(args: UpArgs, mut stop: Pin<Box<dyn Future<Output = ()> + Send>
     let _ = gateway_task.await;
     let _ = controller_task.await;
     ready.map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_devices;
+
+    #[test]
+    fn gpus_are_dealt_out_tp_per_worker() {
+        let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(worker_devices(&s(&["cpu"]), 3, 2).unwrap(), vec!["cpu", "cpu"]);
+        assert_eq!(worker_devices(&s(&["cuda"]), 2, 2).unwrap(), vec!["cuda:0,cuda:1", "cuda:2,cuda:3"]);
+        assert_eq!(worker_devices(&s(&["cuda:3", "cuda:1"]), 1, 2).unwrap(), vec!["cuda:3", "cuda:1"]);
+        let e = worker_devices(&s(&["cuda:0", "cuda:1"]), 2, 2).unwrap_err().to_string();
+        assert!(e.contains("--devices names 2 devices, but --workers 2 × --tp 2 needs 4"), "{e}");
+    }
 }

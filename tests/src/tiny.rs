@@ -6,27 +6,42 @@ use std::path::Path;
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Tensor};
 
-/// The tiny model's shape.
-pub const HIDDEN: usize = 32;
-pub const INTER: usize = 64;
-pub const LAYERS: usize = 2;
-pub const HEADS: usize = 4;
-pub const KV_HEADS: usize = 2;
-/// Matches the sentencepiece fixture, whose tokenizer the HF directories use.
+/// The shape of a tiny model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dims {
+    pub hidden: usize,
+    pub inter: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    /// At least the sentencepiece fixture's 400 tokens, whose tokenizer the HF directories use.
+    pub vocab: usize,
+}
+
+impl Dims {
+    /// The usual tiny model.
+    pub const BASE: Dims = Dims { hidden: 32, inter: 64, layers: 2, heads: 4, kv_heads: 2, vocab: VOCAB };
+    /// For tensor parallelism: heads and KV heads divide by 2 and 4, the attention output's
+    /// 64 columns split into 32-value quantization blocks at `--tp 2` (but not at 4), and the
+    /// vocabulary splits unevenly at `--tp 4`.
+    pub const TP: Dims = Dims { hidden: 64, inter: 128, layers: 2, heads: 8, kv_heads: 4, vocab: 402 };
+}
+
+/// The sentencepiece fixture's vocabulary size.
 pub const VOCAB: usize = 400;
 pub const CONTEXT: usize = 1024;
 
-/// HF `config.json` of the tiny model.
-pub fn config_json() -> serde_json::Value {
+/// HF `config.json` of a tiny model.
+pub fn config_json(d: Dims) -> serde_json::Value {
     serde_json::json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTER,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
-        "vocab_size": VOCAB,
+        "hidden_size": d.hidden,
+        "intermediate_size": d.inter,
+        "num_hidden_layers": d.layers,
+        "num_attention_heads": d.heads,
+        "num_key_value_heads": d.kv_heads,
+        "vocab_size": d.vocab,
         "max_position_embeddings": CONTEXT,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
@@ -49,26 +64,27 @@ fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-/// The tiny model's tensors under HF names, in a fixed order.
-pub fn tensors(seed: u64) -> Vec<(String, Tensor)> {
-    let hd = HIDDEN / HEADS;
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN])];
-    for i in 0..LAYERS {
+/// A tiny model's tensors under HF names, in a fixed order.
+pub fn tensors(d: Dims, seed: u64) -> Vec<(String, Tensor)> {
+    let Dims { hidden, inter, heads, kv_heads, vocab, .. } = d;
+    let hd = hidden / heads;
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![vocab, hidden])];
+    for i in 0..d.layers {
         let p = format!("model.layers.{i}");
         shapes.extend([
-            (format!("{p}.input_layernorm.weight"), vec![HIDDEN]),
-            (format!("{p}.self_attn.q_proj.weight"), vec![HEADS * hd, HIDDEN]),
-            (format!("{p}.self_attn.k_proj.weight"), vec![KV_HEADS * hd, HIDDEN]),
-            (format!("{p}.self_attn.v_proj.weight"), vec![KV_HEADS * hd, HIDDEN]),
-            (format!("{p}.self_attn.o_proj.weight"), vec![HIDDEN, HEADS * hd]),
-            (format!("{p}.post_attention_layernorm.weight"), vec![HIDDEN]),
-            (format!("{p}.mlp.gate_proj.weight"), vec![INTER, HIDDEN]),
-            (format!("{p}.mlp.up_proj.weight"), vec![INTER, HIDDEN]),
-            (format!("{p}.mlp.down_proj.weight"), vec![HIDDEN, INTER]),
+            (format!("{p}.input_layernorm.weight"), vec![hidden]),
+            (format!("{p}.self_attn.q_proj.weight"), vec![heads * hd, hidden]),
+            (format!("{p}.self_attn.k_proj.weight"), vec![kv_heads * hd, hidden]),
+            (format!("{p}.self_attn.v_proj.weight"), vec![kv_heads * hd, hidden]),
+            (format!("{p}.self_attn.o_proj.weight"), vec![hidden, heads * hd]),
+            (format!("{p}.post_attention_layernorm.weight"), vec![hidden]),
+            (format!("{p}.mlp.gate_proj.weight"), vec![inter, hidden]),
+            (format!("{p}.mlp.up_proj.weight"), vec![inter, hidden]),
+            (format!("{p}.mlp.down_proj.weight"), vec![hidden, inter]),
         ]);
     }
-    shapes.push(("model.norm.weight".into(), vec![HIDDEN]));
-    shapes.push(("lm_head.weight".into(), vec![VOCAB, HIDDEN]));
+    shapes.push(("model.norm.weight".into(), vec![hidden]));
+    shapes.push(("lm_head.weight".into(), vec![vocab, hidden]));
     shapes
         .into_iter()
         .enumerate()
@@ -86,9 +102,9 @@ pub fn tensors(seed: u64) -> Vec<(String, Tensor)> {
 
 /// Writes an HF directory: config, the sentencepiece fixture tokenizer, and the weights in
 /// `shards` safetensors files (with an index when more than one).
-pub fn write_hf(dir: &Path, tensors: &[(String, Tensor)], shards: usize) {
+pub fn write_hf(dir: &Path, d: Dims, tensors: &[(String, Tensor)], shards: usize) {
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("config.json"), config_json().to_string()).unwrap();
+    std::fs::write(dir.join("config.json"), config_json(d).to_string()).unwrap();
     std::fs::copy(crate::fixture("sentencepiece/tokenizer.model"), dir.join("tokenizer.model")).unwrap();
     if shards == 1 {
         let map: HashMap<String, Tensor> = tensors.iter().cloned().collect();
@@ -141,7 +157,7 @@ fn gguf_name(hf: &str) -> String {
     format!("blk.{i}.{part}.weight")
 }
 
-/// A llama-style (sentencepiece) vocabulary of VOCAB entries for GGUF metadata.
+/// A llama-style (sentencepiece) vocabulary of `VOCAB` entries for GGUF metadata.
 pub fn gguf_vocab() -> (Vec<String>, Vec<f32>, Vec<i32>) {
     let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
     let mut types = vec![2, 3, 3];
@@ -167,18 +183,20 @@ pub fn gguf_vocab() -> (Vec<String>, Vec<f32>, Vec<i32>) {
     (tokens, scores, types)
 }
 
-/// Writes a GGUF file (F32 tensors, q/k permuted as llama.cpp does) with an embedded tokenizer.
-pub fn write_gguf(path: &Path, tensors: &[(String, Tensor)]) {
+/// Writes a GGUF file (q/k permuted as llama.cpp does) with an embedded tokenizer: norms in F32,
+/// weight matrices in `matrices` (F32, or a block quantization).
+pub fn write_gguf(path: &Path, d: Dims, tensors: &[(String, Tensor)], matrices: GgmlDType) {
     use gguf_file::Value as V;
     let (tokens, scores, types) = gguf_vocab();
     let md: Vec<(&str, V)> = vec![
         ("general.architecture", V::String("llama".into())),
         ("llama.context_length", V::U32(CONTEXT as u32)),
-        ("llama.embedding_length", V::U32(HIDDEN as u32)),
-        ("llama.feed_forward_length", V::U32(INTER as u32)),
-        ("llama.block_count", V::U32(LAYERS as u32)),
-        ("llama.attention.head_count", V::U32(HEADS as u32)),
-        ("llama.attention.head_count_kv", V::U32(KV_HEADS as u32)),
+        ("llama.embedding_length", V::U32(d.hidden as u32)),
+        ("llama.feed_forward_length", V::U32(d.inter as u32)),
+        ("llama.block_count", V::U32(d.layers as u32)),
+        ("llama.vocab_size", V::U32(d.vocab as u32)),
+        ("llama.attention.head_count", V::U32(d.heads as u32)),
+        ("llama.attention.head_count_kv", V::U32(d.kv_heads as u32)),
         ("llama.attention.layer_norm_rms_epsilon", V::F32(1e-5)),
         ("llama.rope.freq_base", V::F32(10000.0)),
         ("tokenizer.ggml.model", V::String("llama".into())),
@@ -192,13 +210,14 @@ pub fn write_gguf(path: &Path, tensors: &[(String, Tensor)]) {
         .iter()
         .map(|(name, t)| {
             let t = if name.ends_with("q_proj.weight") {
-                permute_for_gguf(t, HEADS)
+                permute_for_gguf(t, d.heads)
             } else if name.ends_with("k_proj.weight") {
-                permute_for_gguf(t, KV_HEADS)
+                permute_for_gguf(t, d.kv_heads)
             } else {
                 t.clone()
             };
-            (gguf_name(name), QTensor::quantize(&t, GgmlDType::F32).unwrap())
+            let dtype = if t.rank() == 2 { matrices } else { GgmlDType::F32 };
+            (gguf_name(name), QTensor::quantize(&t, dtype).unwrap())
         })
         .collect();
     let md_refs: Vec<(&str, &V)> = md.iter().map(|(k, v)| (*k, v)).collect();

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use candle_core::quantized::GgmlDType;
 use herd_tests::{fixture, tiny};
 use herd_worker::engine::{DTypeChoice, Engine, LoadOptions, Message};
 
@@ -21,13 +22,13 @@ const IDS: [u32; 12] = [1, 300, 17, 5, 42, 399, 260, 261, 3, 100, 200, 350];
 #[test]
 fn safetensors_sharded_and_gguf_give_the_same_logits() {
     let dir = tempfile::tempdir().unwrap();
-    let weights = tiny::tensors(7);
+    let weights = tiny::tensors(tiny::Dims::BASE, 7);
     let single = dir.path().join("single");
     let sharded = dir.path().join("sharded");
     let gguf = dir.path().join("tiny-f32.gguf");
-    tiny::write_hf(&single, &weights, 1);
-    tiny::write_hf(&sharded, &weights, 3);
-    tiny::write_gguf(&gguf, &weights);
+    tiny::write_hf(&single, tiny::Dims::BASE, &weights, 1);
+    tiny::write_hf(&sharded, tiny::Dims::BASE, &weights, 3);
+    tiny::write_gguf(&gguf, tiny::Dims::BASE, &weights, GgmlDType::F32);
     assert!(sharded.join("model.safetensors.index.json").is_file());
 
     let base = logits(&single, DTypeChoice::Auto, &IDS);
@@ -47,7 +48,7 @@ fn safetensors_sharded_and_gguf_give_the_same_logits() {
 fn incremental_decoding_matches_one_full_pass() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m");
-    tiny::write_hf(&path, &tiny::tensors(11), 1);
+    tiny::write_hf(&path, tiny::Dims::BASE, &tiny::tensors(tiny::Dims::BASE, 11), 1);
     let engine = Engine::load(&LoadOptions::new(&path), &mut |_, _| {}).unwrap();
     let full = engine.logits(&IDS).unwrap().to_vec2::<f32>().unwrap();
     // Greedy generation feeds one token at a time through the KV cache: its first sampled
@@ -89,7 +90,7 @@ fn pytorch_bin_fixture_matches_its_safetensors_twin() {
 fn gguf_llama_tokenizer_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let gguf = dir.path().join("tiny.gguf");
-    tiny::write_gguf(&gguf, &tiny::tensors(3));
+    tiny::write_gguf(&gguf, tiny::Dims::BASE, &tiny::tensors(tiny::Dims::BASE, 3), GgmlDType::F32);
     let engine = Engine::load(&LoadOptions::new(&gguf), &mut |_, _| {}).unwrap();
     let tok = engine.tokenizer();
     let ids = tok.encode("hello world").unwrap();

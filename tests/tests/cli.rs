@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
+use candle_core::quantized::GgmlDType;
 use herd_tests::{herd_bin, test_model, tiny};
 
 fn herd(args: &[&str]) -> Output {
@@ -35,7 +36,7 @@ fn prompt_answers_hamlet_with_only_the_answer_on_stdout() {
 fn interactive_chat_keeps_history_and_handles_commands() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny");
-    tiny::write_hf(&model, &tiny::tensors(5), 1);
+    tiny::write_hf(&model, tiny::Dims::BASE, &tiny::tensors(tiny::Dims::BASE, 5), 1);
     let mut child = Command::new(herd_bin())
         .args(["chat", "--model", model.to_str().unwrap(), "--max-tokens", "3", "--seed", "1"])
         .stdin(Stdio::piped())
@@ -66,17 +67,17 @@ fn assert_clear_failure(out: &Output, needles: &[&str]) {
 #[test]
 fn bad_checkpoints_end_with_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
-    let weights = tiny::tensors(9);
+    let weights = tiny::tensors(tiny::Dims::BASE, 9);
     let good = dir.path().join("good");
-    tiny::write_hf(&good, &weights, 1);
+    tiny::write_hf(&good, tiny::Dims::BASE, &weights, 1);
 
     // Missing file.
     assert_clear_failure(&chat(&dir.path().join("nope.gguf"), &["--prompt", "hi"]), &["nope.gguf", "no such file"]);
 
     // Unsupported architecture.
     let arch = dir.path().join("arch");
-    tiny::write_hf(&arch, &weights, 1);
-    let mut cfg = tiny::config_json();
+    tiny::write_hf(&arch, tiny::Dims::BASE, &weights, 1);
+    let mut cfg = tiny::config_json(tiny::Dims::BASE);
     cfg["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
     std::fs::write(arch.join("config.json"), cfg.to_string()).unwrap();
     assert_clear_failure(
@@ -86,8 +87,8 @@ fn bad_checkpoints_end_with_one_clear_line() {
 
     // Heads that don't divide.
     let heads = dir.path().join("heads");
-    tiny::write_hf(&heads, &weights, 1);
-    let mut cfg = tiny::config_json();
+    tiny::write_hf(&heads, tiny::Dims::BASE, &weights, 1);
+    let mut cfg = tiny::config_json(tiny::Dims::BASE);
     cfg["num_key_value_heads"] = serde_json::json!(3);
     std::fs::write(heads.join("config.json"), cfg.to_string()).unwrap();
     assert_clear_failure(&chat(&heads, &["--prompt", "hi"]), &["config.json", "not a multiple"]);
@@ -97,7 +98,7 @@ fn bad_checkpoints_end_with_one_clear_line() {
     let mut bad = weights.clone();
     let q = bad.iter_mut().find(|(n, _)| n == "model.layers.1.self_attn.q_proj.weight").unwrap();
     q.1 = q.1.narrow(0, 0, 16).unwrap();
-    tiny::write_hf(&shape, &bad, 1);
+    tiny::write_hf(&shape, tiny::Dims::BASE, &bad, 1);
     assert_clear_failure(
         &chat(&shape, &["--prompt", "hi"]),
         &["model.safetensors", "model.layers.1.self_attn.q_proj.weight", "[16, 32]", "[32, 32]"],
@@ -106,12 +107,12 @@ fn bad_checkpoints_end_with_one_clear_line() {
     // A missing tensor in a sharded checkpoint.
     let missing = dir.path().join("missing");
     let fewer: Vec<_> = weights.iter().filter(|(n, _)| n != "model.norm.weight").cloned().collect();
-    tiny::write_hf(&missing, &fewer, 2);
+    tiny::write_hf(&missing, tiny::Dims::BASE, &fewer, 2);
     assert_clear_failure(&chat(&missing, &["--prompt", "hi"]), &["missing tensor model.norm.weight"]);
 
     // Corrupt files: a truncated safetensors file and a GGUF that is not one.
     let corrupt = dir.path().join("corrupt");
-    tiny::write_hf(&corrupt, &weights, 1);
+    tiny::write_hf(&corrupt, tiny::Dims::BASE, &weights, 1);
     let st = corrupt.join("model.safetensors");
     let bytes = std::fs::read(&st).unwrap();
     std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
@@ -123,7 +124,7 @@ fn bad_checkpoints_end_with_one_clear_line() {
     std::fs::write(&gguf, b"definitely not gguf").unwrap();
     assert_clear_failure(&chat(&gguf, &["--prompt", "hi"]), &["junk.gguf", "not a readable GGUF file"]);
     let truncated = dir.path().join("truncated.gguf");
-    tiny::write_gguf(&truncated, &weights);
+    tiny::write_gguf(&truncated, tiny::Dims::BASE, &weights, GgmlDType::F32);
     let bytes = std::fs::read(&truncated).unwrap();
     std::fs::write(&truncated, &bytes[..bytes.len() - 4000]).unwrap();
     assert_clear_failure(&chat(&truncated, &["--prompt", "hi"]), &["truncated.gguf"]);

@@ -11,7 +11,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 fn tiny_engine(dir: &std::path::Path) -> Arc<Engine> {
     let model = dir.join("tiny");
-    tiny::write_hf(&model, &tiny::tensors(7), 1);
+    tiny::write_hf(&model, tiny::Dims::BASE, &tiny::tensors(tiny::Dims::BASE, 7), 1);
     Arc::new(Engine::load(&LoadOptions::new(&model), &mut |_, _| {}).unwrap())
 }
 

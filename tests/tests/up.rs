@@ -1,4 +1,5 @@
-//! `herd up` starts a whole cluster on the test model; `herd chat --url` talks to it; Ctrl-C
+//! `herd up` starts a whole cluster on the test model (its worker split over 3 CPU ranks);
+//! `herd chat --url` talks to it; Ctrl-C
 //! stops everything cleanly.
 
 use std::process::Command;
@@ -10,7 +11,7 @@ use herd_tests::{herd_bin, test_model};
 #[test]
 fn herd_up_serves_chat_clients_and_stops_on_ctrl_c() {
     let model = test_model().display().to_string();
-    let args = ["up", "--model", &model, "--port", "0", "--workers", "1", "--model-name", "smol"].map(String::from);
+    let args = ["up", "--model", &model, "--port", "0", "--workers", "1", "--tp", "3", "--model-name", "smol"].map(String::from);
     let mut up = Proc::start_until(&args, "serving at ");
     let out = Command::new(herd_bin())
         .args(["chat", "--url", &up.url(), "--temperature", "0", "--max-tokens", "24"])

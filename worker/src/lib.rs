@@ -16,7 +16,7 @@ use herd_proto::v1 as pb;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use engine::{DTypeChoice, Engine, LoadOptions, parse_device};
+use engine::{DTypeChoice, Engine, LoadOptions, parse_devices};
 pub use error::WorkerError;
 use registration::Registration;
 use scheduler::{Scheduler, SchedulerConfig};
@@ -46,9 +46,12 @@ pub struct WorkerArgs {
     /// Weight dtype: auto, f32, f16, bf16.
     #[arg(long, env = "HERD_DTYPE", default_value = "auto")]
     pub dtype: DTypeChoice,
-    /// Device: cpu or cuda:N.
-    #[arg(long, env = "HERD_DEVICE", default_value = "cpu")]
-    pub device: String,
+    /// Tensor-parallel ranks to split the model over (default: one per device listed).
+    #[arg(long, env = "HERD_TP")]
+    pub tp: Option<usize>,
+    /// Devices: cpu (every rank a CPU thread), cuda (the first --tp GPUs), or cuda:0,cuda:1,...
+    #[arg(long, visible_alias = "device", env = "HERD_DEVICES", value_delimiter = ',', default_value = "cpu")]
+    pub devices: Vec<String>,
     /// Chat template: vicuna_v1.1, one_shot, or a Jinja file (default: as `herd chat` chooses).
     #[arg(long, env = "HERD_CHAT_TEMPLATE")]
     pub chat_template: Option<String>,
@@ -89,6 +92,15 @@ fn advertise_url(args: &WorkerArgs, bound: SocketAddr) -> String {
     format!("http://{bound}")
 }
 
+/// How a rank's device is reported to the controller.
+fn device_name(d: &candle_core::Device) -> String {
+    match d.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        other => format!("{other:?}"),
+    }
+}
+
 fn random_id() -> String {
     format!("worker-{:08x}", rand::random::<u32>())
 }
@@ -111,7 +123,7 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
             .build_global()
             .map_err(|e| WorkerError::Flag { flag: "--threads", msg: e.to_string() })?;
     }
-    let device = parse_device(&args.device)?;
+    let devices = parse_devices(&args.devices, args.tp)?;
     let listener = TcpListener::bind(&args.listen)
         .await
         .map_err(|e| WorkerError::Flag { flag: "--listen", msg: format!("cannot bind {}: {e}", args.listen) })?;
@@ -130,8 +142,9 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
             }),
     );
 
+    let device_names: Vec<String> = devices.iter().map(device_name).collect();
     let opts =
-        LoadOptions { model: args.model.clone(), dtype: args.dtype, device, chat_template: args.chat_template.clone() };
+        LoadOptions { model: args.model.clone(), dtype: args.dtype, devices, chat_template: args.chat_template.clone() };
     let loading = tokio::task::spawn_blocking(move || Engine::load(&opts, &mut |_, _| {}));
     tokio::pin!(shutdown);
     let engine = tokio::select! {
@@ -157,8 +170,8 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
         context_length: engine.context_length() as u32,
         max_batch_size: args.max_batch_size as u32,
         max_queue: args.max_queue as u32,
-        tp_size: 1,
-        devices: vec![args.device.clone()],
+        tp_size: engine.tp_size() as u32,
+        devices: device_names,
     };
     core.set_serving(Serving { engine, scheduler });
     tracing::info!(worker_id = %info.worker_id, address = %info.address, models = ?info.models, "worker ready");

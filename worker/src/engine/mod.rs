@@ -4,12 +4,14 @@
 pub mod config;
 pub mod detok;
 pub mod error;
+mod exact_sum;
 pub mod model;
 pub mod sampler;
 pub mod sentencepiece;
 pub mod stop;
 pub mod template;
 pub mod tokenizer;
+pub mod tp;
 pub mod weights;
 
 use std::fs::File;
@@ -26,10 +28,11 @@ pub use template::{ChatTemplate, Message, TemplateSource};
 pub use tokenizer::Tokenizer;
 
 use detok::IncrementalDecoder;
-use model::Llama;
 use sampler::Sampler;
 use stop::StopMatcher;
 use tokenizer::TokenizerConfig;
+use tp::Ranks;
+pub use tp::parse_devices;
 use weights::{GgufMode, Weights};
 
 /// Most stop strings a request may give (OpenAI's limit).
@@ -61,41 +64,22 @@ impl FromStr for DTypeChoice {
     }
 }
 
-/// Parses `cpu` or `cuda:N` into a device.
-pub fn parse_device(s: &str) -> Result<Device> {
-    if s == "cpu" {
-        return Ok(Device::Cpu);
-    }
-    let ordinal = s
-        .strip_prefix("cuda")
-        .map(|r| r.strip_prefix(':').unwrap_or(r))
-        .map(|n| if n.is_empty() { Ok(0) } else { n.parse::<usize>() });
-    match ordinal {
-        Some(Ok(n)) => Device::new_cuda(n).map_err(|e| {
-            EngineError::InvalidArgument(format!(
-                "--device {s}: {} (build herd with --features cuda)",
-                candle_message(&e)
-            ))
-        }),
-        _ => Err(EngineError::InvalidArgument(format!("--device {s}: expected cpu or cuda:N"))),
-    }
-}
-
 /// What to load and how.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// An HF checkpoint directory or a `.gguf` file.
     pub model: PathBuf,
     pub dtype: DTypeChoice,
-    pub device: Device,
+    /// One device per tensor-parallel rank.
+    pub devices: Vec<Device>,
     /// `--chat-template NAME|FILE`.
     pub chat_template: Option<String>,
 }
 
 impl LoadOptions {
-    /// CPU, automatic dtype, the template the model implies.
+    /// One CPU rank, automatic dtype, the template the model implies.
     pub fn new(model: impl Into<PathBuf>) -> Self {
-        Self { model: model.into(), dtype: DTypeChoice::Auto, device: Device::Cpu, chat_template: None }
+        Self { model: model.into(), dtype: DTypeChoice::Auto, devices: vec![Device::Cpu], chat_template: None }
     }
 }
 
@@ -163,7 +147,7 @@ pub struct Completion {
 
 /// A loaded model with its tokenizer and chat template, ready to generate.
 pub struct Engine {
-    model: Llama,
+    model: Ranks,
     tokenizer: Tokenizer,
     template: ChatTemplate,
     template_source: TemplateSource,
@@ -208,7 +192,7 @@ struct Loaded {
     eos_token: String,
 }
 
-fn open_hf(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
+fn open_hf(dir: &Path, dtype: DType) -> Result<Loaded> {
     let config_path = dir.join("config.json");
     if !config_path.is_file() {
         return Err(EngineError::checkpoint(&config_path, "missing: not an HF checkpoint directory"));
@@ -216,7 +200,7 @@ fn open_hf(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
     let cfg = ModelConfig::from_hf_file(&config_path)?;
     let tcfg = TokenizerConfig::from_dir(dir)?;
     let tokenizer = Tokenizer::from_hf_dir(dir, &tcfg, cfg.bos_token_id)?;
-    let weights = Weights::open_hf(dir, device, dtype)?;
+    let weights = Weights::open_hf(dir, dtype)?;
     let mut eos_ids = cfg.eos_token_ids.clone();
     eos_ids.extend(generation_eos(dir)?);
     eos_ids.extend(tcfg.eos_token().and_then(|t| tokenizer.token_id(t)));
@@ -239,7 +223,7 @@ fn open_gguf(path: &Path, choice: DTypeChoice, device: &Device) -> Result<Loaded
         DTypeChoice::Auto => (GgufMode::Quantized, resolve_dtype(DTypeChoice::F32, device)?),
         other => (GgufMode::Dequantized, resolve_dtype(other, device)?),
     };
-    let weights = Weights::open_gguf(path, content, mode, device, dtype)?;
+    let weights = Weights::open_gguf(path, content, mode, dtype)?;
     let token = |id: Option<u32>| id.and_then(|i| tokenizer.token(i)).unwrap_or_default();
     let bos_token = token(tokenizer.bos_id());
     let eos_token = token(cfg.eos_token_ids.first().copied());
@@ -253,10 +237,11 @@ impl Engine {
         if !path.exists() {
             return Err(EngineError::checkpoint(path, "no such file or directory"));
         }
+        let device = opts.devices.first().ok_or_else(|| EngineError::InvalidArgument("no device to load on".into()))?;
         let loaded = if path.is_dir() {
-            open_hf(path, resolve_dtype(opts.dtype, &opts.device)?, &opts.device)?
+            open_hf(path, resolve_dtype(opts.dtype, device)?)?
         } else {
-            open_gguf(path, opts.dtype, &opts.device)?
+            open_gguf(path, opts.dtype, device)?
         };
         let Loaded { cfg, weights, tokenizer, mut eos_ids, model_template, bos_token, eos_token } = loaded;
         eos_ids.sort_unstable();
@@ -268,13 +253,14 @@ impl Engine {
                 cfg.vocab_size
             );
         }
-        let model = Llama::load(&cfg, &weights, &opts.device, progress)?;
+        let model = Ranks::load(&cfg, &weights, &opts.devices, progress)?;
         let (template, template_source) =
             ChatTemplate::choose(opts.chat_template.as_deref(), path, model_template, &bos_token, &eos_token)?;
         tracing::info!(
             model = %path.display(),
             layers = cfg.num_layers,
             context = cfg.context_length,
+            tp = opts.devices.len(),
             template = template.name(),
             "model loaded"
         );
@@ -289,6 +275,16 @@ impl Engine {
     /// Tokens one sequence may hold.
     pub fn context_length(&self) -> usize {
         self.config().context_length
+    }
+
+    /// Tensor-parallel ranks the model is split over.
+    pub fn tp_size(&self) -> usize {
+        self.model.world_size()
+    }
+
+    /// The model itself, for callers that drive forward passes directly.
+    pub fn model(&self) -> &Ranks {
+        &self.model
     }
 
     /// The checkpoint this engine was loaded from.
@@ -455,7 +451,7 @@ impl Engine {
 
 /// One generation in progress: its KV cache, sampler, and the text it has released.
 pub struct Sequence {
-    cache: model::SeqCache,
+    cache: tp::SeqCache,
     sampler: Sampler,
     detok: IncrementalDecoder,
     stopper: StopMatcher,

@@ -1,10 +1,14 @@
-//! The LLaMA forward pass, with a KV cache and positions owned by each sequence.
+//! The LLaMA forward pass of one tensor-parallel rank, with a KV cache and positions owned by
+//! each sequence.
+
+use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
 
 use super::config::{ModelConfig, RopeScaling};
 use super::error::Result;
-use super::weights::{LayerPart, Linear, WeightName, Weights};
+use super::tp::{Communicator, Shard};
+use super::weights::{LayerPart, Linear, Part, WeightName, Weights};
 
 /// Rotary position embedding tables, computed for the positions a step needs.
 #[derive(Debug, Clone)]
@@ -72,29 +76,29 @@ struct Block {
     down: Linear,
 }
 
-/// The KV cache and position of one sequence.
+/// One rank's part of one sequence's KV cache: its KV heads, for every layer.
 #[derive(Debug, Clone, Default)]
-pub struct SeqCache {
+pub struct ShardCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
 }
 
-impl SeqCache {
-    /// Tokens already in the cache (the next token's position).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// True before the first forward step.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+impl ShardCache {
+    /// An empty cache for a model of `layers` layers.
+    pub fn new(layers: usize) -> Self {
+        Self { layers: vec![None; layers] }
     }
 }
 
-/// A loaded LLaMA-family model.
+/// One rank's shard of a LLaMA-family model (the whole model when the world size is 1).
 pub struct Llama {
     cfg: ModelConfig,
+    shard: Shard,
+    /// Attention heads and KV heads on this rank.
+    heads: usize,
+    kv_heads: usize,
     embed: Tensor,
+    /// Vocabulary rows this rank holds of the embedding and lm_head.
+    vocab: Range<usize>,
     blocks: Vec<Block>,
     norm: Tensor,
     lm_head: Linear,
@@ -104,66 +108,126 @@ pub struct Llama {
 }
 
 impl Llama {
-    /// Reads every tensor the config calls for, checking shapes; `progress(done, total)` follows along.
+    /// Reads this rank's slice of every tensor the config calls for, checking shapes;
+    /// `progress(done, total)` follows along.
     pub fn load(
         cfg: &ModelConfig,
         w: &Weights,
+        shard: Shard,
         device: &Device,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
         let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
         let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+        let whole = shard.world == 1;
+        let rows = |r: Range<usize>| if whole { Part::Whole } else { Part::Rows(r) };
+        let cols = |r: Range<usize>| if whole { Part::Whole } else { Part::Cols(r) };
+        // Whole heads per rank: row ranges of q/k/v and column ranges of o_proj.
+        let heads = shard.even(cfg.num_heads);
+        let kv_heads = shard.even(cfg.num_kv_heads);
+        let q_part = heads.start * hd..heads.end * hd;
+        let kv_part = kv_heads.start * hd..kv_heads.end * hd;
+        let ffn_part = shard.even(inter);
+        let vocab = shard.chunk(cfg.vocab_size);
         // Progress counts the embedding, each layer, and the head.
         let total = cfg.num_layers + 2;
-        let embed = w.dense(WeightName::Embed, &[cfg.vocab_size, h])?;
+        let embed = w.dense(WeightName::Embed, &[cfg.vocab_size, h], rows(vocab.clone()), device)?;
         progress(1, total);
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             use LayerPart::*;
             let name = |p| WeightName::Layer(i, p);
             blocks.push(Block {
-                attn_norm: w.dense(name(AttnNorm), &[h])?,
-                q: w.linear(name(Q), q_out, h)?,
-                k: w.linear(name(K), kv_out, h)?,
-                v: w.linear(name(V), kv_out, h)?,
-                o: w.linear(name(O), h, q_out)?,
-                ffn_norm: w.dense(name(FfnNorm), &[h])?,
-                gate: w.linear(name(Gate), inter, h)?,
-                up: w.linear(name(Up), inter, h)?,
-                down: w.linear(name(Down), h, inter)?,
+                attn_norm: w.dense(name(AttnNorm), &[h], Part::Whole, device)?,
+                q: w.linear(name(Q), [q_out, h], rows(q_part.clone()), device)?,
+                k: w.linear(name(K), [kv_out, h], rows(kv_part.clone()), device)?,
+                v: w.linear(name(V), [kv_out, h], rows(kv_part.clone()), device)?,
+                o: w.summed_linear(name(O), [h, q_out], cols(q_part.clone()), device)?,
+                ffn_norm: w.dense(name(FfnNorm), &[h], Part::Whole, device)?,
+                gate: w.linear(name(Gate), [inter, h], rows(ffn_part.clone()), device)?,
+                up: w.linear(name(Up), [inter, h], rows(ffn_part.clone()), device)?,
+                down: w.summed_linear(name(Down), [h, inter], cols(ffn_part.clone()), device)?,
             });
             progress(i + 2, total);
         }
-        let norm = w.dense(WeightName::FinalNorm, &[h])?;
+        let norm = w.dense(WeightName::FinalNorm, &[h], Part::Whole, device)?;
         // Tied heads reuse the embedding; GGUF files omit `output.weight` when tied.
         let tied = cfg.tie_word_embeddings || (w.is_gguf() && !w.contains(WeightName::LmHead));
         let head_name = if tied { WeightName::Embed } else { WeightName::LmHead };
-        let lm_head = w.linear(head_name, cfg.vocab_size, h)?;
+        let lm_head = w.linear(head_name, [cfg.vocab_size, h], rows(vocab.clone()), device)?;
         progress(total, total);
         let rope = Rope { head_dim: hd, theta: cfg.rope_theta, scaling: cfg.rope_scaling, interleaved: w.is_gguf() };
-        Ok(Self { cfg: cfg.clone(), embed, blocks, norm, lm_head, rope, device: device.clone(), dtype: w.dtype() })
+        Ok(Self {
+            cfg: cfg.clone(),
+            shard,
+            heads: heads.len(),
+            kv_heads: kv_heads.len(),
+            embed,
+            vocab,
+            blocks,
+            norm,
+            lm_head,
+            rope,
+            device: device.clone(),
+            dtype: w.dtype(),
+        })
     }
 
-    /// The model's configuration.
-    pub fn config(&self) -> &ModelConfig {
-        &self.cfg
+    /// Embeddings of `tokens`, `(1, t, hidden)`. Split ranks look up the ids they hold, leave
+    /// zero rows for the rest, and sum: exactly one rank contributes each row.
+    fn embed(&self, comm: &dyn Communicator, tokens: &[u32]) -> Result<Tensor> {
+        if self.shard.world == 1 {
+            let ids = Tensor::new(tokens, &self.device)?;
+            return Ok(self.embed.index_select(&ids, 0)?.unsqueeze(0)?);
+        }
+        let range = self.vocab.start as u32..self.vocab.end as u32;
+        let local: Vec<u32> = tokens.iter().map(|&t| if range.contains(&t) { t - range.start } else { 0 }).collect();
+        let keep: Vec<f32> = tokens.iter().map(|t| if range.contains(t) { 1.0 } else { 0.0 }).collect();
+        let keep = Tensor::from_vec(keep, (tokens.len(), 1), &self.device)?.to_dtype(self.dtype)?;
+        let rows = self.embed.index_select(&Tensor::new(local, &self.device)?, 0)?.broadcast_mul(&keep)?;
+        Ok(comm.all_reduce_sum(&rows)?.unsqueeze(0)?)
     }
 
-    /// An empty cache for a new sequence.
-    pub fn new_cache(&self) -> SeqCache {
-        SeqCache { layers: vec![None; self.blocks.len()], len: 0 }
+    /// Sums the partial outputs of a row-parallel layer over the ranks, in the precision the
+    /// layer produced them (f64 for exact sums), then converts to the model's dtype.
+    fn reduce(&self, comm: &dyn Communicator, x: Tensor) -> candle_core::Result<Tensor> {
+        let x = if self.shard.world == 1 { x } else { comm.all_reduce_sum(&x)? };
+        x.to_dtype(self.dtype)
     }
 
-    /// Runs `tokens` after what `cache` holds; returns f32 logits `(n, vocab)` for every
-    /// position when `all_positions`, else `(1, vocab)` for the last one.
-    pub fn forward(&self, tokens: &[u32], cache: &mut SeqCache, all_positions: bool) -> Result<Tensor> {
+    /// Logits `(n, vocab)` from final hidden states `(n, hidden)`: each rank computes its
+    /// vocabulary rows, padded to the common chunk size, and the slices are gathered.
+    fn logits(&self, comm: &dyn Communicator, x: &Tensor) -> Result<Tensor> {
+        let local = self.lm_head.forward(x)?;
+        if self.shard.world == 1 {
+            return Ok(local);
+        }
+        let chunk = self.cfg.vocab_size.div_ceil(self.shard.world);
+        let local = match chunk - self.vocab.len() {
+            0 => local,
+            pad => {
+                let fill = Tensor::full(f32::NEG_INFINITY, (local.dim(0)?, pad), &self.device)?.to_dtype(local.dtype())?;
+                Tensor::cat(&[&local, &fill], 1)?
+            }
+        };
+        Ok(comm.all_gather(&local)?.narrow(1, 0, self.cfg.vocab_size)?)
+    }
+
+    /// Runs `tokens` at positions `start..` after what `cache` holds; returns f32 logits
+    /// `(n, vocab)` for every position when `all_positions`, else `(1, vocab)` for the last one.
+    /// Every rank of the group must run the same call.
+    pub fn forward(
+        &self,
+        comm: &dyn Communicator,
+        tokens: &[u32],
+        cache: &mut ShardCache,
+        start: usize,
+        all_positions: bool,
+    ) -> Result<Tensor> {
         let t = tokens.len();
-        let start = cache.len;
-        let cfg = &self.cfg;
-        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let eps = cfg.rms_norm_eps as f32;
-        let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?;
+        let (nh, nkv, hd) = (self.heads, self.kv_heads, self.cfg.head_dim);
+        let eps = self.cfg.rms_norm_eps as f32;
+        let mut x = self.embed(comm, tokens)?;
         let (cos, sin) = self.rope.cos_sin(start, t, &self.device, self.dtype)?;
         let mask = if t > 1 { Some(causal_mask(start, t, &self.device, self.dtype)?) } else { None };
         let scale = 1.0 / (hd as f64).sqrt();
@@ -190,15 +254,14 @@ impl Llama {
             let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((1, nkv, (nh / nkv) * t, total))?;
             let attn = probs.matmul(&v)?.reshape((1, nh, t, hd))?.transpose(1, 2)?.reshape((1, t, nh * hd))?;
             *slot = Some((k, v));
-            x = (x + block.o.forward(&attn)?)?;
+            x = (x + self.reduce(comm, block.o.forward(&attn)?)?)?;
             let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
             let act = (block.gate.forward(&h)?.silu()? * block.up.forward(&h)?)?;
-            x = (x + block.down.forward(&act)?)?;
+            x = (x + self.reduce(comm, block.down.forward(&act)?)?)?;
         }
-        cache.len += t;
         let x = if all_positions { x } else { x.narrow(1, t - 1, 1)? };
         let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, eps)?;
-        Ok(self.lm_head.forward(&x)?.squeeze(0)?.to_dtype(DType::F32)?)
+        Ok(self.logits(comm, &x.squeeze(0)?)?.to_dtype(DType::F32)?)
     }
 }
 

@@ -1,32 +1,37 @@
 //! Checkpoint files: find them, read tensors by logical name, check shapes against the config.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
-use std::io::BufReader;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor, ggml_file, gguf_file};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::error::{EngineError, Result, candle_message};
+use super::exact_sum::ExactSum;
 
 /// A weight matrix applied as `x @ W^T`, kept quantized or dense.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Linear {
     /// A dense `(out, in)` matrix.
     Dense(Tensor),
     /// A GGUF block-quantized matrix, multiplied without dequantizing.
     Quant(QMatMul),
+    /// A block-quantized matrix whose outputs are f64 sums that split exactly over ranks.
+    Exact(ExactSum),
 }
 
 impl Linear {
-    /// Applies the layer to `x` of shape `(.., in)`.
+    /// Applies the layer to `x` of shape `(.., in)`; `Exact` layers answer in f64.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Dense(w) => x.broadcast_matmul(&w.t()?),
             Self::Quant(q) => q.forward(x),
+            Self::Exact(e) => e.forward(x),
         }
     }
 }
@@ -102,6 +107,27 @@ impl WeightName {
     }
 }
 
+/// Which part of a 2-D weight a tensor-parallel rank reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    Whole,
+    /// Output rows (heads, intermediate units, vocabulary entries).
+    Rows(Range<usize>),
+    /// Input columns.
+    Cols(Range<usize>),
+}
+
+impl Part {
+    /// The shape of this part of a tensor of shape `full`.
+    fn shape(&self, full: &[usize]) -> Vec<usize> {
+        match (self, full) {
+            (Self::Rows(r), [_, c]) => vec![r.len(), *c],
+            (Self::Cols(c), [r, _]) => vec![*r, c.len()],
+            _ => full.to_vec(),
+        }
+    }
+}
+
 /// How GGUF weights are held in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgufMode {
@@ -112,17 +138,18 @@ pub enum GgufMode {
 }
 
 enum Store {
-    Gguf { content: gguf_file::Content, file: Mutex<BufReader<File>>, mode: GgufMode },
+    /// Tensors are read with positioned reads, so a rank reads only its slice.
+    Gguf { content: gguf_file::Content, file: File, mode: GgufMode },
     Safetensors { st: MmapedSafetensors, file_of: HashMap<String, PathBuf> },
     Pth { files: Vec<(PathBuf, candle_core::pickle::PthTensors)>, file_of: HashMap<String, usize> },
 }
 
-/// An opened checkpoint: reads tensors by role, converted to the engine's dtype and device.
+/// An opened checkpoint: reads tensors (or a rank's part of them) by role, converted to the
+/// engine's dtype, onto the device asked for.
 pub struct Weights {
     store: Store,
     /// The file or directory the user named, for error messages.
     path: PathBuf,
-    device: Device,
     dtype: DType,
 }
 
@@ -186,7 +213,7 @@ fn find_hf_files(dir: &Path) -> Result<HfFiles> {
 
 impl Weights {
     /// Opens the weight files of an HF checkpoint directory.
-    pub fn open_hf(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn open_hf(dir: &Path, dtype: DType) -> Result<Self> {
         let store = match find_hf_files(dir)? {
             HfFiles::Safetensors(files) => {
                 let mut file_of = HashMap::new();
@@ -222,24 +249,13 @@ impl Weights {
                 Store::Pth { files: opened, file_of }
             }
         };
-        Ok(Self { store, path: dir.to_path_buf(), device: device.clone(), dtype })
+        Ok(Self { store, path: dir.to_path_buf(), dtype })
     }
 
     /// Opens a GGUF file whose metadata has already been read.
-    pub fn open_gguf(
-        path: &Path,
-        content: gguf_file::Content,
-        mode: GgufMode,
-        device: &Device,
-        dtype: DType,
-    ) -> Result<Self> {
+    pub fn open_gguf(path: &Path, content: gguf_file::Content, mode: GgufMode, dtype: DType) -> Result<Self> {
         let file = File::open(path).map_err(|e| EngineError::checkpoint(path, e))?;
-        Ok(Self {
-            store: Store::Gguf { content, file: Mutex::new(BufReader::new(file)), mode },
-            path: path.to_path_buf(),
-            device: device.clone(),
-            dtype,
-        })
+        Ok(Self { store: Store::Gguf { content, file, mode }, path: path.to_path_buf(), dtype })
     }
 
     /// True for GGUF files, whose q/k rows are permuted for interleaved RoPE.
@@ -286,40 +302,114 @@ impl Weights {
         EngineError::checkpoint(&self.path, format!("missing tensor {name}"))
     }
 
-    fn gguf_qtensor(&self, name: &str, want: &[usize]) -> Result<QTensor> {
+    fn read_error(&self, name: &str, e: impl std::fmt::Display) -> EngineError {
+        EngineError::checkpoint(self.file_for(name), format!("cannot read tensor {name}: {e}"))
+    }
+
+    /// The bytes of `part` of a GGUF tensor, still in its file encoding, and that encoding.
+    /// Column parts must fall on the encoding's block boundaries.
+    fn gguf_bytes(&self, name: &str, want: &[usize], part: &Part) -> Result<(GgmlDType, Vec<u8>)> {
         let Store::Gguf { content, file, .. } = &self.store else {
-            unreachable!("gguf_qtensor is only called on GGUF stores")
+            unreachable!("gguf_bytes is only called on GGUF stores")
         };
         let info = content.tensor_infos.get(name).ok_or_else(|| self.missing(name))?;
         self.check_shape(name, info.shape.dims(), want)?;
-        let mut reader = file.lock().unwrap_or_else(|p| p.into_inner());
-        content.tensor(&mut *reader, name, &self.device).map_err(|e| {
-            EngineError::checkpoint(&self.path, format!("cannot read tensor {name}: {}", candle_message(&e)))
-        })
+        let dtype = info.ggml_dtype;
+        let (block, block_bytes) = (dtype.block_size(), dtype.type_size());
+        let cols = *want.last().unwrap_or(&1);
+        if !cols.is_multiple_of(block) {
+            return Err(self.read_error(name, format!("rows of {cols} values do not fill {dtype:?} blocks of {block}")));
+        }
+        let row_bytes = cols / block * block_bytes;
+        let rows = want.iter().rev().skip(1).product::<usize>();
+        let base = content.tensor_data_offset + info.offset;
+        let read = |offset: usize, buf: &mut [u8]| {
+            file.read_exact_at(buf, base + offset as u64).map_err(|e| self.read_error(name, e))
+        };
+        let bytes = match part {
+            Part::Whole | Part::Rows(_) => {
+                let r = match part {
+                    Part::Rows(r) => r.clone(),
+                    _ => 0..rows,
+                };
+                let mut buf = vec![0u8; r.len() * row_bytes];
+                read(r.start * row_bytes, &mut buf)?;
+                buf
+            }
+            Part::Cols(c) => {
+                if !c.start.is_multiple_of(block) || !c.end.is_multiple_of(block) {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "tensor {name} is {dtype:?}, stored in blocks of {block} values; this rank's columns \
+                         {}..{} of {cols} do not fall on block boundaries, so it cannot be split this way \
+                         (choose a --tp that splits {cols} into multiples of {block}, or load with --dtype f32)",
+                        c.start, c.end
+                    )));
+                }
+                let part_bytes = c.len() / block * block_bytes;
+                let mut buf = vec![0u8; rows * part_bytes];
+                for (row, out) in buf.chunks_exact_mut(part_bytes.max(1)).enumerate() {
+                    read(row * row_bytes + c.start / block * block_bytes, out)?;
+                }
+                buf
+            }
+        };
+        Ok((dtype, bytes))
     }
 
-    /// A dense tensor of the given shape, in the engine dtype.
-    pub fn dense(&self, w: WeightName, shape: &[usize]) -> Result<Tensor> {
+    /// `part` of a GGUF tensor as a quantized tensor on `device`.
+    fn gguf_part(&self, name: &str, want: &[usize], part: &Part, device: &Device) -> Result<QTensor> {
+        let (dtype, bytes) = self.gguf_bytes(name, want, part)?;
+        ggml_file::qtensor_from_ggml(dtype, &bytes, part.shape(want), device)
+            .map_err(|e| self.read_error(name, candle_message(&e)))
+    }
+
+    /// `part` of a safetensors tensor: only the bytes of that part are read from the mapping.
+    fn safetensors_part(
+        &self,
+        st: &MmapedSafetensors,
+        name: &str,
+        want: &[usize],
+        part: &Part,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let view = st.get(name).map_err(|_| self.missing(name))?;
+        self.check_shape(name, view.shape(), want)?;
+        let dtype = DType::try_from(view.dtype()).map_err(|e| self.read_error(name, candle_message(&e)))?;
+        let es = dtype.size_in_bytes();
+        let data = view.data();
+        let cols = *want.last().unwrap_or(&1);
+        let bytes: Cow<[u8]> = match part {
+            Part::Whole => Cow::Borrowed(data),
+            Part::Rows(r) => Cow::Borrowed(&data[r.start * cols * es..r.end * cols * es]),
+            Part::Cols(c) => Cow::Owned(
+                data.chunks_exact(cols * es).flat_map(|row| &row[c.start * es..c.end * es]).copied().collect(),
+            ),
+        };
+        Tensor::from_raw_buffer(&bytes, dtype, &part.shape(want), device)
+            .map_err(|e| self.read_error(name, candle_message(&e)))
+    }
+
+    /// A dense tensor (or `part` of one) of full shape `shape`, in the engine dtype.
+    pub fn dense(&self, w: WeightName, shape: &[usize], part: Part, device: &Device) -> Result<Tensor> {
         let t = match &self.store {
             Store::Gguf { .. } => {
                 let name = w.gguf();
-                let q = self.gguf_qtensor(&name, shape)?;
-                q.dequantize(&self.device).map_err(|e| {
+                // Column parts may split quantization blocks: they are cut after dequantizing.
+                let (read, cut) = match &part {
+                    Part::Cols(c) => (Part::Whole, Some(c.clone())),
+                    other => (other.clone(), None),
+                };
+                let t = self.gguf_part(&name, shape, &read, device)?.dequantize(device).map_err(|e| {
                     EngineError::checkpoint(&self.path, format!("cannot dequantize {name}: {}", candle_message(&e)))
-                })?
+                })?;
+                match cut {
+                    Some(c) => t.narrow(1, c.start, c.len())?.contiguous()?,
+                    None => t,
+                }
             }
-            Store::Safetensors { st, .. } => {
-                let name = w.hf();
-                let view = st.get(&name).map_err(|_| self.missing(&name))?;
-                self.check_shape(&name, view.shape(), shape)?;
-                st.load(&name, &self.device).map_err(|e| {
-                    EngineError::checkpoint(
-                        self.file_for(&name),
-                        format!("cannot read tensor {name}: {}", candle_message(&e)),
-                    )
-                })?
-            }
+            Store::Safetensors { st, .. } => self.safetensors_part(st, &w.hf(), shape, &part, device)?,
             Store::Pth { files, file_of } => {
+                // Pickled tensors are read whole; the part is cut afterwards.
                 let name = w.hf();
                 let idx = *file_of.get(&name).ok_or_else(|| self.missing(&name))?;
                 let (path, pth) = &files[idx];
@@ -330,26 +420,47 @@ impl Weights {
                     })?
                     .ok_or_else(|| self.missing(&name))?;
                 self.check_shape(&name, t.dims(), shape)?;
-                t.to_device(&self.device)?
+                let t = match &part {
+                    Part::Whole => t,
+                    Part::Rows(r) => t.narrow(0, r.start, r.len())?.contiguous()?,
+                    Part::Cols(c) => t.narrow(1, c.start, c.len())?.contiguous()?,
+                };
+                t.to_device(device)?
             }
         };
         Ok(t.to_dtype(self.dtype)?)
     }
 
-    /// A weight matrix `(out, in)`: quantized when the file and mode allow it, else dense.
-    pub fn linear(&self, w: WeightName, out_dim: usize, in_dim: usize) -> Result<Linear> {
+    /// A weight matrix of full shape `[out, in]` (or `part` of it): quantized when the file and
+    /// mode allow it, else dense.
+    pub fn linear(&self, w: WeightName, shape: [usize; 2], part: Part, device: &Device) -> Result<Linear> {
         if let Store::Gguf { mode: GgufMode::Quantized, .. } = &self.store {
             let name = w.gguf();
-            let q = self.gguf_qtensor(&name, &[out_dim, in_dim])?;
+            let q = self.gguf_part(&name, &shape, &part, device)?;
             if !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
                 let qm = QMatMul::from_qtensor(q).map_err(|e| {
                     EngineError::checkpoint(&self.path, format!("tensor {name}: {}", candle_message(&e)))
                 })?;
                 return Ok(Linear::Quant(qm));
             }
-            let dense = q.dequantize(&self.device)?.to_dtype(self.dtype)?;
+            let dense = q.dequantize(device)?.to_dtype(self.dtype)?;
             return Ok(Linear::Dense(dense));
         }
-        Ok(Linear::Dense(self.dense(w, &[out_dim, in_dim])?))
+        Ok(Linear::Dense(self.dense(w, &shape, part, device)?))
+    }
+
+    /// Like [`Weights::linear`], for a layer whose outputs ranks add up (split by input
+    /// columns): block-quantized weights on the CPU sum exactly, so that any split over ranks
+    /// gives the unsplit layer's result to the bit.
+    pub fn summed_linear(&self, w: WeightName, shape: [usize; 2], part: Part, device: &Device) -> Result<Linear> {
+        if let (Store::Gguf { mode: GgufMode::Quantized, .. }, true) = (&self.store, device.is_cpu()) {
+            let name = w.gguf();
+            let (dtype, bytes) = self.gguf_bytes(&name, &shape, &part)?;
+            let [out, inp] = part.shape(&shape)[..] else { unreachable!("matrices are 2-D") };
+            if let Some(e) = ExactSum::from_gguf(dtype, &bytes, out, inp) {
+                return Ok(Linear::Exact(e));
+            }
+        }
+        self.linear(w, shape, part, device)
     }
 }

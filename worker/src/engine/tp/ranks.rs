@@ -1,0 +1,208 @@
+//! The ranks of one model: a thread per rank holding its shard, driven in lock-step.
+//!
+//! Every forward pass is sent to all ranks in the same order, so their collectives line up.
+//! A rank owns its compute thread for the model's lifetime (NCCL and CUDA contexts are bound to
+//! threads, and CPU ranks must not run on the async runtime).
+
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::thread::JoinHandle;
+
+use candle_core::{Device, Tensor};
+
+use super::{Backend, Shard, check_divisible};
+use crate::engine::config::ModelConfig;
+use crate::engine::error::{EngineError, Result};
+use crate::engine::model::{Llama, ShardCache};
+use crate::engine::weights::Weights;
+
+/// The KV cache of one sequence: a shard per rank, and the position they share.
+#[derive(Debug, Default)]
+pub struct SeqCache {
+    shards: Vec<ShardCache>,
+    len: usize,
+}
+
+impl SeqCache {
+    /// Tokens already in the cache (the next token's position).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True before the first forward step.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+struct Forward {
+    tokens: Arc<[u32]>,
+    start: usize,
+    cache: ShardCache,
+    all_positions: bool,
+}
+
+/// A rank's answer: its cache back, rank 0's logits, and whether it was the first to fail.
+struct Reply {
+    cache: ShardCache,
+    result: Result<Option<Tensor>>,
+    first_failure: bool,
+}
+
+struct Rank {
+    commands: Sender<Forward>,
+    replies: Receiver<Reply>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A model split over one or more ranks.
+pub struct Ranks {
+    cfg: ModelConfig,
+    world: usize,
+    /// Held for a whole step, so that steps from different threads never interleave.
+    ranks: Mutex<Vec<Rank>>,
+    backend: Backend,
+    /// Set when a failed step left the group unusable.
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl Ranks {
+    /// Loads a shard of `w` for each device (one rank each) and starts the rank threads.
+    pub fn load(
+        cfg: &ModelConfig,
+        w: &Weights,
+        devices: &[Device],
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        let world = devices.len();
+        check_divisible(cfg, world)?;
+        let backend = Backend::for_devices(devices)?;
+        let mut shards = Vec::with_capacity(world);
+        for (rank, device) in devices.iter().enumerate() {
+            let shard = Shard { rank, world };
+            let llama = Llama::load(cfg, w, shard, device, &mut |done, total| {
+                progress(rank * total + done, world * total)
+            })?;
+            shards.push((shard, device.clone(), llama));
+        }
+        let (ready_tx, ready_rx) = channel();
+        let mut ranks = Vec::with_capacity(world);
+        for (shard, device, llama) in shards {
+            let (commands, command_rx) = channel::<Forward>();
+            let (reply_tx, replies) = channel();
+            let (backend, ready) = (backend.clone(), ready_tx.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("herd-rank-{}", shard.rank))
+                .spawn(move || {
+                    let comm = match backend.connect(shard, &device) {
+                        Ok(c) => {
+                            let _ = ready.send(Ok(()));
+                            c
+                        }
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                            return;
+                        }
+                    };
+                    for Forward { tokens, start, mut cache, all_positions } in command_rx {
+                        let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                            llama.forward(&*comm, &tokens, &mut cache, start, all_positions)
+                        }));
+                        let result = run.unwrap_or_else(|_| {
+                            Err(EngineError::Model(format!("rank {} panicked during this step", shard.rank)))
+                        });
+                        let first_failure = result.is_err() && comm.abort();
+                        let result = result.map(|logits| (shard.rank == 0).then_some(logits));
+                        if reply_tx.send(Reply { cache, result, first_failure }).is_err() {
+                            return;
+                        }
+                    }
+                })
+                .map_err(|e| EngineError::Model(format!("cannot start rank thread: {e}")))?;
+            ranks.push(Rank { commands, replies, thread: Some(thread) });
+        }
+        drop(ready_tx);
+        for _ in 0..world {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(EngineError::Model("a rank thread exited while starting".into())),
+            }
+        }
+        Ok(Self { cfg: cfg.clone(), world, ranks: Mutex::new(ranks), backend, broken: false.into() })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Ranks the model is split over.
+    pub fn world_size(&self) -> usize {
+        self.world
+    }
+
+    /// An empty cache for a new sequence.
+    pub fn new_cache(&self) -> SeqCache {
+        SeqCache { shards: vec![ShardCache::new(self.cfg.num_layers); self.world], len: 0 }
+    }
+
+    /// Runs `tokens` after what `cache` holds on every rank; returns f32 logits `(n, vocab)` for
+    /// every position when `all_positions`, else `(1, vocab)` for the last one.
+    pub fn forward(&self, tokens: &[u32], cache: &mut SeqCache, all_positions: bool) -> Result<Tensor> {
+        use std::sync::atomic::Ordering;
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(EngineError::Model("the tensor-parallel group failed earlier; restart the worker".into()));
+        }
+        let tokens: Arc<[u32]> = tokens.into();
+        let ranks = self.ranks.lock().unwrap_or_else(|p| p.into_inner());
+        for (rank, shard) in ranks.iter().zip(cache.shards.iter_mut()) {
+            let cmd = Forward {
+                tokens: tokens.clone(),
+                start: cache.len,
+                cache: std::mem::take(shard),
+                all_positions,
+            };
+            if rank.commands.send(cmd).is_err() {
+                self.broken.store(true, Ordering::SeqCst);
+                return Err(EngineError::Model("a tensor-parallel rank thread has exited".into()));
+            }
+        }
+        let mut logits = None;
+        let mut failure: Option<EngineError> = None;
+        for (rank, shard) in ranks.iter().zip(cache.shards.iter_mut()) {
+            let Ok(reply) = rank.replies.recv() else {
+                self.broken.store(true, Ordering::SeqCst);
+                return Err(EngineError::Model("a tensor-parallel rank thread has exited".into()));
+            };
+            *shard = reply.cache;
+            match reply.result {
+                Ok(l) => logits = logits.or(l),
+                // Peers of the failed rank only report that it failed; keep its own error.
+                Err(e) if reply.first_failure || failure.is_none() => failure = Some(e),
+                Err(_) => {}
+            }
+        }
+        if let Some(e) = failure {
+            if !self.backend.recover() {
+                self.broken.store(true, Ordering::SeqCst);
+            }
+            return Err(e);
+        }
+        cache.len += tokens.len();
+        logits.ok_or_else(|| EngineError::Model("rank 0 returned no logits".into()))
+    }
+}
+
+impl Drop for Ranks {
+    fn drop(&mut self) {
+        // Closing the command channels ends the rank loops.
+        let ranks = self.ranks.get_mut().unwrap_or_else(|p| p.into_inner());
+        let threads: Vec<_> = ranks.iter_mut().filter_map(|r| r.thread.take()).collect();
+        ranks.clear();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
