@@ -1,4 +1,5 @@
-//! Runs admitted sequences on the engine's own thread, one token per sequence per round.
+//! Runs admitted sequences on the engine's own thread: each round is one batched forward pass
+//! that gives every running sequence its next token.
 //!
 //! The engine's compute stays off the async runtime: candle's CPU kernels spin-wait their
 //! threads, and sharing cores with tokio's workers collapses throughput.
@@ -133,10 +134,18 @@ impl Scheduler {
     }
 }
 
-/// Steps one sequence; a panic in the engine fails that sequence instead of the thread.
-fn step(engine: &Engine, seq: &mut Sequence) -> StepResult {
-    std::panic::catch_unwind(AssertUnwindSafe(|| engine.step(seq)))
-        .unwrap_or_else(|_| Err(EngineError::Model("the engine panicked on this sequence".into())))
+/// Steps every running sequence at once; a panic in the engine fails this round's sequences
+/// instead of the thread.
+fn step(engine: &Engine, running: &mut [Job]) -> Vec<StepResult> {
+    let mut seqs: Vec<&mut Sequence> = running.iter_mut().map(|j| &mut j.seq).collect();
+    let n = seqs.len();
+    let failed = |msg: String| (0..n).map(|_| Err(EngineError::Model(msg.clone()))).collect();
+    match std::panic::catch_unwind(AssertUnwindSafe(|| engine.step_batch(&mut seqs))) {
+        Ok(Ok(results)) => results,
+        Ok(Err(EngineError::Model(msg))) => failed(msg),
+        Ok(Err(e)) => failed(e.to_string()),
+        Err(_) => failed("the engine panicked during this step".into()),
+    }
 }
 
 fn run(engine: &Engine, config: &SchedulerConfig, rx: &mpsc::Receiver<Job>, load: &Load) {
@@ -169,20 +178,28 @@ fn run(engine: &Engine, config: &SchedulerConfig, rx: &mpsc::Receiver<Job>, load
             load.running.store(running.len(), Ordering::SeqCst);
             load.waiting.fetch_sub(1, Ordering::SeqCst);
         }
+        // Clients that went away: stop spending compute on them.
+        running.retain(|job| {
+            let alive = !job.out.is_closed();
+            if !alive {
+                retire();
+            }
+            alive
+        });
+        let mut results = if running.is_empty() { Vec::new() } else { step(engine, &mut running) }.into_iter();
         running.retain_mut(|job| {
-            // The client went away: stop spending compute on it.
-            let keep = !job.out.is_closed()
-                && match step(engine, &mut job.seq) {
-                    Ok(step) => {
-                        let done = step.finish.is_some();
-                        job.out.send(Ok(step)).is_ok() && !done
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "generation failed");
-                        let _ = job.out.send(Err(e));
-                        false
-                    }
-                };
+            let keep = match results.next() {
+                Some(Ok(step)) => {
+                    let done = step.finish.is_some();
+                    job.out.send(Ok(step)).is_ok() && !done
+                }
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "generation failed");
+                    let _ = job.out.send(Err(e));
+                    false
+                }
+                None => false,
+            };
             if !keep {
                 retire();
             }

@@ -139,7 +139,7 @@ mod tests {
     fn split_partial_sums_add_up_to_the_whole() {
         let (out, inp) = (24, 512);
         let w: Vec<f32> = (0..out * inp).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3).collect();
-        let x: Vec<f32> = (0..2 * inp).map(|i| ((i * 104_729 % 997) as f32 / 498.5 - 1.0)).collect();
+        let x: Vec<f32> = (0..2 * inp).map(|i| (i * 104_729 % 997) as f32 / 498.5 - 1.0).collect();
         let wt = Tensor::from_vec(w, (out, inp), &Device::Cpu).unwrap();
         let xt = Tensor::from_vec(x, (2, inp), &Device::Cpu).unwrap();
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K] {

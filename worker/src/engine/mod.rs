@@ -388,12 +388,28 @@ impl Engine {
 
     /// Runs one forward pass of `seq` (the whole prompt on the first call) and samples one token.
     pub fn step(&self, seq: &mut Sequence) -> Result<Step> {
-        if seq.finish.is_some() {
-            return Err(EngineError::InvalidArgument("the sequence has already finished".into()));
+        self.step_batch(&mut [seq])?.pop().expect("one result per sequence")
+    }
+
+    /// One step of several sequences in a single batched forward pass: each runs its prompt (on
+    /// its first step) or its last token, and samples one token with its own parameters. The
+    /// outer error fails the whole step; the inner ones belong to single sequences.
+    pub fn step_batch(&self, seqs: &mut [&mut Sequence]) -> Result<Vec<Result<Step>>> {
+        if let Some(done) = seqs.iter().position(|s| s.finish.is_some()) {
+            return Err(EngineError::InvalidArgument(format!("sequence {done} of the step has already finished")));
         }
-        let input = if seq.out.is_empty() { &seq.context[..] } else { &seq.context[seq.context.len() - 1..] };
-        let logits = self.model.forward(input, &mut seq.cache, false)?;
-        let mut row = logits.squeeze(0)?.to_vec1::<f32>()?;
+        let inputs: Vec<Vec<u32>> = seqs
+            .iter()
+            .map(|s| if s.out.is_empty() { s.context.clone() } else { s.context[s.context.len() - 1..].to_vec() })
+            .collect();
+        let mut batch: Vec<(&[u32], &mut tp::SeqCache)> =
+            inputs.iter().zip(seqs.iter_mut()).map(|(i, s)| (i.as_slice(), &mut s.cache)).collect();
+        let logits = self.model.forward_batch(&mut batch, false)?.to_vec2::<f32>()?;
+        Ok(seqs.iter_mut().zip(logits).map(|(seq, row)| self.sample(seq, row)).collect())
+    }
+
+    /// Samples `seq`'s next token from its logits `row` and releases what text it can.
+    fn sample(&self, seq: &mut Sequence, mut row: Vec<f32>) -> Result<Step> {
         let logprob_of = seq.logprobs.map(|n| (n, sampler::log_softmax(&row)));
         seq.sampler.apply_penalties(&mut row, &seq.context, &seq.out);
         let id = seq.sampler.sample(&row);

@@ -213,56 +213,81 @@ impl Llama {
         Ok(comm.all_gather(&local)?.narrow(1, 0, self.cfg.vocab_size)?)
     }
 
-    /// Runs `tokens` at positions `start..` after what `cache` holds; returns f32 logits
-    /// `(n, vocab)` for every position when `all_positions`, else `(1, vocab)` for the last one.
-    /// Every rank of the group must run the same call.
-    pub fn forward(
-        &self,
-        comm: &dyn Communicator,
-        tokens: &[u32],
-        cache: &mut ShardCache,
-        start: usize,
-        all_positions: bool,
-    ) -> Result<Tensor> {
-        let t = tokens.len();
+    /// One step of a batch of sequences: each segment's tokens run at positions `start..` after
+    /// what its cache holds. The linear layers see every segment's tokens at once (weights are
+    /// read once per step); attention runs per segment on its own cache and positions. Returns
+    /// f32 logits: `(total tokens, vocab)` when `all_positions`, else `(segments, vocab)` for each
+    /// segment's last token. Every rank of the group must run the same call.
+    pub fn forward(&self, comm: &dyn Communicator, segs: &mut [Segment], all_positions: bool) -> Result<Tensor> {
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.cfg.head_dim);
         let eps = self.cfg.rms_norm_eps as f32;
-        let mut x = self.embed(comm, tokens)?;
-        let (cos, sin) = self.rope.cos_sin(start, t, &self.device, self.dtype)?;
-        let mask = if t > 1 { Some(causal_mask(start, t, &self.device, self.dtype)?) } else { None };
+        let tokens: Vec<u32> = segs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let mut x = self.embed(comm, &tokens)?;
+        // Per segment: offset in the batch, length, rotary tables and causal mask.
+        let mut parts = Vec::with_capacity(segs.len());
+        let mut offset = 0;
+        for seg in segs.iter() {
+            let t = seg.tokens.len();
+            let (cos, sin) = self.rope.cos_sin(seg.start, t, &self.device, self.dtype)?;
+            let mask = if t > 1 { Some(causal_mask(seg.start, t, &self.device, self.dtype)?) } else { None };
+            parts.push((offset, t, cos, sin, mask));
+            offset += t;
+        }
         let scale = 1.0 / (hd as f64).sqrt();
-        for (block, slot) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+        for (layer, block) in self.blocks.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, eps)?;
-            let heads = |l: &Linear, n: usize| -> candle_core::Result<Tensor> {
-                l.forward(&h)?.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous()
-            };
-            let q = self.rope.apply(&heads(&block.q, nh)?, &cos, &sin)?;
-            let k = self.rope.apply(&heads(&block.k, nkv)?, &cos, &sin)?;
-            let v = heads(&block.v, nkv)?;
-            let (k, v) = match slot.take() {
-                None => (k, v),
-                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            };
-            let total = k.dim(2)?;
-            // Query heads sharing one KV head are adjacent, so grouping them avoids copying K/V.
-            let qg = q.reshape((1, nkv, (nh / nkv) * t, hd))?;
-            let scores = (qg.matmul(&k.t()?)? * scale)?.reshape((1, nh, t, total))?;
-            let scores = match &mask {
-                Some(m) => scores.broadcast_add(m)?,
-                None => scores,
-            };
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((1, nkv, (nh / nkv) * t, total))?;
-            let attn = probs.matmul(&v)?.reshape((1, nh, t, hd))?.transpose(1, 2)?.reshape((1, t, nh * hd))?;
-            *slot = Some((k, v));
+            let (q_all, k_all, v_all) = (block.q.forward(&h)?, block.k.forward(&h)?, block.v.forward(&h)?);
+            let mut outs = Vec::with_capacity(segs.len());
+            for (seg, (offset, t, cos, sin, mask)) in segs.iter_mut().zip(&parts) {
+                let (offset, t) = (*offset, *t);
+                let heads = |a: &Tensor, n: usize| -> candle_core::Result<Tensor> {
+                    a.narrow(1, offset, t)?.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous()
+                };
+                let q = self.rope.apply(&heads(&q_all, nh)?, cos, sin)?;
+                let k = self.rope.apply(&heads(&k_all, nkv)?, cos, sin)?;
+                let v = heads(&v_all, nkv)?;
+                let slot = &mut seg.cache.layers[layer];
+                let (k, v) = match slot.take() {
+                    None => (k, v),
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                };
+                let total = k.dim(2)?;
+                // Query heads sharing one KV head are adjacent, so grouping them avoids copying K/V.
+                let qg = q.reshape((1, nkv, (nh / nkv) * t, hd))?;
+                let scores = (qg.matmul(&k.t()?)? * scale)?.reshape((1, nh, t, total))?;
+                let scores = match mask {
+                    Some(m) => scores.broadcast_add(m)?,
+                    None => scores,
+                };
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((1, nkv, (nh / nkv) * t, total))?;
+                outs.push(probs.matmul(&v)?.reshape((1, nh, t, hd))?.transpose(1, 2)?.reshape((1, t, nh * hd))?);
+                *slot = Some((k, v));
+            }
+            let attn = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 1)? };
             x = (x + self.reduce(comm, block.o.forward(&attn)?)?)?;
             let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
             let act = (block.gate.forward(&h)?.silu()? * block.up.forward(&h)?)?;
             x = (x + self.reduce(comm, block.down.forward(&act)?)?)?;
         }
-        let x = if all_positions { x } else { x.narrow(1, t - 1, 1)? };
+        let x = if all_positions {
+            x
+        } else {
+            let last: Vec<u32> = parts.iter().map(|(offset, t, ..)| (offset + t - 1) as u32).collect();
+            x.index_select(&Tensor::new(last, &self.device)?, 1)?
+        };
         let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, eps)?;
         Ok(self.logits(comm, &x.squeeze(0)?)?.to_dtype(DType::F32)?)
     }
+}
+
+/// One sequence's share of a batched step.
+#[derive(Debug)]
+pub struct Segment {
+    /// The tokens to run (the whole prompt first, then one token per step).
+    pub tokens: std::sync::Arc<[u32]>,
+    /// The position of the first of them (tokens already in the cache).
+    pub start: usize,
+    pub cache: ShardCache,
 }
 
 /// `(t, start+t)` additive mask: query i sees keys up to position start+i.

@@ -14,7 +14,7 @@ use candle_core::{Device, Tensor};
 use super::{Backend, Shard, check_divisible};
 use crate::engine::config::ModelConfig;
 use crate::engine::error::{EngineError, Result};
-use crate::engine::model::{Llama, ShardCache};
+use crate::engine::model::{Llama, Segment, ShardCache};
 use crate::engine::weights::Weights;
 
 /// The KV cache of one sequence: a shard per rank, and the position they share.
@@ -37,15 +37,13 @@ impl SeqCache {
 }
 
 struct Forward {
-    tokens: Arc<[u32]>,
-    start: usize,
-    cache: ShardCache,
+    segments: Vec<Segment>,
     all_positions: bool,
 }
 
-/// A rank's answer: its cache back, rank 0's logits, and whether it was the first to fail.
+/// A rank's answer: its caches back, rank 0's logits, and whether it was the first to fail.
 struct Reply {
-    cache: ShardCache,
+    segments: Vec<Segment>,
     result: Result<Option<Tensor>>,
     first_failure: bool,
 }
@@ -105,16 +103,16 @@ impl Ranks {
                             return;
                         }
                     };
-                    for Forward { tokens, start, mut cache, all_positions } in command_rx {
+                    for Forward { mut segments, all_positions } in command_rx {
                         let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                            llama.forward(&*comm, &tokens, &mut cache, start, all_positions)
+                            llama.forward(&*comm, &mut segments, all_positions)
                         }));
                         let result = run.unwrap_or_else(|_| {
                             Err(EngineError::Model(format!("rank {} panicked during this step", shard.rank)))
                         });
                         let first_failure = result.is_err() && comm.abort();
                         let result = result.map(|logits| (shard.rank == 0).then_some(logits));
-                        if reply_tx.send(Reply { cache, result, first_failure }).is_err() {
+                        if reply_tx.send(Reply { segments, result, first_failure }).is_err() {
                             return;
                         }
                     }
@@ -151,32 +149,44 @@ impl Ranks {
     /// Runs `tokens` after what `cache` holds on every rank; returns f32 logits `(n, vocab)` for
     /// every position when `all_positions`, else `(1, vocab)` for the last one.
     pub fn forward(&self, tokens: &[u32], cache: &mut SeqCache, all_positions: bool) -> Result<Tensor> {
+        self.forward_batch(&mut [(tokens, cache)], all_positions)
+    }
+
+    /// One step of several sequences at once, each running its tokens after what its cache
+    /// holds; returns f32 logits `(sequences, vocab)` for each one's last token, or `(n, vocab)`
+    /// for every token when `all_positions`.
+    pub fn forward_batch(&self, batch: &mut [(&[u32], &mut SeqCache)], all_positions: bool) -> Result<Tensor> {
         use std::sync::atomic::Ordering;
         if self.broken.load(Ordering::SeqCst) {
             return Err(EngineError::Model("the tensor-parallel group failed earlier; restart the worker".into()));
         }
-        let tokens: Arc<[u32]> = tokens.into();
+        let tokens: Vec<Arc<[u32]>> = batch.iter().map(|(t, _)| Arc::from(*t)).collect();
         let ranks = self.ranks.lock().unwrap_or_else(|p| p.into_inner());
-        for (rank, shard) in ranks.iter().zip(cache.shards.iter_mut()) {
-            let cmd = Forward {
-                tokens: tokens.clone(),
-                start: cache.len,
-                cache: std::mem::take(shard),
-                all_positions,
-            };
-            if rank.commands.send(cmd).is_err() {
+        for (r, rank) in ranks.iter().enumerate() {
+            let segments = batch
+                .iter_mut()
+                .zip(&tokens)
+                .map(|((_, cache), tokens)| Segment {
+                    tokens: tokens.clone(),
+                    start: cache.len,
+                    cache: std::mem::take(&mut cache.shards[r]),
+                })
+                .collect();
+            if rank.commands.send(Forward { segments, all_positions }).is_err() {
                 self.broken.store(true, Ordering::SeqCst);
                 return Err(EngineError::Model("a tensor-parallel rank thread has exited".into()));
             }
         }
         let mut logits = None;
         let mut failure: Option<EngineError> = None;
-        for (rank, shard) in ranks.iter().zip(cache.shards.iter_mut()) {
+        for (r, rank) in ranks.iter().enumerate() {
             let Ok(reply) = rank.replies.recv() else {
                 self.broken.store(true, Ordering::SeqCst);
                 return Err(EngineError::Model("a tensor-parallel rank thread has exited".into()));
             };
-            *shard = reply.cache;
+            for ((_, cache), seg) in batch.iter_mut().zip(reply.segments) {
+                cache.shards[r] = seg.cache;
+            }
             match reply.result {
                 Ok(l) => logits = logits.or(l),
                 // Peers of the failed rank only report that it failed; keep its own error.
@@ -190,7 +200,9 @@ impl Ranks {
             }
             return Err(e);
         }
-        cache.len += tokens.len();
+        for ((t, cache), _) in batch.iter_mut().zip(&tokens) {
+            cache.len += t.len();
+        }
         logits.ok_or_else(|| EngineError::Model("rank 0 returned no logits".into()))
     }
 }

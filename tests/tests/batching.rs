@@ -1,0 +1,64 @@
+//! Batched steps on the test model: sequences that share forward passes (prompts of different
+//! lengths, prefills beside decodes) get exactly the tokens they get alone.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use herd_tests::test_model;
+use herd_worker::engine::{Engine, GenerationParams, LoadOptions, Message, SamplingParams};
+use herd_worker::scheduler::{Scheduler, SchedulerConfig, StepResult};
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+const PROMPTS: [&str; 8] = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "Who wrote the play Hamlet?",
+    "Explain what a CPU does in one sentence.",
+    "Give me a synonym for happy.",
+    "How many legs does a spider have?",
+    "Translate 'good morning' into Spanish.",
+];
+
+fn collect(rx: &mut UnboundedReceiver<StepResult>) -> Vec<u32> {
+    let mut ids = Vec::new();
+    while let Some(step) = rx.blocking_recv() {
+        let step = step.expect("a step");
+        ids.extend(step.token);
+        if step.finish.is_some() {
+            return ids;
+        }
+    }
+    panic!("the stream ended before its last step");
+}
+
+#[test]
+fn eight_concurrent_greedy_answers_equal_each_one_alone() {
+    let engine = Arc::new(Engine::load(&LoadOptions::new(test_model()), &mut |_, _| {}).expect("load the test model"));
+    let params =
+        GenerationParams { sampling: SamplingParams::greedy(), max_tokens: Some(24), ..Default::default() };
+    let prompts: Vec<Vec<u32>> =
+        PROMPTS.iter().map(|p| engine.encode_chat(&[Message::new("user", *p)]).unwrap()).collect();
+    let config = SchedulerConfig { max_batch_size: 8, max_queue: 8, step_delay: Duration::ZERO };
+    let scheduler = Scheduler::start(engine.clone(), config).unwrap();
+    let mut streams = Vec::new();
+    // Half start together; the rest join once those are decoding, so prefills share steps with decodes.
+    for (i, p) in prompts.iter().enumerate() {
+        let (tx, rx) = unbounded_channel();
+        scheduler.submit(engine.start(p, &params).unwrap(), tx).unwrap();
+        streams.push(rx);
+        if i == 3 {
+            while scheduler.load().running() < 4 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let batched: Vec<Vec<u32>> = streams.iter_mut().map(collect).collect();
+    for ((p, ids), text) in prompts.iter().zip(&batched).zip(PROMPTS) {
+        let alone = engine.generate(p, &params, &mut |_| {}).unwrap().token_ids;
+        // A final stop token is not streamed as a token.
+        let alone: Vec<u32> = alone.into_iter().filter(|t| !engine.eos_ids().contains(t)).collect();
+        assert_eq!(ids, &alone, "{text:?} answered differently in a batch");
+    }
+}
