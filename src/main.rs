@@ -1,6 +1,8 @@
 //! `herd`: one binary for every role of the serving cluster.
 
+mod bench;
 mod chat;
+mod openai_client;
 mod up;
 
 use std::future::Future;
@@ -29,6 +31,8 @@ enum Command {
     Up(up::UpArgs),
     /// Chat in the terminal with a model file, or with a gateway (--url).
     Chat(chat::ChatArgs),
+    /// Load-test a gateway: throughput, time to first token, inter-token and end-to-end latency.
+    Bench(bench::BenchArgs),
 }
 
 /// Listens for Ctrl-C and SIGTERM from the moment it is called (so a signal during a long model
@@ -85,6 +89,7 @@ fn main() {
         Command::Gateway(args) => serve(|stop| async move { Ok(herd_gateway::run(args, stop).await?) }),
         Command::Up(args) => serve(|stop| up::run(args, stop)),
         Command::Chat(args) => chat::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     if let Err(e) = result {
         eprintln!("herd: {e:#}");

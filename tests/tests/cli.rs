@@ -148,3 +148,12 @@ fn bad_flags_name_the_flag() {
     assert_clear_failure(&chat(&model, &["--top-p", "0", "--prompt", "hi"]), &["top_p"]);
     assert_clear_failure(&chat(&model, &["--max-tokens", "9000", "--prompt", "hi"]), &["9000", "8192"]);
 }
+
+#[test]
+fn bench_refuses_bad_flags_and_unreachable_gateways() {
+    let url = "http://127.0.0.1:9";
+    assert_clear_failure(&herd(&["bench", "--url", url, "--concurrency", "0"]), &["--concurrency"]);
+    assert_clear_failure(&herd(&["bench", "--url", url, "--max-tokens", "x"]), &["--max-tokens"]);
+    assert_clear_failure(&herd(&["bench", "--url", "ftp://example"]), &["--url ftp://example"]);
+    assert_clear_failure(&herd(&["bench", "--url", url]), &["--url http://127.0.0.1:9", "no answer"]);
+}

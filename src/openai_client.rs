@@ -1,0 +1,54 @@
+//! The client side of an OpenAI-compatible gateway, shared by `herd chat --url` and `herd bench`.
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use serde_json::Value;
+
+/// The first model the gateway at `base` lists.
+pub async fn first_model(http: &reqwest::Client, base: &str) -> anyhow::Result<String> {
+    let models: Value = http
+        .get(format!("{base}/v1/models"))
+        .send()
+        .await
+        .with_context(|| format!("--url {base}: no answer"))?
+        .json()
+        .await
+        .context("reading /v1/models")?;
+    models["data"][0]["id"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("--url {base}: the gateway serves no model yet"))
+}
+
+/// Reads an event stream (`data: {json}` lines until `data: [DONE]`), calling `on_event` with
+/// each JSON event as it arrives. An error event, a malformed line or a stream cut short is an error.
+pub async fn for_each_event(
+    resp: reqwest::Response,
+    mut on_event: impl FnMut(Value) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let err: Value = resp.json().await.unwrap_or(Value::Null);
+        bail!("{status}: {}", err["error"]["message"].as_str().unwrap_or("no error message"));
+    }
+    // Bytes, not text: a character may be split between two network reads.
+    let mut pending: Vec<u8> = Vec::new();
+    let mut bytes = resp.bytes_stream();
+    while let Some(piece) = bytes.next().await {
+        pending.extend_from_slice(&piece?);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line);
+            let Some(data) = line.trim_end().strip_prefix("data: ") else { continue };
+            if data == "[DONE]" {
+                return Ok(());
+            }
+            let event: Value = serde_json::from_str(data).context("a malformed stream event")?;
+            if let Some(msg) = event["error"]["message"].as_str() {
+                bail!("the gateway ended the stream: {msg}");
+            }
+            on_event(event)?;
+        }
+    }
+    bail!("the connection closed before the stream finished")
+}
