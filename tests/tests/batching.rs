@@ -39,7 +39,7 @@ fn eight_concurrent_greedy_answers_equal_each_one_alone() {
         GenerationParams { sampling: SamplingParams::greedy(), max_tokens: Some(24), ..Default::default() };
     let prompts: Vec<Vec<u32>> =
         PROMPTS.iter().map(|p| engine.encode_chat(&[Message::new("user", *p)]).unwrap()).collect();
-    let config = SchedulerConfig { max_batch_size: 8, max_queue: 8, step_delay: Duration::ZERO };
+    let config = SchedulerConfig { max_batch_size: 8, max_queue: 8, step_delay: Duration::ZERO, kv_budget_tokens: None };
     let scheduler = Scheduler::start(engine.clone(), config).unwrap();
     let mut streams = Vec::new();
     // Half start together; the rest join once those are decoding, so prefills share steps with decodes.
@@ -61,4 +61,37 @@ fn eight_concurrent_greedy_answers_equal_each_one_alone() {
         let alone: Vec<u32> = alone.into_iter().filter(|t| !engine.eos_ids().contains(t)).collect();
         assert_eq!(ids, &alone, "{text:?} answered differently in a batch");
     }
+}
+
+#[test]
+fn a_kv_budget_for_two_runs_four_by_evicting_and_recomputing() {
+    let engine = Arc::new(Engine::load(&LoadOptions::new(test_model()), &mut |_, _| {}).expect("load the test model"));
+    let params =
+        GenerationParams { sampling: SamplingParams::greedy(), max_tokens: Some(24), ignore_eos: true, ..Default::default() };
+    let prompts: Vec<Vec<u32>> =
+        PROMPTS[..4].iter().map(|p| engine.encode_chat(&[Message::new("user", *p)]).unwrap()).collect();
+    // Room for the two largest sequences at their full length, not for all four.
+    let mut sizes: Vec<usize> = prompts.iter().map(|p| p.len() + 24).collect();
+    sizes.sort_unstable();
+    let budget = sizes[2] + sizes[3];
+    let config = SchedulerConfig { max_batch_size: 4, max_queue: 4, step_delay: Duration::ZERO, kv_budget_tokens: Some(budget) };
+    let scheduler = Scheduler::start(engine.clone(), config).unwrap();
+    let mut streams = Vec::new();
+    for p in &prompts {
+        let (tx, rx) = unbounded_channel();
+        scheduler.submit(engine.start(p, &params).unwrap(), tx).unwrap();
+        streams.push(rx);
+    }
+    let batched: Vec<Vec<u32>> = streams.iter_mut().map(collect).collect();
+    assert!(scheduler.load().preemptions() > 0, "the budget never forced an eviction");
+    for ((p, ids), text) in prompts.iter().zip(&batched).zip(PROMPTS) {
+        let alone = engine.generate(p, &params, &mut |_| {}).unwrap().token_ids;
+        assert_eq!(ids, &alone, "{text:?} answered differently after being evicted and recomputed");
+    }
+    // A sequence that could never fit is refused, not stalled.
+    let (tx, mut rx) = unbounded_channel();
+    let long = GenerationParams { max_tokens: Some(budget), ..params };
+    scheduler.submit(engine.start(&prompts[0], &long).unwrap(), tx).unwrap();
+    let err = rx.blocking_recv().expect("an answer").err().expect("an error").to_string();
+    assert!(err.contains("KV cache") && err.contains(&budget.to_string()), "{err}");
 }

@@ -58,9 +58,14 @@ pub struct WorkerArgs {
     /// Sequences generated at once.
     #[arg(long, env = "HERD_MAX_BATCH_SIZE", default_value_t = 8)]
     pub max_batch_size: usize,
-    /// Sequences queued beyond those before requests are refused (ResourceExhausted).
-    #[arg(long, env = "HERD_MAX_QUEUE", default_value_t = 64)]
+    /// Sequences queued beyond those before requests are refused (ResourceExhausted, HTTP 429).
+    #[arg(long, visible_alias = "max-waiting", env = "HERD_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,
+    /// KV-cache memory for all running sequences, in MiB (default: half the memory available at
+    /// start on CPU; unlimited on GPUs). When running sequences outgrow it, the newest is
+    /// evicted and recomputed later.
+    #[arg(long, env = "HERD_KV_CACHE_MB")]
+    pub kv_cache_mb: Option<u64>,
     /// Compute threads (default: every core). Give co-located workers disjoint shares.
     #[arg(long, env = "HERD_THREADS")]
     pub threads: Option<usize>,
@@ -101,6 +106,13 @@ fn device_name(d: &candle_core::Device) -> String {
     }
 }
 
+/// Memory available for new allocations, from /proc/meminfo.
+fn available_mib() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? / 1024)
+}
+
 fn random_id() -> String {
     format!("worker-{:08x}", rand::random::<u32>())
 }
@@ -109,6 +121,9 @@ fn random_id() -> String {
 pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) -> Result<(), WorkerError> {
     if args.max_batch_size == 0 {
         return Err(WorkerError::Flag { flag: "--max-batch-size", msg: "must be at least 1".into() });
+    }
+    if args.kv_cache_mb == Some(0) {
+        return Err(WorkerError::Flag { flag: "--kv-cache-mb", msg: "must be at least 1".into() });
     }
     if args.drain_timeout > MAX_DRAIN_TIMEOUT {
         return Err(WorkerError::Flag { flag: "--drain-timeout", msg: "must be at most 24h".into() });
@@ -156,10 +171,17 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
         }
     };
     let engine = Arc::new(engine);
+    let on_cpu = device_names.iter().all(|d| d == "cpu");
+    let kv_mb = args.kv_cache_mb.or_else(|| if on_cpu { available_mib().map(|m| m / 2) } else { None });
+    let kv_budget_tokens = kv_mb.map(|mb| (mb as usize * (1 << 20)) / engine.kv_bytes_per_token().max(1));
+    if let Some(tokens) = kv_budget_tokens {
+        tracing::info!(mib = kv_mb, tokens, "KV-cache budget");
+    }
     let config = SchedulerConfig {
         max_batch_size: args.max_batch_size,
         max_queue: args.max_queue,
         step_delay: args.debug_step_delay,
+        kv_budget_tokens,
     };
     let scheduler = Scheduler::start(engine.clone(), config).map_err(|e| WorkerError::Server(e.to_string()))?;
     let load = scheduler.load().clone();

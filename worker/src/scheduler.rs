@@ -33,6 +33,8 @@ pub struct Load {
     active: AtomicUsize,
     /// The engine thread has exited (it only does so on a bug).
     stopped: AtomicBool,
+    /// Sequences evicted from the KV cache so far (each is recomputed later).
+    preempted: AtomicUsize,
 }
 
 impl Load {
@@ -51,6 +53,11 @@ impl Load {
         self.active.load(Ordering::SeqCst) == 0 || self.is_stopped()
     }
 
+    /// Times a running sequence was evicted to stay within the KV budget.
+    pub fn preemptions(&self) -> usize {
+        self.preempted.load(Ordering::SeqCst)
+    }
+
     /// The engine thread has exited; nothing submitted will run.
     pub fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::SeqCst)
@@ -66,6 +73,8 @@ pub struct SchedulerConfig {
     pub max_queue: usize,
     /// Sleep after each round; a test-only knob to make a worker slower than its peer.
     pub step_delay: Duration,
+    /// Tokens the KV caches of all running sequences may hold together (`None`: no limit).
+    pub kv_budget_tokens: Option<usize>,
 }
 
 /// Why a submission was refused.
@@ -171,12 +180,40 @@ fn run(engine: &Engine, config: &SchedulerConfig, rx: &mpsc::Receiver<Job>, load
             }
             alive
         });
+        let budget = config.kv_budget_tokens;
+        let kv_fits = |running: &[Job], extra: usize| {
+            budget.is_none_or(|b| running.iter().map(|j| j.seq.kv_tokens()).sum::<usize>() + extra <= b)
+        };
         while running.len() < config.max_batch_size.max(1) {
-            let Some(job) = queue.pop_front() else { break };
-            running.push(job);
+            let Some(job) = queue.front() else { break };
+            if let Some(b) = budget.filter(|&b| job.seq.max_kv_tokens() > b) {
+                let job = queue.pop_front().expect("a front job");
+                load.waiting.fetch_sub(1, Ordering::SeqCst);
+                retire();
+                let _ = job.out.send(Err(EngineError::InvalidArgument(format!(
+                    "the prompt and max_tokens need {} tokens of KV cache, more than this worker's budget of {b} \
+                     (--kv-cache-mb)",
+                    job.seq.max_kv_tokens()
+                ))));
+                continue;
+            }
+            if !kv_fits(&running, job.seq.kv_tokens()) {
+                break;
+            }
+            running.push(queue.pop_front().expect("a front job"));
             // Count it as running before it stops counting as waiting, so the load never dips.
             load.running.store(running.len(), Ordering::SeqCst);
             load.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        // Sequences grow a token per step: when their caches outgrow the budget, the newest
+        // gives its cache up and waits at the front of the queue to be recomputed.
+        while running.len() > 1 && !kv_fits(&running, 0) {
+            let mut job = running.pop().expect("more than one running");
+            job.seq.evict();
+            load.waiting.fetch_add(1, Ordering::SeqCst);
+            load.running.store(running.len(), Ordering::SeqCst);
+            load.preempted.fetch_add(1, Ordering::SeqCst);
+            queue.push_front(job);
         }
         // Clients that went away: stop spending compute on them.
         running.retain(|job| {

@@ -277,6 +277,12 @@ impl Engine {
         self.config().context_length
     }
 
+    /// Bytes of KV cache one token of one sequence takes, over all ranks.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let c = self.config();
+        c.num_layers * 2 * c.num_kv_heads * c.head_dim * self.model.dtype().size_in_bytes()
+    }
+
     /// Tensor-parallel ranks the model is split over.
     pub fn tp_size(&self) -> usize {
         self.model.world_size()
@@ -398,10 +404,9 @@ impl Engine {
         if let Some(done) = seqs.iter().position(|s| s.finish.is_some()) {
             return Err(EngineError::InvalidArgument(format!("sequence {done} of the step has already finished")));
         }
-        let inputs: Vec<Vec<u32>> = seqs
-            .iter()
-            .map(|s| if s.out.is_empty() { s.context.clone() } else { s.context[s.context.len() - 1..].to_vec() })
-            .collect();
+        // The tokens not in the cache yet: the prompt first, then the last sampled token, or the
+        // whole context again after the sequence was evicted.
+        let inputs: Vec<Vec<u32>> = seqs.iter().map(|s| s.context[s.cache.len()..].to_vec()).collect();
         let mut batch: Vec<(&[u32], &mut tp::SeqCache)> =
             inputs.iter().zip(seqs.iter_mut()).map(|(i, s)| (i.as_slice(), &mut s.cache)).collect();
         let logits = self.model.forward_batch(&mut batch, false)?.to_vec2::<f32>()?;
@@ -482,6 +487,22 @@ pub struct Sequence {
 }
 
 impl Sequence {
+    /// Tokens the KV cache will hold after the next step: the prompt and every sampled token.
+    pub fn kv_tokens(&self) -> usize {
+        self.context.len()
+    }
+
+    /// The most tokens its KV cache can come to: the prompt and every token it may sample.
+    pub fn max_kv_tokens(&self) -> usize {
+        self.prompt_len + self.max_tokens
+    }
+
+    /// Frees the KV cache; the next step recomputes it from the prompt and the tokens sampled
+    /// so far, and generation continues where it stopped.
+    pub fn evict(&mut self) {
+        self.cache.clear();
+    }
+
     /// Tokens in the prompt.
     pub fn prompt_tokens(&self) -> usize {
         self.prompt_len

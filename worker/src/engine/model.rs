@@ -87,6 +87,11 @@ impl ShardCache {
     pub fn new(layers: usize) -> Self {
         Self { layers: vec![None; layers] }
     }
+
+    /// Drops every cached token.
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+    }
 }
 
 /// One rank's shard of a LLaMA-family model (the whole model when the world size is 1).

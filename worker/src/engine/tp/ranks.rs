@@ -34,6 +34,14 @@ impl SeqCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Drops every cached token.
+    pub fn clear(&mut self) {
+        for shard in &mut self.shards {
+            shard.clear();
+        }
+        self.len = 0;
+    }
 }
 
 struct Forward {
@@ -58,6 +66,7 @@ struct Rank {
 pub struct Ranks {
     cfg: ModelConfig,
     world: usize,
+    dtype: candle_core::DType,
     /// Held for a whole step, so that steps from different threads never interleave.
     ranks: Mutex<Vec<Rank>>,
     backend: Backend,
@@ -128,7 +137,7 @@ impl Ranks {
                 Err(_) => return Err(EngineError::Model("a rank thread exited while starting".into())),
             }
         }
-        Ok(Self { cfg: cfg.clone(), world, ranks: Mutex::new(ranks), backend, broken: false.into() })
+        Ok(Self { cfg: cfg.clone(), world, dtype: w.dtype(), ranks: Mutex::new(ranks), backend, broken: false.into() })
     }
 
     /// The model's configuration.
@@ -139,6 +148,11 @@ impl Ranks {
     /// Ranks the model is split over.
     pub fn world_size(&self) -> usize {
         self.world
+    }
+
+    /// The dtype of activations and KV cache.
+    pub fn dtype(&self) -> candle_core::DType {
+        self.dtype
     }
 
     /// An empty cache for a new sequence.
