@@ -21,5 +21,5 @@ pub fn worker(id: &str, models: &[&str]) -> WorkerState {
 
 /// A load report.
 pub fn load(running: u32, waiting: u32) -> WorkerLoad {
-    WorkerLoad { running, waiting }
+    WorkerLoad { running, waiting, ..Default::default() }
 }

@@ -29,7 +29,7 @@ pub fn worker_state(id: &str, address: &str, models: &[&str], waiting: u32) -> W
             tp_size: 1,
             devices: vec!["cpu".into()],
         }),
-        load: Some(WorkerLoad { running: 0, waiting }),
+        load: Some(WorkerLoad { running: 0, waiting, ..Default::default() }),
     }
 }
 

@@ -114,7 +114,7 @@ async fn replicas_share_registrations_and_expire_silent_workers() {
     let beat = |ctl: &Proc| {
         let url = ctl.url();
         async move {
-            let load = pb::WorkerLoad { running: 1, waiting: 0 };
+            let load = pb::WorkerLoad { running: 1, ..Default::default() };
             let mut c = ControllerClient::connect(url).await.unwrap();
             c.heartbeat(pb::HeartbeatRequest { worker_id: "shared".into(), load: Some(load) }).await
         }

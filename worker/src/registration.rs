@@ -57,7 +57,7 @@ impl Registration {
     }
 
     fn current_load(&self) -> pb::WorkerLoad {
-        pb::WorkerLoad { running: self.load.running() as u32, waiting: self.load.waiting() as u32 }
+        crate::service::load_report(&self.load)
     }
 
     /// Registers with the first controller that answers; returns the heartbeat TTL.

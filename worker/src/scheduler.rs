@@ -35,6 +35,10 @@ pub struct Load {
     stopped: AtomicBool,
     /// Sequences evicted from the KV cache so far (each is recomputed later).
     preempted: AtomicUsize,
+    /// Tokens the running sequences' KV caches hold, as of the last round.
+    kv_used: AtomicUsize,
+    /// The KV budget in tokens (0: none).
+    kv_budget: AtomicUsize,
 }
 
 impl Load {
@@ -51,6 +55,11 @@ impl Load {
     /// Nothing left to finish: no sequence is submitted, or the engine thread is gone.
     pub fn is_idle(&self) -> bool {
         self.active.load(Ordering::SeqCst) == 0 || self.is_stopped()
+    }
+
+    /// Tokens in the running sequences' KV caches, and the budget (0: none).
+    pub fn kv_tokens(&self) -> (usize, usize) {
+        (self.kv_used.load(Ordering::SeqCst), self.kv_budget.load(Ordering::SeqCst))
     }
 
     /// Times a running sequence was evicted to stay within the KV budget.
@@ -98,6 +107,7 @@ impl Scheduler {
     pub fn start(engine: Arc<Engine>, config: SchedulerConfig) -> std::io::Result<Self> {
         let (jobs, rx) = mpsc::channel();
         let load = Arc::new(Load::default());
+        load.kv_budget.store(config.kv_budget_tokens.unwrap_or(0), Ordering::SeqCst);
         let thread_load = load.clone();
         let capacity = config.max_batch_size.max(1) + config.max_queue;
         std::thread::Builder::new().name("herd-engine".into()).spawn(move || {
@@ -243,6 +253,7 @@ fn run(engine: &Engine, config: &SchedulerConfig, rx: &mpsc::Receiver<Job>, load
             keep
         });
         load.running.store(running.len(), Ordering::SeqCst);
+        load.kv_used.store(running.iter().map(|j| j.seq.kv_tokens()).sum(), Ordering::SeqCst);
         if !config.step_delay.is_zero() {
             std::thread::sleep(config.step_delay);
         }

@@ -308,8 +308,19 @@ impl pb::worker_server::Worker for WorkerService {
     }
 
     async fn health(&self, _: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
-        let load =
-            self.core.load().map(|l| pb::WorkerLoad { running: l.running() as u32, waiting: l.waiting() as u32 });
+        let load = self.core.load().map(|l| load_report(l));
         Ok(Response::new(pb::HealthResponse { state: self.core.state() as i32, load }))
+    }
+}
+
+/// A load report for heartbeats and health answers.
+pub fn load_report(load: &Load) -> pb::WorkerLoad {
+    let (kv_used, kv_budget) = load.kv_tokens();
+    let n = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
+    pb::WorkerLoad {
+        running: n(load.running()),
+        waiting: n(load.waiting()),
+        kv_used_tokens: n(kv_used),
+        kv_budget_tokens: n(kv_budget),
     }
 }
