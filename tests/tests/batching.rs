@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use herd_tests::test_model;
-use herd_worker::engine::{Engine, GenerationParams, LoadOptions, Message, SamplingParams};
+use herd_worker::engine::{DTypeChoice, Engine, GenerationParams, LoadOptions, Message, SamplingParams};
 use herd_worker::scheduler::{Scheduler, SchedulerConfig, StepResult};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
@@ -39,7 +39,7 @@ fn eight_concurrent_greedy_answers_equal_each_one_alone() {
         GenerationParams { sampling: SamplingParams::greedy(), max_tokens: Some(24), ..Default::default() };
     let prompts: Vec<Vec<u32>> =
         PROMPTS.iter().map(|p| engine.encode_chat(&[Message::new("user", *p)]).unwrap()).collect();
-    let config = SchedulerConfig { max_batch_size: 8, max_queue: 8, step_delay: Duration::ZERO, kv_budget_tokens: None };
+    let config = SchedulerConfig { max_batch_size: 8, max_queue: 8, step_delay: Duration::ZERO, kv_budget_tokens: None, max_batch_tokens: 4096 };
     let scheduler = Scheduler::start(engine.clone(), config).unwrap();
     let mut streams = Vec::new();
     // Half start together; the rest join once those are decoding, so prefills share steps with decodes.
@@ -74,7 +74,7 @@ fn a_kv_budget_for_two_runs_four_by_evicting_and_recomputing() {
     let mut sizes: Vec<usize> = prompts.iter().map(|p| p.len() + 24).collect();
     sizes.sort_unstable();
     let budget = sizes[2] + sizes[3];
-    let config = SchedulerConfig { max_batch_size: 4, max_queue: 4, step_delay: Duration::ZERO, kv_budget_tokens: Some(budget) };
+    let config = SchedulerConfig { max_batch_size: 4, max_queue: 4, step_delay: Duration::ZERO, kv_budget_tokens: Some(budget), max_batch_tokens: 4096 };
     let scheduler = Scheduler::start(engine.clone(), config).unwrap();
     let mut streams = Vec::new();
     for p in &prompts {
@@ -94,4 +94,36 @@ fn a_kv_budget_for_two_runs_four_by_evicting_and_recomputing() {
     scheduler.submit(engine.start(&prompts[0], &long).unwrap(), tx).unwrap();
     let err = rx.blocking_recv().expect("an answer").err().expect("an error").to_string();
     assert!(err.contains("KV cache") && err.contains(&budget.to_string()), "{err}");
+}
+
+/// On f32 weights: chunk boundaries change the rounding of attention sums in the last bits, which
+/// the quantized path's 8-bit activation rounding can grow into another choice at a near-tie.
+#[test]
+fn prompts_prefilled_in_chunks_beside_decodes_answer_as_alone() {
+    let opts = LoadOptions { dtype: DTypeChoice::F32, ..LoadOptions::new(test_model()) };
+    let engine = Arc::new(Engine::load(&opts, &mut |_, _| {}).expect("load the test model"));
+    let params =
+        GenerationParams { sampling: SamplingParams::greedy(), max_tokens: Some(16), ignore_eos: true, ..Default::default() };
+    let prompts: Vec<Vec<u32>> =
+        PROMPTS[4..7].iter().map(|p| engine.encode_chat(&[Message::new("user", *p)]).unwrap()).collect();
+    // 12 tokens a step: every prompt (30+ tokens) takes several steps, shared with the decodes.
+    let config = SchedulerConfig {
+        max_batch_size: 3,
+        max_queue: 3,
+        step_delay: Duration::ZERO,
+        kv_budget_tokens: None,
+        max_batch_tokens: 12,
+    };
+    let scheduler = Scheduler::start(engine.clone(), config).unwrap();
+    let mut streams = Vec::new();
+    for p in &prompts {
+        assert!(p.len() > 24, "the prompt must need several chunks");
+        let (tx, rx) = unbounded_channel();
+        scheduler.submit(engine.start(p, &params).unwrap(), tx).unwrap();
+        streams.push(rx);
+    }
+    for ((p, rx), text) in prompts.iter().zip(streams.iter_mut()).zip(&PROMPTS[4..7]) {
+        let alone = engine.generate(p, &params, &mut |_| {}).unwrap().token_ids;
+        assert_eq!(collect(rx), alone, "{text:?} answered differently when prefilled in chunks");
+    }
 }

@@ -58,6 +58,10 @@ pub struct WorkerArgs {
     /// Sequences generated at once.
     #[arg(long, env = "HERD_MAX_BATCH_SIZE", default_value_t = 8)]
     pub max_batch_size: usize,
+    /// Tokens one step runs at most: prompts longer than what is left are prefilled in chunks
+    /// between decoding steps, so running answers keep flowing.
+    #[arg(long, env = "HERD_MAX_BATCH_TOKENS", default_value_t = 512)]
+    pub max_batch_tokens: usize,
     /// Sequences queued beyond those before requests are refused (ResourceExhausted, HTTP 429).
     #[arg(long, visible_alias = "max-waiting", env = "HERD_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,
@@ -122,6 +126,10 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
     if args.max_batch_size == 0 {
         return Err(WorkerError::Flag { flag: "--max-batch-size", msg: "must be at least 1".into() });
     }
+    if args.max_batch_tokens < args.max_batch_size {
+        // Each running sequence needs a token of every step, or some would never advance.
+        return Err(WorkerError::Flag { flag: "--max-batch-tokens", msg: "must be at least --max-batch-size".into() });
+    }
     if args.kv_cache_mb == Some(0) {
         return Err(WorkerError::Flag { flag: "--kv-cache-mb", msg: "must be at least 1".into() });
     }
@@ -182,6 +190,7 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
         max_queue: args.max_queue,
         step_delay: args.debug_step_delay,
         kv_budget_tokens,
+        max_batch_tokens: args.max_batch_tokens,
     };
     let scheduler = Scheduler::start(engine.clone(), config).map_err(|e| WorkerError::Server(e.to_string()))?;
     let load = scheduler.load().clone();

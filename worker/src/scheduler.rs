@@ -84,6 +84,8 @@ pub struct SchedulerConfig {
     pub step_delay: Duration,
     /// Tokens the KV caches of all running sequences may hold together (`None`: no limit).
     pub kv_budget_tokens: Option<usize>,
+    /// Tokens one step runs at most; longer prompts are prefilled in chunks between decodes.
+    pub max_batch_tokens: usize,
 }
 
 /// Why a submission was refused.
@@ -155,11 +157,11 @@ impl Scheduler {
 
 /// Steps every running sequence at once; a panic in the engine fails this round's sequences
 /// instead of the thread.
-fn step(engine: &Engine, running: &mut [Job]) -> Vec<StepResult> {
+fn step(engine: &Engine, running: &mut [Job], max_tokens: usize) -> Vec<Result<Option<Step>, EngineError>> {
     let mut seqs: Vec<&mut Sequence> = running.iter_mut().map(|j| &mut j.seq).collect();
     let n = seqs.len();
     let failed = |msg: String| (0..n).map(|_| Err(EngineError::Model(msg.clone()))).collect();
-    match std::panic::catch_unwind(AssertUnwindSafe(|| engine.step_batch(&mut seqs))) {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| engine.step_batch(&mut seqs, max_tokens))) {
         Ok(Ok(results)) => results,
         Ok(Err(EngineError::Model(msg))) => failed(msg),
         Ok(Err(e)) => failed(e.to_string()),
@@ -233,10 +235,13 @@ fn run(engine: &Engine, config: &SchedulerConfig, rx: &mpsc::Receiver<Job>, load
             }
             alive
         });
-        let mut results = if running.is_empty() { Vec::new() } else { step(engine, &mut running) }.into_iter();
+        let mut results =
+            if running.is_empty() { Vec::new() } else { step(engine, &mut running, config.max_batch_tokens) }.into_iter();
         running.retain_mut(|job| {
             let keep = match results.next() {
-                Some(Ok(step)) => {
+                // Still waiting for its turn or part-way through its prompt.
+                Some(Ok(None)) => true,
+                Some(Ok(Some(step))) => {
                     let done = step.finish.is_some();
                     job.out.send(Ok(step)).is_ok() && !done
                 }

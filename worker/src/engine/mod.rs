@@ -394,23 +394,49 @@ impl Engine {
 
     /// Runs one forward pass of `seq` (the whole prompt on the first call) and samples one token.
     pub fn step(&self, seq: &mut Sequence) -> Result<Step> {
-        self.step_batch(&mut [seq])?.pop().expect("one result per sequence")
+        let step = self.step_batch(&mut [seq], usize::MAX)?.pop().expect("one result per sequence")?;
+        Ok(step.expect("an unlimited step samples"))
     }
 
-    /// One step of several sequences in a single batched forward pass: each runs its prompt (on
-    /// its first step) or its last token, and samples one token with its own parameters. The
-    /// outer error fails the whole step; the inner ones belong to single sequences.
-    pub fn step_batch(&self, seqs: &mut [&mut Sequence]) -> Result<Vec<Result<Step>>> {
+    /// One step of several sequences in a single batched forward pass, running at most
+    /// `max_tokens` tokens in all. Each sequence runs the tokens its cache lacks (its prompt, its
+    /// last sampled token, or its whole context after an eviction): decoding sequences first, one
+    /// token each, then prompts in order, cut into chunks that fit. A sequence whose tokens all
+    /// ran samples its next one (`Some`); one left waiting or part-way through its prompt gets
+    /// `None`. The outer error fails the whole step; the inner ones belong to single sequences.
+    pub fn step_batch(&self, seqs: &mut [&mut Sequence], max_tokens: usize) -> Result<Vec<Result<Option<Step>>>> {
         if let Some(done) = seqs.iter().position(|s| s.finish.is_some()) {
             return Err(EngineError::InvalidArgument(format!("sequence {done} of the step has already finished")));
         }
-        // The tokens not in the cache yet: the prompt first, then the last sampled token, or the
-        // whole context again after the sequence was evicted.
-        let inputs: Vec<Vec<u32>> = seqs.iter().map(|s| s.context[s.cache.len()..].to_vec()).collect();
-        let mut batch: Vec<(&[u32], &mut tp::SeqCache)> =
-            inputs.iter().zip(seqs.iter_mut()).map(|(i, s)| (i.as_slice(), &mut s.cache)).collect();
-        let logits = self.model.forward_batch(&mut batch, false)?.to_vec2::<f32>()?;
-        Ok(seqs.iter_mut().zip(logits).map(|(seq, row)| self.sample(seq, row)).collect())
+        let pending: Vec<usize> = seqs.iter().map(|s| s.context.len() - s.cache.len()).collect();
+        let mut take = vec![0; seqs.len()];
+        let mut left = max_tokens.max(1);
+        for decoding in [true, false] {
+            for (t, &p) in take.iter_mut().zip(&pending).filter(|(_, p)| (**p == 1) == decoding) {
+                *t = p.min(left);
+                left -= *t;
+            }
+        }
+        let inputs: Vec<Vec<u32>> =
+            seqs.iter().zip(&take).map(|(s, &t)| s.context[s.cache.len()..][..t].to_vec()).collect();
+        let mut batch: Vec<(&[u32], &mut tp::SeqCache)> = inputs
+            .iter()
+            .zip(seqs.iter_mut())
+            .filter(|(i, _)| !i.is_empty())
+            .map(|(i, s)| (i.as_slice(), &mut s.cache))
+            .collect();
+        let mut logits = self.model.forward_batch(&mut batch, false)?.to_vec2::<f32>()?.into_iter();
+        Ok(seqs
+            .iter_mut()
+            .zip(take.iter().zip(&pending))
+            .map(|(seq, (&t, &p))| match t {
+                0 => Ok(None),
+                t => {
+                    let row = logits.next().expect("a logits row per sequence that ran");
+                    if t < p { Ok(None) } else { self.sample(seq, row).map(Some) }
+                }
+            })
+            .collect())
     }
 
     /// Samples `seq`'s next token from its logits `row` and releases what text it can.
