@@ -83,6 +83,12 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("HERD_LOG").unwrap_or_else(|_| "info".into()))
         .init();
     let cli = Cli::parse();
+    if let Command::Worker(herd_worker::WorkerArgs { threads: Some(n), .. }) = &cli.command {
+        // candle sizes its matmul worker pool from this variable when the pool first starts;
+        // without it a worker given a share of the cores would still spin on all of them.
+        // SAFETY: no other thread exists yet to read the environment concurrently.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", n.to_string()) };
+    }
     let result = match cli.command {
         Command::Controller(args) => serve(|stop| async move { Ok(herd_controller::run(args, stop).await?) }),
         Command::Worker(args) => serve(|stop| async move { Ok(herd_worker::run(args, stop).await?) }),
