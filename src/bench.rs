@@ -161,7 +161,12 @@ fn print_text(r: &Value) {
     };
     println!(
         "{} completed, {} failed, {} not started in {:.1} s (concurrency {}, {} tokens each)",
-        r["completed"], r["failed"], r["not_started"], r["seconds"].as_f64().unwrap_or(0.0), r["concurrency"], r["max_tokens"]
+        r["completed"],
+        r["failed"],
+        r["not_started"],
+        r["seconds"].as_f64().unwrap_or(0.0),
+        r["concurrency"],
+        r["max_tokens"]
     );
     println!("output: {} tokens, {:.1} tokens/s", r["output_tokens"], r["output_tokens_per_s"].as_f64().unwrap_or(0.0));
     line("time to first token", &r["ttft_s"]);

@@ -83,11 +83,9 @@ fn worker_devices(devices: &[String], tp: usize, workers: usize) -> anyhow::Resu
             .map(|w| (0..tp).map(|r| format!("cuda:{}", w * tp + r)).collect::<Vec<_>>().join(","))
             .collect()),
         list if list.len() == workers * tp => Ok(list.chunks(tp).map(|c| c.join(",")).collect()),
-        list => bail!(
-            "--devices names {} devices, but --workers {workers} × --tp {tp} needs {}",
-            list.len(),
-            workers * tp
-        ),
+        list => {
+            bail!("--devices names {} devices, but --workers {workers} × --tp {tp} needs {}", list.len(), workers * tp)
+        }
     }
 }
 

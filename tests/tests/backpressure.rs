@@ -18,7 +18,8 @@ async fn a_full_worker_answers_429_with_retry_after_and_finishes_the_rest() {
     wait_for_workers(&gw, 1, Duration::from_secs(120)).await;
     let url = format!("{}/v1/completions", gw.url());
     let client = reqwest::Client::new();
-    let body = json!({"model": MODEL, "prompt": "Count slowly:", "max_tokens": 12, "temperature": 0, "ignore_eos": true});
+    let body =
+        json!({"model": MODEL, "prompt": "Count slowly:", "max_tokens": 12, "temperature": 0, "ignore_eos": true});
     let tasks: Vec<_> = (0..10)
         .map(|_| {
             let (client, url, body) = (client.clone(), url.clone(), body.clone());

@@ -35,11 +35,16 @@ fn collect(rx: &mut UnboundedReceiver<StepResult>) -> Vec<u32> {
 #[test]
 fn eight_concurrent_greedy_answers_equal_each_one_alone() {
     let engine = Arc::new(Engine::load(&LoadOptions::new(test_model()), &mut |_, _| {}).expect("load the test model"));
-    let params =
-        GenerationParams { sampling: SamplingParams::greedy(), max_tokens: Some(24), ..Default::default() };
+    let params = GenerationParams { sampling: SamplingParams::greedy(), max_tokens: Some(24), ..Default::default() };
     let prompts: Vec<Vec<u32>> =
         PROMPTS.iter().map(|p| engine.encode_chat(&[Message::new("user", *p)]).unwrap()).collect();
-    let config = SchedulerConfig { max_batch_size: 8, max_queue: 8, step_delay: Duration::ZERO, kv_budget_tokens: None, max_batch_tokens: 4096 };
+    let config = SchedulerConfig {
+        max_batch_size: 8,
+        max_queue: 8,
+        step_delay: Duration::ZERO,
+        kv_budget_tokens: None,
+        max_batch_tokens: 4096,
+    };
     let scheduler = Scheduler::start(engine.clone(), config).unwrap();
     let mut streams = Vec::new();
     // Half start together; the rest join once those are decoding, so prefills share steps with decodes.
@@ -66,15 +71,25 @@ fn eight_concurrent_greedy_answers_equal_each_one_alone() {
 #[test]
 fn a_kv_budget_for_two_runs_four_by_evicting_and_recomputing() {
     let engine = Arc::new(Engine::load(&LoadOptions::new(test_model()), &mut |_, _| {}).expect("load the test model"));
-    let params =
-        GenerationParams { sampling: SamplingParams::greedy(), max_tokens: Some(24), ignore_eos: true, ..Default::default() };
+    let params = GenerationParams {
+        sampling: SamplingParams::greedy(),
+        max_tokens: Some(24),
+        ignore_eos: true,
+        ..Default::default()
+    };
     let prompts: Vec<Vec<u32>> =
         PROMPTS[..4].iter().map(|p| engine.encode_chat(&[Message::new("user", *p)]).unwrap()).collect();
     // Room for the two largest sequences at their full length, not for all four.
     let mut sizes: Vec<usize> = prompts.iter().map(|p| p.len() + 24).collect();
     sizes.sort_unstable();
     let budget = sizes[2] + sizes[3];
-    let config = SchedulerConfig { max_batch_size: 4, max_queue: 4, step_delay: Duration::ZERO, kv_budget_tokens: Some(budget), max_batch_tokens: 4096 };
+    let config = SchedulerConfig {
+        max_batch_size: 4,
+        max_queue: 4,
+        step_delay: Duration::ZERO,
+        kv_budget_tokens: Some(budget),
+        max_batch_tokens: 4096,
+    };
     let scheduler = Scheduler::start(engine.clone(), config).unwrap();
     let mut streams = Vec::new();
     for p in &prompts {
@@ -102,8 +117,12 @@ fn a_kv_budget_for_two_runs_four_by_evicting_and_recomputing() {
 fn prompts_prefilled_in_chunks_beside_decodes_answer_as_alone() {
     let opts = LoadOptions { dtype: DTypeChoice::F32, ..LoadOptions::new(test_model()) };
     let engine = Arc::new(Engine::load(&opts, &mut |_, _| {}).expect("load the test model"));
-    let params =
-        GenerationParams { sampling: SamplingParams::greedy(), max_tokens: Some(16), ignore_eos: true, ..Default::default() };
+    let params = GenerationParams {
+        sampling: SamplingParams::greedy(),
+        max_tokens: Some(16),
+        ignore_eos: true,
+        ..Default::default()
+    };
     let prompts: Vec<Vec<u32>> =
         PROMPTS[4..7].iter().map(|p| engine.encode_chat(&[Message::new("user", *p)]).unwrap()).collect();
     // 12 tokens a step: every prompt (30+ tokens) takes several steps, shared with the decodes.

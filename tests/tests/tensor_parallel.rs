@@ -146,8 +146,17 @@ fn split_cli_answers_alike_holding_one_copy_of_the_weights() {
     let model = model.to_str().unwrap();
     let ask = |tp: &str| {
         run_measured(&[
-            "chat", "--model", model, "--tp", tp, "--prompt", "What is the capital of France?",
-            "--temperature", "0", "--max-tokens", "24",
+            "chat",
+            "--model",
+            model,
+            "--tp",
+            tp,
+            "--prompt",
+            "What is the capital of France?",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "24",
         ])
     };
     let (answer1, rss1) = ask("1");
@@ -165,7 +174,17 @@ fn indivisible_or_impossible_splits_fail_at_start_naming_the_numbers() {
     let model = test_model();
     let model = model.to_str().unwrap();
     let out = Command::new(herd_bin())
-        .args(["worker", "--model", model, "--tp", "2", "--controller", "http://127.0.0.1:9", "--listen", "127.0.0.1:0"])
+        .args([
+            "worker",
+            "--model",
+            model,
+            "--tp",
+            "2",
+            "--controller",
+            "http://127.0.0.1:9",
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .env("HERD_LOG", "warn")
         .output()
         .unwrap();
@@ -181,4 +200,3 @@ fn indivisible_or_impossible_splits_fail_at_start_naming_the_numbers() {
     assert!(!out.status.success());
     assert!(err.contains("--tp 2 needs 2 devices, but --devices cuda:0 names 1"), "{err}");
 }
-

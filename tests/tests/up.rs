@@ -10,7 +10,8 @@ use herd_tests::{herd_bin, test_model};
 #[test]
 fn herd_up_serves_chat_clients_and_stops_on_ctrl_c() {
     let model = test_model().display().to_string();
-    let args = ["up", "--model", &model, "--port", "0", "--workers", "1", "--tp", "3", "--model-name", "smol"].map(String::from);
+    let args = ["up", "--model", &model, "--port", "0", "--workers", "1", "--tp", "3", "--model-name", "smol"]
+        .map(String::from);
     let mut up = Proc::start_until(&args, "serving at ");
     let out = Command::new(herd_bin())
         .args(["chat", "--url", &up.url(), "--temperature", "0", "--max-tokens", "24"])

@@ -71,8 +71,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     let prompt = engine.encode_chat(&[Message::new("user", "Write a short story about a lighthouse keeper.")])?;
-    let params =
-        GenerationParams { sampling: SamplingParams::greedy(), max_tokens: Some(128), ignore_eos: true, ..Default::default() };
+    let params = GenerationParams {
+        sampling: SamplingParams::greedy(),
+        max_tokens: Some(128),
+        ignore_eos: true,
+        ..Default::default()
+    };
     for run in 0..2 {
         let start = Instant::now();
         let mut first = None;

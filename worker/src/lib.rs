@@ -166,8 +166,12 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
     );
 
     let device_names: Vec<String> = devices.iter().map(device_name).collect();
-    let opts =
-        LoadOptions { model: args.model.clone(), dtype: args.dtype, devices, chat_template: args.chat_template.clone() };
+    let opts = LoadOptions {
+        model: args.model.clone(),
+        dtype: args.dtype,
+        devices,
+        chat_template: args.chat_template.clone(),
+    };
     let loading = tokio::task::spawn_blocking(move || Engine::load(&opts, &mut |_, _| {}));
     tokio::pin!(shutdown);
     let engine = tokio::select! {

@@ -236,7 +236,8 @@ fn run(engine: &Engine, config: &SchedulerConfig, rx: &mpsc::Receiver<Job>, load
             alive
         });
         let mut results =
-            if running.is_empty() { Vec::new() } else { step(engine, &mut running, config.max_batch_tokens) }.into_iter();
+            if running.is_empty() { Vec::new() } else { step(engine, &mut running, config.max_batch_tokens) }
+                .into_iter();
         running.retain_mut(|job| {
             let keep = match results.next() {
                 // Still waiting for its turn or part-way through its prompt.

@@ -211,7 +211,8 @@ impl Llama {
         let local = match chunk - self.vocab.len() {
             0 => local,
             pad => {
-                let fill = Tensor::full(f32::NEG_INFINITY, (local.dim(0)?, pad), &self.device)?.to_dtype(local.dtype())?;
+                let fill =
+                    Tensor::full(f32::NEG_INFINITY, (local.dim(0)?, pad), &self.device)?.to_dtype(local.dtype())?;
                 Tensor::cat(&[&local, &fill], 1)?
             }
         };

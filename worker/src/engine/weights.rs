@@ -139,9 +139,19 @@ pub enum GgufMode {
 
 enum Store {
     /// Tensors are read with positioned reads, so a rank reads only its slice.
-    Gguf { content: gguf_file::Content, file: File, mode: GgufMode },
-    Safetensors { st: MmapedSafetensors, file_of: HashMap<String, PathBuf> },
-    Pth { files: Vec<(PathBuf, candle_core::pickle::PthTensors)>, file_of: HashMap<String, usize> },
+    Gguf {
+        content: gguf_file::Content,
+        file: File,
+        mode: GgufMode,
+    },
+    Safetensors {
+        st: MmapedSafetensors,
+        file_of: HashMap<String, PathBuf>,
+    },
+    Pth {
+        files: Vec<(PathBuf, candle_core::pickle::PthTensors)>,
+        file_of: HashMap<String, usize>,
+    },
 }
 
 /// An opened checkpoint: reads tensors (or a rank's part of them) by role, converted to the

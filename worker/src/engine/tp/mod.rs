@@ -13,10 +13,10 @@
 //! Every rank reads only its slice of each tensor from the checkpoint.
 
 pub mod check;
-mod ranks;
-mod threads;
 #[cfg(feature = "cuda")]
 mod nccl;
+mod ranks;
+mod threads;
 
 use std::ops::Range;
 
@@ -98,7 +98,10 @@ fn gcd(a: usize, b: usize) -> usize {
 
 fn open_cuda(ordinal: usize, flag: &str) -> Result<Device> {
     Device::new_cuda(ordinal).map_err(|e| {
-        EngineError::InvalidArgument(format!("--devices {flag}: {} (build herd with --features cuda)", candle_message(&e)))
+        EngineError::InvalidArgument(format!(
+            "--devices {flag}: {} (build herd with --features cuda)",
+            candle_message(&e)
+        ))
     })
 }
 

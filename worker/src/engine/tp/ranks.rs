@@ -5,8 +5,8 @@
 //! threads, and CPU ranks must not run on the async runtime).
 
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
 use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use candle_core::{Device, Tensor};
@@ -88,9 +88,8 @@ impl Ranks {
         let mut shards = Vec::with_capacity(world);
         for (rank, device) in devices.iter().enumerate() {
             let shard = Shard { rank, world };
-            let llama = Llama::load(cfg, w, shard, device, &mut |done, total| {
-                progress(rank * total + done, world * total)
-            })?;
+            let llama =
+                Llama::load(cfg, w, shard, device, &mut |done, total| progress(rank * total + done, world * total))?;
             shards.push((shard, device.clone(), llama));
         }
         let (ready_tx, ready_rx) = channel();
