@@ -38,13 +38,7 @@ fn eight_concurrent_greedy_answers_equal_each_one_alone() {
     let params = GenerationParams { sampling: SamplingParams::greedy(), max_tokens: Some(24), ..Default::default() };
     let prompts: Vec<Vec<u32>> =
         PROMPTS.iter().map(|p| engine.encode_chat(&[Message::new("user", *p)]).unwrap()).collect();
-    let config = SchedulerConfig {
-        max_batch_size: 8,
-        max_queue: 8,
-        step_delay: Duration::ZERO,
-        kv_budget_tokens: None,
-        max_batch_tokens: 4096,
-    };
+    let config = SchedulerConfig::new(8, 8);
     let scheduler = Scheduler::start(engine.clone(), config).unwrap();
     let mut streams = Vec::new();
     // Half start together; the rest join once those are decoding, so prefills share steps with decodes.
@@ -83,13 +77,7 @@ fn a_kv_budget_for_two_runs_four_by_evicting_and_recomputing() {
     let mut sizes: Vec<usize> = prompts.iter().map(|p| p.len() + 24).collect();
     sizes.sort_unstable();
     let budget = sizes[2] + sizes[3];
-    let config = SchedulerConfig {
-        max_batch_size: 4,
-        max_queue: 4,
-        step_delay: Duration::ZERO,
-        kv_budget_tokens: Some(budget),
-        max_batch_tokens: 4096,
-    };
+    let config = SchedulerConfig { kv_budget_tokens: Some(budget), ..SchedulerConfig::new(4, 4) };
     let scheduler = Scheduler::start(engine.clone(), config).unwrap();
     let mut streams = Vec::new();
     for p in &prompts {
@@ -126,13 +114,7 @@ fn prompts_prefilled_in_chunks_beside_decodes_answer_as_alone() {
     let prompts: Vec<Vec<u32>> =
         PROMPTS[4..7].iter().map(|p| engine.encode_chat(&[Message::new("user", *p)]).unwrap()).collect();
     // 12 tokens a step: every prompt (30+ tokens) takes several steps, shared with the decodes.
-    let config = SchedulerConfig {
-        max_batch_size: 3,
-        max_queue: 3,
-        step_delay: Duration::ZERO,
-        kv_budget_tokens: None,
-        max_batch_tokens: 12,
-    };
+    let config = SchedulerConfig { max_batch_tokens: 12, ..SchedulerConfig::new(3, 3) };
     let scheduler = Scheduler::start(engine.clone(), config).unwrap();
     let mut streams = Vec::new();
     for p in &prompts {

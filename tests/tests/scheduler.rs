@@ -39,13 +39,7 @@ fn wait_idle(scheduler: &Scheduler, limit: Duration) -> bool {
 fn sequences_interleave_and_finish_like_generate() {
     let dir = tempfile::tempdir().unwrap();
     let engine = tiny_engine(dir.path());
-    let config = SchedulerConfig {
-        max_batch_size: 2,
-        max_queue: 4,
-        step_delay: Duration::ZERO,
-        kv_budget_tokens: None,
-        max_batch_tokens: 4096,
-    };
+    let config = SchedulerConfig::new(2, 4);
     let scheduler = Scheduler::start(engine.clone(), config).unwrap();
     let (prompt_a, prompt_b) = (vec![1, 5, 9], vec![1, 7, 7, 3]);
     let (tx_a, mut rx_a) = tokio::sync::mpsc::unbounded_channel();
@@ -75,13 +69,7 @@ fn a_dropped_receiver_cancels_its_sequence() {
     let dir = tempfile::tempdir().unwrap();
     let engine = tiny_engine(dir.path());
     // 1000 tokens at >= 20 ms a round would take over 20 s if the sequence kept running.
-    let config = SchedulerConfig {
-        max_batch_size: 1,
-        max_queue: 4,
-        step_delay: Duration::from_millis(20),
-        kv_budget_tokens: None,
-        max_batch_tokens: 4096,
-    };
+    let config = SchedulerConfig { step_delay: Duration::from_millis(20), ..SchedulerConfig::new(1, 4) };
     let scheduler = Scheduler::start(engine.clone(), config).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     scheduler.submit(engine.start(&[1, 2, 3], &params(1000)).unwrap(), tx).unwrap();
@@ -94,13 +82,7 @@ fn a_dropped_receiver_cancels_its_sequence() {
 fn a_full_queue_refuses_new_sequences() {
     let dir = tempfile::tempdir().unwrap();
     let engine = tiny_engine(dir.path());
-    let config = SchedulerConfig {
-        max_batch_size: 1,
-        max_queue: 1,
-        step_delay: Duration::from_millis(20),
-        kv_budget_tokens: None,
-        max_batch_tokens: 4096,
-    };
+    let config = SchedulerConfig { step_delay: Duration::from_millis(20), ..SchedulerConfig::new(1, 1) };
     let scheduler = Scheduler::start(engine.clone(), config).unwrap();
     let mut receivers = Vec::new();
     let mut refused = 0;

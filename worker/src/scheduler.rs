@@ -88,6 +88,20 @@ pub struct SchedulerConfig {
     pub max_batch_tokens: usize,
 }
 
+impl SchedulerConfig {
+    /// `max_batch_size` slots and `max_queue` waiting places; no KV budget, no step-token
+    /// limit, no delay.
+    pub fn new(max_batch_size: usize, max_queue: usize) -> Self {
+        Self {
+            max_batch_size,
+            max_queue,
+            step_delay: Duration::ZERO,
+            kv_budget_tokens: None,
+            max_batch_tokens: usize::MAX,
+        }
+    }
+}
+
 /// Why a submission was refused.
 #[derive(Debug, PartialEq, Eq)]
 pub enum SubmitError {

@@ -18,7 +18,7 @@ use crate::engine::model::{Llama, Segment, ShardCache};
 use crate::engine::weights::Weights;
 
 /// The KV cache of one sequence: a shard per rank, and the position they share.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SeqCache {
     shards: Vec<ShardCache>,
     len: usize,
@@ -28,11 +28,6 @@ impl SeqCache {
     /// Tokens already in the cache (the next token's position).
     pub fn len(&self) -> usize {
         self.len
-    }
-
-    /// True before the first forward step.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// Drops every cached token.
