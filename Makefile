@@ -20,6 +20,6 @@ test: setup model
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) test --release --workspace
 
-## Single-stream decode speed on the test model.
+## Prompt and decode speed of the engine alone on the test model, single stream and batched.
 bench: setup model
-	$(CARGO) bench -p herd-worker --bench decode
+	$(CARGO) run --release --bin herd -- bench --engine --model $(MODEL) --prompt-tokens 37 --max-tokens 128 --concurrency 8

@@ -1,6 +1,7 @@
 //! `herd bench`: a load generator for an OpenAI-compatible gateway. It streams completions at a
 //! fixed concurrency and reports throughput, time to first token, inter-token latency and
-//! end-to-end latency. It only ever talks to the URL it is given.
+//! end-to-end latency. It only ever talks to the URL it is given. With `--engine` it measures
+//! the engine alone instead (see `bench_engine`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,12 +15,26 @@ use serde_json::{Value, json};
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// The gateway, e.g. http://127.0.0.1:8000.
-    #[arg(long, env = "HERD_URL")]
-    url: String,
-    /// The model to ask (default: the gateway's first model).
-    #[arg(long, env = "HERD_MODEL_NAME")]
+    #[arg(long, env = "HERD_URL", required_unless_present = "engine")]
+    url: Option<String>,
+    /// The model to ask (default: the gateway's first model); with --engine, the model file or
+    /// directory to load.
+    #[arg(long)]
     model: Option<String>,
-    /// Requests in flight at once.
+    /// Measure the engine alone on --model, in this process: prompt and decode tokens/s, single
+    /// stream and batched at --concurrency.
+    #[arg(long)]
+    engine: bool,
+    /// With --engine: compute threads (default: every core).
+    #[arg(long, requires = "engine", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    threads: Option<u32>,
+    /// With --engine: weight dtype (auto, f32, f16, bf16).
+    #[arg(long, requires = "engine", default_value = "auto")]
+    dtype: herd_worker::engine::DTypeChoice,
+    /// With --engine: measured runs per batch size (after one warm-up run); the median is reported.
+    #[arg(long, requires = "engine", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    runs: u32,
+    /// Requests in flight at once (with --engine: the batch size measured besides 1).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
     concurrency: u32,
     /// Requests to send in all.
@@ -37,6 +52,13 @@ pub struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+impl BenchArgs {
+    /// `--threads`, for the engine's compute pools.
+    pub fn threads(&self) -> Option<usize> {
+        self.threads.map(|n| n as usize)
+    }
 }
 
 /// What one request did.
@@ -97,7 +119,7 @@ fn summary(mut v: Vec<Duration>) -> Value {
 }
 
 async fn bench(args: BenchArgs) -> anyhow::Result<Value> {
-    let base = args.url.trim_end_matches('/').to_string();
+    let base = args.url.as_deref().unwrap_or_default().trim_end_matches('/').to_string();
     if !(base.starts_with("http://") || base.starts_with("https://")) {
         bail!("--url {base}: expected an http:// or https:// URL");
     }
@@ -180,6 +202,24 @@ fn print_text(r: &Value) {
 /// Runs `herd bench`; fails when any request failed.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let json_out = args.json;
+    if args.engine {
+        let Some(model) = &args.model else { bail!("--engine needs --model PATH (a .gguf file or an HF directory)") };
+        let report = crate::bench_engine::bench(&crate::bench_engine::EngineBench {
+            model: std::path::Path::new(model),
+            dtype: args.dtype,
+            threads: args.threads().unwrap_or_else(herd_worker::engine::default_threads),
+            prompt_tokens: args.prompt_tokens as usize,
+            max_tokens: args.max_tokens as usize,
+            batch: args.concurrency as usize,
+            runs: args.runs as usize,
+        })?;
+        if json_out {
+            println!("{report}");
+        } else {
+            crate::bench_engine::print_text(&report);
+        }
+        return Ok(());
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let report = rt.block_on(bench(args))?;
     if json_out {

@@ -1,6 +1,7 @@
 //! `herd`: one binary for every role of the serving cluster.
 
 mod bench;
+mod bench_engine;
 mod chat;
 mod openai_client;
 mod up;
@@ -83,11 +84,20 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("HERD_LOG").unwrap_or_else(|_| "info".into()))
         .init();
     let cli = Cli::parse();
-    if let Command::Worker(herd_worker::WorkerArgs { threads: Some(n), .. }) = &cli.command {
-        // candle sizes its matmul worker pool from this variable when the pool first starts;
-        // without it a worker given a share of the cores would still spin on all of them.
-        // SAFETY: no other thread exists yet to read the environment concurrently.
-        unsafe { std::env::set_var("CANDLE_NUM_THREADS", n.to_string()) };
+    let threads = match &cli.command {
+        Command::Worker(args) => args.threads,
+        Command::Bench(args) => args.threads(),
+        _ => None,
+    };
+    for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+        // candle sizes its matmul pools from these when they first start, and without them it
+        // re-reads /proc/cpuinfo on every CPU op; a worker given a share of the cores must not
+        // spin on all of them either.
+        if let Some(n) = threads.or_else(|| std::env::var_os(var).is_none().then(herd_worker::engine::default_threads))
+        {
+            // SAFETY: no other thread exists yet to read the environment concurrently.
+            unsafe { std::env::set_var(var, n.to_string()) };
+        }
     }
     let result = match cli.command {
         Command::Controller(args) => serve(|stop| async move { Ok(herd_controller::run(args, stop).await?) }),

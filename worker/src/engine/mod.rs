@@ -4,8 +4,9 @@
 pub mod config;
 pub mod detok;
 pub mod error;
-mod exact_sum;
 pub mod model;
+pub mod pool;
+pub mod quant;
 pub mod sampler;
 pub mod sentencepiece;
 pub mod stop;
@@ -74,13 +75,26 @@ pub struct LoadOptions {
     pub devices: Vec<Device>,
     /// `--chat-template NAME|FILE`.
     pub chat_template: Option<String>,
+    /// Compute threads for the CPU kernels, shared out over CPU ranks (at least one each).
+    pub threads: usize,
 }
 
 impl LoadOptions {
     /// One CPU rank, automatic dtype, the template the model implies.
     pub fn new(model: impl Into<PathBuf>) -> Self {
-        Self { model: model.into(), dtype: DTypeChoice::Auto, devices: vec![Device::Cpu], chat_template: None }
+        Self {
+            model: model.into(),
+            dtype: DTypeChoice::Auto,
+            devices: vec![Device::Cpu],
+            chat_template: None,
+            threads: default_threads(),
+        }
     }
+}
+
+/// One compute thread per core this process may use.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map(usize::from).unwrap_or(1)
 }
 
 /// What a generation is asked to do besides sampling.
@@ -253,7 +267,7 @@ impl Engine {
                 cfg.vocab_size
             );
         }
-        let model = Ranks::load(&cfg, &weights, &opts.devices, progress)?;
+        let model = Ranks::load(&cfg, &weights, &opts.devices, opts.threads, progress)?;
         let (template, template_source) =
             ChatTemplate::choose(opts.chat_template.as_deref(), path, model_template, &bos_token, &eos_token)?;
         tracing::info!(

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::{ModelConfig, RopeScaling};
 use super::error::Result;
+use super::pool::ComputePool;
 use super::tp::{Communicator, Shard};
 use super::weights::{LayerPart, Linear, Part, WeightName, Weights};
 
@@ -110,6 +111,8 @@ pub struct Llama {
     rope: Rope,
     device: Device,
     dtype: DType,
+    /// The threads this rank's CPU kernels compute on.
+    pool: ComputePool,
 }
 
 impl Llama {
@@ -120,6 +123,7 @@ impl Llama {
         w: &Weights,
         shard: Shard,
         device: &Device,
+        pool: ComputePool,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
         let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
@@ -175,6 +179,7 @@ impl Llama {
             rope,
             device: device.clone(),
             dtype: w.dtype(),
+            pool,
         })
     }
 
@@ -203,7 +208,7 @@ impl Llama {
     /// Logits `(n, vocab)` from final hidden states `(n, hidden)`: each rank computes its
     /// vocabulary rows, padded to the common chunk size, and the slices are gathered.
     fn logits(&self, comm: &dyn Communicator, x: &Tensor) -> Result<Tensor> {
-        let local = self.lm_head.forward(x)?;
+        let local = self.lm_head.forward(x, &self.pool)?;
         if self.shard.world == 1 {
             return Ok(local);
         }
@@ -242,7 +247,8 @@ impl Llama {
         let scale = 1.0 / (hd as f64).sqrt();
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, eps)?;
-            let (q_all, k_all, v_all) = (block.q.forward(&h)?, block.k.forward(&h)?, block.v.forward(&h)?);
+            let (q_all, k_all, v_all) =
+                (block.q.forward(&h, &self.pool)?, block.k.forward(&h, &self.pool)?, block.v.forward(&h, &self.pool)?);
             let mut outs = Vec::with_capacity(segs.len());
             for (seg, (offset, t, cos, sin, mask)) in segs.iter_mut().zip(&parts) {
                 let (offset, t) = (*offset, *t);
@@ -270,10 +276,10 @@ impl Llama {
                 *slot = Some((k, v));
             }
             let attn = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 1)? };
-            x = (x + self.reduce(comm, block.o.forward(&attn)?)?)?;
+            x = (x + self.reduce(comm, block.o.forward(&attn, &self.pool)?)?)?;
             let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
-            let act = (block.gate.forward(&h)?.silu()? * block.up.forward(&h)?)?;
-            x = (x + self.reduce(comm, block.down.forward(&act)?)?)?;
+            let act = (block.gate.forward(&h, &self.pool)?.silu()? * block.up.forward(&h, &self.pool)?)?;
+            x = (x + self.reduce(comm, block.down.forward(&act, &self.pool)?)?)?;
         }
         let x = if all_positions {
             x

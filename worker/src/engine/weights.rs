@@ -12,26 +12,29 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::error::{EngineError, Result, candle_message};
-use super::exact_sum::ExactSum;
+use super::pool::ComputePool;
+use super::quant::{Kernels, QuantMatrix};
 
 /// A weight matrix applied as `x @ W^T`, kept quantized or dense.
 #[derive(Debug)]
 pub enum Linear {
     /// A dense `(out, in)` matrix.
     Dense(Tensor),
-    /// A GGUF block-quantized matrix, multiplied without dequantizing.
+    /// A GGUF block-quantized matrix on a GPU: candle's quantized matmul.
     Quant(QMatMul),
-    /// A block-quantized matrix whose outputs are f64 sums that split exactly over ranks.
-    Exact(ExactSum),
+    /// A GGUF block-quantized matrix on the CPU: herd's kernels. `summed` layers (split by input
+    /// columns over ranks) answer in f64, so that the ranks' sums add up exactly.
+    Blocks { m: QuantMatrix, summed: bool },
 }
 
 impl Linear {
-    /// Applies the layer to `x` of shape `(.., in)`; `Exact` layers answer in f64.
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// Applies the layer to `x` of shape `(.., in)`, computing on `pool` where it can; summed
+    /// `Blocks` layers answer in f64.
+    pub fn forward(&self, x: &Tensor, pool: &ComputePool) -> candle_core::Result<Tensor> {
         match self {
             Self::Dense(w) => x.broadcast_matmul(&w.t()?),
             Self::Quant(q) => q.forward(x),
-            Self::Exact(e) => e.forward(x),
+            Self::Blocks { m, summed } => m.forward(x, pool, if *summed { DType::F64 } else { DType::F32 }),
         }
     }
 }
@@ -369,7 +372,20 @@ impl Weights {
     /// `part` of a GGUF tensor as a quantized tensor on `device`.
     fn gguf_part(&self, name: &str, want: &[usize], part: &Part, device: &Device) -> Result<QTensor> {
         let (dtype, bytes) = self.gguf_bytes(name, want, part)?;
-        ggml_file::qtensor_from_ggml(dtype, &bytes, part.shape(want), device)
+        self.qtensor(name, dtype, &bytes, want, part, device)
+    }
+
+    /// Bytes read by [`Weights::gguf_bytes`] as a quantized tensor on `device`.
+    fn qtensor(
+        &self,
+        name: &str,
+        dtype: GgmlDType,
+        bytes: &[u8],
+        want: &[usize],
+        part: &Part,
+        device: &Device,
+    ) -> Result<QTensor> {
+        ggml_file::qtensor_from_ggml(dtype, bytes, part.shape(want), device)
             .map_err(|e| self.read_error(name, candle_message(&e)))
     }
 
@@ -444,33 +460,35 @@ impl Weights {
     /// A weight matrix of full shape `[out, in]` (or `part` of it): quantized when the file and
     /// mode allow it, else dense.
     pub fn linear(&self, w: WeightName, shape: [usize; 2], part: Part, device: &Device) -> Result<Linear> {
-        if let Store::Gguf { mode: GgufMode::Quantized, .. } = &self.store {
-            let name = w.gguf();
-            let q = self.gguf_part(&name, &shape, &part, device)?;
-            if !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
-                let qm = QMatMul::from_qtensor(q).map_err(|e| {
-                    EngineError::checkpoint(&self.path, format!("tensor {name}: {}", candle_message(&e)))
-                })?;
-                return Ok(Linear::Quant(qm));
-            }
-            let dense = q.dequantize(device)?.to_dtype(self.dtype)?;
-            return Ok(Linear::Dense(dense));
-        }
-        Ok(Linear::Dense(self.dense(w, &shape, part, device)?))
+        self.matrix(w, shape, part, device, false)
     }
 
     /// Like [`Weights::linear`], for a layer whose outputs ranks add up (split by input
     /// columns): block-quantized weights on the CPU sum exactly, so that any split over ranks
     /// gives the unsplit layer's result to the bit.
     pub fn summed_linear(&self, w: WeightName, shape: [usize; 2], part: Part, device: &Device) -> Result<Linear> {
-        if let (Store::Gguf { mode: GgufMode::Quantized, .. }, true) = (&self.store, device.is_cpu()) {
-            let name = w.gguf();
-            let (dtype, bytes) = self.gguf_bytes(&name, &shape, &part)?;
+        self.matrix(w, shape, part, device, true)
+    }
+
+    fn matrix(&self, w: WeightName, shape: [usize; 2], part: Part, device: &Device, summed: bool) -> Result<Linear> {
+        let Store::Gguf { mode: GgufMode::Quantized, .. } = &self.store else {
+            return Ok(Linear::Dense(self.dense(w, &shape, part, device)?));
+        };
+        let name = w.gguf();
+        let (dtype, bytes) = self.gguf_bytes(&name, &shape, &part)?;
+        if matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            let q = self.qtensor(&name, dtype, &bytes, &shape, &part, device)?;
+            return Ok(Linear::Dense(q.dequantize(device)?.to_dtype(self.dtype)?));
+        }
+        if device.is_cpu() {
             let [out, inp] = part.shape(&shape)[..] else { unreachable!("matrices are 2-D") };
-            if let Some(e) = ExactSum::from_gguf(dtype, &bytes, out, inp) {
-                return Ok(Linear::Exact(e));
+            if let Some(m) = QuantMatrix::from_gguf(dtype, &bytes, out, inp, Kernels::detect()) {
+                return Ok(Linear::Blocks { m, summed });
             }
         }
-        self.linear(w, shape, part, device)
+        let q = self.qtensor(&name, dtype, &bytes, &shape, &part, device)?;
+        let qm = QMatMul::from_qtensor(q)
+            .map_err(|e| EngineError::checkpoint(&self.path, format!("tensor {name}: {}", candle_message(&e))))?;
+        Ok(Linear::Quant(qm))
     }
 }

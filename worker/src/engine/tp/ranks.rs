@@ -15,6 +15,7 @@ use super::{Backend, Shard, check_divisible};
 use crate::engine::config::ModelConfig;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::model::{Llama, Segment, ShardCache};
+use crate::engine::pool::ComputePool;
 use crate::engine::weights::Weights;
 
 /// The KV cache of one sequence: a shard per rank, and the position they share.
@@ -70,11 +71,13 @@ pub struct Ranks {
 }
 
 impl Ranks {
-    /// Loads a shard of `w` for each device (one rank each) and starts the rank threads.
+    /// Loads a shard of `w` for each device (one rank each) and starts the rank threads; CPU
+    /// ranks share `threads` compute threads.
     pub fn load(
         cfg: &ModelConfig,
         w: &Weights,
         devices: &[Device],
+        threads: usize,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
         let world = devices.len();
@@ -83,8 +86,10 @@ impl Ranks {
         let mut shards = Vec::with_capacity(world);
         for (rank, device) in devices.iter().enumerate() {
             let shard = Shard { rank, world };
-            let llama =
-                Llama::load(cfg, w, shard, device, &mut |done, total| progress(rank * total + done, world * total))?;
+            let pool = ComputePool::new((threads / world).max(1));
+            let llama = Llama::load(cfg, w, shard, device, pool, &mut |done, total| {
+                progress(rank * total + done, world * total)
+            })?;
             shards.push((shard, device.clone(), llama));
         }
         let (ready_tx, ready_rx) = channel();

@@ -1,0 +1,279 @@
+//! Block-quantized matrices multiplied on the CPU by herd's own kernels and threads.
+//!
+//! Q4_0, Q4_1 and Q8_0 (the formats of the usual GGUF files) run on SIMD kernels chosen at run
+//! time ([`avx2`] where the CPU has it, else the portable [`scalar`] ones); the other GGUF
+//! formats use candle's per-block dot products. Either way each row's blocks are summed in
+//! f64, where their values are exact, so a row-parallel layer split over ranks adds up to the
+//! unsplit layer's result to the bit: a quantized row-parallel layer (o_proj, down_proj)
+//! returns those f64 sums, the ranks all-reduce them, and the model rounds once.
+
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
+pub mod scalar;
+
+use candle_core::quantized::GgmlDType;
+use candle_core::quantized::k_quants::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, GgmlType,
+};
+use candle_core::{DType, Device, Tensor};
+
+use super::pool::ComputePool;
+use scalar::{ActRow, ActRows, Q4_0, Q4_1, Q8_0, QK, WeightRow, WeightRows};
+
+/// A weight format herd has its own kernels for.
+#[cfg(target_arch = "x86_64")]
+pub trait NativeQuants: avx2::Avx2Quants {}
+#[cfg(target_arch = "x86_64")]
+impl<T: avx2::Avx2Quants> NativeQuants for T {}
+/// A weight format herd has its own kernels for.
+#[cfg(not(target_arch = "x86_64"))]
+pub trait NativeQuants: scalar::Quants {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T: scalar::Quants> NativeQuants for T {}
+
+/// Which implementation of the native kernels runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Kernels {
+    /// The fastest kernels this CPU runs.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            return Self::Avx2;
+        }
+        Self::Portable
+    }
+
+    /// A row's dot product with quantized activations.
+    pub fn dot<Q: NativeQuants>(self, w: &WeightRow<'_, Q>, x: &ActRow<'_>) -> f64 {
+        match self {
+            Self::Portable => scalar::dot(w, x),
+            // SAFETY: `Avx2` is only chosen when the CPU supports it (`detect`).
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => unsafe { avx2::dot(w, x) },
+        }
+    }
+
+    /// Quantizes activations (`qs.len() * 32` values) to 8-bit blocks.
+    pub fn quantize(self, x: &[f32], qs: &mut [[i8; QK]], d: &mut [f64], s: &mut [f64]) {
+        match self {
+            Self::Portable => scalar::quantize(x, qs, d, s),
+            // SAFETY: as in `dot`.
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => unsafe { avx2::quantize(x, qs, d, s) },
+        }
+    }
+}
+
+/// Weight rows of one format, and the quantized activations they multiply.
+trait Rows: Send + Sync + 'static {
+    type Acts: Send + Sync;
+    /// Blocks per row.
+    fn per_row(&self) -> usize;
+    /// Quantizes the `m` rows of `x`.
+    fn quantize(&self, x: &[f32], m: usize, pool: &ComputePool) -> Self::Acts;
+    /// Weight row `row` times activation row `r`.
+    fn dot(&self, row: usize, acts: &Self::Acts, r: usize) -> f64;
+}
+
+/// Copies GGUF's packed blocks into a vector of `T`; `None` when the sizes disagree.
+fn blocks_from_bytes<T>(bytes: &[u8], n: usize) -> Option<Vec<T>> {
+    if bytes.len() != n * size_of::<T>() {
+        return None;
+    }
+    let mut data: Vec<T> = Vec::with_capacity(n);
+    // SAFETY: candle's block types are #[repr(C)] structs of f16 and integer arrays, valid for
+    // any bit pattern, and `bytes` holds exactly `n` of them in GGUF's layout; the copy
+    // initialises all `n` elements before the length is set.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), data.as_mut_ptr().cast::<u8>(), bytes.len());
+        data.set_len(n);
+    }
+    Some(data)
+}
+
+/// Rows in a format with herd's kernels.
+struct Native<Q> {
+    rows: WeightRows<Q>,
+    kernels: Kernels,
+}
+
+impl<Q: NativeQuants> Rows for Native<Q> {
+    type Acts = ActRows;
+    fn per_row(&self) -> usize {
+        self.rows.per_row()
+    }
+    fn quantize(&self, x: &[f32], m: usize, pool: &ComputePool) -> ActRows {
+        let per = self.per_row();
+        let mut acts = ActRows::zeros(m, per);
+        let (qs, d, s) = (Disjoint(acts.qs.as_mut_ptr()), Disjoint(acts.d.as_mut_ptr()), Disjoint(acts.s.as_mut_ptr()));
+        pool.run(m, &|r| {
+            // SAFETY: row r's blocks are written by this chunk only; `acts` outlives the loop.
+            let (qs, d, s) = unsafe { (qs.slice(r * per, per), d.slice(r * per, per), s.slice(r * per, per)) };
+            self.kernels.quantize(&x[r * per * QK..][..per * QK], qs, d, s);
+        });
+        acts
+    }
+    fn dot(&self, row: usize, acts: &ActRows, r: usize) -> f64 {
+        self.kernels.dot(&self.rows.row(row), &acts.row(r))
+    }
+}
+
+/// Rows in another GGUF format, through candle's per-block dot products.
+struct Candle<T: GgmlType> {
+    data: Vec<T>,
+    per_row: usize,
+}
+
+/// Blocks per `vec_dot` call: candle's Q4_1, Q5_0 and Q5_1 kernels take blocks in pairs.
+fn candle_group<T: GgmlType>() -> usize {
+    match T::DTYPE {
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => 2,
+        _ => 1,
+    }
+}
+
+impl<T: GgmlType + 'static> Rows for Candle<T> {
+    type Acts = Vec<T::VecDotType>;
+    fn per_row(&self) -> usize {
+        self.per_row
+    }
+    fn quantize(&self, x: &[f32], m: usize, pool: &ComputePool) -> Self::Acts {
+        let per = self.per_row;
+        let mut acts = vec![T::VecDotType::zeros(); m * per];
+        let out = Disjoint(acts.as_mut_ptr());
+        pool.run(m, &|r| {
+            // SAFETY: row r's blocks are written by this chunk only; `acts` outlives the loop.
+            let row = unsafe { out.slice(r * per, per) };
+            T::VecDotType::from_float(&x[r * per * T::BLCK_SIZE..][..per * T::BLCK_SIZE], row);
+        });
+        acts
+    }
+    fn dot(&self, row: usize, acts: &Self::Acts, r: usize) -> f64 {
+        let g = candle_group::<T>();
+        let w = &self.data[row * self.per_row..][..self.per_row];
+        let x = &acts[r * self.per_row..][..self.per_row];
+        w.chunks_exact(g).zip(x.chunks_exact(g)).map(|(w, x)| f64::from(T::vec_dot(g * T::BLCK_SIZE, w, x))).sum()
+    }
+}
+
+/// The object-safe face of [`Rows`].
+trait MatMul: Send + Sync {
+    /// `x` is `(m, in)` row-major; returns `(m, out)` row-major f64 sums.
+    fn matmul(&self, x: &[f32], m: usize, out: usize, pool: &ComputePool) -> Vec<f64>;
+}
+
+/// A raw pointer that chunks of a parallel loop write through at disjoint indices.
+#[derive(Clone, Copy)]
+struct Disjoint<T>(*mut T);
+// SAFETY: every user writes only indices no other chunk writes, and the buffer outlives the loop.
+unsafe impl<T> Sync for Disjoint<T> {}
+unsafe impl<T> Send for Disjoint<T> {}
+
+impl<T> Disjoint<T> {
+    /// # Safety
+    /// `i` is in bounds and no other thread accesses it during the loop.
+    unsafe fn write(self, i: usize, v: T) {
+        unsafe { self.0.add(i).write(v) }
+    }
+
+    /// # Safety
+    /// `start..start + len` is in bounds and no other thread accesses it during the loop.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
+    }
+}
+
+impl<R: Rows> MatMul for R {
+    fn matmul(&self, x: &[f32], m: usize, out: usize, pool: &ComputePool) -> Vec<f64> {
+        let acts = self.quantize(x, m, pool);
+        let mut y = vec![0f64; m * out];
+        // Enough chunks that a thread delayed by another process leaves little for the others.
+        let rows_per_chunk = (out / (pool.threads() * 8)).max(1);
+        let y_out = Disjoint(y.as_mut_ptr());
+        pool.run(out.div_ceil(rows_per_chunk), &|c| {
+            for col in c * rows_per_chunk..((c + 1) * rows_per_chunk).min(out) {
+                for r in 0..m {
+                    // SAFETY: column `col` belongs to this chunk only, and `r * out + col < m * out`.
+                    unsafe { y_out.write(r * out + col, self.dot(col, &acts, r)) };
+                }
+            }
+        });
+        y
+    }
+}
+
+/// A block-quantized `(out, in)` matrix applied as `x @ W^T` on the CPU.
+pub struct QuantMatrix {
+    rows: Box<dyn MatMul>,
+    out: usize,
+    inp: usize,
+}
+
+impl std::fmt::Debug for QuantMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QuantMatrix({}x{})", self.out, self.inp)
+    }
+}
+
+fn native<Q: NativeQuants>(bytes: &[u8], out: usize, per_row: usize, kernels: Kernels) -> Option<Box<dyn MatMul>> {
+    let rows = WeightRows::<Q>::from_gguf(bytes, per_row).filter(|_| bytes.len() == out * per_row * Q::GGUF_BYTES)?;
+    Some(Box::new(Native { rows, kernels }))
+}
+
+fn candle<T: GgmlType + 'static>(bytes: &[u8], out: usize, inp: usize) -> Option<Box<dyn MatMul>> {
+    if !inp.is_multiple_of(T::BLCK_SIZE * candle_group::<T>()) {
+        return None;
+    }
+    let per_row = inp / T::BLCK_SIZE;
+    Some(Box::new(Candle::<T> { data: blocks_from_bytes(bytes, out * per_row)?, per_row }))
+}
+
+impl QuantMatrix {
+    /// Wraps raw GGUF blocks of an `(out, in)` matrix, for `kernels`; `None` for encodings or
+    /// shapes it does not cover.
+    pub fn from_gguf(dtype: GgmlDType, bytes: &[u8], out: usize, inp: usize, kernels: Kernels) -> Option<Self> {
+        let per_row = inp / scalar::QK;
+        let native_shape = inp.is_multiple_of(scalar::QK);
+        let rows = match dtype {
+            GgmlDType::Q4_0 if native_shape => native::<Q4_0>(bytes, out, per_row, kernels),
+            GgmlDType::Q4_1 if native_shape => native::<Q4_1>(bytes, out, per_row, kernels),
+            GgmlDType::Q8_0 if native_shape => native::<Q8_0>(bytes, out, per_row, kernels),
+            GgmlDType::Q5_0 => candle::<BlockQ5_0>(bytes, out, inp),
+            GgmlDType::Q5_1 => candle::<BlockQ5_1>(bytes, out, inp),
+            GgmlDType::Q2K => candle::<BlockQ2K>(bytes, out, inp),
+            GgmlDType::Q3K => candle::<BlockQ3K>(bytes, out, inp),
+            GgmlDType::Q4K => candle::<BlockQ4K>(bytes, out, inp),
+            GgmlDType::Q5K => candle::<BlockQ5K>(bytes, out, inp),
+            GgmlDType::Q6K => candle::<BlockQ6K>(bytes, out, inp),
+            _ => None,
+        }?;
+        Some(Self { rows, out, inp })
+    }
+
+    /// `x @ W^T` for `x` of shape `(.., in)`: `(.., out)` in f64 (exact block sums) when
+    /// `dtype` is F64, else rounded to f32.
+    pub fn forward(&self, x: &Tensor, pool: &ComputePool, dtype: DType) -> candle_core::Result<Tensor> {
+        let m = x.elem_count() / self.inp;
+        let flat = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let y = self.rows.matmul(&flat, m, self.out, pool);
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = self.out;
+        }
+        if dtype == DType::F64 {
+            Tensor::from_vec(y, dims, &Device::Cpu)
+        } else {
+            Tensor::from_vec(y.into_iter().map(|v| v as f32).collect::<Vec<_>>(), dims, &Device::Cpu)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,198 @@
+//! GGUF's 32-element block formats, the 8-bit activation blocks they are multiplied with, and
+//! portable kernels, which are also the reference the SIMD kernels are tested against.
+//!
+//! The arithmetic follows llama.cpp's: activations are quantized per block to int8 with scale
+//! `max|x|/127` (stored as f16), each block's dot product is an exact integer, and the result is
+//! `d_w * d_x * dot` (plus `m_w * s_x` for Q4_1's offset). Those per-block values are exact in
+//! f64, and a row sums them in f64, so sums over any split of the blocks agree (the module
+//! above says why that matters).
+//!
+//! Blocks are stored split into their parts (quants, scales, offsets), each part contiguous per
+//! row, so that kernels load four blocks' scales at once.
+
+use half::f16;
+
+/// Elements per block.
+pub const QK: usize = 32;
+
+/// The quants of one weight block in a GGUF format with 32-element blocks.
+pub trait Quants: Copy + Send + Sync + 'static {
+    /// Bytes of a block in the GGUF file: an f16 scale, `HAS_MIN`'s f16 offset, the quants.
+    const GGUF_BYTES: usize;
+    /// Whether blocks carry an offset `m` (weights are `d * q + m`).
+    const HAS_MIN: bool;
+    /// Reads the quants from the end of a GGUF block.
+    fn from_gguf(bytes: &[u8]) -> Self;
+    /// The exact integer dot product with an activation block's quants.
+    fn int_dot(&self, x: &[i8; QK]) -> i32;
+}
+
+/// Q4_0: weights `d * (q - 8)`; element `j` is the low nibble of byte `j`, `j + 16` the high.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Q4_0(pub [u8; QK / 2]);
+
+/// Q4_1: weights `d * q + m`, nibbles as in [`Q4_0`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Q4_1(pub [u8; QK / 2]);
+
+/// Q8_0: weights `d * q`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Q8_0(pub [i8; QK]);
+
+fn nibble_dot(qs: &[u8; QK / 2], x: &[i8; QK], bias: i32) -> i32 {
+    qs.iter()
+        .enumerate()
+        .map(|(j, &b)| {
+            (i32::from(b & 0x0f) - bias) * i32::from(x[j]) + (i32::from(b >> 4) - bias) * i32::from(x[j + QK / 2])
+        })
+        .sum()
+}
+
+impl Quants for Q4_0 {
+    const GGUF_BYTES: usize = 18;
+    const HAS_MIN: bool = false;
+    fn from_gguf(bytes: &[u8]) -> Self {
+        Self(bytes[2..18].try_into().expect("18-byte block"))
+    }
+    fn int_dot(&self, x: &[i8; QK]) -> i32 {
+        nibble_dot(&self.0, x, 8)
+    }
+}
+
+impl Quants for Q4_1 {
+    const GGUF_BYTES: usize = 20;
+    const HAS_MIN: bool = true;
+    fn from_gguf(bytes: &[u8]) -> Self {
+        Self(bytes[4..20].try_into().expect("20-byte block"))
+    }
+    fn int_dot(&self, x: &[i8; QK]) -> i32 {
+        nibble_dot(&self.0, x, 0)
+    }
+}
+
+impl Quants for Q8_0 {
+    const GGUF_BYTES: usize = 34;
+    const HAS_MIN: bool = false;
+    fn from_gguf(bytes: &[u8]) -> Self {
+        Self(std::array::from_fn(|j| bytes[2 + j] as i8))
+    }
+    fn int_dot(&self, x: &[i8; QK]) -> i32 {
+        self.0.iter().zip(x).map(|(&a, &b)| i32::from(a) * i32::from(b)).sum()
+    }
+}
+
+/// One row of weight blocks: quants, scales and (for formats with them) offsets.
+#[derive(Debug, Clone, Copy)]
+pub struct WeightRow<'a, Q> {
+    pub qs: &'a [Q],
+    pub d: &'a [f16],
+    /// Empty unless `Q::HAS_MIN`.
+    pub m: &'a [f16],
+}
+
+/// Block-quantized weight rows, split into parts (see the module docs).
+#[derive(Debug, Clone, Default)]
+pub struct WeightRows<Q> {
+    qs: Vec<Q>,
+    d: Vec<f16>,
+    m: Vec<f16>,
+    per_row: usize,
+}
+
+impl<Q: Quants> WeightRows<Q> {
+    /// Splits GGUF blocks, `per_row` per row; `None` when the byte count does not match.
+    pub fn from_gguf(bytes: &[u8], per_row: usize) -> Option<Self> {
+        if per_row == 0 || !bytes.len().is_multiple_of(Q::GGUF_BYTES * per_row) {
+            return None;
+        }
+        let blocks = bytes.chunks_exact(Q::GGUF_BYTES);
+        let f16_at = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]);
+        Some(Self {
+            qs: blocks.clone().map(Q::from_gguf).collect(),
+            d: blocks.clone().map(|b| f16_at(b, 0)).collect(),
+            m: if Q::HAS_MIN { blocks.map(|b| f16_at(b, 2)).collect() } else { Vec::new() },
+            per_row,
+        })
+    }
+
+    /// Builds rows from their parts (`m` empty unless `Q::HAS_MIN`).
+    pub fn new(qs: Vec<Q>, d: Vec<f16>, m: Vec<f16>, per_row: usize) -> Self {
+        Self { qs, d, m, per_row }
+    }
+
+    /// Blocks per row.
+    pub fn per_row(&self) -> usize {
+        self.per_row
+    }
+
+    /// Row `r`.
+    pub fn row(&self, r: usize) -> WeightRow<'_, Q> {
+        let span = r * self.per_row..(r + 1) * self.per_row;
+        let m = if Q::HAS_MIN { &self.m[span.clone()] } else { &[] };
+        WeightRow { qs: &self.qs[span.clone()], d: &self.d[span], m }
+    }
+}
+
+/// Activations quantized in blocks: `d * q` per block, with `s = d * sum(q)`. `d` and `s` hold
+/// f16-rounded values (llama.cpp's `block_q8_1`), widened to f64 so kernels need not convert.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ActRows {
+    pub qs: Vec<[i8; QK]>,
+    pub d: Vec<f64>,
+    pub s: Vec<f64>,
+    per_row: usize,
+}
+
+/// One row of [`ActRows`].
+#[derive(Debug, Clone, Copy)]
+pub struct ActRow<'a> {
+    pub qs: &'a [[i8; QK]],
+    pub d: &'a [f64],
+    pub s: &'a [f64],
+}
+
+impl ActRows {
+    /// Room for `rows` rows of `per_row` blocks.
+    pub fn zeros(rows: usize, per_row: usize) -> Self {
+        let n = rows * per_row;
+        Self { qs: vec![[0; QK]; n], d: vec![0.0; n], s: vec![0.0; n], per_row }
+    }
+
+    /// Row `r`.
+    pub fn row(&self, r: usize) -> ActRow<'_> {
+        let span = r * self.per_row..(r + 1) * self.per_row;
+        ActRow { qs: &self.qs[span.clone()], d: &self.d[span.clone()], s: &self.s[span] }
+    }
+}
+
+/// The exact value of block `b` of a row's dot product, given its integer dot product.
+pub fn block_value<Q: Quants>(w: &WeightRow<'_, Q>, x: &ActRow<'_>, b: usize, int_dot: i32) -> f64 {
+    let v = f64::from(w.d[b].to_f32()) * x.d[b] * f64::from(int_dot);
+    if Q::HAS_MIN { v + f64::from(w.m[b].to_f32()) * x.s[b] } else { v }
+}
+
+/// A row's dot product: the sum of its blocks' values, in order.
+pub fn dot<Q: Quants>(w: &WeightRow<'_, Q>, x: &ActRow<'_>) -> f64 {
+    (0..w.qs.len()).map(|b| block_value(w, x, b, w.qs[b].int_dot(&x.qs[b]))).sum()
+}
+
+/// Quantizes `x` (`qs.len() * 32` values) into the blocks `qs`, `d`, `s`.
+pub fn quantize(x: &[f32], qs: &mut [[i8; QK]], d: &mut [f64], s: &mut [f64]) {
+    for (b, x) in x.chunks_exact(QK).enumerate() {
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in qs[b].iter_mut().zip(x) {
+            // Round half to even, as the SIMD conversion does.
+            *q = (v * id).round_ties_even() as i8;
+            sum += i32::from(*q);
+        }
+        (d[b], s[b]) = scales(amax, sum);
+    }
+}
+
+/// A quantized block's `d` and `s` from its absolute maximum and the sum of its quants.
+pub fn scales(amax: f32, sum: i32) -> (f64, f64) {
+    let d = amax / 127.0;
+    (f16::from_f32(d).to_f64(), f16::from_f32(d * sum as f32).to_f64())
+}

@@ -1,0 +1,219 @@
+use half::f16;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::scalar::{ActRows, Q4_0, Q4_1, Q8_0, QK, WeightRows};
+use super::*;
+use candle_core::Module;
+use candle_core::quantized::{QMatMul, QTensor};
+
+fn scale(rng: &mut StdRng) -> f16 {
+    f16::from_f32(rng.random_range(-0.05f32..0.05))
+}
+
+trait Random: NativeQuants {
+    fn random(rng: &mut StdRng) -> Self;
+    /// The block's quants as integers (before scale and offset).
+    fn ints(&self) -> [i32; QK];
+}
+
+fn nibble_ints(qs: &[u8; QK / 2], bias: i32) -> [i32; QK] {
+    std::array::from_fn(|j| i32::from(if j < QK / 2 { qs[j] & 0x0f } else { qs[j - QK / 2] >> 4 }) - bias)
+}
+
+impl Random for Q4_0 {
+    fn random(rng: &mut StdRng) -> Self {
+        Self(rng.random())
+    }
+    fn ints(&self) -> [i32; QK] {
+        nibble_ints(&self.0, 8)
+    }
+}
+
+impl Random for Q4_1 {
+    fn random(rng: &mut StdRng) -> Self {
+        Self(rng.random())
+    }
+    fn ints(&self) -> [i32; QK] {
+        nibble_ints(&self.0, 0)
+    }
+}
+
+impl Random for Q8_0 {
+    fn random(rng: &mut StdRng) -> Self {
+        // Include -128, which GGUF files may hold though llama.cpp never writes it.
+        Self(std::array::from_fn(|_| rng.random_range(-128i32..=127) as i8))
+    }
+    fn ints(&self) -> [i32; QK] {
+        self.0.map(i32::from)
+    }
+}
+
+/// Activations with a wide spread of magnitudes, some all-zero blocks, and exact half-way ties.
+fn activations(rng: &mut StdRng, blocks: usize) -> Vec<f32> {
+    let mut x: Vec<f32> =
+        (0..blocks * QK).map(|_| rng.random_range(-1.0f32..1.0) * 10f32.powi(rng.random_range(-3..3))).collect();
+    if blocks > 2 {
+        x[QK..2 * QK].fill(0.0);
+    }
+    if blocks > 3 {
+        // max 127 makes the scale 1, so 2.5 and -3.5 are ties: half to even gives 2 and -4.
+        let tie = &mut x[2 * QK..3 * QK];
+        tie[0] = 127.0;
+        tie[1] = 2.5;
+        tie[2] = -3.5;
+    }
+    x
+}
+
+fn quantized(k: Kernels, x: &[f32]) -> ActRows {
+    let blocks = x.len() / QK;
+    let mut a = ActRows::zeros(1, blocks);
+    k.quantize(x, &mut a.qs, &mut a.d, &mut a.s);
+    a
+}
+
+fn kernels() -> Vec<Kernels> {
+    let mut k = vec![Kernels::Portable];
+    if Kernels::detect() != Kernels::Portable {
+        k.push(Kernels::detect());
+    } else {
+        eprintln!("this CPU has no SIMD kernels for herd: only the portable ones are tested");
+    }
+    k
+}
+
+fn check_dot<Q: Random>() {
+    let mut rng = StdRng::seed_from_u64(7);
+    // Row lengths with and without a tail after groups of four blocks.
+    for blocks in [1, 2, 3, 4, 5, 7, 8, 18, 33] {
+        for _ in 0..20 {
+            let qs: Vec<Q> = (0..blocks).map(|_| Q::random(&mut rng)).collect();
+            let d: Vec<f16> = (0..blocks).map(|_| scale(&mut rng)).collect();
+            let m: Vec<f16> = if Q::HAS_MIN { (0..blocks).map(|_| scale(&mut rng)).collect() } else { Vec::new() };
+            let w = WeightRows::new(qs.clone(), d.clone(), m.clone(), blocks);
+            let x = quantized(Kernels::Portable, &activations(&mut rng, blocks));
+            // The plain definition: integer quants times scales, block by block, plus Q4_1's
+            // offset times the activations' stored sum (as llama.cpp computes it).
+            let plain: f64 = (0..blocks)
+                .map(|b| {
+                    let ints: i64 = qs[b].ints().iter().zip(&x.qs[b]).map(|(&a, &c)| i64::from(a) * i64::from(c)).sum();
+                    let offset = if Q::HAS_MIN { f64::from(m[b].to_f32()) * x.s[b] } else { 0.0 };
+                    f64::from(d[b].to_f32()) * x.d[b] * ints as f64 + offset
+                })
+                .sum();
+            let reference = scalar::dot(&w.row(0), &x.row(0));
+            assert!(
+                (reference - plain).abs() <= 1e-12 * (1.0 + plain.abs()),
+                "{blocks} blocks: {reference} vs {plain}"
+            );
+            for k in kernels() {
+                let got = k.dot(&w.row(0), &x.row(0));
+                assert!(
+                    (got - reference).abs() <= 1e-12 * (1.0 + reference.abs()),
+                    "{k:?}, {blocks} blocks: {got} vs {reference}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn q4_0_kernels_match_the_reference() {
+    check_dot::<Q4_0>();
+}
+
+#[test]
+fn q4_1_kernels_match_the_reference() {
+    check_dot::<Q4_1>();
+}
+
+#[test]
+fn q8_0_kernels_match_the_reference() {
+    check_dot::<Q8_0>();
+}
+
+#[test]
+fn activation_quantization_is_identical_across_kernels() {
+    let mut rng = StdRng::seed_from_u64(11);
+    for blocks in [1, 4, 9] {
+        let x = activations(&mut rng, blocks);
+        let reference = quantized(Kernels::Portable, &x);
+        if blocks > 3 {
+            assert_eq!((reference.qs[1], reference.d[1], reference.s[1]), ([0; QK], 0.0, 0.0), "a zero block");
+            assert_eq!(&reference.qs[2][..3], &[127, 2, -4], "ties round half to even");
+        }
+        assert!(reference.qs.iter().flatten().all(|&v| v != -128), "activations stay within -127..=127");
+        for k in kernels() {
+            assert_eq!(quantized(k, &x), reference, "{k:?}, {blocks} blocks");
+        }
+    }
+}
+
+fn random_matrix(out: usize, inp: usize, seed: u64) -> Tensor {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let w: Vec<f32> = (0..out * inp).map(|_| rng.random_range(-0.3f32..0.3)).collect();
+    Tensor::from_vec(w, (out, inp), &Device::Cpu).unwrap()
+}
+
+fn gguf_bytes(w: &Tensor, dtype: GgmlDType) -> Vec<u8> {
+    QTensor::quantize(w, dtype).unwrap().data().unwrap().into_owned()
+}
+
+/// Every format, on every kernel and thread count, matches candle's quantized matmul, with any
+/// number of activation rows and a row count that does not divide into the chunks evenly.
+#[test]
+fn matrices_agree_with_candle_for_every_format() {
+    let (out, inp) = (37, 512);
+    let w = random_matrix(out, inp, 3);
+    let x = random_matrix(3, inp, 4);
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let reference = QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        for k in kernels() {
+            let m = QuantMatrix::from_gguf(dtype, &gguf_bytes(&w, dtype), out, inp, k).unwrap();
+            for threads in [1, 3] {
+                let pool = ComputePool::new(threads);
+                let y = m.forward(&x, &pool, DType::F32).unwrap().to_vec2::<f32>().unwrap();
+                for (r, (a, b)) in y.iter().zip(&reference).enumerate() {
+                    for c in 0..out {
+                        // candle rounds activation ties away from zero and sums in f32.
+                        let tol = 2e-3 * (1.0 + b[c].abs());
+                        assert!((a[c] - b[c]).abs() < tol, "{dtype:?} {k:?} [{r},{c}]: {} vs {}", a[c], b[c]);
+                    }
+                }
+                // One row at a time gives the same numbers as the batch.
+                let row = m.forward(&x.narrow(0, 1, 1).unwrap(), &pool, DType::F32).unwrap().to_vec2::<f32>().unwrap();
+                assert_eq!(row[0], y[1], "{dtype:?} {k:?}");
+            }
+        }
+    }
+}
+
+/// A matrix split by input columns into two halves gives f64 partial sums that add up exactly
+/// to the unsplit matrix's output: what keeps tensor-parallel ranks bit-identical.
+#[test]
+fn split_partial_sums_add_up_to_the_whole() {
+    let (out, inp) = (24, 512);
+    let w = random_matrix(out, inp, 5);
+    let x = random_matrix(2, inp, 6);
+    let pool = ComputePool::new(2);
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K] {
+        let k = Kernels::detect();
+        let whole = QuantMatrix::from_gguf(dtype, &gguf_bytes(&w, dtype), out, inp, k).unwrap();
+        let y = whole.forward(&x, &pool, DType::F64).unwrap().to_vec2::<f64>().unwrap();
+        // Halves of 256 columns: a whole number of blocks for every format here.
+        let half = |i: usize| {
+            let w = w.narrow(1, i * 256, 256).unwrap().contiguous().unwrap();
+            let part = QuantMatrix::from_gguf(dtype, &gguf_bytes(&w, dtype), out, 256, k).unwrap();
+            let x = x.narrow(1, i * 256, 256).unwrap().contiguous().unwrap();
+            part.forward(&x, &pool, DType::F64).unwrap().to_vec2::<f64>().unwrap()
+        };
+        let (a, b) = (half(0), half(1));
+        for r in 0..2 {
+            for c in 0..out {
+                assert_eq!((a[r][c] + b[r][c]) as f32, y[r][c] as f32, "{dtype:?} [{r},{c}]");
+            }
+        }
+    }
+}
