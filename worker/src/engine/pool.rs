@@ -2,10 +2,15 @@
 //!
 //! A step runs a few hundred short parallel loops (one per matmul). Waking a sleeping thread for
 //! each would cost more than the loop, so between loops the helpers spin briefly, then yield the
-//! core, then sleep. Work is handed out in small chunks from a shared counter and the calling
-//! thread takes chunks too: when another process holds a core and a helper is not running, the
-//! caller simply does that helper's share instead of waiting for it, so speed degrades towards
-//! one core's instead of collapsing.
+//! core, then sleep.
+//!
+//! The caller never waits long for a helper. Chunks are handed out from a shared counter and the
+//! caller takes them too; once none are left, a chunk a helper claimed but has not finished
+//! (it may have been descheduled by another process mid-chunk) is computed again by the caller
+//! after a short grace period. Chunks are deterministic and write their results with atomic
+//! stores, so a late duplicate writes the same bits, and a job owns everything it touches, so
+//! a straggler can finish after `run` has returned. Measured here with two busy processes on
+//! the two cores, waiting for stragglers instead cut decode speed to a third, or less.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -17,28 +22,44 @@ use std::time::{Duration, Instant};
 const POLL: Duration = Duration::from_millis(2);
 /// Spins between checks of the clock while polling.
 const SPINS: u32 = 64;
+/// A gap this long between two checks of the clock while polling means the thread lost its
+/// core; it then sleeps between loops instead of polling for [`QUIET`].
+const PREEMPTED: Duration = Duration::from_micros(500);
+const QUIET: Duration = Duration::from_millis(200);
+/// How long the caller waits for a helper's unfinished chunk before computing it itself: a few
+/// chunks' worth of work for a running helper.
+const GRACE: Duration = Duration::from_micros(50);
 
-/// One parallel loop: `f(chunk)` for every chunk in `0..chunks`.
-#[derive(Clone, Copy)]
+/// The body of a parallel loop: called once per chunk index.
+pub type Chunks = Arc<dyn Fn(usize) + Send + Sync>;
+
+/// One parallel loop and its progress.
 struct Job {
-    /// Erased `&(dyn Fn(usize) + Sync)`; valid while the loop runs (see [`ComputePool::run`]).
-    f: *const (dyn Fn(usize) + Sync),
+    f: Chunks,
     chunks: usize,
+    next: AtomicUsize,
+    done: Vec<AtomicBool>,
 }
 
-// SAFETY: the pointee is `Sync`, and `run` keeps it alive until no helper can use it.
-unsafe impl Send for Job {}
+impl Job {
+    /// Claims and runs chunks until none are left unclaimed.
+    fn take_chunks(&self) {
+        loop {
+            let i = self.next.fetch_add(1, Ordering::AcqRel);
+            if i >= self.chunks {
+                return;
+            }
+            (self.f)(i);
+            self.done[i].store(true, Ordering::Release);
+        }
+    }
+}
 
 struct Shared {
-    /// The loop in progress, if any. A helper joins it (counting itself in `active`) only while
-    /// holding this lock, and `run` clears it under the lock before waiting for `active` to drop
-    /// to zero, so no helper touches a job after `run` returns.
-    job: Mutex<Option<Job>>,
+    /// The loop in progress, if any.
+    job: Mutex<Option<Arc<Job>>>,
     /// Bumped for each new loop; helpers poll it.
     epoch: AtomicU64,
-    next: AtomicUsize,
-    active: AtomicUsize,
-    panicked: AtomicBool,
     stop: AtomicBool,
     /// Sleeping helpers wait here for a new epoch or for `stop`.
     wake: Condvar,
@@ -59,15 +80,16 @@ impl std::fmt::Debug for ComputePool {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl ComputePool {
     /// A pool that computes on `threads` threads in all: the caller and `threads - 1` helpers.
     pub fn new(threads: usize) -> Self {
         let shared = Arc::new(Shared {
             job: Mutex::new(None),
             epoch: AtomicU64::new(0),
-            next: AtomicUsize::new(0),
-            active: AtomicUsize::new(0),
-            panicked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             wake: Condvar::new(),
             sleepers: Mutex::new(0),
@@ -89,45 +111,48 @@ impl ComputePool {
         self.helpers.len() + 1
     }
 
-    /// Calls `f(chunk)` once for every chunk in `0..chunks`, spread over the pool's threads, and
-    /// returns when all calls have. A panic in `f` is re-raised here.
-    pub fn run(&self, chunks: usize, f: &(dyn Fn(usize) + Sync)) {
+    /// Calls `f(chunk)` for every chunk in `0..chunks`, spread over the pool's threads, and
+    /// returns when each chunk has completed at least once. `f` must be deterministic and write
+    /// its results with atomic stores: a chunk may run twice, and a helper may still be running
+    /// one after `run` returns. A panic in `f` is re-raised here.
+    pub fn run(&self, chunks: usize, f: Chunks) {
         if self.helpers.is_empty() || chunks <= 1 {
-            (0..chunks).for_each(f);
+            (0..chunks).for_each(|i| f(i));
             return;
         }
-        let _serial = self.caller.lock().unwrap_or_else(|e| e.into_inner());
+        let _serial = lock(&self.caller);
         let s = &*self.shared;
-        // SAFETY: only the lifetime is erased; the job is withdrawn and every helper that joined
-        // it has left (`active == 0`) before this function returns and `f` goes out of scope.
-        let f: *const (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(f) };
-        {
-            let mut job = s.job.lock().unwrap_or_else(|e| e.into_inner());
-            s.next.store(0, Ordering::SeqCst);
-            *job = Some(Job { f, chunks });
-            s.epoch.fetch_add(1, Ordering::SeqCst);
-        }
-        if *s.sleepers.lock().unwrap_or_else(|e| e.into_inner()) > 0 {
+        let job = Arc::new(Job {
+            f,
+            chunks,
+            next: AtomicUsize::new(0),
+            done: (0..chunks).map(|_| AtomicBool::new(false)).collect(),
+        });
+        *lock(&s.job) = Some(job.clone());
+        s.epoch.fetch_add(1, Ordering::SeqCst);
+        if *lock(&s.sleepers) > 0 {
             s.wake.notify_all();
         }
-        // SAFETY: `f` is the caller's live reference.
-        let caller_result = catch_unwind(AssertUnwindSafe(|| work(s, unsafe { &*f }, chunks)));
-        *s.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        let mut polls = 0u32;
-        while s.active.load(Ordering::SeqCst) != 0 {
-            // A helper is inside a chunk, maybe descheduled: let it have the core.
-            polls += 1;
-            if polls < SPINS {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
+        job.take_chunks();
+        // Withdraw the job: helpers that have not looked at it yet will not start on it.
+        *lock(&s.job) = None;
+        let since = Instant::now();
+        for (i, done) in job.done.iter().enumerate() {
+            let mut spins = 0u32;
+            while !done.load(Ordering::Acquire) {
+                if since.elapsed() > GRACE {
+                    // The helper holding it is probably descheduled: compute it here.
+                    (job.f)(i);
+                    done.store(true, Ordering::Release);
+                    break;
+                }
+                spins += 1;
+                if spins.is_multiple_of(SPINS) {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
             }
-        }
-        if let Err(p) = caller_result {
-            std::panic::resume_unwind(p);
-        }
-        if s.panicked.swap(false, Ordering::SeqCst) {
-            panic!("a compute thread panicked");
         }
     }
 }
@@ -136,7 +161,7 @@ impl Drop for ComputePool {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         {
-            let _sleepers = self.shared.sleepers.lock().unwrap_or_else(|e| e.into_inner());
+            let _sleepers = lock(&self.shared.sleepers);
             self.shared.wake.notify_all();
         }
         for h in self.helpers.drain(..) {
@@ -145,22 +170,16 @@ impl Drop for ComputePool {
     }
 }
 
-/// Takes chunks of the current loop until none are left.
-fn work(s: &Shared, f: &(dyn Fn(usize) + Sync), chunks: usize) {
-    loop {
-        let i = s.next.fetch_add(1, Ordering::SeqCst);
-        if i >= chunks {
-            return;
-        }
-        f(i);
-    }
-}
-
 fn helper(s: &Shared) {
-    let mut seen = s.epoch.load(Ordering::SeqCst);
+    // The epoch the pool started with: a loop may begin before this thread first runs.
+    let mut seen = 0;
+    // Polling pays only while this thread keeps its core. Once it finds itself descheduled
+    // while polling (another process wants the core), it sleeps between loops for a while:
+    // measured here with two busy processes on two cores, polling cut decode speed to a third.
+    let mut quiet_until = Instant::now();
     loop {
-        // Wait for a new loop: spin, then yield, then sleep.
         let since = Instant::now();
+        let mut last = since;
         let mut spins = 0u32;
         loop {
             if s.stop.load(Ordering::SeqCst) {
@@ -175,11 +194,16 @@ fn helper(s: &Shared) {
                 continue;
             }
             spins = 0;
-            if since.elapsed() < POLL {
+            let now = Instant::now();
+            if now - last > PREEMPTED {
+                quiet_until = now + QUIET;
+            }
+            last = now;
+            if now - since < POLL && now >= quiet_until {
                 std::thread::yield_now();
                 continue;
             }
-            let mut sleepers = s.sleepers.lock().unwrap_or_else(|e| e.into_inner());
+            let mut sleepers = lock(&s.sleepers);
             *sleepers += 1;
             while s.epoch.load(Ordering::SeqCst) == seen && !s.stop.load(Ordering::SeqCst) {
                 sleepers = s.wake.wait(sleepers).unwrap_or_else(|e| e.into_inner());
@@ -187,22 +211,34 @@ fn helper(s: &Shared) {
             *sleepers -= 1;
         }
         let job = {
-            let job = s.job.lock().unwrap_or_else(|e| e.into_inner());
+            let job = lock(&s.job);
             seen = s.epoch.load(Ordering::SeqCst);
-            let j = *job;
-            if j.is_some() {
-                s.active.fetch_add(1, Ordering::SeqCst);
-            }
-            j
+            job.clone()
         };
-        if let Some(Job { f, chunks }) = job {
-            // SAFETY: counted in `active` under the lock while the job was published, so `run`
-            // has not returned and `f` is alive until `active` is decremented below.
-            if catch_unwind(AssertUnwindSafe(|| work(s, unsafe { &*f }, chunks))).is_err() {
-                s.panicked.store(true, Ordering::SeqCst);
-            }
-            s.active.fetch_sub(1, Ordering::SeqCst);
+        if let Some(job) = job {
+            // A chunk that panics stays unfinished; the caller runs it again and re-raises.
+            let _ = catch_unwind(AssertUnwindSafe(|| job.take_chunks()));
         }
+    }
+}
+
+/// A buffer of f64 results that parallel chunks write with atomic stores.
+pub struct Results(Box<[AtomicU64]>);
+
+impl Results {
+    /// `n` zeros.
+    pub fn new(n: usize) -> Self {
+        Self((0..n).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    /// Sets value `i`.
+    pub fn set(&self, i: usize, v: f64) {
+        self.0[i].store(v.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The values, once the loop writing them has returned.
+    pub fn to_vec(&self) -> Vec<f64> {
+        self.0.iter().map(|v| f64::from_bits(v.load(Ordering::Relaxed))).collect()
     }
 }
 
@@ -210,16 +246,25 @@ fn helper(s: &Shared) {
 mod tests {
     use super::*;
 
+    fn counter(n: usize) -> Arc<Vec<AtomicUsize>> {
+        Arc::new((0..n).map(|_| AtomicUsize::new(0)).collect())
+    }
+
     #[test]
-    fn every_chunk_runs_once() {
+    fn every_chunk_runs_at_least_once_and_mostly_once() {
         for threads in [1, 2, 4] {
             let pool = ComputePool::new(threads);
             for chunks in [0, 1, 2, 7, 100] {
-                let hits: Vec<AtomicUsize> = (0..chunks).map(|_| AtomicUsize::new(0)).collect();
-                pool.run(chunks, &|i| {
-                    hits[i].fetch_add(1, Ordering::SeqCst);
-                });
-                assert!(hits.iter().all(|h| h.load(Ordering::SeqCst) == 1), "{threads} threads, {chunks} chunks");
+                let hits = counter(chunks);
+                let h = hits.clone();
+                pool.run(
+                    chunks,
+                    Arc::new(move |i| {
+                        h[i].fetch_add(1, Ordering::SeqCst);
+                    }),
+                );
+                let runs: Vec<usize> = hits.iter().map(|h| h.load(Ordering::SeqCst)).collect();
+                assert!(runs.iter().all(|&r| r >= 1), "{threads} threads, {chunks} chunks: {runs:?}");
             }
         }
     }
@@ -227,30 +272,59 @@ mod tests {
     #[test]
     fn many_short_loops_and_a_sleeping_pool() {
         let pool = ComputePool::new(3);
-        let total = AtomicUsize::new(0);
-        for _ in 0..2000 {
-            pool.run(8, &|i| {
-                total.fetch_add(i, Ordering::SeqCst);
-            });
+        for round in 0..2000 {
+            let out = Arc::new(Results::new(8));
+            let o = out.clone();
+            pool.run(8, Arc::new(move |i| o.set(i, (i * round) as f64)));
+            assert_eq!(out.to_vec(), (0..8).map(|i| (i * round) as f64).collect::<Vec<_>>());
         }
-        assert_eq!(total.load(Ordering::SeqCst), 2000 * 28);
         // Past the polling window the helpers sleep; a new loop must wake them or run alone.
         std::thread::sleep(POLL * 5);
-        pool.run(8, &|i| {
-            total.fetch_add(i, Ordering::SeqCst);
-        });
-        assert_eq!(total.load(Ordering::SeqCst), 2001 * 28);
+        let out = Arc::new(Results::new(8));
+        let o = out.clone();
+        pool.run(8, Arc::new(move |i| o.set(i, i as f64)));
+        assert_eq!(out.to_vec(), (0..8).map(|i| i as f64).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_stalled_helper_does_not_hold_up_the_caller() {
+        let pool = ComputePool::new(2);
+        let stall = Arc::new(AtomicBool::new(true));
+        let started = Instant::now();
+        let out = Arc::new(Results::new(4));
+        let (o, st) = (out.clone(), stall.clone());
+        let caller = std::thread::current().id();
+        pool.run(
+            4,
+            Arc::new(move |i| {
+                if std::thread::current().id() == caller {
+                    // Slow enough that the helper surely claims a chunk meanwhile.
+                    std::thread::sleep(Duration::from_millis(20));
+                } else if st.swap(false, Ordering::SeqCst) {
+                    // The helper sits on its first chunk, as if descheduled.
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+                o.set(i, i as f64 + 0.5);
+            }),
+        );
+        assert!(!stall.load(Ordering::SeqCst), "the helper never took a chunk");
+        assert!(started.elapsed() < Duration::from_secs(1), "the caller waited for the stalled helper");
+        assert_eq!(out.to_vec(), vec![0.5, 1.5, 2.5, 3.5]);
     }
 
     #[test]
     fn a_panic_in_a_chunk_reaches_the_caller_and_the_pool_survives() {
         let pool = ComputePool::new(2);
-        let r = catch_unwind(AssertUnwindSafe(|| pool.run(16, &|i| assert!(i != 5, "chunk 5"))));
+        let r = catch_unwind(AssertUnwindSafe(|| pool.run(16, Arc::new(|i| assert!(i != 5, "chunk 5")))));
         assert!(r.is_err());
-        let n = AtomicUsize::new(0);
-        pool.run(16, &|_| {
-            n.fetch_add(1, Ordering::SeqCst);
-        });
-        assert_eq!(n.load(Ordering::SeqCst), 16);
+        let hits = counter(16);
+        let h = hits.clone();
+        pool.run(
+            16,
+            Arc::new(move |i| {
+                h[i].fetch_add(1, Ordering::SeqCst);
+            }),
+        );
+        assert!(hits.iter().all(|h| h.load(Ordering::SeqCst) >= 1));
     }
 }

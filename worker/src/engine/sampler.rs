@@ -110,7 +110,8 @@ impl Sampler {
         }
     }
 
-    /// Picks the next token from penalized logits.
+    /// Picks the next token from penalized logits. Only the candidates top-k and top-p keep
+    /// are ordered, by partial selection: no full-vocabulary sort.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         if p.temperature == 0.0 {
@@ -125,36 +126,53 @@ impl Sampler {
         if cands.is_empty() {
             return argmax(logits);
         }
-        cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if p.top_k > 0 {
+        if p.top_k > 0 && p.top_k < cands.len() {
+            cands.select_nth_unstable_by(p.top_k - 1, likelier);
             cands.truncate(p.top_k);
         }
-        let max = cands[0].1;
-        let mut probs: Vec<f32> = cands.iter().map(|(_, l)| (l - max).exp()).collect();
-        let sum: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|x| *x /= sum);
-        if p.top_p < 1.0 {
-            let mut acc = 0.0;
-            let keep = probs
-                .iter()
-                .position(|x| {
-                    acc += x;
-                    acc >= p.top_p
-                })
-                .map_or(probs.len(), |i| i + 1);
-            probs.truncate(keep);
-            let sum: f32 = probs.iter().sum();
-            probs.iter_mut().for_each(|x| *x /= sum);
-        }
-        let r: f32 = self.rng.random();
+        let max = cands.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+        let total: f32 = cands.iter().map(|(_, l)| (l - max).exp()).sum();
+        let keep = if p.top_p < 1.0 { nucleus(&mut cands, max, total, p.top_p) } else { cands.len() };
+        let kept = &cands[..keep];
+        let mass: f32 = if keep == cands.len() { total } else { kept.iter().map(|(_, l)| (l - max).exp()).sum() };
+        let r = self.rng.random::<f32>() * mass;
         let mut acc = 0.0;
-        for (i, pr) in probs.iter().enumerate() {
-            acc += pr;
+        for (id, l) in kept {
+            acc += (l - max).exp();
             if r < acc {
-                return cands[i].0;
+                return *id;
             }
         }
-        cands[probs.len() - 1].0
+        kept[keep - 1].0
+    }
+}
+
+/// Orders candidates from the most likely down, lower ids first on ties.
+fn likelier(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Moves the most likely candidates to the front in order, as many as reach `top_p` of the
+/// probability mass (`exp(l - max)` over `total`), and returns how many that is. It orders a
+/// prefix that grows fourfold until it holds that mass, rather than sorting everything.
+fn nucleus(cands: &mut [(u32, f32)], max: f32, total: f32, top_p: f32) -> usize {
+    let mut n = cands.len().min(64);
+    loop {
+        if n < cands.len() {
+            cands.select_nth_unstable_by(n - 1, likelier);
+        }
+        cands[..n].sort_unstable_by(likelier);
+        let mut acc = 0.0;
+        for (i, (_, l)) in cands[..n].iter().enumerate() {
+            acc += (l - max).exp() / total;
+            if acc >= top_p {
+                return i + 1;
+            }
+        }
+        if n == cands.len() {
+            return n;
+        }
+        n = (n * 4).min(cands.len());
     }
 }
 
@@ -210,6 +228,31 @@ mod tests {
         assert!((0..20).all(|_| s.sample(&logits) == 1));
         let mut s = Sampler::new(params(|p| p.top_p = 0.01));
         assert!((0..20).all(|_| s.sample(&logits) == 1));
+    }
+
+    /// The partial ordering keeps exactly the tokens a full sort would, for nuclei needing a
+    /// few candidates and thousands, and sampling stays inside them.
+    #[test]
+    fn nucleus_matches_a_full_sort_on_a_large_vocabulary() {
+        let logits: Vec<f32> = (0..49_152).map(|i| ((i * 7919) % 10_007) as f32 / 1500.0).collect();
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let total: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+        let mut sorted: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+        sorted.sort_by(likelier);
+        for top_p in [0.001, 0.05, 0.5, 0.9, 0.999] {
+            let mut cands: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+            let keep = nucleus(&mut cands, max, total, top_p);
+            let mut acc = 0.0;
+            let want = sorted.iter().position(|(_, l)| {
+                acc += (l - max).exp() / total;
+                acc >= top_p
+            });
+            assert_eq!(keep, want.map_or(sorted.len(), |i| i + 1), "top_p {top_p}");
+            assert_eq!(&cands[..keep], &sorted[..keep], "top_p {top_p}");
+            let mut s = Sampler::new(params(|p| p.top_p = top_p));
+            let allowed: std::collections::HashSet<u32> = sorted[..keep].iter().map(|c| c.0).collect();
+            assert!((0..50).all(|_| allowed.contains(&s.sample(&logits))), "top_p {top_p}");
+        }
     }
 
     #[test]

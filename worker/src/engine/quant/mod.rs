@@ -17,7 +17,9 @@ use candle_core::quantized::k_quants::{
 };
 use candle_core::{DType, Device, Tensor};
 
-use super::pool::ComputePool;
+use std::sync::Arc;
+
+use super::pool::{ComputePool, Results};
 use scalar::{ActRow, ActRows, Q4_0, Q4_1, Q8_0, QK, WeightRow, WeightRows};
 
 /// A weight format herd has its own kernels for.
@@ -75,8 +77,8 @@ trait Rows: Send + Sync + 'static {
     type Acts: Send + Sync;
     /// Blocks per row.
     fn per_row(&self) -> usize;
-    /// Quantizes the `m` rows of `x`.
-    fn quantize(&self, x: &[f32], m: usize, pool: &ComputePool) -> Self::Acts;
+    /// Quantizes the `m` rows of `x` (cheap next to the matmul: not worth threads).
+    fn quantize(&self, x: &[f32], m: usize) -> Self::Acts;
     /// Weight row `row` times activation row `r`.
     fn dot(&self, row: usize, acts: &Self::Acts, r: usize) -> f64;
 }
@@ -108,15 +110,9 @@ impl<Q: NativeQuants> Rows for Native<Q> {
     fn per_row(&self) -> usize {
         self.rows.per_row()
     }
-    fn quantize(&self, x: &[f32], m: usize, pool: &ComputePool) -> ActRows {
-        let per = self.per_row();
-        let mut acts = ActRows::zeros(m, per);
-        let (qs, d, s) = (Disjoint(acts.qs.as_mut_ptr()), Disjoint(acts.d.as_mut_ptr()), Disjoint(acts.s.as_mut_ptr()));
-        pool.run(m, &|r| {
-            // SAFETY: row r's blocks are written by this chunk only; `acts` outlives the loop.
-            let (qs, d, s) = unsafe { (qs.slice(r * per, per), d.slice(r * per, per), s.slice(r * per, per)) };
-            self.kernels.quantize(&x[r * per * QK..][..per * QK], qs, d, s);
-        });
+    fn quantize(&self, x: &[f32], m: usize) -> ActRows {
+        let mut acts = ActRows::zeros(m, self.per_row());
+        self.kernels.quantize(&x[..acts.qs.len() * QK], &mut acts.qs, &mut acts.d, &mut acts.s);
         acts
     }
     fn dot(&self, row: usize, acts: &ActRows, r: usize) -> f64 {
@@ -143,15 +139,9 @@ impl<T: GgmlType + 'static> Rows for Candle<T> {
     fn per_row(&self) -> usize {
         self.per_row
     }
-    fn quantize(&self, x: &[f32], m: usize, pool: &ComputePool) -> Self::Acts {
-        let per = self.per_row;
-        let mut acts = vec![T::VecDotType::zeros(); m * per];
-        let out = Disjoint(acts.as_mut_ptr());
-        pool.run(m, &|r| {
-            // SAFETY: row r's blocks are written by this chunk only; `acts` outlives the loop.
-            let row = unsafe { out.slice(r * per, per) };
-            T::VecDotType::from_float(&x[r * per * T::BLCK_SIZE..][..per * T::BLCK_SIZE], row);
-        });
+    fn quantize(&self, x: &[f32], m: usize) -> Self::Acts {
+        let mut acts = vec![T::VecDotType::zeros(); m * self.per_row];
+        T::VecDotType::from_float(&x[..acts.len() * T::BLCK_SIZE], &mut acts);
         acts
     }
     fn dot(&self, row: usize, acts: &Self::Acts, r: usize) -> f64 {
@@ -162,56 +152,42 @@ impl<T: GgmlType + 'static> Rows for Candle<T> {
     }
 }
 
+/// Weight blocks per chunk of a parallel matmul: some microseconds of work, so that a thread
+/// delayed by another process holds up little.
+const CHUNK_BLOCKS: usize = 8192;
+
 /// The object-safe face of [`Rows`].
 trait MatMul: Send + Sync {
     /// `x` is `(m, in)` row-major; returns `(m, out)` row-major f64 sums.
-    fn matmul(&self, x: &[f32], m: usize, out: usize, pool: &ComputePool) -> Vec<f64>;
-}
-
-/// A raw pointer that chunks of a parallel loop write through at disjoint indices.
-#[derive(Clone, Copy)]
-struct Disjoint<T>(*mut T);
-// SAFETY: every user writes only indices no other chunk writes, and the buffer outlives the loop.
-unsafe impl<T> Sync for Disjoint<T> {}
-unsafe impl<T> Send for Disjoint<T> {}
-
-impl<T> Disjoint<T> {
-    /// # Safety
-    /// `i` is in bounds and no other thread accesses it during the loop.
-    unsafe fn write(self, i: usize, v: T) {
-        unsafe { self.0.add(i).write(v) }
-    }
-
-    /// # Safety
-    /// `start..start + len` is in bounds and no other thread accesses it during the loop.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
-        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
-    }
+    fn matmul(self: Arc<Self>, x: &[f32], m: usize, out: usize, pool: &ComputePool) -> Vec<f64>;
 }
 
 impl<R: Rows> MatMul for R {
-    fn matmul(&self, x: &[f32], m: usize, out: usize, pool: &ComputePool) -> Vec<f64> {
-        let acts = self.quantize(x, m, pool);
-        let mut y = vec![0f64; m * out];
-        // Enough chunks that a thread delayed by another process leaves little for the others.
-        let rows_per_chunk = (out / (pool.threads() * 8)).max(1);
-        let y_out = Disjoint(y.as_mut_ptr());
-        pool.run(out.div_ceil(rows_per_chunk), &|c| {
-            for col in c * rows_per_chunk..((c + 1) * rows_per_chunk).min(out) {
-                for r in 0..m {
-                    // SAFETY: column `col` belongs to this chunk only, and `r * out + col < m * out`.
-                    unsafe { y_out.write(r * out + col, self.dot(col, &acts, r)) };
+    fn matmul(self: Arc<Self>, x: &[f32], m: usize, out: usize, pool: &ComputePool) -> Vec<f64> {
+        let acts = self.quantize(x, m);
+        let y = Arc::new(Results::new(m * out));
+        // Chunks of about CHUNK_BLOCKS blocks, and several per thread to even out the ends.
+        let per_col = m * self.per_row();
+        let rows_per_chunk = (CHUNK_BLOCKS / per_col.max(1)).clamp(1, (out / (pool.threads() * 4)).max(1));
+        let results = y.clone();
+        // The job owns what it reads and writes: a helper may finish a chunk after `run` returns.
+        pool.run(
+            out.div_ceil(rows_per_chunk),
+            Arc::new(move |c: usize| {
+                for col in c * rows_per_chunk..((c + 1) * rows_per_chunk).min(out) {
+                    for r in 0..m {
+                        results.set(r * out + col, self.dot(col, &acts, r));
+                    }
                 }
-            }
-        });
-        y
+            }),
+        );
+        y.to_vec()
     }
 }
 
 /// A block-quantized `(out, in)` matrix applied as `x @ W^T` on the CPU.
 pub struct QuantMatrix {
-    rows: Box<dyn MatMul>,
+    rows: Arc<dyn MatMul>,
     out: usize,
     inp: usize,
 }
@@ -222,17 +198,17 @@ impl std::fmt::Debug for QuantMatrix {
     }
 }
 
-fn native<Q: NativeQuants>(bytes: &[u8], out: usize, per_row: usize, kernels: Kernels) -> Option<Box<dyn MatMul>> {
+fn native<Q: NativeQuants>(bytes: &[u8], out: usize, per_row: usize, kernels: Kernels) -> Option<Arc<dyn MatMul>> {
     let rows = WeightRows::<Q>::from_gguf(bytes, per_row).filter(|_| bytes.len() == out * per_row * Q::GGUF_BYTES)?;
-    Some(Box::new(Native { rows, kernels }))
+    Some(Arc::new(Native { rows, kernels }))
 }
 
-fn candle<T: GgmlType + 'static>(bytes: &[u8], out: usize, inp: usize) -> Option<Box<dyn MatMul>> {
+fn candle<T: GgmlType + 'static>(bytes: &[u8], out: usize, inp: usize) -> Option<Arc<dyn MatMul>> {
     if !inp.is_multiple_of(T::BLCK_SIZE * candle_group::<T>()) {
         return None;
     }
     let per_row = inp / T::BLCK_SIZE;
-    Some(Box::new(Candle::<T> { data: blocks_from_bytes(bytes, out * per_row)?, per_row }))
+    Some(Arc::new(Candle::<T> { data: blocks_from_bytes(bytes, out * per_row)?, per_row }))
 }
 
 impl QuantMatrix {
@@ -262,7 +238,7 @@ impl QuantMatrix {
     pub fn forward(&self, x: &Tensor, pool: &ComputePool, dtype: DType) -> candle_core::Result<Tensor> {
         let m = x.elem_count() / self.inp;
         let flat = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let y = self.rows.matmul(&flat, m, self.out, pool);
+        let y = self.rows.clone().matmul(&flat, m, self.out, pool);
         let mut dims = x.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = self.out;
