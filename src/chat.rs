@@ -64,6 +64,7 @@ fn load(args: &ChatArgs, model: &Path) -> anyhow::Result<Engine> {
         devices: parse_devices(&args.devices, args.tp)?,
         chat_template: args.chat_template.clone(),
         threads: herd_worker::engine::default_threads(),
+        tensor_attention: false,
     };
     // indicatif draws nothing when stderr is not a terminal.
     let bar = ProgressBar::new(0).with_style(

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use herd_tests::test_model;
-use herd_worker::engine::{DTypeChoice, Engine, GenerationParams, LoadOptions, Message, SamplingParams};
+use herd_worker::engine::{Engine, GenerationParams, LoadOptions, Message, SamplingParams};
 use herd_worker::scheduler::{Scheduler, SchedulerConfig, StepResult};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
@@ -62,12 +62,11 @@ fn eight_concurrent_greedy_answers_equal_each_one_alone() {
     }
 }
 
-/// On f32 weights, like chunked prefill below: a recomputed sequence runs its whole context as one
-/// prompt, whose attention sums round differently in the last bits from step-by-step decoding.
+/// A recomputed sequence runs its whole context as one prompt; on the CPU each query's attention
+/// is computed alike either way, so its answer does not change.
 #[test]
 fn a_kv_budget_for_two_runs_four_by_evicting_and_recomputing() {
-    let opts = LoadOptions { dtype: DTypeChoice::F32, ..LoadOptions::new(test_model()) };
-    let engine = Arc::new(Engine::load(&opts, &mut |_, _| {}).expect("load the test model"));
+    let engine = Arc::new(Engine::load(&LoadOptions::new(test_model()), &mut |_, _| {}).expect("load the test model"));
     let params = GenerationParams {
         sampling: SamplingParams::greedy(),
         max_tokens: Some(24),
@@ -102,12 +101,12 @@ fn a_kv_budget_for_two_runs_four_by_evicting_and_recomputing() {
     assert!(err.contains("KV cache") && err.contains(&budget.to_string()), "{err}");
 }
 
-/// On f32 weights: chunk boundaries change the rounding of attention sums in the last bits, which
-/// the quantized path's 8-bit activation rounding can grow into another choice at a near-tie.
+/// On the quantized path, where a last-bit difference from chunking could grow through the 8-bit
+/// activation rounding into another choice at a near-tie: the CPU's attention and kernels
+/// compute each token alike however the prompt is cut.
 #[test]
 fn prompts_prefilled_in_chunks_beside_decodes_answer_as_alone() {
-    let opts = LoadOptions { dtype: DTypeChoice::F32, ..LoadOptions::new(test_model()) };
-    let engine = Arc::new(Engine::load(&opts, &mut |_, _| {}).expect("load the test model"));
+    let engine = Arc::new(Engine::load(&LoadOptions::new(test_model()), &mut |_, _| {}).expect("load the test model"));
     let params = GenerationParams {
         sampling: SamplingParams::greedy(),
         max_tokens: Some(16),

@@ -68,6 +68,35 @@ fn incremental_decoding_matches_one_full_pass() {
     let _ = engine.encode_chat(&[Message::new("user", "hi")]).unwrap();
 }
 
+/// The tensor attention GPUs use agrees with the CPU's loops, and its KV cache carries a prompt
+/// fed in chunks.
+#[test]
+fn tensor_attention_agrees_with_the_cpu_loops() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m");
+    tiny::write_hf(&path, tiny::Dims::BASE, &tiny::tensors(tiny::Dims::BASE, 13), 1);
+    let loops = logits(&path, DTypeChoice::Auto, &IDS);
+    let opts = LoadOptions { tensor_attention: true, ..LoadOptions::new(&path) };
+    let engine = Engine::load(&opts, &mut |_, _| {}).unwrap();
+    let full = engine.logits(&IDS).unwrap().to_vec2::<f32>().unwrap();
+    let d = max_diff(&loops, &full);
+    assert!(d < 1e-4, "tensor attention differs from the CPU loops by {d}");
+    let params = herd_worker::engine::GenerationParams {
+        sampling: herd_worker::engine::SamplingParams::greedy(),
+        max_tokens: Some(1),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut seq = engine.start(&IDS, &params).unwrap();
+    let step = loop {
+        // At most 5 tokens a step: the prompt runs in three chunks.
+        if let Some(step) = engine.step_batch(&mut [&mut seq], 5).unwrap().pop().unwrap().unwrap() {
+            break step;
+        }
+    };
+    assert_eq!(step.token, Some(herd_worker::engine::sampler::argmax(full.last().unwrap())));
+}
+
 #[test]
 fn pytorch_bin_fixture_matches_its_safetensors_twin() {
     let src = fixture("tiny-llama-bin");

@@ -172,6 +172,7 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
         devices,
         chat_template: args.chat_template.clone(),
         threads: args.threads.unwrap_or_else(engine::default_threads),
+        tensor_attention: false,
     };
     let loading = tokio::task::spawn_blocking(move || Engine::load(&opts, &mut |_, _| {}));
     tokio::pin!(shutdown);

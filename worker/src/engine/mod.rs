@@ -77,6 +77,9 @@ pub struct LoadOptions {
     pub chat_template: Option<String>,
     /// Compute threads for the CPU kernels, shared out over CPU ranks (at least one each).
     pub threads: usize,
+    /// Compute attention with candle's tensor ops, as on GPUs, even where the CPU's own loops
+    /// would run (f32 on the CPU); for checking one against the other.
+    pub tensor_attention: bool,
 }
 
 impl LoadOptions {
@@ -88,6 +91,7 @@ impl LoadOptions {
             devices: vec![Device::Cpu],
             chat_template: None,
             threads: default_threads(),
+            tensor_attention: false,
         }
     }
 }
@@ -267,7 +271,7 @@ impl Engine {
                 cfg.vocab_size
             );
         }
-        let model = Ranks::load(&cfg, &weights, &opts.devices, opts.threads, progress)?;
+        let model = Ranks::load(&cfg, &weights, &opts.devices, (opts.threads, opts.tensor_attention), progress)?;
         let (template, template_source) =
             ChatTemplate::choose(opts.chat_template.as_deref(), path, model_template, &bos_token, &eos_token)?;
         tracing::info!(

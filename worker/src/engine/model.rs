@@ -22,8 +22,8 @@ struct Rope {
 }
 
 impl Rope {
-    /// cos and sin of shape `(n, head_dim/2)` for positions `start..start+n`.
-    fn cos_sin(&self, start: usize, n: usize, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+    /// cos and sin tables, `head_dim/2` values per position, for positions `start..start+n`.
+    fn tables(&self, start: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
         let half = self.head_dim / 2;
         let d = self.head_dim as f64;
         let (theta, pos_scale) = match self.scaling {
@@ -51,9 +51,28 @@ impl Rope {
                 sin.push(a.sin() as f32);
             }
         }
+        (cos, sin)
+    }
+
+    /// The tables of [`Rope::tables`] as tensors of shape `(n, head_dim/2)`.
+    fn cos_sin(&self, start: usize, n: usize, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let (cos, sin) = self.tables(start, n);
+        let half = self.head_dim / 2;
         let cos = Tensor::from_vec(cos, (n, half), device)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (n, half), device)?.to_dtype(dtype)?;
         Ok((cos, sin))
+    }
+
+    /// Rotates one head's vector `x` in place by one position's `cos` and `sin`.
+    fn rotate(&self, x: &mut [f32], cos: &[f32], sin: &[f32]) {
+        let half = self.head_dim / 2;
+        for (i, (&c, &s)) in cos.iter().zip(sin).enumerate() {
+            // Interleaved layouts pair neighbours; HF's pairs each value with the one half a head on.
+            let (a, b) = if self.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+            let (x0, x1) = (x[a], x[b]);
+            x[a] = x0 * c - x1 * s;
+            x[b] = x0 * s + x1 * c;
+        }
     }
 
     fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
@@ -77,21 +96,28 @@ struct Block {
     down: Linear,
 }
 
-/// One rank's part of one sequence's KV cache: its KV heads, for every layer.
+/// One rank's part of one sequence's KV cache: its KV heads, for every layer. f32 models on
+/// the CPU keep it in growable vectors, `[position][kv head][head_dim]`, appended to in place;
+/// others keep tensors `(1, kv heads, positions, head_dim)`.
 #[derive(Debug, Clone, Default)]
 pub struct ShardCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    host: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
 impl ShardCache {
     /// An empty cache for a model of `layers` layers.
     pub fn new(layers: usize) -> Self {
-        Self { layers: vec![None; layers] }
+        Self { layers: vec![None; layers], host: vec![(Vec::new(), Vec::new()); layers] }
     }
 
     /// Drops every cached token.
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(|l| *l = None);
+        self.host.iter_mut().for_each(|(k, v)| {
+            k.clear();
+            v.clear();
+        });
     }
 }
 
@@ -113,6 +139,8 @@ pub struct Llama {
     dtype: DType,
     /// The threads this rank's CPU kernels compute on.
     pool: ComputePool,
+    /// Whether attention runs in plain loops over host memory rather than tensor ops.
+    host_attention: bool,
 }
 
 impl Llama {
@@ -123,7 +151,7 @@ impl Llama {
         w: &Weights,
         shard: Shard,
         device: &Device,
-        pool: ComputePool,
+        (pool, tensor_attention): (ComputePool, bool),
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
         let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
@@ -180,6 +208,7 @@ impl Llama {
             device: device.clone(),
             dtype: w.dtype(),
             pool,
+            host_attention: device.is_cpu() && w.dtype() == DType::F32 && !tensor_attention,
         })
     }
 
@@ -230,52 +259,39 @@ impl Llama {
     /// f32 logits: `(total tokens, vocab)` when `all_positions`, else `(segments, vocab)` for each
     /// segment's last token. Every rank of the group must run the same call.
     pub fn forward(&self, comm: &dyn Communicator, segs: &mut [Segment], all_positions: bool) -> Result<Tensor> {
-        let (nh, nkv, hd) = (self.heads, self.kv_heads, self.cfg.head_dim);
         let eps = self.cfg.rms_norm_eps as f32;
         let tokens: Vec<u32> = segs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         let mut x = self.embed(comm, &tokens)?;
-        // Per segment: offset in the batch, length, rotary tables and causal mask.
+        // Per segment: offset in the batch, length, rotary tables and causal mask (tensors for
+        // the device path; the host path uses the tables as they are).
+        let host = self.host_attention;
         let mut parts = Vec::with_capacity(segs.len());
         let mut offset = 0;
         for seg in segs.iter() {
             let t = seg.tokens.len();
-            let (cos, sin) = self.rope.cos_sin(seg.start, t, &self.device, self.dtype)?;
-            let mask = if t > 1 { Some(causal_mask(seg.start, t, &self.device, self.dtype)?) } else { None };
-            parts.push((offset, t, cos, sin, mask));
+            let tables = self.rope.tables(seg.start, t);
+            let device_tables = if host {
+                None
+            } else {
+                let (cos, sin) = self.rope.cos_sin(seg.start, t, &self.device, self.dtype)?;
+                let mask = if t > 1 { Some(causal_mask(seg.start, t, &self.device, self.dtype)?) } else { None };
+                Some((cos, sin, mask))
+            };
+            parts.push((offset, t, tables, device_tables));
             offset += t;
         }
-        let scale = 1.0 / (hd as f64).sqrt();
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, eps)?;
-            let (q_all, k_all, v_all) =
-                (block.q.forward(&h, &self.pool)?, block.k.forward(&h, &self.pool)?, block.v.forward(&h, &self.pool)?);
-            let mut outs = Vec::with_capacity(segs.len());
-            for (seg, (offset, t, cos, sin, mask)) in segs.iter_mut().zip(&parts) {
-                let (offset, t) = (*offset, *t);
-                let heads = |a: &Tensor, n: usize| -> candle_core::Result<Tensor> {
-                    a.narrow(1, offset, t)?.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous()
-                };
-                let q = self.rope.apply(&heads(&q_all, nh)?, cos, sin)?;
-                let k = self.rope.apply(&heads(&k_all, nkv)?, cos, sin)?;
-                let v = heads(&v_all, nkv)?;
-                let slot = &mut seg.cache.layers[layer];
-                let (k, v) = match slot.take() {
-                    None => (k, v),
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                };
-                let total = k.dim(2)?;
-                // Query heads sharing one KV head are adjacent, so grouping them avoids copying K/V.
-                let qg = q.reshape((1, nkv, (nh / nkv) * t, hd))?;
-                let scores = (qg.matmul(&k.t()?)? * scale)?.reshape((1, nh, t, total))?;
-                let scores = match mask {
-                    Some(m) => scores.broadcast_add(m)?,
-                    None => scores,
-                };
-                let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((1, nkv, (nh / nkv) * t, total))?;
-                outs.push(probs.matmul(&v)?.reshape((1, nh, t, hd))?.transpose(1, 2)?.reshape((1, t, nh * hd))?);
-                *slot = Some((k, v));
-            }
-            let attn = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 1)? };
+            let qkv = [
+                &block.q.forward(&h, &self.pool)?,
+                &block.k.forward(&h, &self.pool)?,
+                &block.v.forward(&h, &self.pool)?,
+            ];
+            let attn = if host {
+                self.host_attention(layer, qkv, segs, &parts)?
+            } else {
+                self.device_attention(layer, qkv, segs, &parts)?
+            };
             x = (x + self.reduce(comm, block.o.forward(&attn, &self.pool)?)?)?;
             let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
             let act = (block.gate.forward(&h, &self.pool)?.silu()? * block.up.forward(&h, &self.pool)?)?;
@@ -290,6 +306,122 @@ impl Llama {
         let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, eps)?;
         Ok(self.logits(comm, &x.squeeze(0)?)?.to_dtype(DType::F32)?)
     }
+
+    /// Attention with tensors on the device, segment by segment; the KV cache grows by
+    /// concatenation.
+    fn device_attention(
+        &self,
+        layer: usize,
+        [q_all, k_all, v_all]: [&Tensor; 3],
+        segs: &mut [Segment],
+        parts: &[SegmentPart],
+    ) -> Result<Tensor> {
+        let (nh, nkv, hd) = (self.heads, self.kv_heads, self.cfg.head_dim);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut outs = Vec::with_capacity(segs.len());
+        for (seg, (offset, t, _, device_tables)) in segs.iter_mut().zip(parts) {
+            let (offset, t) = (*offset, *t);
+            let Some((cos, sin, mask)) = device_tables else { unreachable!("made for the device path") };
+            let heads = |a: &Tensor, n: usize| -> candle_core::Result<Tensor> {
+                a.narrow(1, offset, t)?.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous()
+            };
+            let q = self.rope.apply(&heads(q_all, nh)?, cos, sin)?;
+            let k = self.rope.apply(&heads(k_all, nkv)?, cos, sin)?;
+            let v = heads(v_all, nkv)?;
+            let slot = &mut seg.cache.layers[layer];
+            let (k, v) = match slot.take() {
+                None => (k, v),
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            };
+            let total = k.dim(2)?;
+            // Query heads sharing one KV head are adjacent, so grouping them avoids copying K/V.
+            let qg = q.reshape((1, nkv, (nh / nkv) * t, hd))?;
+            let scores = (qg.matmul(&k.t()?)? * scale)?.reshape((1, nh, t, total))?;
+            let scores = match mask {
+                Some(m) => scores.broadcast_add(m)?,
+                None => scores,
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((1, nkv, (nh / nkv) * t, total))?;
+            outs.push(probs.matmul(&v)?.reshape((1, nh, t, hd))?.transpose(1, 2)?.reshape((1, t, nh * hd))?);
+            *slot = Some((k, v));
+        }
+        Ok(if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 1)? })
+    }
+
+    /// Attention for f32 on the CPU, in plain loops: no per-op overhead, K/V appended to the
+    /// cache in place, and each query's result computed the same way whatever else is in the
+    /// step, so batched, chunked and recomputed sequences match step-by-step decoding exactly.
+    fn host_attention(
+        &self,
+        layer: usize,
+        [q_all, k_all, v_all]: [&Tensor; 3],
+        segs: &mut [Segment],
+        parts: &[SegmentPart],
+    ) -> Result<Tensor> {
+        let (nh, nkv, hd) = (self.heads, self.kv_heads, self.cfg.head_dim);
+        let (half, group) = (hd / 2, nh / nkv);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let (mut q, mut k, v) = (flat(q_all)?, flat(k_all)?, flat(v_all)?);
+        let mut out = vec![0f32; q.len()];
+        let mut scores = Vec::new();
+        for (seg, (offset, t, (cos, sin), _)) in segs.iter_mut().zip(parts) {
+            let (offset, t) = (*offset, *t);
+            for i in 0..t {
+                let (c, s) = (&cos[i * half..][..half], &sin[i * half..][..half]);
+                let row = offset + i;
+                q[row * nh * hd..][..nh * hd].chunks_exact_mut(hd).for_each(|x| self.rope.rotate(x, c, s));
+                k[row * nkv * hd..][..nkv * hd].chunks_exact_mut(hd).for_each(|x| self.rope.rotate(x, c, s));
+            }
+            let (kc, vc) = &mut seg.cache.host[layer];
+            let rows = offset * nkv * hd..(offset + t) * nkv * hd;
+            kc.extend_from_slice(&k[rows.clone()]);
+            vc.extend_from_slice(&v[rows]);
+            let first = kc.len() / (nkv * hd) - t;
+            for i in 0..t {
+                // Query i sees positions up to its own.
+                let visible = first + i + 1;
+                scores.resize(visible, 0.0);
+                for h in 0..nh {
+                    let g = h / group;
+                    let qh = &q[((offset + i) * nh + h) * hd..][..hd];
+                    for (j, sc) in scores.iter_mut().enumerate() {
+                        *sc = dot(qh, &kc[(j * nkv + g) * hd..][..hd]) * scale;
+                    }
+                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0;
+                    for sc in scores.iter_mut() {
+                        *sc = (*sc - max).exp();
+                        sum += *sc;
+                    }
+                    let o = &mut out[((offset + i) * nh + h) * hd..][..hd];
+                    for (j, &p) in scores.iter().enumerate() {
+                        let vj = &vc[(j * nkv + g) * hd..][..hd];
+                        o.iter_mut().zip(vj).for_each(|(o, v)| *o += p * v);
+                    }
+                    o.iter_mut().for_each(|o| *o /= sum);
+                }
+            }
+        }
+        Ok(Tensor::from_vec(out, q_all.dims(), &Device::Cpu)?)
+    }
+}
+
+/// A segment's offset in the step, its length, its rotary tables, and (device path) the same
+/// tables as tensors with its causal mask.
+type SegmentPart = (usize, usize, (Vec<f32>, Vec<f32>), Option<(Tensor, Tensor, Option<Tensor>)>);
+
+/// A dot product in eight independent lanes, which the compiler vectorizes.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// One sequence's share of a batched step.

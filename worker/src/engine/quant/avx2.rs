@@ -138,7 +138,9 @@ pub unsafe fn dot<Q: Avx2Quants>(w: &WeightRow<'_, Q>, x: &ActRow<'_>) -> f64 {
     let mut total = _mm_cvtsd_f64(_mm_add_sd(pair, _mm_unpackhi_pd(pair, pair)));
     for b in i..n {
         // SAFETY: AVX2 is enabled in this function.
-        total += block_value(w, x, b, hsum(unsafe { w.qs[b].lanes(&x.qs[b]) }));
+        total += block_value(w, x, b, hsum(unsafe { w.qs[b].lanes(&x.qs[b]) }), |h| {
+            f64::from(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h.to_bits())))))
+        });
     }
     total
 }

@@ -72,12 +72,12 @@ pub struct Ranks {
 
 impl Ranks {
     /// Loads a shard of `w` for each device (one rank each) and starts the rank threads; CPU
-    /// ranks share `threads` compute threads.
+    /// ranks share `threads` compute threads, and use tensor attention if `tensor_attention`.
     pub fn load(
         cfg: &ModelConfig,
         w: &Weights,
         devices: &[Device],
-        threads: usize,
+        (threads, tensor_attention): (usize, bool),
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
         let world = devices.len();
@@ -87,7 +87,7 @@ impl Ranks {
         for (rank, device) in devices.iter().enumerate() {
             let shard = Shard { rank, world };
             let pool = ComputePool::new((threads / world).max(1));
-            let llama = Llama::load(cfg, w, shard, device, pool, &mut |done, total| {
+            let llama = Llama::load(cfg, w, shard, device, (pool, tensor_attention), &mut |done, total| {
                 progress(rank * total + done, world * total)
             })?;
             shards.push((shard, device.clone(), llama));
