@@ -7,20 +7,26 @@
 
 use std::arch::x86_64::*;
 
-use super::scalar::{ActRow, Q4_0, Q4_1, Q8_0, QK, Quants, WeightRow, block_value, scales};
+use super::scalar::{ActRow, Q4_0, Q4_1, Q8_0, QK, Quants, WeightRow, scales};
 
 /// Whether this CPU runs the kernels of this module.
 pub fn available() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
 }
 
-/// A weight format with an AVX2 integer dot product.
+/// A weight format with an AVX2 integer dot product, in two halves so that a block's weights
+/// are unpacked once for several activation rows.
 pub trait Avx2Quants: Quants {
-    /// Eight i32 lanes that sum to the block's integer dot product with `x`.
+    /// The block's 32 weights as bytes, ready for [`Avx2Quants::mul`].
     ///
     /// # Safety
     /// The CPU must support AVX2.
-    unsafe fn lanes(&self, x: &[i8; QK]) -> __m256i;
+    unsafe fn load(&self) -> __m256i;
+    /// Eight i32 lanes that sum to the integer dot product of loaded weights and activations.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    unsafe fn mul(w: __m256i, x: __m256i) -> __m256i;
 }
 
 #[inline]
@@ -53,26 +59,40 @@ fn signed_dot(a: __m256i, b: __m256i) -> __m256i {
 impl Avx2Quants for Q4_0 {
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn lanes(&self, x: &[i8; QK]) -> __m256i {
-        signed_dot(_mm256_sub_epi8(nibbles(&self.0), _mm256_set1_epi8(8)), load32(x))
+    unsafe fn load(&self) -> __m256i {
+        _mm256_sub_epi8(nibbles(&self.0), _mm256_set1_epi8(8))
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn mul(w: __m256i, x: __m256i) -> __m256i {
+        signed_dot(w, x)
     }
 }
 
 impl Avx2Quants for Q4_1 {
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn lanes(&self, x: &[i8; QK]) -> __m256i {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles(&self.0), load32(x)), _mm256_set1_epi16(1))
+    unsafe fn load(&self) -> __m256i {
+        nibbles(&self.0)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn mul(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
     }
 }
 
 impl Avx2Quants for Q8_0 {
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn lanes(&self, x: &[i8; QK]) -> __m256i {
+    unsafe fn load(&self) -> __m256i {
         // SAFETY: 32 bytes; the load is unaligned.
-        let w = unsafe { _mm256_loadu_si256(self.0.as_ptr().cast()) };
-        signed_dot(w, load32(x))
+        unsafe { _mm256_loadu_si256(self.0.as_ptr().cast()) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn mul(w: __m256i, x: __m256i) -> __m256i {
+        signed_dot(w, x)
     }
 }
 
@@ -111,38 +131,77 @@ fn hsum(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32::<1>(s2)))
 }
 
-/// A row's dot product; see [`super::scalar::dot`].
+/// Adds four blocks' values to `acc`: weights `wb` (loaded) with scales `dw` and offsets `mw`,
+/// activations `xq` with scales `xd` and sums `xs` (four each).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn group<Q: Avx2Quants>(
+    acc: &mut __m256d,
+    wb: &[__m256i; 4],
+    (dw, mw): (__m256d, __m256d),
+    xq: [&[i8; QK]; 4],
+    xd: &[f64],
+    xs: &[f64],
+) {
+    // SAFETY: AVX2 is enabled in this function.
+    let ints = unsafe {
+        sum4(
+            Q::mul(wb[0], load32(xq[0])),
+            Q::mul(wb[1], load32(xq[1])),
+            Q::mul(wb[2], load32(xq[2])),
+            Q::mul(wb[3], load32(xq[3])),
+        )
+    };
+    // Products of two f16 values and a small integer are exact in f64.
+    *acc = _mm256_fmadd_pd(_mm256_mul_pd(dw, f64x4(xd)), _mm256_cvtepi32_pd(ints), *acc);
+    if Q::HAS_MIN {
+        *acc = _mm256_fmadd_pd(mw, f64x4(xs), *acc);
+    }
+}
+
+/// A weight row's dot products with `R` activation rows, each as [`super::scalar::dot`]
+/// computes it (up to the order of exact f64 additions). Every row's result is the same
+/// whatever `R` is: the weights are only unpacked once for all of them.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C ([`available`]).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot<Q: Avx2Quants>(w: &WeightRow<'_, Q>, x: &ActRow<'_>) -> f64 {
+pub unsafe fn dot<Q: Avx2Quants, const R: usize>(w: &WeightRow<'_, Q>, xs: [&ActRow<'_>; R]) -> [f64; R] {
     let n = w.qs.len();
-    assert!(w.d.len() == n && x.qs.len() == n && x.d.len() == n && (!Q::HAS_MIN || (w.m.len() == n && x.s.len() == n)));
-    let mut acc = _mm256_setzero_pd();
+    assert!(w.d.len() == n && (!Q::HAS_MIN || w.m.len() == n));
+    assert!(xs.iter().all(|x| x.qs.len() == n && x.d.len() == n && (!Q::HAS_MIN || x.s.len() == n)));
+    let mut acc = [_mm256_setzero_pd(); R];
+    let zeros = [0i8; QK];
     let mut i = 0;
-    while i + 4 <= n {
-        let (q, xq) = (&w.qs[i..i + 4], &x.qs[i..i + 4]);
+    while i < n {
+        let have = (n - i).min(4);
         // SAFETY: AVX2 is enabled in this function.
-        let ints = unsafe { sum4(q[0].lanes(&xq[0]), q[1].lanes(&xq[1]), q[2].lanes(&xq[2]), q[3].lanes(&xq[3])) };
-        // Products of two f16 values and a small integer are exact in f64.
-        let scale = _mm256_mul_pd(f16x4(&w.d[i..]), f64x4(&x.d[i..]));
-        acc = _mm256_fmadd_pd(scale, _mm256_cvtepi32_pd(ints), acc);
-        if Q::HAS_MIN {
-            acc = _mm256_fmadd_pd(f16x4(&w.m[i..]), f64x4(&x.s[i..]), acc);
+        let wb: [__m256i; 4] =
+            std::array::from_fn(|k| if k < have { unsafe { w.qs[i + k].load() } } else { _mm256_setzero_si256() });
+        if have == 4 {
+            let scales = (f16x4(&w.d[i..]), if Q::HAS_MIN { f16x4(&w.m[i..]) } else { _mm256_setzero_pd() });
+            for (acc, x) in acc.iter_mut().zip(xs) {
+                let xq = [&x.qs[i], &x.qs[i + 1], &x.qs[i + 2], &x.qs[i + 3]];
+                group::<Q>(acc, &wb, scales, xq, &x.d[i..], if Q::HAS_MIN { &x.s[i..] } else { &[0.0; 4] });
+            }
+        } else {
+            // The last, partial group: missing blocks have zero weights and scales.
+            let pad = |v: &[half::f16]| -> [half::f16; 4] {
+                std::array::from_fn(|k| v.get(i + k).copied().unwrap_or_default())
+            };
+            let scales = (f16x4(&pad(w.d)), if Q::HAS_MIN { f16x4(&pad(w.m)) } else { _mm256_setzero_pd() });
+            for (acc, x) in acc.iter_mut().zip(xs) {
+                let xq = std::array::from_fn(|k| x.qs.get(i + k).unwrap_or(&zeros));
+                let pad = |v: &[f64]| -> [f64; 4] { std::array::from_fn(|k| v.get(i + k).copied().unwrap_or(0.0)) };
+                group::<Q>(acc, &wb, scales, xq, &pad(x.d), &pad(x.s));
+            }
         }
         i += 4;
     }
-    let hi = _mm256_extractf128_pd::<1>(acc);
-    let pair = _mm_add_pd(_mm256_castpd256_pd128(acc), hi);
-    let mut total = _mm_cvtsd_f64(_mm_add_sd(pair, _mm_unpackhi_pd(pair, pair)));
-    for b in i..n {
-        // SAFETY: AVX2 is enabled in this function.
-        total += block_value(w, x, b, hsum(unsafe { w.qs[b].lanes(&x.qs[b]) }), |h| {
-            f64::from(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h.to_bits())))))
-        });
-    }
-    total
+    acc.map(|acc| {
+        let pair = _mm_add_pd(_mm256_castpd256_pd128(acc), _mm256_extractf128_pd::<1>(acc));
+        _mm_cvtsd_f64(_mm_add_sd(pair, _mm_unpackhi_pd(pair, pair)))
+    })
 }
 
 /// Quantizes `x` into blocks exactly as [`super::scalar::quantize`] does.

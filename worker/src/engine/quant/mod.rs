@@ -51,13 +51,14 @@ impl Kernels {
         Self::Portable
     }
 
-    /// A row's dot product with quantized activations.
-    pub fn dot<Q: NativeQuants>(self, w: &WeightRow<'_, Q>, x: &ActRow<'_>) -> f64 {
+    /// A weight row's dot products with `R` rows of quantized activations; each row's result is
+    /// the same whatever `R` is.
+    pub fn dot<Q: NativeQuants, const R: usize>(self, w: &WeightRow<'_, Q>, xs: [&ActRow<'_>; R]) -> [f64; R] {
         match self {
-            Self::Portable => scalar::dot(w, x),
+            Self::Portable => xs.map(|x| scalar::dot(w, x)),
             // SAFETY: `Avx2` is only chosen when the CPU supports it (`detect`).
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => unsafe { avx2::dot(w, x) },
+            Self::Avx2 => unsafe { avx2::dot(w, xs) },
         }
     }
 
@@ -81,6 +82,10 @@ trait Rows: Send + Sync + 'static {
     fn quantize(&self, x: &[f32], m: usize) -> Self::Acts;
     /// Weight row `row` times activation row `r`.
     fn dot(&self, row: usize, acts: &Self::Acts, r: usize) -> f64;
+    /// Weight row `row` times activation rows `r..r + 4`, each exactly as [`Rows::dot`].
+    fn dot4(&self, row: usize, acts: &Self::Acts, r: usize) -> [f64; 4] {
+        std::array::from_fn(|k| self.dot(row, acts, r + k))
+    }
 }
 
 /// Copies GGUF's packed blocks into a vector of `T`; `None` when the sizes disagree.
@@ -116,7 +121,12 @@ impl<Q: NativeQuants> Rows for Native<Q> {
         acts
     }
     fn dot(&self, row: usize, acts: &ActRows, r: usize) -> f64 {
-        self.kernels.dot(&self.rows.row(row), &acts.row(r))
+        let [v] = self.kernels.dot(&self.rows.row(row), [&acts.row(r)]);
+        v
+    }
+    fn dot4(&self, row: usize, acts: &ActRows, r: usize) -> [f64; 4] {
+        let x: [ActRow<'_>; 4] = std::array::from_fn(|k| acts.row(r + k));
+        self.kernels.dot(&self.rows.row(row), [&x[0], &x[1], &x[2], &x[3]])
     }
 }
 
@@ -175,7 +185,13 @@ impl<R: Rows> MatMul for R {
             out.div_ceil(rows_per_chunk),
             Arc::new(move |c: usize| {
                 for col in c * rows_per_chunk..((c + 1) * rows_per_chunk).min(out) {
-                    for r in 0..m {
+                    // Activation rows four at a time share each weight block's unpacking.
+                    for r in (0..m - m % 4).step_by(4) {
+                        for (k, v) in self.dot4(col, &acts, r).into_iter().enumerate() {
+                            results.set((r + k) * out + col, v);
+                        }
+                    }
+                    for r in m - m % 4..m {
                         results.set(r * out + col, self.dot(col, &acts, r));
                     }
                 }

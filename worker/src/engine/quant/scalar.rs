@@ -165,22 +165,14 @@ impl ActRows {
     }
 }
 
-/// The exact value of block `b` of a row's dot product, given its integer dot product and
-/// `f16_to_f64`, which widens the weight's scale and offset (SIMD kernels have a faster one).
-pub fn block_value<Q: Quants>(
-    w: &WeightRow<'_, Q>,
-    x: &ActRow<'_>,
-    b: usize,
-    int_dot: i32,
-    f16_to_f64: impl Fn(f16) -> f64,
-) -> f64 {
-    let v = f16_to_f64(w.d[b]) * x.d[b] * f64::from(int_dot);
-    if Q::HAS_MIN { v + f16_to_f64(w.m[b]) * x.s[b] } else { v }
-}
-
-/// A row's dot product: the sum of its blocks' values, in order.
+/// A row's dot product: the sum of its blocks' exact values, in order.
 pub fn dot<Q: Quants>(w: &WeightRow<'_, Q>, x: &ActRow<'_>) -> f64 {
-    (0..w.qs.len()).map(|b| block_value(w, x, b, w.qs[b].int_dot(&x.qs[b]), f16::to_f64)).sum()
+    (0..w.qs.len())
+        .map(|b| {
+            let v = w.d[b].to_f64() * x.d[b] * f64::from(w.qs[b].int_dot(&x.qs[b]));
+            if Q::HAS_MIN { v + w.m[b].to_f64() * x.s[b] } else { v }
+        })
+        .sum()
 }
 
 /// Quantizes `x` (`qs.len() * 32` values) into the blocks `qs`, `d`, `s`.

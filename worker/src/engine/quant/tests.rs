@@ -107,12 +107,19 @@ fn check_dot<Q: Random>() {
                 (reference - plain).abs() <= 1e-12 * (1.0 + plain.abs()),
                 "{blocks} blocks: {reference} vs {plain}"
             );
+            // Three more activation rows: the four-row form gives each row's one-row result.
+            let more: Vec<ActRows> =
+                (0..3).map(|_| quantized(Kernels::Portable, &activations(&mut rng, blocks))).collect();
             for k in kernels() {
-                let got = k.dot(&w.row(0), &x.row(0));
+                let [got] = k.dot(&w.row(0), [&x.row(0)]);
                 assert!(
                     (got - reference).abs() <= 1e-12 * (1.0 + reference.abs()),
                     "{k:?}, {blocks} blocks: {got} vs {reference}"
                 );
+                let rows = [&x.row(0), &more[0].row(0), &more[1].row(0), &more[2].row(0)];
+                let four = k.dot(&w.row(0), rows);
+                let one: Vec<f64> = rows.iter().map(|r| k.dot(&w.row(0), [*r])[0]).collect();
+                assert_eq!(four.to_vec(), one, "{k:?}, {blocks} blocks: four rows at once");
             }
         }
     }
@@ -166,7 +173,8 @@ fn gguf_bytes(w: &Tensor, dtype: GgmlDType) -> Vec<u8> {
 fn matrices_agree_with_candle_for_every_format() {
     let (out, inp) = (37, 512);
     let w = random_matrix(out, inp, 3);
-    let x = random_matrix(3, inp, 4);
+    // Six rows: one group of four and two single rows.
+    let x = random_matrix(6, inp, 4);
     for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K] {
         let q = QTensor::quantize(&w, dtype).unwrap();
         let reference = QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap().to_vec2::<f32>().unwrap();
