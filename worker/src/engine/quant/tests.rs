@@ -181,7 +181,7 @@ fn matrices_agree_with_candle_for_every_format() {
         for k in kernels() {
             let m = QuantMatrix::from_gguf(dtype, &gguf_bytes(&w, dtype), out, inp, k).unwrap();
             for threads in [1, 3] {
-                let pool = ComputePool::new(threads);
+                let pool = ComputePool::new(threads).unwrap();
                 let y = m.forward(&x, &pool, DType::F32).unwrap().to_vec2::<f32>().unwrap();
                 for (r, (a, b)) in y.iter().zip(&reference).enumerate() {
                     for c in 0..out {
@@ -205,7 +205,7 @@ fn split_partial_sums_add_up_to_the_whole() {
     let (out, inp) = (24, 512);
     let w = random_matrix(out, inp, 5);
     let x = random_matrix(2, inp, 6);
-    let pool = ComputePool::new(2);
+    let pool = ComputePool::new(2).unwrap();
     for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K] {
         let k = Kernels::detect();
         let whole = QuantMatrix::from_gguf(dtype, &gguf_bytes(&w, dtype), out, inp, k).unwrap();

@@ -86,7 +86,8 @@ impl Ranks {
         let mut shards = Vec::with_capacity(world);
         for (rank, device) in devices.iter().enumerate() {
             let shard = Shard { rank, world };
-            let pool = ComputePool::new((threads / world).max(1));
+            let pool = ComputePool::new((threads / world).max(1))
+                .map_err(|e| EngineError::Model(format!("cannot start compute threads: {e}")))?;
             let llama = Llama::load(cfg, w, shard, device, (pool, tensor_attention), &mut |done, total| {
                 progress(rank * total + done, world * total)
             })?;
