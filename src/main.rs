@@ -18,6 +18,30 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines on stderr: `text` for people, `json` (one object per line, with the request id
+    /// of the span) for log collectors. Verbosity comes from HERD_LOG (e.g. info, herd_worker=debug).
+    #[arg(long, global = true, env = "HERD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Sends logs to stderr, so that stdout carries only answers and "listening on" lines.
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HERD_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        // Span fields (the request id) are flattened into each line's `span` and `spans`.
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(true).init(),
+    }
 }
 
 #[derive(Subcommand)]
@@ -77,13 +101,8 @@ fn serve<F: Future<Output = anyhow::Result<()>>>(
 }
 
 fn main() {
-    // Logs go to stderr so that stdout carries only answers and "listening on" lines.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("HERD_LOG").unwrap_or_else(|_| "info".into()))
-        .init();
     let cli = Cli::parse();
+    init_logs(cli.log_format);
     let threads = match &cli.command {
         Command::Worker(args) => args.threads,
         Command::Bench(args) => args.threads(),

@@ -170,11 +170,14 @@ pub async fn run(args: UpArgs, mut stop: Pin<Box<dyn Future<Output = ()> + Send>
         etcd_ca: None,
         etcd_cert: None,
         etcd_key: None,
+        tls: Default::default(),
+        metrics: Default::default(),
     })
     .await?;
-    let controller_task = tokio::spawn(herd_controller::serve_store(controller_listener, store, async {
-        let _ = controller_stopped.await;
-    }));
+    let controller_task =
+        tokio::spawn(herd_controller::serve_store(controller_listener, store, Default::default(), async {
+            let _ = controller_stopped.await;
+        }));
 
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let threads = (cores / args.workers).max(1);
@@ -185,13 +188,7 @@ pub async fn run(args: UpArgs, mut stop: Pin<Box<dyn Future<Output = ()> + Send>
     let bind = format!("{}:{}", args.host, args.port);
     let gateway_listener = TcpListener::bind(&bind).await.with_context(|| format!("--port: cannot bind {bind}"))?;
     let gateway_addr = gateway_listener.local_addr()?;
-    let gateway_args = herd_gateway::GatewayArgs {
-        controller: vec![controller.clone()],
-        listen: gateway_addr.to_string(),
-        max_body_bytes: 4 << 20,
-        worker_down_for: Duration::from_secs(10),
-        retry_after: 1,
-    };
+    let gateway_args = herd_gateway::GatewayArgs::new(vec![controller.clone()], gateway_addr.to_string());
     let (stop_gateway, gateway_stopped) = tokio::sync::oneshot::channel::<()>();
     let gateway_task = tokio::spawn(herd_gateway::serve(gateway_listener, gateway_args, async {
         let _ = gateway_stopped.await;

@@ -37,6 +37,9 @@ pub enum ControllerError {
     /// Writing the startup line to stdout failed.
     #[error("cannot write to stdout: {0}")]
     Stdout(std::io::Error),
+    /// TLS files or the metrics listener are unusable.
+    #[error(transparent)]
+    Ops(#[from] herd_ops::OpsError),
     /// The gRPC server stopped with an error.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -55,6 +58,7 @@ impl From<ControllerError> for Status {
             ControllerError::Config(_)
             | ControllerError::Bind { .. }
             | ControllerError::Stdout(_)
+            | ControllerError::Ops(_)
             | ControllerError::Transport(_) => Code::Internal,
         };
         Status::new(code, err.to_string())

@@ -2,6 +2,7 @@
 //! feed, and the `herd.v1.Controller` gRPC service that workers register with and gateways watch.
 
 pub mod error;
+pub mod metrics;
 pub mod registry;
 pub mod service;
 #[cfg(test)]
@@ -13,12 +14,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, TryStreamExt};
+use herd_ops::{AbortOnDrop, ClusterTls, Health, MetricsArgs, TlsArgs};
 use herd_proto::v1::controller_server::ControllerServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::server::NamedService;
 
 pub use error::ControllerError;
-pub use registry::{ChangeStream, EtcdOptions, EtcdStore, EtcdTls, MemoryStore, Store, WorkerChange};
+use metrics::ControllerMetrics;
+pub use registry::{ChangeStream, EtcdOptions, EtcdStore, EtcdTls, MemoryStore, Store, StoreStats, WorkerChange};
 pub use service::ControllerService;
 
 /// Which registry store backs the controller.
@@ -64,6 +68,21 @@ pub struct ControllerArgs {
     /// With `--store etcd` over https: PEM key of --etcd-cert.
     #[arg(long, env = "HERD_ETCD_KEY", requires = "etcd_cert")]
     pub etcd_key: Option<PathBuf>,
+    /// Mutual TLS with workers and gateways.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// The metrics endpoint.
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
+}
+
+/// How the controller's servers are exposed, beyond the gRPC listener.
+#[derive(Default)]
+pub struct Exposure {
+    /// Mutual TLS on the gRPC listener.
+    pub tls: Option<ClusterTls>,
+    /// Where `/metrics`, `/health` and `/ready` are served.
+    pub metrics: MetricsArgs,
 }
 
 /// Reads a PEM file named by `flag`.
@@ -128,24 +147,51 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControllerError> {
     check_heartbeat_ttl(ttl)?;
-    serve_store(listener, Arc::new(MemoryStore::new(ttl)), shutdown).await
+    serve_store(listener, Arc::new(MemoryStore::new(ttl)), Exposure::default(), shutdown).await
+}
+
+/// How often readiness and the worker gauge are refreshed.
+const MONITOR_EVERY: Duration = Duration::from_secs(1);
+
+/// Keeps gRPC health, `/ready` and the worker gauge in step with the store.
+async fn monitor(store: Arc<dyn Store>, metrics: Arc<ControllerMetrics>, health: Health) {
+    let mut tick = tokio::time::interval(MONITOR_EVERY);
+    loop {
+        tick.tick().await;
+        let ready = store.readiness().is_ok();
+        metrics.set_ready(ready);
+        health.set(ready).await;
+        if let Ok(workers) = store.list().await {
+            metrics.workers.set(workers.len() as i64);
+        }
+    }
 }
 
 /// Serves the controller over any registry store, on `listener`, until `shutdown` completes.
 pub async fn serve_store(
     listener: TcpListener,
     store: Arc<dyn Store>,
+    exposure: Exposure,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControllerError> {
-    // Both the watch streams and the server's drain wait on the same signal.
+    // The watch streams, the metrics endpoint and the server's drain wait on the same signal.
     let shutdown = shutdown.boxed().shared();
-    let service = ControllerService::new(store).end_watches_on(shutdown.clone());
+    let service = ControllerService::new(store.clone()).end_watches_on(shutdown.clone());
+    let metrics = service.metrics().clone();
+    exposure.metrics.serve(metrics.clone(), shutdown.clone()).await?;
+    let (health, health_service) = Health::new(&[ControllerServer::<ControllerService>::NAME], false).await;
+    let _monitor = AbortOnDrop(tokio::spawn(monitor(store, metrics, health)));
     // Small unary RPCs (heartbeats, picks) should not wait on Nagle's algorithm.
     let incoming = TcpListenerStream::new(listener).map_ok(|stream| {
         let _ = stream.set_nodelay(true);
         stream
     });
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &exposure.tls {
+        server = server.tls_config(tls.server())?;
+    }
+    server
+        .add_service(health_service)
         .add_service(ControllerServer::new(service))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
@@ -159,6 +205,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControllerError> {
     check_heartbeat_ttl(args.heartbeat_ttl)?;
+    let exposure = Exposure { tls: args.tls.load()?, metrics: args.metrics.clone() };
     let store = open_store(&args).await?;
     let bind_error = |source| ControllerError::Bind { addr: args.listen.clone(), source };
     let listener = TcpListener::bind(&args.listen).await.map_err(bind_error)?;
@@ -174,7 +221,7 @@ pub async fn run(
         heartbeat_ttl = %humantime::format_duration(args.heartbeat_ttl),
         "controller started"
     );
-    serve_store(listener, store, shutdown).await
+    serve_store(listener, store, exposure, shutdown).await
 }
 
 #[cfg(test)]

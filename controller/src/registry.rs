@@ -27,6 +27,15 @@ pub enum WorkerChange {
     Removed(String),
 }
 
+/// What a store counted since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Workers removed because no heartbeat came within the TTL.
+    pub expiries: u64,
+    /// Failed calls to the backing service (etcd); always 0 in memory.
+    pub errors: u64,
+}
+
 /// The changes after a watch's snapshot. It ends with an error (never silently) when the watcher
 /// can no longer be given every change, so the watcher re-reads a snapshot.
 pub type ChangeStream = Pin<Box<dyn Stream<Item = Result<WorkerChange, ControllerError>> + Send>>;
@@ -52,6 +61,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every live record, ordered by worker id.
     async fn list(&self) -> Result<Vec<WorkerState>, ControllerError>;
+
+    /// Counts since the store started, for the controller's metrics.
+    fn stats(&self) -> StoreStats;
 
     /// `Err(reason)` while the store cannot vouch that its records are current (etcd unreachable).
     fn readiness(&self) -> Result<(), String> {

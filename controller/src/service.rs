@@ -19,6 +19,7 @@ use rand::seq::IndexedRandom;
 use tonic::{Request, Response, Status};
 
 use crate::error::ControllerError;
+use crate::metrics::ControllerMetrics;
 use crate::registry::{ChangeStream, Store, WorkerChange};
 
 /// The stream `WatchWorkers` answers with: a snapshot, then one event per change.
@@ -31,12 +32,19 @@ type StopSignal = Shared<BoxFuture<'static, ()>>;
 pub struct ControllerService {
     store: Arc<dyn Store>,
     stop_watches: StopSignal,
+    metrics: Arc<ControllerMetrics>,
 }
 
 impl ControllerService {
     /// A service over `store` whose watch streams run until their clients go away.
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store, stop_watches: futures::future::pending().boxed().shared() }
+        let metrics = Arc::new(ControllerMetrics::new(store.clone()));
+        Self { store, stop_watches: futures::future::pending().boxed().shared(), metrics }
+    }
+
+    /// The service's metrics.
+    pub fn metrics(&self) -> &Arc<ControllerMetrics> {
+        &self.metrics
     }
 
     /// Ends every open (and later) watch stream with Unavailable once `signal` completes. Graceful
@@ -151,7 +159,9 @@ impl Controller for ControllerService {
         let request = request.into_inner();
         let info = validate_info(request.info)?;
         let state = WorkerState { info: Some(info.clone()), load: Some(request.load.unwrap_or_default()) };
-        self.store.register(state).await?;
+        let registered = self.store.register(state).await;
+        self.metrics.registrations.with_label_values(&[if registered.is_ok() { "ok" } else { "error" }]).inc();
+        registered?;
         tracing::info!(
             worker_id = %info.worker_id,
             address = %info.address,
@@ -167,7 +177,14 @@ impl Controller for ControllerService {
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
         let request = request.into_inner();
         require_worker_id(&request.worker_id)?;
-        self.store.heartbeat(&request.worker_id, request.load.unwrap_or_default()).await?;
+        let beat = self.store.heartbeat(&request.worker_id, request.load.unwrap_or_default()).await;
+        let result = match &beat {
+            Ok(()) => "ok",
+            Err(ControllerError::UnknownWorker(_)) => "unknown",
+            Err(_) => "error",
+        };
+        self.metrics.heartbeats.with_label_values(&[result]).inc();
+        beat?;
         Ok(Response::new(HeartbeatResponse {}))
     }
 
@@ -175,6 +192,7 @@ impl Controller for ControllerService {
         let request = request.into_inner();
         require_worker_id(&request.worker_id)?;
         let removed = self.store.deregister(&request.worker_id).await?;
+        self.metrics.deregistrations.inc();
         let info = removed.info.unwrap_or_default();
         tracing::info!(worker_id = %info.worker_id, address = %info.address, models = ?info.models, "worker deregistered");
         Ok(Response::new(DeregisterResponse {}))

@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use herd_proto::v1::worker_client::WorkerClient;
 use herd_proto::v1::{GenerateChunk, GenerateRequest, TokenLogprob, Usage};
@@ -11,6 +11,8 @@ use tonic::{Code, Status, Streaming};
 use tracing::{debug, warn};
 
 use crate::GatewayError;
+use crate::auth::Account;
+use crate::metrics::{GatewayMetrics, Pacer, since};
 use crate::router::{InflightGuard, Lookup, WorkerTable};
 
 /// Codes after which a worker is presumed broken: mark it down and try another. `Unknown` is what a
@@ -38,6 +40,12 @@ pub(crate) struct Ctx {
     pub down_for: Duration,
     /// The parameter blamed when the worker says the prompt is too long.
     pub prompt_param: &'static str,
+    /// Where latencies and token counts go.
+    pub metrics: Arc<GatewayMetrics>,
+    /// When the request arrived.
+    pub started: Instant,
+    /// The API key's allowance the tokens are debited from, when keys are on.
+    pub account: Option<Account>,
 }
 
 /// A worker stream that produced its first chunk: from here on the choice is committed to it.
@@ -123,6 +131,14 @@ impl Tally {
 }
 
 impl Ctx {
+    /// Records a finished (or abandoned) request's tokens and debits them from the caller.
+    pub fn account_for(&self, prompt: u64, completion: u64) {
+        self.metrics.tokens(prompt, completion);
+        if let Some(account) = &self.account {
+            account.spend(prompt + completion);
+        }
+    }
+
     /// Logs a worker failure and skips that worker for `--worker-down-for`.
     pub fn worker_failed(&self, worker_id: &str, status: &Status) {
         warn!(request_id = %self.request_id, worker = %worker_id, code = ?status.code(),
@@ -157,6 +173,7 @@ impl Ctx {
             };
             match first {
                 Ok((first, rest)) => {
+                    self.metrics.ttft.observe(since(self.started));
                     return Ok(Opened { worker_id: picked.worker_id, first, rest, guard: picked.guard });
                 }
                 Err(status) if status.code() == Code::ResourceExhausted => {
@@ -205,12 +222,16 @@ impl Ctx {
             let Opened { worker_id, first, mut rest, guard } = self.open(request, &mut attempts).await?;
             let mut done = Completed::default();
             done.push(first);
+            let mut pacer = Pacer::started();
             let failure = loop {
                 if done.finished {
                     break None;
                 }
                 match rest.message().await {
-                    Ok(Some(chunk)) => done.push(chunk),
+                    Ok(Some(chunk)) => {
+                        pacer.tick(&self.metrics, chunk.token_ids.len());
+                        done.push(chunk)
+                    }
                     Ok(None) => break Some(ended_early()),
                     Err(status) => break Some(status),
                 }

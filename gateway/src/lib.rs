@@ -4,7 +4,10 @@
 //! routes every choice of a request to the least-loaded healthy worker for its model (see [`router`])
 //! and translates between OpenAI's JSON/SSE formats and the workers' gRPC `Generate` streams.
 
+pub mod auth;
 mod dispatch;
+mod https;
+pub mod metrics;
 pub mod openai;
 pub mod router;
 pub mod watch;
@@ -14,14 +17,18 @@ mod testing;
 
 use std::future::Future;
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::routing::{get, post};
+use herd_ops::{AbortOnDrop, TlsArgs};
 use tokio::net::TcpListener;
 use tracing::info;
 
+use auth::{Auth, Keys, Limits};
+use metrics::GatewayMetrics;
 pub use openai::errors::GatewayError;
 pub use router::WorkerTable;
 
@@ -43,6 +50,74 @@ pub struct GatewayArgs {
     /// Seconds sent in `Retry-After` with 429 and 503 answers.
     #[arg(long, default_value_t = 1, env = "HERD_RETRY_AFTER")]
     pub retry_after: u64,
+    /// File of API keys, one per line (`#` comments allowed): every `/v1` route then needs
+    /// `Authorization: Bearer KEY`. `/health`, `/ready` and `/metrics` stay open.
+    #[arg(long, env = "HERD_API_KEYS_FILE")]
+    pub api_keys: Option<PathBuf>,
+    /// API keys given directly, comma-separated (added to --api-keys).
+    #[arg(long = "api-key", env = "HERD_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub api_key_list: Vec<String>,
+    /// Requests per minute allowed to each API key (needs keys).
+    #[arg(long, env = "HERD_RATE_LIMIT_RPM")]
+    pub rate_limit_rpm: Option<u32>,
+    /// Prompt + completion tokens per minute allowed to each API key (needs keys).
+    #[arg(long, env = "HERD_RATE_LIMIT_TPM")]
+    pub rate_limit_tpm: Option<u32>,
+    /// PEM certificate chain for HTTPS on --listen (with --http-tls-key).
+    #[arg(long, env = "HERD_HTTP_TLS_CERT", requires = "http_tls_key")]
+    pub http_tls_cert: Option<PathBuf>,
+    /// PEM private key of --http-tls-cert.
+    #[arg(long, env = "HERD_HTTP_TLS_KEY", requires = "http_tls_cert")]
+    pub http_tls_key: Option<PathBuf>,
+    /// Mutual TLS towards the controller and workers.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+impl GatewayArgs {
+    /// Gateway arguments with every option at its default, for `controller`.
+    pub fn new(controller: Vec<String>, listen: String) -> Self {
+        GatewayArgs {
+            controller,
+            listen,
+            max_body_bytes: 4 * 1024 * 1024,
+            worker_down_for: Duration::from_secs(10),
+            retry_after: 1,
+            api_keys: None,
+            api_key_list: Vec::new(),
+            rate_limit_rpm: None,
+            rate_limit_tpm: None,
+            http_tls_cert: None,
+            http_tls_key: None,
+            tls: TlsArgs::default(),
+        }
+    }
+
+    /// The API keys and their limits; `None` when no key is configured.
+    pub fn auth(&self) -> Result<Option<Auth>, GatewayError> {
+        let mut keys = match &self.api_keys {
+            Some(path) => Keys::read(path).map_err(GatewayError::Config)?,
+            None => Vec::new(),
+        };
+        keys.extend(self.api_key_list.iter().cloned());
+        let Some(keys) = Keys::new(keys.iter().map(String::as_str)) else {
+            if self.rate_limit_rpm.is_some() || self.rate_limit_tpm.is_some() {
+                return Err(GatewayError::Config(
+                    "--rate-limit-rpm and --rate-limit-tpm are per API key: give keys with --api-keys or HERD_API_KEYS"
+                        .into(),
+                ));
+            }
+            return Ok(None);
+        };
+        for (flag, value) in [("--rate-limit-rpm", self.rate_limit_rpm), ("--rate-limit-tpm", self.rate_limit_tpm)] {
+            if value == Some(0) {
+                return Err(GatewayError::Config(format!("{flag} must be at least 1 (leave it out for no limit)")));
+            }
+        }
+        let limits =
+            Limits { requests: self.rate_limit_rpm, tokens: self.rate_limit_tpm, period: Duration::from_secs(60) };
+        Ok(Some(Auth::new(keys, limits)))
+    }
 }
 
 /// The per-request settings taken from [`GatewayArgs`].
@@ -66,19 +141,30 @@ impl From<&GatewayArgs> for Settings {
     }
 }
 
-/// What every HTTP handler shares: the worker table and the settings.
+/// What every HTTP handler shares: the worker table, the settings, keys and metrics.
 #[derive(Clone)]
 pub struct AppState {
     /// The live worker table, filled by the watch loop.
     pub table: Arc<WorkerTable>,
     /// Per-request settings.
     pub settings: Arc<Settings>,
+    /// API keys and rate limits; `None` leaves `/v1` open.
+    pub auth: Option<Arc<Auth>>,
+    /// The gateway's metrics.
+    pub metrics: Arc<GatewayMetrics>,
 }
 
 impl AppState {
     /// Builds the state from a table (filled by [`watch::watch_controllers`] or by hand in tests).
     pub fn new(table: Arc<WorkerTable>, settings: Settings) -> Self {
-        AppState { table, settings: Arc::new(settings) }
+        AppState { table, settings: Arc::new(settings), auth: None, metrics: Arc::new(GatewayMetrics::new()) }
+    }
+
+    /// Requires API keys (and their limits) on `/v1`.
+    #[must_use]
+    pub fn with_auth(mut self, auth: Option<Auth>) -> Self {
+        self.auth = auth.map(Arc::new);
+        self
     }
 }
 
@@ -86,26 +172,24 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     use openai::handlers;
     let retry_after = state.settings.retry_after;
-    Router::new()
+    let mut api = Router::new()
         .route("/v1/models", get(handlers::list_models))
         .route("/v1/models/{*model}", get(handlers::get_model))
         .route("/v1/chat/completions", post(handlers::chat_completions))
-        .route("/v1/completions", post(handlers::completions))
-        .route("/health", get(handlers::health))
+        .route("/v1/completions", post(handlers::completions));
+    if let Some(auth) = state.auth.clone() {
+        // A route layer: unknown paths still answer 404, not 401.
+        api = api.route_layer(axum::middleware::from_fn_with_state(auth, auth::require_key));
+    }
+    api.route("/health", get(handlers::health))
+        .route("/ready", get(handlers::ready))
+        .route("/metrics", get(handlers::metrics))
         // Must come after the routes: it only applies to those already added.
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .fallback(handlers::not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
         .layer(axum::middleware::map_response_with_state(retry_after, handlers::add_retry_after))
         .with_state(state)
-}
-
-/// Aborts a background task when dropped, so the watch loop never outlives its server.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, watching the controllers meanwhile.
@@ -114,12 +198,24 @@ pub async fn serve(
     args: GatewayArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
-    watch::check_urls(&args.controller)?;
-    let table = Arc::new(WorkerTable::new());
+    let tls = args.tls.load().map_err(|e| GatewayError::Config(e.to_string()))?;
+    watch::check_urls(&args.controller, tls.as_ref())?;
+    let auth = args.auth()?;
+    let https = match (&args.http_tls_cert, &args.http_tls_key) {
+        (Some(cert), Some(key)) => Some(https::config(cert, key)?),
+        _ => None,
+    };
+    let table = Arc::new(WorkerTable::with_tls(tls));
     let _watcher = AbortOnDrop(tokio::spawn(watch::watch_controllers(args.controller.clone(), table.clone())));
-    let state = AppState::new(table, Settings::from(&args));
-    info!(addr = ?listener.local_addr().ok(), controllers = ?args.controller, "gateway serving");
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await?;
+    info!(addr = ?listener.local_addr().ok(), controllers = ?args.controller, api_keys = auth.as_ref().map_or(0, |a| a.keys.len()),
+          https = https.is_some(), "gateway serving");
+    let app = router(AppState::new(table, Settings::from(&args)).with_auth(auth));
+    match https {
+        Some(config) => {
+            axum::serve(https::TlsListener::new(listener, config)?, app).with_graceful_shutdown(shutdown).await?
+        }
+        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await?,
+    }
     Ok(())
 }
 
@@ -171,13 +267,7 @@ mod tests {
 
     #[tokio::test]
     async fn run_reports_a_bad_listen_address() {
-        let args = GatewayArgs {
-            controller: vec!["http://127.0.0.1:1".into()],
-            listen: "not-an-address".into(),
-            max_body_bytes: 1024,
-            worker_down_for: Duration::from_secs(1),
-            retry_after: 1,
-        };
+        let args = GatewayArgs::new(vec!["http://127.0.0.1:1".into()], "not-an-address".into());
         let err = run(args, std::future::pending()).await.unwrap_err();
         assert!(err.to_string().contains("--listen"), "{err}");
     }
@@ -185,13 +275,7 @@ mod tests {
     #[tokio::test]
     async fn serve_stops_on_shutdown() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let args = GatewayArgs {
-            controller: vec!["http://127.0.0.1:1".into()],
-            listen: String::new(),
-            max_body_bytes: 1024,
-            worker_down_for: Duration::from_secs(1),
-            retry_after: 1,
-        };
+        let args = GatewayArgs::new(vec!["http://127.0.0.1:1".into()], String::new());
         let result = tokio::time::timeout(Duration::from_secs(5), serve(listener, args, async {})).await;
         assert!(matches!(result, Ok(Ok(()))));
     }
@@ -199,13 +283,7 @@ mod tests {
     #[test]
     fn entry_points_are_send() {
         fn is_send<T: Send>(_: &T) {}
-        let args = GatewayArgs {
-            controller: vec!["http://127.0.0.1:1".into()],
-            listen: "127.0.0.1:0".into(),
-            max_body_bytes: 1024,
-            worker_down_for: Duration::from_secs(1),
-            retry_after: 1,
-        };
+        let args = GatewayArgs::new(vec!["http://127.0.0.1:1".into()], "127.0.0.1:0".into());
         is_send(&run(args, async {}));
     }
 
@@ -237,13 +315,7 @@ mod tests {
         let controller = FakeController::start(vec![vec![snapshot]]).await;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let args = GatewayArgs {
-            controller: vec![controller.address.clone()],
-            listen: addr.to_string(),
-            max_body_bytes: 1 << 20,
-            worker_down_for: Duration::from_secs(10),
-            retry_after: 1,
-        };
+        let args = GatewayArgs::new(vec![controller.address.clone()], addr.to_string());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(serve(listener, args, async move {
             let _ = stopped.await;

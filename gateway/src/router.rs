@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use herd_ops::ClusterTls;
 use herd_proto::v1::{WorkerEvent, WorkerState, worker_event};
 use rand::Rng;
 use tonic::transport::{Channel, Endpoint};
@@ -16,13 +17,16 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The gRPC endpoint for a worker or controller URL, with the gateway's timeouts and pings.
-pub(crate) fn endpoint(url: &str) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(url.to_string())?
+/// The gRPC endpoint for a worker or controller URL, with the gateway's timeouts and pings, and
+/// the cluster's mutual TLS when it is on.
+pub(crate) fn endpoint(url: &str, tls: Option<&ClusterTls>) -> Result<Endpoint, String> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| e.to_string())?
         .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
         .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
-        .keep_alive_while_idle(true))
+        .keep_alive_while_idle(true);
+    herd_ops::tls::secure(endpoint, tls).map_err(|e| e.to_string())
 }
 
 /// Counts one request against a worker's in-flight total until dropped.
@@ -78,10 +82,10 @@ struct Entry {
 }
 
 impl Entry {
-    fn new(state: WorkerState) -> Option<Entry> {
+    fn new(state: WorkerState, tls: Option<&ClusterTls>) -> Option<Entry> {
         let info = state.info.as_ref()?;
         let address = info.address.clone();
-        let channel = match endpoint(&address) {
+        let channel = match endpoint(&address, tls) {
             Ok(endpoint) => endpoint.connect_lazy(),
             Err(err) => {
                 warn!(worker = %info.worker_id, %address, error = %err, "ignoring worker with an invalid address");
@@ -128,6 +132,7 @@ struct Inner {
 #[derive(Default)]
 pub struct WorkerTable {
     inner: Mutex<Inner>,
+    tls: Option<ClusterTls>,
 }
 
 /// Seconds since the epoch, for OpenAI's `created` fields.
@@ -144,6 +149,16 @@ impl WorkerTable {
     /// An empty table that has seen no snapshot yet.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty table whose channels to workers use the cluster's mutual TLS.
+    pub fn with_tls(tls: Option<ClusterTls>) -> Self {
+        Self { tls, ..Self::default() }
+    }
+
+    /// The cluster TLS settings channels are made with.
+    pub fn tls(&self) -> Option<&ClusterTls> {
+        self.tls.as_ref()
     }
 
     /// Locks the table, first dropping workers that stayed missing from a snapshot past their deadline.
@@ -200,7 +215,7 @@ impl WorkerTable {
                     inner.workers.insert(id, entry);
                 }
                 None => {
-                    if let Some(entry) = Entry::new(state) {
+                    if let Some(entry) = Entry::new(state, self.tls.as_ref()) {
                         inner.workers.insert(id, entry);
                     }
                 }
@@ -231,7 +246,7 @@ impl WorkerTable {
                 entry.missing_until = None;
             }
             _ => {
-                if let Some(entry) = Entry::new(state) {
+                if let Some(entry) = Entry::new(state, self.tls.as_ref()) {
                     debug!(worker = %id, %address, "worker added");
                     inner.workers.insert(id, entry);
                 }
@@ -317,6 +332,19 @@ impl WorkerTable {
     /// Number of workers in the table, healthy or not.
     pub fn len(&self) -> usize {
         self.lock().workers.len()
+    }
+
+    /// Per worker: id, gateway in-flight calls, and the running and waiting counts it last reported.
+    pub fn loads(&self) -> Vec<(String, usize, u32, u32)> {
+        let inner = self.lock();
+        inner
+            .workers
+            .iter()
+            .map(|(id, e)| {
+                let load = e.state.load.unwrap_or_default();
+                (id.clone(), e.inflight.load(Ordering::SeqCst), load.running, load.waiting)
+            })
+            .collect()
     }
 
     /// Whether the table has no workers.

@@ -9,6 +9,7 @@ use tracing::{debug, info, warn};
 
 use crate::router::endpoint;
 use crate::{GatewayError, WorkerTable};
+use herd_ops::ClusterTls;
 
 /// First reconnect delay; doubled after each round in which no controller answered.
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
@@ -16,7 +17,7 @@ pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Rejects `--controller` values that can never be dialed, before serving starts.
-pub fn check_urls(urls: &[String]) -> Result<(), GatewayError> {
+pub fn check_urls(urls: &[String], tls: Option<&ClusterTls>) -> Result<(), GatewayError> {
     if urls.is_empty() {
         return Err(GatewayError::InvalidController { url: String::new(), reason: "no controller given".into() });
     }
@@ -26,7 +27,7 @@ pub fn check_urls(urls: &[String]) -> Result<(), GatewayError> {
             let reason = format!("needs a scheme, e.g. http://{url}");
             return Err(GatewayError::InvalidController { url: url.clone(), reason });
         }
-        endpoint(url).map_err(|err| GatewayError::InvalidController { url: url.clone(), reason: err.to_string() })?;
+        endpoint(url, tls).map_err(|reason| GatewayError::InvalidController { url: url.clone(), reason })?;
     }
     Ok(())
 }
@@ -75,7 +76,7 @@ pub async fn watch_controllers(urls: Vec<String>, table: Arc<WorkerTable>) {
 
 /// One watch session: whether a snapshot arrived, and why the session ended.
 async fn watch_once(url: &str, table: &WorkerTable) -> (bool, String) {
-    let endpoint = match endpoint(url) {
+    let endpoint = match endpoint(url, table.tls()) {
         Ok(endpoint) => endpoint,
         Err(err) => return (false, format!("invalid URL: {err}")),
     };
@@ -124,9 +125,9 @@ mod tests {
 
     #[test]
     fn bad_controller_urls_are_rejected() {
-        assert!(check_urls(&[]).is_err());
-        assert!(check_urls(&["not a url".into()]).is_err());
-        assert!(check_urls(&["http://127.0.0.1:7000".into()]).is_ok());
+        assert!(check_urls(&[], None).is_err());
+        assert!(check_urls(&["not a url".into()], None).is_err());
+        assert!(check_urls(&["http://127.0.0.1:7000".into()], None).is_ok());
     }
 
     fn snapshot(workers: Vec<herd_proto::v1::WorkerState>) -> WorkerEvent {

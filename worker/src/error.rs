@@ -1,6 +1,6 @@
 //! The worker service's error type and its one mapping to gRPC status codes.
 
-use tonic::Status;
+use tonic::{Code, Status};
 
 use crate::engine::EngineError;
 
@@ -41,16 +41,19 @@ pub enum WorkerError {
         /// What is wrong with its value.
         msg: String,
     },
+    /// TLS files or the metrics listener are unusable.
+    #[error(transparent)]
+    Ops(#[from] herd_ops::OpsError),
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Server(String),
 }
 
-impl From<WorkerError> for Status {
-    fn from(e: WorkerError) -> Self {
+impl WorkerError {
+    /// The gRPC code clients see for this error: the one place that decides it.
+    pub fn code(&self) -> Code {
         use EngineError as E;
-        let msg = e.to_string();
-        match e {
+        match self {
             WorkerError::Engine(
                 E::InvalidArgument(_)
                 | E::PromptTooLong { .. }
@@ -58,21 +61,27 @@ impl From<WorkerError> for Status {
                 | E::Tokenizer(_)
                 | E::Template(_),
             )
-            | WorkerError::InvalidArgument(_) => Status::invalid_argument(msg),
-            WorkerError::UnknownModel { .. } => Status::not_found(msg),
-            WorkerError::QueueFull(_) => Status::resource_exhausted(msg),
-            WorkerError::Loading | WorkerError::Draining | WorkerError::Stopped => Status::unavailable(msg),
+            | WorkerError::InvalidArgument(_) => Code::InvalidArgument,
+            WorkerError::UnknownModel { .. } => Code::NotFound,
+            WorkerError::QueueFull(_) => Code::ResourceExhausted,
+            WorkerError::Loading | WorkerError::Draining | WorkerError::Stopped => Code::Unavailable,
             WorkerError::Engine(E::Checkpoint { .. } | E::Model(_))
             | WorkerError::Flag { .. }
-            | WorkerError::Server(_) => Status::internal(msg),
+            | WorkerError::Ops(_)
+            | WorkerError::Server(_) => Code::Internal,
         }
+    }
+}
+
+impl From<WorkerError> for Status {
+    fn from(e: WorkerError) -> Self {
+        Status::new(e.code(), e.to_string())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tonic::Code;
 
     #[test]
     fn client_mistakes_are_invalid_argument_and_capacity_is_resource_exhausted() {

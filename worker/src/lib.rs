@@ -2,6 +2,7 @@
 
 pub mod engine;
 pub mod error;
+pub mod metrics;
 pub mod registration;
 pub mod scheduler;
 pub mod service;
@@ -18,6 +19,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use engine::{DTypeChoice, Engine, LoadOptions, parse_devices};
 pub use error::WorkerError;
+use herd_ops::{Health, MetricsArgs, TlsArgs};
 use registration::Registration;
 use scheduler::{Scheduler, SchedulerConfig};
 use service::{Serving, WorkerCore, WorkerService};
@@ -76,10 +78,19 @@ pub struct WorkerArgs {
     /// On SIGTERM, how long in-flight requests may take to finish.
     #[arg(long, env = "HERD_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// Mutual TLS with the controller and gateways.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// The metrics endpoint.
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
     /// Sleep after each scheduling round (for tests that need a slow worker).
     #[arg(long, hide = true, default_value = "0s", value_parser = humantime::parse_duration)]
     pub debug_step_delay: Duration,
 }
+
+/// The worker's service name, as gRPC health checks name it.
+const WORKER_SERVICE: &str = <pb::worker_server::WorkerServer<WorkerService> as tonic::server::NamedService>::NAME;
 
 /// Longest `--drain-timeout` accepted (longer ones are typos, and overflow clocks).
 const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
@@ -90,15 +101,15 @@ pub fn default_name(model: &Path) -> String {
     name.strip_suffix(".gguf").map(str::to_string).unwrap_or(name)
 }
 
-fn advertise_url(args: &WorkerArgs, bound: SocketAddr) -> String {
+fn advertise_url(args: &WorkerArgs, bound: SocketAddr, scheme: &str) -> String {
     if let Some(a) = &args.advertise {
-        return if a.contains("://") { a.clone() } else { format!("http://{a}") };
+        return if a.contains("://") { a.clone() } else { format!("{scheme}://{a}") };
     }
     if bound.ip().is_unspecified() {
         tracing::warn!("--listen binds every interface; advertising 127.0.0.1 (set --advertise for other hosts)");
-        return format!("http://127.0.0.1:{}", bound.port());
+        return format!("{scheme}://127.0.0.1:{}", bound.port());
     }
-    format!("http://{bound}")
+    format!("{scheme}://{bound}")
 }
 
 /// How a rank's device is reported to the controller.
@@ -147,6 +158,7 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
             .map_err(|e| WorkerError::Flag { flag: "--threads", msg: e.to_string() })?;
     }
     let devices = parse_devices(&args.devices, args.tp)?;
+    let tls = args.tls.load()?;
     let listener = TcpListener::bind(&args.listen)
         .await
         .map_err(|e| WorkerError::Flag { flag: "--listen", msg: format!("cannot bind {}: {e}", args.listen) })?;
@@ -157,8 +169,21 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
     let names = if args.model_names.is_empty() { vec![default_name(&args.model)] } else { args.model_names.clone() };
     let core = Arc::new(WorkerCore::new(names.clone()));
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    args.metrics
+        .serve(Arc::new(metrics::Exported(core.clone())), async {
+            let _ = metrics_stopped.await;
+        })
+        .await?;
+    // Probes see NOT_SERVING until the model is loaded, and again from the start of a drain.
+    let (health, health_service) = Health::new(&[WORKER_SERVICE], false).await;
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        builder = builder.tls_config(tls.server()).map_err(|e| WorkerError::Server(format!("TLS setup: {e}")))?;
+    }
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
+            .add_service(health_service)
             .add_service(pb::worker_server::WorkerServer::new(WorkerService::new(core.clone())))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = server_stopped.await;
@@ -202,7 +227,7 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
     let load = scheduler.load().clone();
     let info = pb::WorkerInfo {
         worker_id: args.worker_id.clone().unwrap_or_else(random_id),
-        address: advertise_url(&args, bound),
+        address: advertise_url(&args, bound, herd_ops::tls::scheme(tls.as_ref())),
         models: names,
         context_length: engine.context_length() as u32,
         max_batch_size: args.max_batch_size as u32,
@@ -211,9 +236,10 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
         devices: device_names,
     };
     core.set_serving(Serving { engine, scheduler });
+    health.set(true).await;
     tracing::info!(worker_id = %info.worker_id, address = %info.address, models = ?info.models, "worker ready");
 
-    let registration = Arc::new(Registration::new(&args.controller, info, load.clone())?);
+    let registration = Arc::new(Registration::new(&args.controller, info, load.clone(), tls.as_ref())?);
     let (stop_reg, stop_rx) = tokio::sync::watch::channel(false);
     let reg_task = tokio::spawn({
         let registration = registration.clone();
@@ -244,6 +270,7 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
     // Drain: refuse new work, leave the registry, let running requests finish.
     tracing::info!(running = load.running(), waiting = load.waiting(), "draining");
     core.start_draining();
+    health.set(false).await;
     let _ = stop_reg.send(true);
     let _ = reg_task.await;
     registration.deregister().await;
@@ -255,6 +282,7 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
         tracing::warn!(running = load.running(), waiting = load.waiting(), "drain timeout; stopping anyway");
     }
     let _ = stop_server.send(());
+    let _ = stop_metrics.send(());
     // Streams still open after the drain timeout would hold graceful shutdown forever.
     match tokio::time::timeout(Duration::from_secs(2), &mut server).await {
         Ok(Ok(Err(e))) => Err(WorkerError::Server(e.to_string())),

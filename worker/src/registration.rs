@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use herd_ops::ClusterTls;
 use herd_proto::v1 as pb;
 use herd_proto::v1::controller_client::ControllerClient;
 use tokio::sync::watch;
@@ -32,7 +33,12 @@ fn interval(ttl: Duration) -> Duration {
 
 impl Registration {
     /// Clients for `urls` (connected lazily: a controller may start after the worker).
-    pub fn new(urls: &[String], info: pb::WorkerInfo, load: Arc<Load>) -> Result<Self, WorkerError> {
+    pub fn new(
+        urls: &[String],
+        info: pb::WorkerInfo,
+        load: Arc<Load>,
+        tls: Option<&ClusterTls>,
+    ) -> Result<Self, WorkerError> {
         if urls.is_empty() {
             return Err(WorkerError::Flag {
                 flag: "--controller",
@@ -50,6 +56,8 @@ impl Registration {
                     .map_err(|e| WorkerError::Flag { flag: "--controller", msg: format!("{url:?}: {e}") })?
                     .connect_timeout(CALL_TIMEOUT)
                     .timeout(CALL_TIMEOUT);
+                let endpoint = herd_ops::tls::secure(endpoint, tls)
+                    .map_err(|e| WorkerError::Flag { flag: "--controller", msg: e.to_string() })?;
                 Ok((url.clone(), ControllerClient::new(endpoint.connect_lazy())))
             })
             .collect::<Result<_, WorkerError>>()?;

@@ -22,6 +22,9 @@ pub type StepResult = Result<Step, EngineError>;
 struct Job {
     seq: Sequence,
     out: UnboundedSender<StepResult>,
+    /// The submitter's span (it carries the request id), so the engine thread's log lines about
+    /// this sequence name its request.
+    span: tracing::Span,
 }
 
 /// Running and waiting sequences, as heartbeats report them.
@@ -39,6 +42,12 @@ pub struct Load {
     kv_used: AtomicUsize,
     /// The KV budget in tokens (0: none).
     kv_budget: AtomicUsize,
+    /// Batched forward passes run so far.
+    steps: AtomicUsize,
+    /// Sequences in those passes, summed (divided by `steps`: the mean batch size).
+    stepped: AtomicUsize,
+    /// Sequences in the latest pass.
+    last_batch: AtomicUsize,
 }
 
 impl Load {
@@ -65,6 +74,15 @@ impl Load {
     /// Times a running sequence was evicted to stay within the KV budget.
     pub fn preemptions(&self) -> usize {
         self.preempted.load(Ordering::SeqCst)
+    }
+
+    /// Batched steps run, sequences stepped in them (summed), and the latest batch size.
+    pub fn steps(&self) -> (usize, usize, usize) {
+        (
+            self.steps.load(Ordering::Relaxed),
+            self.stepped.load(Ordering::Relaxed),
+            self.last_batch.load(Ordering::Relaxed),
+        )
     }
 
     /// The engine thread has exited; nothing submitted will run.
@@ -156,7 +174,7 @@ impl Scheduler {
             return Err(SubmitError::QueueFull);
         }
         self.load.waiting.fetch_add(1, Ordering::SeqCst);
-        self.jobs.send(Job { seq, out }).map_err(|_| {
+        self.jobs.send(Job { seq, out, span: tracing::Span::current() }).map_err(|_| {
             self.load.waiting.fetch_sub(1, Ordering::SeqCst);
             self.load.active.fetch_sub(1, Ordering::SeqCst);
             SubmitError::Stopped
@@ -216,6 +234,7 @@ fn run(engine: &Engine, config: &SchedulerConfig, rx: &mpsc::Receiver<Job>, load
                 let job = queue.pop_front().expect("a front job");
                 load.waiting.fetch_sub(1, Ordering::SeqCst);
                 retire();
+                job.span.in_scope(|| tracing::info!("refused: the sequence cannot fit the KV budget"));
                 let _ = job.out.send(Err(EngineError::InvalidArgument(format!(
                     "the prompt and max_tokens need {} tokens of KV cache, more than this worker's budget of {b} \
                      (--kv-cache-mb)",
@@ -236,6 +255,7 @@ fn run(engine: &Engine, config: &SchedulerConfig, rx: &mpsc::Receiver<Job>, load
         while running.len() > 1 && !kv_fits(&running, 0) {
             let mut job = running.pop().expect("more than one running");
             job.seq.evict();
+            job.span.in_scope(|| tracing::debug!("preempted: KV cache over budget; it will be recomputed"));
             load.waiting.fetch_add(1, Ordering::SeqCst);
             load.running.store(running.len(), Ordering::SeqCst);
             load.preempted.fetch_add(1, Ordering::SeqCst);
@@ -249,6 +269,11 @@ fn run(engine: &Engine, config: &SchedulerConfig, rx: &mpsc::Receiver<Job>, load
             }
             alive
         });
+        if !running.is_empty() {
+            load.steps.fetch_add(1, Ordering::Relaxed);
+            load.stepped.fetch_add(running.len(), Ordering::Relaxed);
+        }
+        load.last_batch.store(running.len(), Ordering::Relaxed);
         let mut results =
             if running.is_empty() { Vec::new() } else { step(engine, &mut running, config.max_batch_tokens) }
                 .into_iter();
@@ -261,7 +286,7 @@ fn run(engine: &Engine, config: &SchedulerConfig, rx: &mpsc::Receiver<Job>, load
                     job.out.send(Ok(step)).is_ok() && !done
                 }
                 Some(Err(e)) => {
-                    tracing::error!(error = %e, "generation failed");
+                    job.span.in_scope(|| tracing::error!(error = %e, "generation failed"));
                     let _ = job.out.send(Err(e));
                     false
                 }

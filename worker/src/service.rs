@@ -4,13 +4,15 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use herd_proto::v1 as pb;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::engine::{Engine, FinishReason, GenerationParams, Message, SamplingParams, Step};
 use crate::error::WorkerError;
+use crate::metrics::WorkerMetrics;
 use crate::scheduler::{Load, Scheduler, StepResult, SubmitError};
 
 /// The loaded engine and the thread that runs it.
@@ -29,12 +31,20 @@ pub struct WorkerCore {
     draining: AtomicBool,
     /// Requests accepted but not yet handed to the scheduler (still tokenizing).
     admitting: AtomicUsize,
+    /// Request and token counts.
+    pub metrics: WorkerMetrics,
 }
 
 impl WorkerCore {
     /// A worker still loading its model.
     pub fn new(names: Vec<String>) -> Self {
-        Self { names, serving: OnceLock::new(), draining: AtomicBool::new(false), admitting: AtomicUsize::new(0) }
+        Self {
+            names,
+            serving: OnceLock::new(),
+            draining: AtomicBool::new(false),
+            admitting: AtomicUsize::new(0),
+            metrics: WorkerMetrics::new(),
+        }
     }
 
     /// Marks the model loaded; requests are accepted from now on.
@@ -263,24 +273,56 @@ fn chunks(
     })
 }
 
-#[tonic::async_trait]
-impl pb::worker_server::Worker for WorkerService {
-    type GenerateStream = ChunkStream;
+/// A queued sequence: its engine, where its steps arrive, and its prompt length.
+type Queued = (Arc<Engine>, UnboundedReceiver<StepResult>, usize);
 
-    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<ChunkStream>, Status> {
-        let id = request_id(&request);
-        let mut req = request.into_inner();
+impl WorkerService {
+    /// Validates, tokenizes and queues a generation.
+    async fn queue(&self, mut req: pb::GenerateRequest) -> Result<Queued, WorkerError> {
         let (serving, _admitting) = self.core.admit(&req.model)?;
         let engine = serving.engine.clone();
         let ids = Prompt::from_generate(req.input.take())?.ids(&engine).await?;
-        let seq = engine.start(&ids, &generation_params(&req)).map_err(WorkerError::from)?;
+        let seq = engine.start(&ids, &generation_params(&req))?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         serving.scheduler.submit(seq, tx).map_err(|e| match e {
             SubmitError::QueueFull => WorkerError::QueueFull(serving.scheduler.load().waiting()),
             SubmitError::Stopped => WorkerError::Stopped,
         })?;
-        tracing::debug!(request_id = %id, prompt_tokens = ids.len(), "generation queued");
-        Ok(Response::new(Box::pin(chunks(engine, rx, ids.len()))))
+        tracing::debug!(prompt_tokens = ids.len(), "generation queued");
+        Ok((engine, rx, ids.len()))
+    }
+}
+
+/// The `result` label of a Generate call, by the gRPC code its error maps to.
+fn result_label<T>(result: &Result<T, WorkerError>) -> &'static str {
+    use tonic::Code;
+    match result.as_ref().map_err(WorkerError::code) {
+        Ok(_) => "ok",
+        Err(Code::InvalidArgument | Code::NotFound) => "invalid",
+        Err(Code::ResourceExhausted) => "rejected",
+        Err(Code::Unavailable) => "unavailable",
+        Err(_) => "error",
+    }
+}
+
+#[tonic::async_trait]
+impl pb::worker_server::Worker for WorkerService {
+    type GenerateStream = ChunkStream;
+
+    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<ChunkStream>, Status> {
+        let span = tracing::info_span!("request", id = %request_id(&request));
+        let result = self.queue(request.into_inner()).instrument(span).await;
+        let metrics = &self.core.metrics;
+        metrics.requests.with_label_values(&[result_label(&result)]).inc();
+        let (engine, rx, prompt_tokens) = result?;
+        metrics.prompt_tokens.inc_by(prompt_tokens as u64);
+        let generated = metrics.generated_tokens.clone();
+        let stream = chunks(engine, rx, prompt_tokens).inspect(move |chunk| {
+            if let Ok(chunk) = chunk {
+                generated.inc_by(chunk.token_ids.len() as u64);
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn count_tokens(

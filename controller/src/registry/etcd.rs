@@ -3,6 +3,7 @@
 //! on while etcd is away; any number of controller replicas share one registry this way.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use herd_proto::v1::{WorkerLoad, WorkerState};
 use prost::Message;
 use tokio::sync::broadcast;
 
-use super::{ChangeStream, Store, WorkerChange, changes};
+use super::{ChangeStream, Store, StoreStats, WorkerChange, changes};
 use crate::error::ControllerError;
 
 /// Changes buffered per watcher before a slow one is cut off (and re-reads a snapshot).
@@ -58,6 +59,8 @@ struct View {
     table: Mutex<Table>,
     /// Why the view may be stale (the last attempt to reach etcd failed); `None` when in sync.
     stale: Mutex<Option<String>>,
+    /// Records seen deleted because their lease ran out.
+    expiries: AtomicU64,
 }
 
 struct Table {
@@ -65,7 +68,11 @@ struct Table {
     events: broadcast::Sender<WorkerChange>,
 }
 
+/// Failed etcd calls in this process (one store per controller process, so one count).
+static ERRORS: AtomicU64 = AtomicU64::new(0);
+
 fn store_err(e: etcd_client::Error) -> ControllerError {
+    ERRORS.fetch_add(1, Ordering::Relaxed);
     ControllerError::Store(format!("etcd: {e}"))
 }
 
@@ -155,6 +162,7 @@ impl EtcdStore {
         let view = Arc::new(View {
             table: Mutex::new(Table { workers: HashMap::new(), events }),
             stale: Mutex::new(Some("the registry has not been read from etcd yet".into())),
+            expiries: AtomicU64::new(0),
         });
         tokio::spawn(follow(client.clone(), dir.clone(), Arc::downgrade(&view)));
         Ok(Self { client, dir, ttl, view })
@@ -210,6 +218,16 @@ async fn follow(mut client: Client, dir: String, view: Weak<View>) {
     }
 }
 
+/// Counts a deleted record as expired when its lease is gone (see [`EtcdStore`]'s `deregister`).
+fn count_if_expired(mut client: Client, lease: i64, view: Weak<View>) {
+    tokio::spawn(async move {
+        let Ok(resp) = client.lease_time_to_live(lease, None).await.map_err(store_err) else { return };
+        if let Some(view) = view.upgrade().filter(|_| resp.ttl() <= 0) {
+            view.expiries.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+}
+
 /// Reads every record; returns the revision to watch from.
 async fn read_all(client: &mut Client, dir: &str, view: &View) -> Result<Option<i64>, ControllerError> {
     let resp = client.get(dir, Some(GetOptions::new().with_prefix())).await.map_err(store_err)?;
@@ -252,7 +270,12 @@ async fn watch_from(
                         view.put(state, lease);
                     }
                 }
-                EventType::Delete => view.delete(&id),
+                EventType::Delete => {
+                    if let Some((_, lease)) = view.get(&id) {
+                        count_if_expired(client.clone(), lease, Arc::downgrade(&view));
+                    }
+                    view.delete(&id);
+                }
             }
         }
     }
@@ -316,15 +339,21 @@ impl Store for EtcdStore {
     }
 
     async fn deregister(&self, worker_id: &str) -> Result<WorkerState, ControllerError> {
-        let (state, lease) = self.lookup(worker_id).await?;
-        // Revoking the lease deletes the key; every replica's watch then drops the worker.
-        self.client.clone().lease_revoke(lease).await.map_err(store_err)?;
+        let (state, _) = self.lookup(worker_id).await?;
+        // Deleting the key drops the worker from every replica's watch. Its lease is left to run
+        // out unused, so that a replica seeing the deletion can tell it from an expiry: a
+        // deregistered worker's lease is still alive then, an expired worker's is gone.
+        self.client.clone().delete(self.key(worker_id), None).await.map_err(store_err)?;
         self.view.delete(worker_id);
         Ok(state)
     }
 
     async fn list(&self) -> Result<Vec<WorkerState>, ControllerError> {
         Ok(self.view.snapshot().0)
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats { expiries: self.view.expiries.load(Ordering::Relaxed), errors: ERRORS.load(Ordering::Relaxed) }
     }
 
     fn readiness(&self) -> Result<(), String> {

@@ -1,6 +1,7 @@
 //! The in-process registry store: for `herd up`, single-replica controllers and tests.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use herd_proto::v1::{WorkerLoad, WorkerState};
 use tokio::sync::broadcast;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::{ChangeStream, Store, WorkerChange, changes};
+use super::{ChangeStream, Store, StoreStats, WorkerChange, changes};
 use crate::error::ControllerError;
 
 /// Changes buffered per watcher before a slow one is cut off (and re-reads a snapshot).
@@ -27,6 +28,7 @@ pub struct MemoryStore {
 struct Shared {
     ttl: Duration,
     table: Mutex<Table>,
+    expiries: AtomicU64,
 }
 
 /// The records and the change feed live under one lock, so a change is published in the same
@@ -51,7 +53,11 @@ impl MemoryStore {
 
     fn with_event_capacity(ttl: Duration, capacity: usize) -> Self {
         let (events, _) = broadcast::channel(capacity);
-        let shared = Arc::new(Shared { ttl, table: Mutex::new(Table { workers: HashMap::new(), events }) });
+        let shared = Arc::new(Shared {
+            ttl,
+            table: Mutex::new(Table { workers: HashMap::new(), events }),
+            expiries: AtomicU64::new(0),
+        });
         // A fraction of the TTL, so a silent worker is gone within about 1.1 x TTL (at most TTL + 1 s).
         let every = (ttl / 10).clamp(MIN_SWEEP_INTERVAL, MAX_SWEEP_INTERVAL);
         tokio::spawn(expire_periodically(Arc::downgrade(&shared), every));
@@ -67,7 +73,7 @@ async fn expire_periodically(shared: Weak<Shared>, every: Duration) {
         tick.tick().await;
         let Some(shared) = shared.upgrade() else { break };
         let expired = shared.lock().expire(Instant::now());
-        log_expired(&expired);
+        shared.note_expired(&expired);
     }
 }
 
@@ -75,6 +81,20 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, Table> {
         // No critical section leaves the table half-updated, so a panic elsewhere does not taint it.
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Logs and counts the records [`Table::expire`] removed.
+    fn note_expired(&self, expired: &[WorkerState]) {
+        self.expiries.fetch_add(expired.len() as u64, Ordering::Relaxed);
+        for state in expired {
+            let info = state.info.clone().unwrap_or_default();
+            tracing::warn!(
+                worker_id = %info.worker_id,
+                address = %info.address,
+                models = ?info.models,
+                "worker expired: no heartbeat within the TTL"
+            );
+        }
     }
 }
 
@@ -110,22 +130,14 @@ fn worker_id(state: &WorkerState) -> &str {
     state.info.as_ref().map_or("", |info| info.worker_id.as_str())
 }
 
-fn log_expired(expired: &[WorkerState]) {
-    for state in expired {
-        let info = state.info.clone().unwrap_or_default();
-        tracing::warn!(
-            worker_id = %info.worker_id,
-            address = %info.address,
-            models = ?info.models,
-            "worker expired: no heartbeat within the TTL"
-        );
-    }
-}
-
 #[tonic::async_trait]
 impl Store for MemoryStore {
     fn ttl(&self) -> Duration {
         self.shared.ttl
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats { expiries: self.shared.expiries.load(Ordering::Relaxed), errors: 0 }
     }
 
     async fn register(&self, mut state: WorkerState) -> Result<(), ControllerError> {
@@ -140,7 +152,7 @@ impl Store for MemoryStore {
         table.workers.insert(id, Entry { state: state.clone(), expires_at: now + self.shared.ttl });
         table.publish(WorkerChange::Upsert(state));
         drop(table);
-        log_expired(&expired);
+        self.shared.note_expired(&expired);
         Ok(())
     }
 
@@ -159,7 +171,7 @@ impl Store for MemoryStore {
             None => Err(ControllerError::UnknownWorker(worker_id.to_owned())),
         };
         drop(guard);
-        log_expired(&expired);
+        self.shared.note_expired(&expired);
         result
     }
 
@@ -174,7 +186,7 @@ impl Store for MemoryStore {
             None => Err(ControllerError::UnknownWorker(worker_id.to_owned())),
         };
         drop(table);
-        log_expired(&expired);
+        self.shared.note_expired(&expired);
         result
     }
 
@@ -183,7 +195,7 @@ impl Store for MemoryStore {
         let expired = table.expire(Instant::now());
         let states = table.snapshot();
         drop(table);
-        log_expired(&expired);
+        self.shared.note_expired(&expired);
         Ok(states)
     }
 
@@ -194,7 +206,7 @@ impl Store for MemoryStore {
         let snapshot = table.snapshot();
         let receiver = table.events.subscribe();
         drop(table);
-        log_expired(&expired);
+        self.shared.note_expired(&expired);
         Ok((snapshot, changes(receiver)))
     }
 }
@@ -229,6 +241,7 @@ mod tests {
         assert!(store.list().await.unwrap().is_empty());
         let err = store.heartbeat("w1", load(0, 0)).await.unwrap_err();
         assert!(matches!(err, ControllerError::UnknownWorker(id) if id == "w1"));
+        assert_eq!(store.stats(), StoreStats { expiries: 1, errors: 0 });
     }
 
     #[tokio::test]
@@ -295,6 +308,7 @@ mod tests {
         assert!(store.list().await.unwrap().is_empty());
         assert!(matches!(store.deregister("w1").await, Err(ControllerError::UnknownWorker(_))));
         assert!(matches!(store.heartbeat("w1", load(0, 0)).await, Err(ControllerError::UnknownWorker(_))));
+        assert_eq!(store.stats().expiries, 0, "a deregistration is not an expiry");
     }
 
     #[tokio::test]

@@ -48,6 +48,22 @@ pub enum GatewayError {
         /// Names the model and, when known, the served ones.
         message: String,
     },
+    /// No API key, or an unknown one (401).
+    #[error("{message}")]
+    Unauthorized {
+        /// What was wrong with the key.
+        message: String,
+        /// `invalid_api_key` for a wrong key.
+        code: Option<&'static str>,
+    },
+    /// The caller's key is over its rate limit (429, with its own Retry-After).
+    #[error("{message}")]
+    RateLimited {
+        /// Which limit, and when to retry.
+        message: String,
+        /// Seconds until the request would be admitted.
+        retry_after: u64,
+    },
     /// Every worker for the model has a full queue (429).
     #[error("{message}")]
     Overloaded {
@@ -82,6 +98,12 @@ pub enum GatewayError {
         /// Why it was rejected.
         reason: String,
     },
+    /// A startup setting is unusable (API keys, limits, TLS files); the message names the flag.
+    #[error("{0}")]
+    Config(String),
+    /// The HTTPS certificate or key is unusable.
+    #[error("{0}")]
+    Tls(String),
     /// Serving the listener (or writing the startup line) failed.
     #[error("gateway I/O error: {0}")]
     Io(#[from] std::io::Error),
@@ -154,12 +176,15 @@ impl GatewayError {
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::UnknownRoute { .. } | GatewayError::ModelNotFound { .. } => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            GatewayError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            GatewayError::Overloaded { .. } | GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::Unavailable { .. } | GatewayError::WorkerFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
             // Startup failures: never produced by a request.
-            GatewayError::Bind { .. } | GatewayError::InvalidController { .. } | GatewayError::Io(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            GatewayError::Bind { .. }
+            | GatewayError::InvalidController { .. }
+            | GatewayError::Config(_)
+            | GatewayError::Tls(_)
+            | GatewayError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -173,12 +198,17 @@ impl GatewayError {
             GatewayError::ModelNotFound { .. } => {
                 ("invalid_request_error", Some("model".to_string()), Some("model_not_found"))
             }
-            GatewayError::Overloaded { .. } => ("rate_limit_error", None, Some("rate_limit_exceeded")),
+            GatewayError::Unauthorized { code, .. } => ("invalid_request_error", None, *code),
+            GatewayError::Overloaded { .. } | GatewayError::RateLimited { .. } => {
+                ("rate_limit_error", None, Some("rate_limit_exceeded"))
+            }
             GatewayError::Unavailable { .. } => ("server_error", None, Some("service_unavailable")),
             GatewayError::WorkerFailed { .. } => ("server_error", None, Some("worker_failed")),
-            GatewayError::Bind { .. } | GatewayError::InvalidController { .. } | GatewayError::Io(_) => {
-                ("server_error", None, None)
-            }
+            GatewayError::Bind { .. }
+            | GatewayError::InvalidController { .. }
+            | GatewayError::Config(_)
+            | GatewayError::Tls(_)
+            | GatewayError::Io(_) => ("server_error", None, None),
         };
         ErrorBody {
             error: ErrorDetail {
@@ -199,8 +229,13 @@ impl IntoResponse for GatewayError {
         } else {
             debug!(status = status.as_u16(), error = %self, "request rejected");
         }
-        // Retry-After for 429/503 is added by one middleware, which knows `--retry-after`.
-        (status, Json(self.body())).into_response()
+        // Retry-After for 429/503 is added by one middleware, which knows `--retry-after`; a rate
+        // limit knows better when its bucket refills.
+        let mut response = (status, Json(self.body())).into_response();
+        if let GatewayError::RateLimited { retry_after, .. } = self {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, retry_after.into());
+        }
+        response
     }
 }
 

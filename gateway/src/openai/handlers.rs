@@ -1,11 +1,13 @@
 //! The HTTP handlers: parse, validate, dispatch each choice to a worker, answer in OpenAI's format.
 
-use axum::Json;
+use std::time::Instant;
+
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use futures::StreamExt;
 use futures::future::try_join_all;
 use rand::Rng;
@@ -18,7 +20,9 @@ use super::types::{
     Answer, AssistantMessage, ChatChoice, CompletionChoice, Health, ModelList, ModelObject, chat_logprobs,
     completion_logprobs, finish_reason_str, total_usage,
 };
+use crate::auth::Account;
 use crate::dispatch::{Attempts, Ctx};
+use crate::metrics::since;
 use crate::router::unix_now;
 use crate::{AppState, GatewayError};
 
@@ -57,34 +61,49 @@ async fn body_bytes(state: &AppState, body: Body) -> Result<Vec<u8>, GatewayErro
     Ok(kept)
 }
 
+/// The caller's API-key account, when keys are on.
+type Caller = Option<Extension<Account>>;
+
 /// `POST /v1/chat/completions`.
-pub async fn chat_completions(State(state): State<AppState>, body: Body) -> Result<Response, GatewayError> {
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Body,
+) -> Result<Response, GatewayError> {
+    let started = Instant::now();
     let plan = parse_chat(&body_bytes(&state, body).await?)?;
-    Ok(execute(state, plan).await)
+    Ok(execute(state, plan, (started, caller.map(|Extension(a)| a))).await)
 }
 
 /// `POST /v1/completions`.
-pub async fn completions(State(state): State<AppState>, body: Body) -> Result<Response, GatewayError> {
+pub async fn completions(State(state): State<AppState>, caller: Caller, body: Body) -> Result<Response, GatewayError> {
+    let started = Instant::now();
     let plan = parse_completion(&body_bytes(&state, body).await?)?;
-    Ok(execute(state, plan).await)
+    Ok(execute(state, plan, (started, caller.map(|Extension(a)| a))).await)
 }
 
 /// Runs a validated request under a span carrying its id; the id is also sent back as `x-request-id`.
-async fn execute(state: AppState, plan: Plan) -> Response {
+async fn execute(state: AppState, plan: Plan, caller: (Instant, Option<Account>)) -> Response {
     let id = new_request_id(plan.api.id_prefix());
     let span = info_span!("request", id = %id, model = %plan.model);
     let header = HeaderValue::from_str(&id).ok();
     // Errors become responses inside the span, so their log line carries the request id.
-    let mut response = async move { generate(state, plan, id).await.unwrap_or_else(IntoResponse::into_response) }
-        .instrument(span)
-        .await;
+    let mut response =
+        async move { generate(state, plan, id, caller).await.unwrap_or_else(IntoResponse::into_response) }
+            .instrument(span)
+            .await;
     if let Some(header) = header {
         response.headers_mut().insert("x-request-id", header);
     }
     response
 }
 
-async fn generate(state: AppState, plan: Plan, id: String) -> Result<Response, GatewayError> {
+async fn generate(
+    state: AppState,
+    plan: Plan,
+    id: String,
+    (started, account): (Instant, Option<Account>),
+) -> Result<Response, GatewayError> {
     info!(
         api = plan.api.id_prefix(),
         choices = plan.choices.len(),
@@ -98,6 +117,9 @@ async fn generate(state: AppState, plan: Plan, id: String) -> Result<Response, G
         request_id: id.clone(),
         down_for: state.settings.worker_down_for,
         prompt_param: plan.api.prompt_param(),
+        metrics: state.metrics.clone(),
+        started,
+        account,
     };
     let created = unix_now();
     if plan.stream {
@@ -152,6 +174,8 @@ async fn generate(state: AppState, plan: Plan, id: String) -> Result<Response, G
         ))
         .into_response(),
     };
+    ctx.metrics.e2e.observe(since(started));
+    ctx.account_for(usage.prompt_tokens, usage.completion_tokens);
     info!(prompt_tokens = usage.prompt_tokens, completion_tokens = usage.completion_tokens, "generation done");
     Ok(with_worker(response, done.first().map(|d| d.worker_id.clone())))
 }
@@ -196,6 +220,19 @@ pub async fn get_model(
 /// `GET /health`: the gateway is up; how many workers it knows.
 pub async fn health(State(state): State<AppState>) -> Json<Health> {
     Json(Health { status: "ok", workers: state.table.len() })
+}
+
+/// `GET /ready`: 200 once the table holds at least one worker, else 503.
+pub async fn ready(State(state): State<AppState>) -> Result<Json<Health>, GatewayError> {
+    match state.table.len() {
+        0 => Err(GatewayError::Unavailable { message: "no worker is registered yet".into() }),
+        workers => Ok(Json(Health { status: "ready", workers })),
+    }
+}
+
+/// `GET /metrics`: Prometheus text.
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, herd_ops::metrics::CONTENT_TYPE)], state.metrics.render(&state.table))
 }
 
 /// Any unknown path.

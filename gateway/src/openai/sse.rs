@@ -19,6 +19,7 @@ use super::types::{
 };
 use crate::GatewayError;
 use crate::dispatch::{Ctx, Opened, Tally, ended_early, is_worker_failure};
+use crate::metrics::{Pacer, since};
 use crate::router::InflightGuard;
 
 /// The `data:` payload that ends a stream.
@@ -172,14 +173,19 @@ impl Formatter {
         serde_json::to_string(&err.body()).unwrap_or_default()
     }
 
+    /// The tokens of every choice so far.
+    pub fn usage(&self) -> UsageOut {
+        total_usage(self.choices.iter().map(|c| {
+            let (prompt, completion) = c.tally.counts();
+            (c.prompt_index, prompt, completion)
+        }))
+    }
+
     /// The events after every choice finished: the usage chunk if asked for, then `[DONE]`.
     pub fn done(&self) -> Vec<String> {
         let mut out = Vec::new();
         if self.meta.include_usage {
-            let usage = total_usage(self.choices.iter().map(|c| {
-                let (prompt, completion) = c.tally.counts();
-                (c.prompt_index, prompt, completion)
-            }));
+            let usage = self.usage();
             out.push(match self.meta.api {
                 Api::Chat => self.chat(Vec::new(), Some(Some(usage))),
                 Api::Completion => self.completion(Vec::new(), Some(Some(usage))),
@@ -226,8 +232,18 @@ struct Driver {
     merged: stream::SelectAll<BoxStream<'static, (usize, Item)>>,
     ctx: Ctx,
     done: bool,
+    /// Times each choice's tokens.
+    pacers: Vec<Pacer>,
     /// Held until the body is dropped: the workers count this request for the whole stream.
     _guards: Vec<InflightGuard>,
+}
+
+impl Drop for Driver {
+    /// Whether the stream finished or the client left, the tokens generated are accounted.
+    fn drop(&mut self) {
+        let usage = self.fmt.usage();
+        self.ctx.account_for(usage.prompt_tokens, usage.completion_tokens);
+    }
 }
 
 /// The SSE events of a response whose choices all produced their first chunk.
@@ -248,14 +264,20 @@ pub(crate) fn events(
     }
     let fmt = Formatter::new(meta, ids);
     let start = fmt.start();
-    let driver = Driver { fmt, merged: stream::select_all(streams), ctx, done: false, _guards: guards };
+    let pacers = (0..streams.len()).map(|_| Pacer::new()).collect();
+    let driver = Driver { fmt, merged: stream::select_all(streams), ctx, done: false, pacers, _guards: guards };
     let body = stream::unfold(driver, |mut d| async move {
         if d.done {
             return None;
         }
         loop {
             let out = match d.merged.next().await {
-                Some((pos, Item::Chunk(chunk))) => d.fmt.on_chunk(pos, chunk),
+                Some((pos, Item::Chunk(chunk))) => {
+                    if let Some(pacer) = d.pacers.get_mut(pos) {
+                        pacer.tick(&d.ctx.metrics, chunk.token_ids.len());
+                    }
+                    d.fmt.on_chunk(pos, chunk)
+                }
                 Some((pos, Item::Failed(status))) => {
                     if is_worker_failure(status.code()) {
                         d.ctx.worker_failed(d.fmt.worker_id(pos), &status);
@@ -265,6 +287,7 @@ pub(crate) fn events(
                 }
                 None => {
                     d.done = true;
+                    d.ctx.metrics.e2e.observe(since(d.ctx.started));
                     d.fmt.done()
                 }
             };

@@ -1,0 +1,273 @@
+//! API keys and per-key rate limits on the `/v1` routes.
+//!
+//! Keys are compared as SHA-256 digests in constant time, against every configured key, so neither
+//! the time taken nor an early exit tells a caller how much of a key was right. Each key has two
+//! token buckets: requests per minute, and tokens (prompt + completion) per minute. A request
+//! needs a whole request token and a positive token balance; its tokens are debited when it ends,
+//! so one large answer can drive the balance below zero and the next request waits it out.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::GatewayError;
+
+/// The configured API keys, kept only as digests.
+pub struct Keys {
+    digests: Vec<[u8; 32]>,
+}
+
+fn digest(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+impl Keys {
+    /// Keys from a list (blank entries ignored); `None` when the list holds none.
+    pub fn new<'a>(keys: impl IntoIterator<Item = &'a str>) -> Option<Self> {
+        let digests: Vec<[u8; 32]> = keys.into_iter().map(str::trim).filter(|k| !k.is_empty()).map(digest).collect();
+        (!digests.is_empty()).then_some(Keys { digests })
+    }
+
+    /// Reads `--api-keys FILE`: one key per line; blank lines and `#` comments are skipped.
+    pub fn read(path: &Path) -> Result<Vec<String>, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("--api-keys {}: {e}", path.display()))?;
+        let keys: Vec<String> =
+            text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect();
+        if keys.is_empty() {
+            return Err(format!("--api-keys {}: the file holds no key (one per line)", path.display()));
+        }
+        Ok(keys)
+    }
+
+    /// The index of the key `presented` matches, comparing with every key in constant time.
+    pub fn find(&self, presented: &str) -> Option<usize> {
+        let candidate = digest(presented);
+        let mut found = None;
+        for (i, d) in self.digests.iter().enumerate() {
+            if bool::from(d.ct_eq(&candidate)) {
+                found = Some(i);
+            }
+        }
+        found
+    }
+
+    /// How many keys there are.
+    pub fn len(&self) -> usize {
+        self.digests.len()
+    }
+
+    /// Never true: an empty key set is `None` in [`Keys::new`].
+    pub fn is_empty(&self) -> bool {
+        self.digests.is_empty()
+    }
+}
+
+/// Per-key limits; `None` means unlimited.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Requests per period.
+    pub requests: Option<u32>,
+    /// Prompt + completion tokens per period.
+    pub tokens: Option<u32>,
+    /// The period the limits refill over (a minute, except in tests).
+    pub period: Duration,
+}
+
+/// A token bucket holding up to `capacity`, refilled continuously over the period.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    level: f64,
+    updated: Instant,
+}
+
+impl Bucket {
+    fn full(capacity: u32, now: Instant) -> Self {
+        Bucket { level: f64::from(capacity), updated: now }
+    }
+
+    fn refill(&mut self, capacity: u32, period: Duration, now: Instant) {
+        let rate = f64::from(capacity) / period.as_secs_f64();
+        self.level = (self.level + rate * now.duration_since(self.updated).as_secs_f64()).min(f64::from(capacity));
+        self.updated = now;
+    }
+
+    /// Seconds until the level reaches `needed`, at least 1 (Retry-After counts whole seconds).
+    fn wait_for(&self, needed: f64, capacity: u32, period: Duration) -> u64 {
+        let rate = f64::from(capacity) / period.as_secs_f64();
+        (((needed - self.level) / rate).ceil() as u64).max(1)
+    }
+}
+
+/// The buckets of every key.
+pub struct Limiter {
+    limits: Limits,
+    buckets: Mutex<Vec<(Bucket, Bucket)>>,
+}
+
+impl Limiter {
+    /// Full buckets for `keys` keys.
+    pub fn new(limits: Limits, keys: usize) -> Self {
+        let now = Instant::now();
+        let full = |limit: Option<u32>| Bucket::full(limit.unwrap_or(0), now);
+        Limiter { limits, buckets: Mutex::new(vec![(full(limits.requests), full(limits.tokens)); keys]) }
+    }
+
+    /// Takes one request from key `key`'s allowance, or says how many seconds to wait.
+    pub fn admit(&self, key: usize) -> Result<(), (&'static str, u64)> {
+        let Limits { requests, tokens, period } = self.limits;
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some((reqs, toks)) = buckets.get_mut(key) else { return Ok(()) };
+        if let Some(cap) = tokens {
+            toks.refill(cap, period, now);
+            if toks.level <= 0.0 {
+                return Err(("tokens", toks.wait_for(1.0, cap, period)));
+            }
+        }
+        if let Some(cap) = requests {
+            reqs.refill(cap, period, now);
+            if reqs.level < 1.0 {
+                return Err(("requests", reqs.wait_for(1.0, cap, period)));
+            }
+            reqs.level -= 1.0;
+        }
+        Ok(())
+    }
+
+    /// Debits the tokens a finished request used.
+    pub fn spend(&self, key: usize, used: u64) {
+        let Some(cap) = self.limits.tokens else { return };
+        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, toks)) = buckets.get_mut(key) {
+            toks.refill(cap, self.limits.period, Instant::now());
+            toks.level -= used as f64;
+        }
+    }
+}
+
+/// Keys and their limits: what the `/v1` routes check.
+pub struct Auth {
+    /// The accepted keys.
+    pub keys: Keys,
+    /// Their buckets.
+    pub limiter: Limiter,
+}
+
+impl Auth {
+    /// Auth over `keys`, each limited by `limits`.
+    pub fn new(keys: Keys, limits: Limits) -> Self {
+        let limiter = Limiter::new(limits, keys.len());
+        Auth { keys, limiter }
+    }
+}
+
+/// The caller a request was admitted for: whose token balance its usage is debited from.
+#[derive(Clone)]
+pub struct Account {
+    auth: Arc<Auth>,
+    key: usize,
+}
+
+impl Account {
+    /// Debits `tokens` from this caller's allowance.
+    pub fn spend(&self, tokens: u64) {
+        self.auth.limiter.spend(self.key, tokens);
+    }
+}
+
+/// Middleware on `/v1`: a valid `Authorization: Bearer KEY` and room in the key's limits, else
+/// 401 or 429 in OpenAI's error shape. The admitted [`Account`] travels as a request extension.
+pub async fn require_key(State(auth): State<Arc<Auth>>, mut request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    let Some(presented) = presented.filter(|k| !k.is_empty()) else {
+        return GatewayError::Unauthorized {
+            message: "You didn't provide an API key. Send it in an Authorization header using Bearer auth \
+                      (Authorization: Bearer YOUR_KEY)."
+                .into(),
+            code: None,
+        }
+        .into_response();
+    };
+    let Some(key) = auth.keys.find(presented) else {
+        return GatewayError::Unauthorized {
+            message: "Incorrect API key provided.".into(),
+            code: Some("invalid_api_key"),
+        }
+        .into_response();
+    };
+    if let Err((what, retry_after)) = auth.limiter.admit(key) {
+        return GatewayError::RateLimited {
+            message: format!("Rate limit reached for this API key ({what} per minute); retry in {retry_after} s."),
+            retry_after,
+        }
+        .into_response();
+    }
+    request.extensions_mut().insert(Account { auth: auth.clone(), key });
+    next.run(request).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_match_exactly() {
+        let keys = Keys::new(["alpha", " beta ", ""]).unwrap();
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys.find("alpha"), Some(0));
+        assert_eq!(keys.find("beta"), Some(1));
+        for wrong in ["alph", "alphaa", "ALPHA", ""] {
+            assert_eq!(keys.find(wrong), None, "{wrong:?}");
+        }
+        assert!(Keys::new(["", "  "]).is_none());
+    }
+
+    #[test]
+    fn key_file_skips_comments_and_blank_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(&path, "# team a\nsk-a\n\n  sk-b  \n").unwrap();
+        assert_eq!(Keys::read(&path).unwrap(), vec!["sk-a", "sk-b"]);
+        std::fs::write(&path, "# nothing\n").unwrap();
+        assert!(Keys::read(&path).unwrap_err().contains("no key"));
+        assert!(Keys::read(&dir.path().join("missing")).unwrap_err().starts_with("--api-keys"));
+    }
+
+    #[test]
+    fn request_bucket_refills_over_the_period() {
+        let limits = Limits { requests: Some(2), tokens: None, period: Duration::from_millis(400) };
+        let limiter = Limiter::new(limits, 2);
+        assert!(limiter.admit(0).is_ok());
+        assert!(limiter.admit(0).is_ok());
+        let (what, wait) = limiter.admit(0).unwrap_err();
+        assert_eq!((what, wait), ("requests", 1));
+        // Another key has its own allowance.
+        assert!(limiter.admit(1).is_ok());
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(limiter.admit(0).is_ok(), "half a period refills one request");
+    }
+
+    #[test]
+    fn token_bucket_goes_negative_and_recovers() {
+        let limits = Limits { requests: None, tokens: Some(100), period: Duration::from_secs(60) };
+        let limiter = Limiter::new(limits, 1);
+        assert!(limiter.admit(0).is_ok());
+        limiter.spend(0, 160);
+        let (what, wait) = limiter.admit(0).unwrap_err();
+        // 60 tokens in debt at 100 per minute: 36 s.
+        assert_eq!(what, "tokens");
+        assert!((36..=37).contains(&wait), "{wait}");
+    }
+}

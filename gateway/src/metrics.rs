@@ -1,0 +1,151 @@
+//! The gateway's Prometheus metrics (`herd_gateway_*`), served at `/metrics` on its API port.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use herd_ops::metrics::{
+    Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, LATENCY_BUCKETS, Registry,
+};
+
+use crate::AppState;
+use crate::router::WorkerTable;
+
+/// Every series the gateway exports.
+pub struct GatewayMetrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    durations: HistogramVec,
+    /// Time from a generation request's arrival to its first token, per choice.
+    pub ttft: Histogram,
+    /// Time between consecutive tokens of one choice.
+    pub itl: Histogram,
+    /// Time from a generation request's arrival to its last token.
+    pub e2e: Histogram,
+    /// Prompt tokens of finished generations.
+    pub prompt_tokens: IntCounter,
+    /// Completion tokens of finished generations.
+    pub completion_tokens: IntCounter,
+    workers: IntGauge,
+    inflight: IntGaugeVec,
+    running: IntGaugeVec,
+    waiting: IntGaugeVec,
+}
+
+impl GatewayMetrics {
+    /// A fresh set of the gateway's series.
+    pub fn new() -> Self {
+        let r = Registry::default();
+        let worker = &["worker"];
+        GatewayMetrics {
+            requests: r.counter_vec(
+                "herd_gateway_requests_total",
+                "HTTP requests, by route and status.",
+                &["route", "status"],
+            ),
+            durations: r.histogram_vec(
+                "herd_gateway_request_duration_seconds",
+                "Time to the response headers, by route (streams go on after them).",
+                &["route"],
+                LATENCY_BUCKETS,
+            ),
+            ttft: r.histogram("herd_gateway_time_to_first_token_seconds", "Time to the first token.", LATENCY_BUCKETS),
+            itl: r.histogram("herd_gateway_inter_token_latency_seconds", "Time between tokens.", LATENCY_BUCKETS),
+            e2e: r.histogram(
+                "herd_gateway_e2e_latency_seconds",
+                "Time from request to the end of the whole answer.",
+                LATENCY_BUCKETS,
+            ),
+            prompt_tokens: r.counter("herd_gateway_prompt_tokens_total", "Prompt tokens of finished generations."),
+            completion_tokens: r.counter("herd_gateway_completion_tokens_total", "Tokens generated."),
+            workers: r.gauge("herd_gateway_workers", "Workers in the gateway's table."),
+            inflight: r.gauge_vec(
+                "herd_gateway_worker_in_flight",
+                "This gateway's calls in flight per worker.",
+                worker,
+            ),
+            running: r.gauge_vec("herd_gateway_worker_running", "Running sequences each worker last reported.", worker),
+            waiting: r.gauge_vec("herd_gateway_worker_waiting", "Queued sequences each worker last reported.", worker),
+            registry: r,
+        }
+    }
+
+    /// Everything in Prometheus' text format, per-worker gauges read from `table` now.
+    pub fn render(&self, table: &WorkerTable) -> String {
+        let loads = table.loads();
+        self.workers.set(loads.len() as i64);
+        // Workers that left must not linger as stale series.
+        for vec in [&self.inflight, &self.running, &self.waiting] {
+            vec.reset();
+        }
+        for (id, inflight, running, waiting) in loads {
+            self.inflight.with_label_values(&[&id]).set(inflight as i64);
+            self.running.with_label_values(&[&id]).set(i64::from(running));
+            self.waiting.with_label_values(&[&id]).set(i64::from(waiting));
+        }
+        self.registry.render()
+    }
+
+    /// Records a finished generation's tokens.
+    pub fn tokens(&self, prompt: u64, completion: u64) {
+        self.prompt_tokens.inc_by(prompt);
+        self.completion_tokens.inc_by(completion);
+    }
+}
+
+impl Default for GatewayMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Times the gaps between one choice's tokens.
+#[derive(Default)]
+pub struct Pacer {
+    last: Option<Instant>,
+}
+
+impl Pacer {
+    /// Starts timing at the first chunk that carries a token.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts timing after the first token arrived now.
+    pub fn started() -> Self {
+        Pacer { last: Some(Instant::now()) }
+    }
+
+    /// Records the gap before a chunk carrying `tokens` tokens (chunks without tokens are
+    /// held-back text and do not count).
+    pub fn tick(&mut self, metrics: &GatewayMetrics, tokens: usize) {
+        if tokens == 0 {
+            return;
+        }
+        let now = Instant::now();
+        if let Some(last) = self.last {
+            let gap = now.duration_since(last).as_secs_f64() / tokens as f64;
+            for _ in 0..tokens {
+                metrics.itl.observe(gap);
+            }
+        }
+        self.last = Some(now);
+    }
+}
+
+/// Seconds since `start`.
+pub fn since(start: Instant) -> f64 {
+    start.elapsed().as_secs_f64()
+}
+
+/// Middleware counting every request by route template and status, and timing it to its headers.
+pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_string();
+    let start = Instant::now();
+    let response = next.run(request).await;
+    let metrics = &state.metrics;
+    metrics.requests.with_label_values(&[route.as_str(), response.status().as_str()]).inc();
+    metrics.durations.with_label_values(&[route.as_str()]).observe(since(start));
+    response
+}

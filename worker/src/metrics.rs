@@ -1,0 +1,93 @@
+//! The worker's Prometheus metrics (`herd_worker_*`), served on `--metrics-listen`.
+
+use std::sync::Arc;
+
+use herd_ops::metrics::{IntCounter, IntCounterVec, IntGauge, Registry};
+
+use crate::scheduler::Load;
+use crate::service::WorkerCore;
+
+/// Counters the service bumps; gauges read from the scheduler's load at each scrape.
+pub struct WorkerMetrics {
+    registry: Registry,
+    /// Generate calls by result: `ok` (queued), `invalid`, `rejected` (queue full), `unavailable`.
+    pub requests: IntCounterVec,
+    /// Prompt tokens of queued sequences.
+    pub prompt_tokens: IntCounter,
+    /// Tokens sampled and streamed.
+    pub generated_tokens: IntCounter,
+    running: IntGauge,
+    waiting: IntGauge,
+    kv_used: IntGauge,
+    kv_budget: IntGauge,
+    batch_size: IntGauge,
+    steps: IntCounter,
+    stepped: IntCounter,
+    preemptions: IntCounter,
+}
+
+/// Counters mirror the scheduler's own counts; they only ever move forward.
+fn catch_up(counter: &IntCounter, total: usize) {
+    counter.inc_by((total as u64).saturating_sub(counter.get()));
+}
+
+impl WorkerMetrics {
+    /// A fresh set of the worker's series.
+    pub fn new() -> Self {
+        let r = Registry::default();
+        WorkerMetrics {
+            requests: r.counter_vec("herd_worker_requests_total", "Generate calls, by result.", &["result"]),
+            prompt_tokens: r.counter("herd_worker_prompt_tokens_total", "Prompt tokens of accepted requests."),
+            generated_tokens: r.counter("herd_worker_generated_tokens_total", "Tokens generated and streamed."),
+            running: r.gauge("herd_worker_running_sequences", "Sequences in the running batch."),
+            waiting: r.gauge("herd_worker_waiting_sequences", "Sequences queued for a batch slot."),
+            kv_used: r.gauge("herd_worker_kv_cache_used_tokens", "Tokens held in the running sequences' KV caches."),
+            kv_budget: r.gauge("herd_worker_kv_cache_budget_tokens", "KV-cache budget in tokens (0: unlimited)."),
+            batch_size: r.gauge("herd_worker_batch_size", "Sequences in the latest batched step."),
+            steps: r.counter("herd_worker_steps_total", "Batched forward steps."),
+            stepped: r.counter(
+                "herd_worker_batched_sequences_total",
+                "Sequences stepped, summed over steps (divide by steps for the mean batch size).",
+            ),
+            preemptions: r
+                .counter("herd_worker_preemptions_total", "Sequences evicted from the KV cache to recompute."),
+            registry: r,
+        }
+    }
+
+    /// Everything in Prometheus' text format, gauges read from `load` (absent while loading).
+    pub fn render(&self, load: Option<&Load>) -> String {
+        if let Some(load) = load {
+            let (kv_used, kv_budget) = load.kv_tokens();
+            let (steps, stepped, last) = load.steps();
+            self.running.set(load.running() as i64);
+            self.waiting.set(load.waiting() as i64);
+            self.kv_used.set(kv_used as i64);
+            self.kv_budget.set(kv_budget as i64);
+            self.batch_size.set(last as i64);
+            catch_up(&self.steps, steps);
+            catch_up(&self.stepped, stepped);
+            catch_up(&self.preemptions, load.preemptions());
+        }
+        self.registry.render()
+    }
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What the metrics endpoint serves: the core's metrics and readiness.
+pub struct Exported(pub Arc<WorkerCore>);
+
+impl herd_ops::Exporter for Exported {
+    fn render(&self) -> String {
+        self.0.metrics.render(self.0.load().map(|l| &**l))
+    }
+
+    fn ready(&self) -> bool {
+        self.0.state() == herd_proto::v1::ServingState::Ready
+    }
+}
