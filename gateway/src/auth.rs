@@ -3,7 +3,7 @@
 //! Keys are compared as SHA-256 digests in constant time, against every configured key, so neither
 //! the time taken nor an early exit tells a caller how much of a key was right. Each key has two
 //! token buckets: requests per minute, and tokens (prompt + completion) per minute. A request
-//! needs a whole request token and a positive token balance; its tokens are debited when it ends,
+//! needs a whole request token and at least one token of balance; its tokens are debited when it ends,
 //! so one large answer can drive the balance below zero and the next request waits it out.
 
 use std::path::Path;
@@ -127,7 +127,7 @@ impl Limiter {
         let Some((reqs, toks)) = buckets.get_mut(key) else { return Ok(()) };
         if let Some(cap) = tokens {
             toks.refill(cap, period, now);
-            if toks.level <= 0.0 {
+            if toks.level < 1.0 {
                 return Err(("tokens", toks.wait_for(1.0, cap, period)));
             }
         }
@@ -266,8 +266,97 @@ mod tests {
         assert!(limiter.admit(0).is_ok());
         limiter.spend(0, 160);
         let (what, wait) = limiter.admit(0).unwrap_err();
-        // 60 tokens in debt at 100 per minute: 36 s.
+        // 60 tokens in debt, 61 from one token of allowance at 100 per minute: 37 s.
         assert_eq!(what, "tokens");
-        assert!((36..=37).contains(&wait), "{wait}");
+        assert!((37..=38).contains(&wait), "{wait}");
+    }
+
+    use crate::testing::{FakeWorker, Script, send, worker_state};
+    use crate::{AppState, Settings, WorkerTable, router};
+
+    async fn app(limits: Limits) -> (axum::Router, FakeWorker) {
+        let worker = FakeWorker::start(Script::Reply(vec!["hi", " there"])).await;
+        let table = Arc::new(WorkerTable::new());
+        table.apply_snapshot(vec![worker_state("w", &worker.address, &["m"], 0)], Duration::ZERO);
+        let settings = Settings { max_body_bytes: 1 << 20, worker_down_for: Duration::from_secs(10), retry_after: 1 };
+        let auth = Auth::new(Keys::new(["sk-right", "sk-other"]).unwrap(), limits);
+        (router(AppState::new(table, settings).with_auth(Some(auth))), worker)
+    }
+
+    const UNLIMITED: Limits = Limits { requests: None, tokens: None, period: Duration::from_secs(60) };
+    const CHAT: &str = r#"{"model":"m","messages":[{"role":"user","content":"hello"}]}"#;
+
+    /// Every `/v1` route, with a body that succeeds when the key is right.
+    fn routes() -> [(&'static str, &'static str, &'static str); 4] {
+        [
+            ("GET", "/v1/models", ""),
+            ("GET", "/v1/models/m", ""),
+            ("POST", "/v1/chat/completions", CHAT),
+            ("POST", "/v1/completions", r#"{"model":"m","prompt":"hello"}"#),
+        ]
+    }
+
+    #[tokio::test]
+    async fn every_v1_route_needs_a_right_key() {
+        let (app, _worker) = app(UNLIMITED).await;
+        for (method, uri, body) in routes() {
+            let (status, _, text) = send(&app, method, uri, &[], body).await;
+            assert_eq!(status, 401, "{method} {uri} without a key: {text}");
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["error"]["type"], "invalid_request_error", "{text}");
+            assert!(v["error"]["message"].as_str().unwrap().contains("API key"), "{text}");
+            for wrong in ["Bearer sk-wrong", "Bearer sk-righ", "Bearer sk-right2", "Basic sk-right", "sk-right"] {
+                let (status, _, text) = send(&app, method, uri, &[("authorization", wrong)], body).await;
+                assert_eq!(status, 401, "{method} {uri} with {wrong:?}: {text}");
+            }
+            for right in ["Bearer sk-right", "Bearer sk-other"] {
+                let (status, _, text) = send(&app, method, uri, &[("authorization", right)], body).await;
+                assert_eq!(status, 200, "{method} {uri} with {right:?}: {text}");
+            }
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&send(&app, "GET", "/v1/models", &[("authorization", "Bearer x")], "").await.2)
+                .unwrap();
+        assert_eq!(v["error"]["code"], "invalid_api_key");
+        // Probes and scrapes stay open.
+        for uri in ["/health", "/metrics"] {
+            assert_eq!(send(&app, "GET", uri, &[], "").await.0, 200, "{uri}");
+        }
+        assert_eq!(send(&app, "GET", "/ready", &[], "").await.0, 200);
+    }
+
+    #[tokio::test]
+    async fn a_key_over_its_limit_gets_429_with_retry_after_then_recovers() {
+        let limits = Limits { requests: Some(2), tokens: None, period: Duration::from_secs(2) };
+        let (app, _worker) = app(limits).await;
+        let key = [("authorization", "Bearer sk-right")];
+        for _ in 0..2 {
+            assert_eq!(send(&app, "POST", "/v1/chat/completions", &key, CHAT).await.0, 200);
+        }
+        let (status, headers, text) = send(&app, "POST", "/v1/chat/completions", &key, CHAT).await;
+        assert_eq!(status, 429, "{text}");
+        assert_eq!(headers.get("retry-after").unwrap(), "1", "one request refills in a second");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["error"]["type"], "rate_limit_error");
+        // The other key is not affected.
+        let other = [("authorization", "Bearer sk-other")];
+        assert_eq!(send(&app, "POST", "/v1/chat/completions", &other, CHAT).await.0, 200);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(send(&app, "POST", "/v1/chat/completions", &key, CHAT).await.0, 200, "recovered");
+    }
+
+    #[tokio::test]
+    async fn tokens_used_count_against_the_token_limit() {
+        // The fake worker reports 7 prompt + 2 completion tokens per answer.
+        let limits = Limits { requests: None, tokens: Some(10), period: Duration::from_secs(60) };
+        let (app, _worker) = app(limits).await;
+        let key = [("authorization", "Bearer sk-right")];
+        assert_eq!(send(&app, "POST", "/v1/chat/completions", &key, CHAT).await.0, 200);
+        // 1 token left: admitted, and this one drives the balance below zero.
+        assert_eq!(send(&app, "POST", "/v1/chat/completions", &key, CHAT).await.0, 200);
+        let (status, headers, text) = send(&app, "POST", "/v1/chat/completions", &key, CHAT).await;
+        assert_eq!(status, 429, "{text}");
+        let wait: u64 = headers.get("retry-after").unwrap().to_str().unwrap().parse().unwrap();
+        assert!((54..=55).contains(&wait), "8 tokens in debt, 9 from one token of allowance at 10 per minute: {wait}");
     }
 }

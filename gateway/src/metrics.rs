@@ -149,3 +149,50 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
     metrics.durations.with_label_values(&[route.as_str()]).observe(since(start));
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::testing::{FakeWorker, Script, send, worker_state};
+    use crate::{AppState, Settings, WorkerTable, router};
+
+    fn value(text: &str, prefix: &str) -> Option<f64> {
+        text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
+    }
+
+    #[tokio::test]
+    async fn metrics_count_requests_tokens_and_latencies() {
+        let worker = FakeWorker::start(Script::Reply(vec!["a", "b", "c"])).await;
+        let table = Arc::new(WorkerTable::new());
+        table.apply_snapshot(vec![worker_state("w1", &worker.address, &["m"], 0)], Duration::ZERO);
+        let settings = Settings { max_body_bytes: 1 << 20, worker_down_for: Duration::from_secs(10), retry_after: 1 };
+        let app = router(AppState::new(table, settings));
+        let chat = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+        let stream = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
+        for body in [chat, chat, stream] {
+            let (status, _, text) = send(&app, "POST", "/v1/chat/completions", &[], body).await;
+            assert_eq!(status, 200, "{text}");
+        }
+        assert_eq!(send(&app, "POST", "/v1/chat/completions", &[], "{bad").await.0, 400);
+        assert_eq!(send(&app, "GET", "/nowhere", &[], "").await.0, 404);
+        let (status, headers, text) = send(&app, "GET", "/metrics", &[], "").await;
+        assert_eq!(status, 200);
+        assert!(headers["content-type"].to_str().unwrap().starts_with("text/plain"), "{headers:?}");
+        let ok = r#"herd_gateway_requests_total{route="/v1/chat/completions",status="200"}"#;
+        assert_eq!(value(&text, ok), Some(3.0), "{text}");
+        let bad = r#"herd_gateway_requests_total{route="/v1/chat/completions",status="400"}"#;
+        assert_eq!(value(&text, bad), Some(1.0), "{text}");
+        assert_eq!(value(&text, r#"herd_gateway_requests_total{route="unmatched",status="404"}"#), Some(1.0));
+        // Three answers of 3 tokens, 7 prompt tokens each (the fake worker's counts).
+        assert_eq!(value(&text, "herd_gateway_prompt_tokens_total"), Some(21.0), "{text}");
+        assert_eq!(value(&text, "herd_gateway_completion_tokens_total"), Some(9.0), "{text}");
+        assert_eq!(value(&text, "herd_gateway_time_to_first_token_seconds_count"), Some(3.0), "{text}");
+        assert_eq!(value(&text, "herd_gateway_e2e_latency_seconds_count"), Some(3.0), "{text}");
+        // Two gaps per answer of three tokens.
+        assert_eq!(value(&text, "herd_gateway_inter_token_latency_seconds_count"), Some(6.0), "{text}");
+        assert_eq!(value(&text, "herd_gateway_workers"), Some(1.0), "{text}");
+        assert_eq!(value(&text, r#"herd_gateway_worker_in_flight{worker="w1"}"#), Some(0.0), "{text}");
+    }
+}

@@ -16,6 +16,37 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::AbortOnDrop;
 
+/// Calls `app` in-process with a JSON body and extra headers.
+pub async fn call(
+    app: &axum::Router,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<axum::body::Body>,
+) -> axum::response::Response {
+    let mut req = axum::http::Request::builder().method(method).uri(uri).header("content-type", "application/json");
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let mut svc = app.clone();
+    tonic::codegen::Service::call(&mut svc, req.body(body.into()).unwrap()).await.unwrap()
+}
+
+/// [`call`], then the status, headers and whole body as text.
+pub async fn send(
+    app: &axum::Router,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, axum::http::HeaderMap, String) {
+    let response = call(app, method, uri, headers, body.to_string()).await;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    (status, headers, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
 /// A worker record as the controller would send it.
 pub fn worker_state(id: &str, address: &str, models: &[&str], waiting: u32) -> WorkerState {
     WorkerState {

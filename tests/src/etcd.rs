@@ -112,28 +112,13 @@ impl Etcd {
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, in `dir`.
 fn make_certificates(dir: &std::path::Path) {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl").args(args).current_dir(dir).output();
-        match out {
-            Ok(out) if out.status.success() => {}
-            other => panic!("openssl {args:?} failed (the TLS test needs the openssl command): {other:?}"),
-        }
-    };
-    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n").unwrap();
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    run(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out", "ca.pem"]
-        .into_iter()
-        .chain(["-days", "1", "-subj", "/CN=herd-test-ca"])
-        .collect::<Vec<_>>());
-    for (name, cn) in [("server", "127.0.0.1"), ("client", "herd-controller")] {
-        let (key, csr, pem, ext) =
-            (format!("{name}-key.pem"), format!("{name}.csr"), format!("{name}.pem"), format!("{name}.ext"));
-        run(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", &format!("/CN={cn}")]);
-        run(&["x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial"]
-            .into_iter()
-            .chain(["-out", &pem, "-days", "1", "-extfile", &ext])
-            .collect::<Vec<_>>());
-    }
+    crate::certs::issue(
+        dir,
+        &[
+            ("server", "127.0.0.1", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
+            ("client", "herd-controller", "extendedKeyUsage=clientAuth\n"),
+        ],
+    );
 }
 
 impl Drop for Etcd {

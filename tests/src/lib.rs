@@ -50,5 +50,6 @@ pub fn herd_bin() -> PathBuf {
     bin
 }
 
+pub mod certs;
 pub mod cluster;
 pub mod etcd;

@@ -263,7 +263,7 @@ mod tests {
 
     use axum::Router;
     use axum::body::Body;
-    use axum::http::{HeaderMap, Request};
+    use axum::http::HeaderMap;
     use futures::StreamExt;
     use herd_proto::v1::WorkerState;
     use serde_json::{Value, json};
@@ -280,22 +280,11 @@ mod tests {
     }
 
     async fn call(app: &Router, method: &str, uri: &str, body: impl Into<Body>) -> axum::response::Response {
-        let req = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header("content-type", "application/json")
-            .body(body.into())
-            .unwrap();
-        let mut svc = app.clone();
-        tonic::codegen::Service::call(&mut svc, req).await.unwrap()
+        crate::testing::call(app, method, uri, &[], body).await
     }
 
     async fn send(app: &Router, method: &str, uri: &str, body: &str) -> (u16, HeaderMap, String) {
-        let response = call(app, method, uri, body.to_string()).await;
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
-        (status, headers, String::from_utf8(bytes.to_vec()).unwrap())
+        crate::testing::send(app, method, uri, &[], body).await
     }
 
     async fn post_json(app: &Router, uri: &str, body: Value) -> (u16, HeaderMap, Value) {

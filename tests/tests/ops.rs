@@ -1,0 +1,225 @@
+//! Operations on real processes: gRPC health and `/ready` through a worker's life (loading,
+//! serving, draining), Prometheus metrics from each role, and mutual TLS between the roles.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use herd_proto::v1 as pb;
+use herd_tests::cluster::{MODEL, Proc, controller, gateway, wait_for_workers, worker};
+use serde_json::json;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+/// A free 127.0.0.1 port for a `--metrics-listen` (whose address is not printed on stdout).
+fn free_addr() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().unwrap().to_string()
+}
+
+/// A gRPC health client for a plain-text server.
+async fn health_client(url: &str) -> HealthClient<Channel> {
+    let channel = Endpoint::from_shared(url.to_string()).unwrap().connect().await.expect("the gRPC port");
+    HealthClient::new(channel)
+}
+
+/// The worker's gRPC health for the whole server ("") and for its service.
+async fn health(url: &str) -> Vec<ServingStatus> {
+    let mut client = health_client(url).await;
+    let mut out = Vec::new();
+    for service in ["", "herd.v1.Worker"] {
+        let status = client.check(HealthCheckRequest { service: service.into() }).await.expect("a health answer");
+        out.push(status.into_inner().status());
+    }
+    out
+}
+
+async fn get(url: &str) -> (u16, String) {
+    let resp = reqwest::get(url).await.expect("an HTTP answer");
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+/// The value of a series line that starts with `prefix` (e.g. `herd_worker_requests_total{result="ok"}`).
+fn series(text: &str, prefix: &str) -> Option<f64> {
+    text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
+}
+
+/// Waits until `check` holds, up to `limit`.
+async fn eventually<F: AsyncFnMut() -> bool>(limit: Duration, what: &str, mut check: F) {
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what} did not happen within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_loading_worker_is_not_serving() {
+    let ctl = controller("127.0.0.1:0", "5s");
+    // A FIFO nobody writes: opening the model blocks, so the worker stays in its loading state.
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("stuck.gguf");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) with a NUL-terminated path we own.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+    let metrics = free_addr();
+    let args = ["worker", "--listen", "127.0.0.1:0", "--controller", &ctl.url(), "--metrics-listen", &metrics];
+    let mut args: Vec<String> = args.map(String::from).to_vec();
+    args.extend(["--model".into(), fifo.display().to_string()]);
+    let w = Proc::start(&args);
+    assert_eq!(health(&w.url()).await, vec![ServingStatus::NotServing; 2]);
+    let (status, _) = get(&format!("http://{metrics}/ready")).await;
+    assert_eq!(status, 503, "/ready while loading");
+    let (status, _) = get(&format!("http://{metrics}/health")).await;
+    assert_eq!(status, 200, "/health (alive) while loading");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_draining_worker_is_not_serving_and_finishes_its_work() {
+    let ctl = controller("127.0.0.1:0", "5s");
+    let metrics = free_addr();
+    let w = worker(&ctl, &["--metrics-listen", &metrics, "--debug-step-delay", "30ms", "--drain-timeout", "60s"]);
+    let gw = gateway(&ctl);
+    wait_for_workers(&gw, 1, Duration::from_secs(120)).await;
+    assert_eq!(health(&w.url()).await, vec![ServingStatus::Serving; 2]);
+    assert_eq!(get(&format!("http://{metrics}/ready")).await.0, 200);
+
+    let body = json!({"model": MODEL, "prompt": "Tell a long story:", "max_tokens": 60, "temperature": 0,
+                      "ignore_eos": true, "stream": true});
+    let resp = reqwest::Client::new().post(format!("{}/v1/completions", gw.url())).json(&body).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let reading = tokio::spawn(async move { resp.text().await.expect("the whole stream") });
+    let metrics_url = format!("http://{metrics}/metrics");
+    eventually(Duration::from_secs(30), "the worker reporting one running sequence", async || {
+        series(&get(&metrics_url).await.1, "herd_worker_running_sequences ") == Some(1.0)
+    })
+    .await;
+    w.signal(libc::SIGTERM);
+    eventually(Duration::from_secs(10), "NOT_SERVING after SIGTERM", async || {
+        health(&w.url()).await == vec![ServingStatus::NotServing; 2]
+    })
+    .await;
+    assert_eq!(get(&format!("http://{metrics}/ready")).await.0, 503, "/ready while draining");
+    let text = reading.await.unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "the drained request did not finish: {text}");
+    let scraped = get(&metrics_url).await.1;
+    assert_eq!(series(&scraped, "herd_worker_requests_total{result=\"ok\"}"), Some(1.0), "{scraped}");
+    assert_eq!(series(&scraped, "herd_worker_generated_tokens_total"), Some(60.0), "{scraped}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_controller_exports_registry_metrics() {
+    let metrics = free_addr();
+    let ctl = Proc::start(
+        &["controller", "--listen", "127.0.0.1:0", "--heartbeat-ttl", "1s", "--metrics-listen", &metrics]
+            .map(String::from),
+    );
+    let mut client = pb::controller_client::ControllerClient::connect(ctl.url()).await.unwrap();
+    let info = pb::WorkerInfo {
+        worker_id: "w1".into(),
+        address: "http://127.0.0.1:9".into(),
+        models: vec!["m".into()],
+        context_length: 2048,
+        max_batch_size: 1,
+        ..Default::default()
+    };
+    let register = pb::RegisterWorkerRequest { info: Some(info), load: None };
+    client.register_worker(register).await.expect("registered");
+    client.heartbeat(pb::HeartbeatRequest { worker_id: "w1".into(), load: None }).await.expect("a heartbeat");
+    let unknown = pb::HeartbeatRequest { worker_id: "nobody".into(), load: None };
+    assert!(client.heartbeat(unknown).await.is_err());
+    let url = format!("http://{metrics}/metrics");
+    // No more heartbeats: the worker expires after its 1 s TTL.
+    eventually(Duration::from_secs(10), "the silent worker expiring", async || {
+        series(&get(&url).await.1, "herd_controller_expiries_total") == Some(1.0)
+    })
+    .await;
+    let text = get(&url).await.1;
+    assert_eq!(series(&text, "herd_controller_registrations_total{result=\"ok\"}"), Some(1.0), "{text}");
+    assert_eq!(series(&text, "herd_controller_heartbeats_total{result=\"ok\"}"), Some(1.0), "{text}");
+    assert_eq!(series(&text, "herd_controller_heartbeats_total{result=\"unknown\"}"), Some(1.0), "{text}");
+    assert_eq!(series(&text, "herd_controller_etcd_errors_total"), Some(0.0), "{text}");
+    let health = health_client(&ctl.url()).await.check(HealthCheckRequest::default()).await;
+    assert_eq!(health.unwrap().into_inner().status(), ServingStatus::Serving);
+}
+
+/// `--tls-*` flags for the certificate `name` in `dir`.
+fn tls_flags(dir: &Path, name: &str) -> Vec<String> {
+    let path = |f: String| dir.join(f).display().to_string();
+    vec![
+        "--tls-cert".into(),
+        path(format!("{name}.pem")),
+        "--tls-key".into(),
+        path(format!("{name}-key.pem")),
+        "--tls-ca".into(),
+        path("ca.pem".into()),
+    ]
+}
+
+/// A gRPC channel to `url` trusting `ca_dir`'s CA, presenting the `node` certificate of `identity`.
+async fn channel(url: &str, ca_dir: &Path, identity: Option<&Path>) -> Result<Channel, tonic::transport::Error> {
+    let read = |dir: &Path, f: &str| std::fs::read(dir.join(f)).unwrap();
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca_dir, "ca.pem")));
+    if let Some(dir) = identity {
+        tls = tls.identity(Identity::from_pem(read(dir, "node.pem"), read(dir, "node-key.pem")));
+    }
+    Endpoint::from_shared(url.to_string())?.tls_config(tls)?.connect().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mutual_tls_admits_only_peers_with_a_cluster_certificate() {
+    let node = ("node", "127.0.0.1", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n");
+    let cluster = tempfile::tempdir().unwrap();
+    herd_tests::certs::issue(cluster.path(), &[node]);
+    // Same names, another CA: what a stranger could make.
+    let rogue = tempfile::tempdir().unwrap();
+    herd_tests::certs::issue(rogue.path(), &[node]);
+
+    let mut args: Vec<String> = ["controller", "--listen", "127.0.0.1:0"].map(String::from).to_vec();
+    args.extend(tls_flags(cluster.path(), "node"));
+    let ctl = Proc::start(&args);
+    let ctl_url = format!("https://{}", ctl.addr);
+    let cluster_tls = tls_flags(cluster.path(), "node");
+    let _w = herd_tests::cluster::worker_of(&ctl_url, &cluster_tls.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut args: Vec<String> =
+        ["gateway", "--listen", "127.0.0.1:0", "--controller", &ctl_url].map(String::from).to_vec();
+    args.extend(cluster_tls.clone());
+    let gw = Proc::start(&args);
+    // The whole path runs over mutual TLS: gateway → controller, worker → controller, gateway → worker.
+    wait_for_workers(&gw, 1, Duration::from_secs(120)).await;
+    let body = json!({"model": MODEL, "prompt": "Hello", "max_tokens": 4, "temperature": 0});
+    let resp = reqwest::Client::new().post(format!("{}/v1/completions", gw.url())).json(&body).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200, "{}", resp.text().await.unwrap());
+
+    // A worker with a certificate from another CA never gets registered.
+    let rogue_tls = tls_flags(rogue.path(), "node");
+    let _stranger = herd_tests::cluster::worker_of(&ctl_url, &rogue_tls.iter().map(String::as_str).collect::<Vec<_>>());
+    // A client that trusts the controller but has no certificate, or a stranger's, is refused.
+    for identity in [None, Some(rogue.path())] {
+        let info = pb::WorkerInfo {
+            worker_id: "intruder".into(),
+            address: "https://127.0.0.1:9".into(),
+            models: vec![MODEL.into()],
+            context_length: 2048,
+            max_batch_size: 1,
+            ..Default::default()
+        };
+        let register = pb::RegisterWorkerRequest { info: Some(info), load: None };
+        let refused = match channel(&ctl_url, cluster.path(), identity).await {
+            Ok(ch) => pb::controller_client::ControllerClient::new(ch).register_worker(register).await.is_err(),
+            Err(_) => true,
+        };
+        assert!(refused, "a client with certificate {identity:?} registered a worker");
+    }
+    // Give the stranger time to try (it retries with backoff), then count who got in.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ch = channel(&ctl_url, cluster.path(), Some(cluster.path())).await.expect("a cluster member connects");
+    let workers = pb::controller_client::ControllerClient::new(ch)
+        .list_workers(pb::ListWorkersRequest::default())
+        .await
+        .expect("ListWorkers over mutual TLS")
+        .into_inner()
+        .workers;
+    assert_eq!(workers.len(), 1, "only the worker with a cluster certificate registers: {workers:?}");
+}
