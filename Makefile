@@ -2,7 +2,7 @@
 MODEL ?= models/SmolLM2-135M-Instruct.Q4_1.gguf
 CARGO ?= cargo
 
-.PHONY: up test bench model setup
+.PHONY: up test bench model setup check-deploy
 
 setup:
 	bash scripts/setup.sh
@@ -15,10 +15,16 @@ up: setup model
 	$(CARGO) build --release --bin herd
 	$(CARGO) run --release --bin herd -- up --model $(MODEL) --model-name smollm2
 
-## Build everything in release (the binary is used by tests/) and run all tests.
+## Build everything in release (the binary is used by tests/), run all tests, then check deploy/
+## (Kustomize overlays against the Kubernetes schema, Dockerfiles, compose, flags against the binary).
 test: setup model
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) test --release --workspace
+	bash scripts/check-deploy.sh
+
+## Only the deploy/ checks (needs a release build of herd for the flags check).
+check-deploy:
+	bash scripts/check-deploy.sh
 
 ## Prompt and decode speed of the engine alone on the test model, single stream and batched.
 bench: setup model

@@ -310,7 +310,7 @@ impl pb::worker_server::Worker for WorkerService {
     type GenerateStream = ChunkStream;
 
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<ChunkStream>, Status> {
-        let span = tracing::info_span!("request", id = %request_id(&request));
+        let span = tracing::info_span!("request", request_id = %request_id(&request));
         let result = self.queue(request.into_inner()).instrument(span).await;
         let metrics = &self.core.metrics;
         metrics.requests.with_label_values(&[result_label(&result)]).inc();

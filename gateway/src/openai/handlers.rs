@@ -85,7 +85,7 @@ pub async fn completions(State(state): State<AppState>, caller: Caller, body: Bo
 /// Runs a validated request under a span carrying its id; the id is also sent back as `x-request-id`.
 async fn execute(state: AppState, plan: Plan, caller: (Instant, Option<Account>)) -> Response {
     let id = new_request_id(plan.api.id_prefix());
-    let span = info_span!("request", id = %id, model = %plan.model);
+    let span = info_span!("request", request_id = %id, model = %plan.model);
     let header = HeaderValue::from_str(&id).ok();
     // Errors become responses inside the span, so their log line carries the request id.
     let mut response =
