@@ -258,6 +258,21 @@ mod tests {
     }
 
     #[test]
+    fn keys_and_limits_are_checked_at_start() {
+        let mut args = GatewayArgs::new(vec!["http://a:7000".into()], "127.0.0.1:0".into());
+        assert!(args.auth().unwrap().is_none(), "no keys: /v1 stays open");
+        args.rate_limit_rpm = Some(10);
+        let err = args.auth().err().unwrap().to_string();
+        assert!(err.contains("--rate-limit-rpm") && err.contains("API key"), "{err}");
+        args.api_key_list = vec!["sk-1".into(), " ".into()];
+        assert_eq!(args.auth().unwrap().unwrap().keys.len(), 1);
+        args.rate_limit_tpm = Some(0);
+        assert!(args.auth().err().unwrap().to_string().starts_with("--rate-limit-tpm"));
+        let cli = Cli::try_parse_from(["gw", "--controller", "http://a:7000", "--api-key", "k1,k2"]).unwrap();
+        assert_eq!(cli.args.api_key_list, vec!["k1", "k2"]);
+    }
+
+    #[test]
     fn controller_is_required() {
         // The environment may legitimately provide it; only check when it does not.
         if std::env::var_os("HERD_CONTROLLER").is_none() {

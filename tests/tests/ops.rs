@@ -223,3 +223,59 @@ async fn mutual_tls_admits_only_peers_with_a_cluster_certificate() {
         .workers;
     assert_eq!(workers.len(), 1, "only the worker with a cluster certificate registers: {workers:?}");
 }
+
+/// `GET path` over TLS to `addr`, trusting only `ca`; the raw HTTP/1.1 response.
+async fn https_get(addr: &str, ca: &Path, path: &str) -> std::io::Result<String> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+    let mut roots = RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = connector.connect(name, tcp).await?;
+    tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: herd\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut out = String::new();
+    tls.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_gateway_serves_https_and_keys_guard_it() {
+    let certs = tempfile::tempdir().unwrap();
+    herd_tests::certs::issue(
+        certs.path(),
+        &[("gateway", "127.0.0.1", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")],
+    );
+    let ctl = controller("127.0.0.1:0", "5s");
+    let pem = |f: &str| certs.path().join(f).display().to_string();
+    let args = ["gateway", "--listen", "127.0.0.1:0", "--controller", &ctl.url(), "--api-key", "sk-test"];
+    let mut args: Vec<String> = args.map(String::from).to_vec();
+    args.extend(["--http-tls-cert".into(), pem("gateway.pem"), "--http-tls-key".into(), pem("gateway-key.pem")]);
+    let gw = Proc::start(&args);
+    let ca = certs.path().join("ca.pem");
+    let health = https_get(&gw.addr, &ca, "/health").await.expect("an HTTPS answer");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let models = https_get(&gw.addr, &ca, "/v1/models").await.expect("an HTTPS answer");
+    assert!(models.starts_with("HTTP/1.1 401"), "no key must be refused over HTTPS too: {models}");
+    // Plain HTTP on the TLS port gets no HTTP answer.
+    let plain = reqwest::get(format!("http://{}/health", gw.addr)).await;
+    assert!(plain.is_err() || !plain.unwrap().status().is_success(), "plain HTTP answered on the TLS listener");
+    // A bad key file is a clear startup error naming the flag.
+    let out = std::process::Command::new(herd_tests::herd_bin())
+        .args(["gateway", "--controller", &ctl.url(), "--listen", "127.0.0.1:0", "--api-keys"])
+        .arg(certs.path().join("missing-keys"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--api-keys"), "{stderr}");
+}
