@@ -182,9 +182,8 @@ impl Account {
     }
 }
 
-/// Middleware on `/v1`: a valid `Authorization: Bearer KEY` and room in the key's limits, else
-/// 401 or 429 in OpenAI's error shape. The admitted [`Account`] travels as a request extension.
-pub async fn require_key(State(auth): State<Arc<Auth>>, mut request: Request, next: Next) -> Response {
+/// The index of the key in `Authorization: Bearer KEY`, or the 401 to answer.
+fn authenticate(auth: &Auth, request: &Request) -> Result<usize, GatewayError> {
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -192,20 +191,25 @@ pub async fn require_key(State(auth): State<Arc<Auth>>, mut request: Request, ne
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim);
     let Some(presented) = presented.filter(|k| !k.is_empty()) else {
-        return GatewayError::Unauthorized {
+        return Err(GatewayError::Unauthorized {
             message: "You didn't provide an API key. Send it in an Authorization header using Bearer auth \
                       (Authorization: Bearer YOUR_KEY)."
                 .into(),
             code: None,
-        }
-        .into_response();
+        });
     };
-    let Some(key) = auth.keys.find(presented) else {
-        return GatewayError::Unauthorized {
-            message: "Incorrect API key provided.".into(),
-            code: Some("invalid_api_key"),
-        }
-        .into_response();
+    auth.keys.find(presented).ok_or_else(|| GatewayError::Unauthorized {
+        message: "Incorrect API key provided.".into(),
+        code: Some("invalid_api_key"),
+    })
+}
+
+/// Middleware on `/v1`: a valid `Authorization: Bearer KEY` and room in the key's limits, else
+/// 401 or 429 in OpenAI's error shape. The admitted [`Account`] travels as a request extension.
+pub async fn require_key(State(auth): State<Arc<Auth>>, mut request: Request, next: Next) -> Response {
+    let key = match authenticate(&auth, &request) {
+        Ok(key) => key,
+        Err(e) => return e.into_response(),
     };
     if let Err((what, retry_after)) = auth.limiter.admit(key) {
         return GatewayError::RateLimited {
@@ -216,6 +220,14 @@ pub async fn require_key(State(auth): State<Arc<Auth>>, mut request: Request, ne
     }
     request.extensions_mut().insert(Account { auth: auth.clone(), key });
     next.run(request).await
+}
+
+/// Middleware on the dashboard's data: a valid key, without spending the key's allowance.
+pub async fn require_key_only(State(auth): State<Arc<Auth>>, request: Request, next: Next) -> Response {
+    match authenticate(&auth, &request) {
+        Ok(_) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 #[cfg(test)]

@@ -173,7 +173,7 @@ impl Ctx {
             };
             match first {
                 Ok((first, rest)) => {
-                    self.metrics.ttft.observe(since(self.started));
+                    self.metrics.first_token(since(self.started));
                     return Ok(Opened { worker_id: picked.worker_id, first, rest, guard: picked.guard });
                 }
                 Err(status) if status.code() == Code::ResourceExhausted => {

@@ -10,6 +10,7 @@ mod https;
 pub mod metrics;
 pub mod openai;
 pub mod router;
+pub mod ui;
 pub mod watch;
 
 #[cfg(test)]
@@ -177,11 +178,18 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models/{*model}", get(handlers::get_model))
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions));
+    let mut admin = Router::new().route("/admin/cluster", get(ui::cluster));
     if let Some(auth) = state.auth.clone() {
-        // A route layer: unknown paths still answer 404, not 401.
-        api = api.route_layer(axum::middleware::from_fn_with_state(auth, auth::require_key));
+        // Route layers: unknown paths still answer 404, not 401.
+        api = api.route_layer(axum::middleware::from_fn_with_state(auth.clone(), auth::require_key));
+        admin = admin.route_layer(axum::middleware::from_fn_with_state(auth, auth::require_key_only));
     }
-    api.route("/health", get(handlers::health))
+    api.merge(admin)
+        .route("/", get(ui::chat_page))
+        .route("/dashboard", get(ui::dashboard_page))
+        .route("/ui/config", get(ui::config))
+        .route("/ui/{file}", get(ui::asset))
+        .route("/health", get(handlers::health))
         .route("/ready", get(handlers::ready))
         .route("/metrics", get(handlers::metrics))
         // Must come after the routes: it only applies to those already added.

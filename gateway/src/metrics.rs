@@ -1,6 +1,8 @@
 //! The gateway's Prometheus metrics (`herd_gateway_*`), served at `/metrics` on its API port.
 
-use std::time::Instant;
+use std::collections::VecDeque;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
@@ -18,11 +20,14 @@ pub struct GatewayMetrics {
     requests: IntCounterVec,
     durations: HistogramVec,
     /// Time from a generation request's arrival to its first token, per choice.
-    pub ttft: Histogram,
+    ttft: Histogram,
     /// Time between consecutive tokens of one choice.
     pub itl: Histogram,
     /// Time from a generation request's arrival to its last token.
-    pub e2e: Histogram,
+    e2e: Histogram,
+    /// The last minutes of the two, for the dashboard.
+    recent_ttft: Window,
+    recent_e2e: Window,
     /// Prompt tokens of finished generations.
     pub prompt_tokens: IntCounter,
     /// Completion tokens of finished generations.
@@ -57,6 +62,8 @@ impl GatewayMetrics {
                 "Time from request to the end of the whole answer.",
                 LATENCY_BUCKETS,
             ),
+            recent_ttft: Window::default(),
+            recent_e2e: Window::default(),
             prompt_tokens: r.counter("herd_gateway_prompt_tokens_total", "Prompt tokens of finished generations."),
             completion_tokens: r.counter("herd_gateway_completion_tokens_total", "Tokens generated."),
             workers: r.gauge("herd_gateway_workers", "Workers in the gateway's table."),
@@ -87,6 +94,23 @@ impl GatewayMetrics {
         self.registry.render()
     }
 
+    /// Records a choice's first token, `secs` after its request arrived.
+    pub fn first_token(&self, secs: f64) {
+        self.ttft.observe(secs);
+        self.recent_ttft.push(secs);
+    }
+
+    /// Records a generation answered in full, `secs` after it arrived.
+    pub fn finished(&self, secs: f64) {
+        self.e2e.observe(secs);
+        self.recent_e2e.push(secs);
+    }
+
+    /// Recent time-to-first-token and end-to-end latencies.
+    pub fn recent(&self) -> (Summary, Summary) {
+        (self.recent_ttft.summary(), self.recent_e2e.summary())
+    }
+
     /// Records a finished generation's tokens.
     pub fn tokens(&self, prompt: u64, completion: u64) {
         self.prompt_tokens.inc_by(prompt);
@@ -97,6 +121,58 @@ impl GatewayMetrics {
 impl Default for GatewayMetrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// How far back the dashboard's figures reach.
+pub const WINDOW: Duration = Duration::from_secs(300);
+/// Samples kept at most, so a flood of requests cannot grow the window without bound.
+const WINDOW_CAP: usize = 20_000;
+
+/// Latency samples of the last [`WINDOW`].
+#[derive(Default)]
+struct Window(Mutex<VecDeque<(Instant, f64)>>);
+
+/// A window's sample rate and percentiles (seconds); `None` without samples.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Summary {
+    /// Samples per second over the last minute.
+    pub per_second: f64,
+    /// Samples in the window.
+    pub count: usize,
+    /// Median.
+    pub p50: Option<f64>,
+    /// 90th percentile.
+    pub p90: Option<f64>,
+    /// 99th percentile.
+    pub p99: Option<f64>,
+}
+
+impl Window {
+    fn push(&self, value: f64) {
+        let now = Instant::now();
+        let mut samples = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        samples.push_back((now, value));
+        while samples.len() > WINDOW_CAP || samples.front().is_some_and(|(at, _)| now.duration_since(*at) > WINDOW) {
+            samples.pop_front();
+        }
+    }
+
+    fn summary(&self) -> Summary {
+        let now = Instant::now();
+        let samples = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut values: Vec<f64> =
+            samples.iter().filter(|(at, _)| now.duration_since(*at) <= WINDOW).map(|&(_, v)| v).collect();
+        let last_minute = samples.iter().filter(|(at, _)| now.duration_since(*at) <= Duration::from_secs(60)).count();
+        values.sort_by(f64::total_cmp);
+        let pick = |q: f64| (!values.is_empty()).then(|| values[((values.len() - 1) as f64 * q).round() as usize]);
+        Summary {
+            per_second: last_minute as f64 / 60.0,
+            count: values.len(),
+            p50: pick(0.5),
+            p90: pick(0.9),
+            p99: pick(0.99),
+        }
     }
 }
 
@@ -194,5 +270,17 @@ mod tests {
         assert_eq!(value(&text, "herd_gateway_inter_token_latency_seconds_count"), Some(6.0), "{text}");
         assert_eq!(value(&text, "herd_gateway_workers"), Some(1.0), "{text}");
         assert_eq!(value(&text, r#"herd_gateway_worker_in_flight{worker="w1"}"#), Some(0.0), "{text}");
+    }
+
+    #[test]
+    fn window_percentiles_and_rate() {
+        let window = super::Window::default();
+        assert_eq!(window.summary().p50, None);
+        for v in 1..=100 {
+            window.push(f64::from(v));
+        }
+        let s = window.summary();
+        assert_eq!((s.count, s.p50, s.p90, s.p99), (100, Some(51.0), Some(90.0), Some(99.0)));
+        assert!((s.per_second - 100.0 / 60.0).abs() < 1e-9);
     }
 }

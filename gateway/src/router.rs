@@ -59,6 +59,40 @@ pub struct Picked {
     pub guard: InflightGuard,
 }
 
+/// One worker as the dashboard shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WorkerView {
+    /// Its id.
+    pub id: String,
+    /// Where it is dialed.
+    pub address: String,
+    /// Served names, canonical first.
+    pub models: Vec<String>,
+    /// `ready`, `down` (failed a call lately, skipped for a while) or `missing` (absent from the
+    /// controller's latest snapshot, kept until its TTL runs out).
+    pub state: &'static str,
+    /// Sequences it runs, as last reported.
+    pub running: u32,
+    /// Sequences it queues, as last reported.
+    pub waiting: u32,
+    /// This gateway's calls in flight to it.
+    pub in_flight: usize,
+    /// KV-cache tokens in use, as last reported.
+    pub kv_used_tokens: u32,
+    /// KV-cache budget in tokens (0: none).
+    pub kv_budget_tokens: u32,
+    /// Tokens per second it generated between its last two reports.
+    pub tokens_per_second: f64,
+    /// Seconds since its last report (heartbeat).
+    pub seconds_since_heartbeat: f64,
+    /// Its context length.
+    pub context_length: u32,
+    /// Tensor-parallel ranks.
+    pub tp_size: u32,
+    /// Devices of its ranks.
+    pub devices: Vec<String>,
+}
+
 /// What the table knows about a model, to tell a 404 from a 503.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
@@ -79,6 +113,12 @@ struct Entry {
     /// Set while the worker is missing from the latest snapshot: dropped after this instant.
     missing_until: Option<Instant>,
     first_seen: u64,
+    /// When its record last arrived (a heartbeat carries one).
+    updated: Instant,
+    /// Its generated-token count when the rate was last computed, and when.
+    tokens_seen: Option<(u64, Instant)>,
+    /// Tokens per second between its last two reports that differed.
+    token_rate: f64,
 }
 
 impl Entry {
@@ -92,7 +132,7 @@ impl Entry {
                 return None;
             }
         };
-        Some(Entry {
+        let mut entry = Entry {
             state,
             address,
             channel,
@@ -100,7 +140,38 @@ impl Entry {
             down_until: None,
             missing_until: None,
             first_seen: unix_now(),
-        })
+            updated: Instant::now(),
+            tokens_seen: None,
+            token_rate: 0.0,
+        };
+        entry.note_tokens();
+        Some(entry)
+    }
+
+    /// Takes a newer record of the same worker.
+    fn refresh(&mut self, state: WorkerState) {
+        self.state = state;
+        self.missing_until = None;
+        self.updated = Instant::now();
+        self.note_tokens();
+    }
+
+    /// Updates the token rate from the record's cumulative count.
+    fn note_tokens(&mut self) {
+        let now = Instant::now();
+        let total = self.state.load.as_ref().map_or(0, |l| l.generated_tokens);
+        match self.tokens_seen {
+            Some((seen, at)) if total > seen => {
+                let secs = now.duration_since(at).as_secs_f64();
+                if secs > 0.0 {
+                    self.token_rate = (total - seen) as f64 / secs;
+                }
+                self.tokens_seen = Some((total, now));
+            }
+            // Idle since the last report: the rate decays to zero rather than freezing.
+            Some((seen, _)) if total == seen => self.token_rate = 0.0,
+            _ => self.tokens_seen = Some((total, now)),
+        }
     }
 
     fn models(&self) -> &[String] {
@@ -210,8 +281,7 @@ impl WorkerTable {
             };
             match old.remove(&id).filter(|e| e.address == address) {
                 Some(mut entry) => {
-                    entry.state = state;
-                    entry.missing_until = None;
+                    entry.refresh(state);
                     inner.workers.insert(id, entry);
                 }
                 None => {
@@ -241,10 +311,7 @@ impl WorkerTable {
         };
         let mut inner = self.lock();
         match inner.workers.get_mut(&id) {
-            Some(entry) if entry.address == address => {
-                entry.state = state;
-                entry.missing_until = None;
-            }
+            Some(entry) if entry.address == address => entry.refresh(state),
             _ => {
                 if let Some(entry) = Entry::new(state, self.tls.as_ref()) {
                     debug!(worker = %id, %address, "worker added");
@@ -332,6 +399,45 @@ impl WorkerTable {
     /// Number of workers in the table, healthy or not.
     pub fn len(&self) -> usize {
         self.lock().workers.len()
+    }
+
+    /// Every worker as the dashboard shows it, ordered by id.
+    pub fn overview(&self) -> Vec<WorkerView> {
+        let now = Instant::now();
+        let inner = self.lock();
+        let mut views: Vec<WorkerView> = inner
+            .workers
+            .iter()
+            .map(|(id, e)| {
+                let info = e.state.info.clone().unwrap_or_default();
+                let load = e.state.load.unwrap_or_default();
+                let state = if e.is_down(now) {
+                    "down"
+                } else if e.missing_until.is_some() {
+                    "missing"
+                } else {
+                    "ready"
+                };
+                WorkerView {
+                    id: id.clone(),
+                    address: e.address.clone(),
+                    models: info.models,
+                    state,
+                    running: load.running,
+                    waiting: load.waiting,
+                    in_flight: e.inflight.load(Ordering::SeqCst),
+                    kv_used_tokens: load.kv_used_tokens,
+                    kv_budget_tokens: load.kv_budget_tokens,
+                    tokens_per_second: e.token_rate,
+                    seconds_since_heartbeat: now.duration_since(e.updated).as_secs_f64(),
+                    context_length: info.context_length,
+                    tp_size: info.tp_size,
+                    devices: info.devices,
+                }
+            })
+            .collect();
+        views.sort_by(|a, b| a.id.cmp(&b.id));
+        views
     }
 
     /// Per worker: id, gateway in-flight calls, and the running and waiting counts it last reported.
@@ -500,5 +606,35 @@ mod tests {
         // Without a TTL a snapshot replaces the table outright.
         t.apply_snapshot(vec![], Duration::ZERO);
         assert!(t.is_empty());
+    }
+
+    #[tokio::test]
+    async fn overview_reports_state_and_token_rate() {
+        let t = table(vec![
+            worker_state("a", "http://127.0.0.1:1", &["m"], 1),
+            worker_state("b", "http://127.0.0.1:2", &["m"], 0),
+        ]);
+        let beat = |tokens: u64| {
+            let mut state = worker_state("a", "http://127.0.0.1:1", &["m"], 1);
+            state.load.as_mut().unwrap().generated_tokens = tokens;
+            state.load.as_mut().unwrap().running = 2;
+            state
+        };
+        t.upsert(beat(100));
+        std::thread::sleep(Duration::from_millis(200));
+        t.upsert(beat(140));
+        t.mark_down("b", Duration::from_secs(60));
+        let views = t.overview();
+        let ids: Vec<&str> = views.iter().map(|v| v.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        let a = &views[0];
+        assert_eq!((a.state, a.running, a.waiting), ("ready", 2, 1));
+        // 40 tokens in about 0.2 s.
+        assert!((120.0..=210.0).contains(&a.tokens_per_second), "{}", a.tokens_per_second);
+        assert!(a.seconds_since_heartbeat < 0.2);
+        assert_eq!(views[1].state, "down");
+        // A report with no new tokens: idle.
+        t.upsert(beat(140));
+        assert_eq!(t.overview()[0].tokens_per_second, 0.0);
     }
 }

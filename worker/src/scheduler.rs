@@ -48,6 +48,8 @@ pub struct Load {
     stepped: AtomicUsize,
     /// Sequences in the latest pass.
     last_batch: AtomicUsize,
+    /// Tokens sampled so far.
+    generated: AtomicUsize,
 }
 
 impl Load {
@@ -83,6 +85,11 @@ impl Load {
             self.stepped.load(Ordering::Relaxed),
             self.last_batch.load(Ordering::Relaxed),
         )
+    }
+
+    /// Tokens sampled since the scheduler started.
+    pub fn generated(&self) -> usize {
+        self.generated.load(Ordering::Relaxed)
     }
 
     /// The engine thread has exited; nothing submitted will run.
@@ -283,6 +290,9 @@ fn run(engine: &Engine, config: &SchedulerConfig, rx: &mpsc::Receiver<Job>, load
                 Some(Ok(None)) => true,
                 Some(Ok(Some(step))) => {
                     let done = step.finish.is_some();
+                    if step.token.is_some() {
+                        load.generated.fetch_add(1, Ordering::Relaxed);
+                    }
                     job.out.send(Ok(step)).is_ok() && !done
                 }
                 Some(Err(e)) => {

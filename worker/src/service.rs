@@ -364,5 +364,6 @@ pub fn load_report(load: &Load) -> pb::WorkerLoad {
         waiting: n(load.waiting()),
         kv_used_tokens: n(kv_used),
         kv_budget_tokens: n(kv_budget),
+        generated_tokens: load.generated() as u64,
     }
 }

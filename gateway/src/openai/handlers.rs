@@ -174,7 +174,7 @@ async fn generate(
         ))
         .into_response(),
     };
-    ctx.metrics.e2e.observe(since(started));
+    ctx.metrics.finished(since(started));
     ctx.account_for(usage.prompt_tokens, usage.completion_tokens);
     info!(prompt_tokens = usage.prompt_tokens, completion_tokens = usage.completion_tokens, "generation done");
     Ok(with_worker(response, done.first().map(|d| d.worker_id.clone())))

@@ -287,7 +287,7 @@ pub(crate) fn events(
                 }
                 None => {
                     d.done = true;
-                    d.ctx.metrics.e2e.observe(since(d.ctx.started));
+                    d.ctx.metrics.finished(since(d.ctx.started));
                     d.fmt.done()
                 }
             };

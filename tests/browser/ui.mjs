@@ -1,0 +1,160 @@
+// Drives herd's chat page and dashboard in headless Chromium against a running gateway.
+// usage: node ui.mjs GATEWAY_URL ARTIFACTS_DIR CHROMIUM_PATH
+// Prints one line per check; exits non-zero on the first failure (screenshots are saved either way).
+import { chromium } from "playwright-core";
+import { mkdirSync } from "node:fs";
+import { join } from "node:path";
+
+const [base, outDir, executablePath] = process.argv.slice(2);
+if (!base || !outDir || !executablePath) {
+  console.error("usage: node ui.mjs GATEWAY_URL ARTIFACTS_DIR CHROMIUM_PATH");
+  process.exit(2);
+}
+mkdirSync(outDir, { recursive: true });
+
+const browser = await chromium.launch({
+  executablePath,
+  // Chromium as root needs --no-sandbox; the rest keep it off the (closed) network.
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--disable-default-apps"],
+});
+const problems = [];
+const shot = async (page, name) => {
+  await page.screenshot({ path: join(outDir, name), fullPage: true });
+  console.log(`screenshot ${join(outDir, name)}`);
+};
+const check = (ok, what) => {
+  if (!ok) throw new Error(what);
+  console.log(`ok   ${what}`);
+};
+const watch = (page, name) => {
+  page.on("pageerror", (e) => problems.push(`${name}: ${e.message}`));
+  page.on("console", (m) => m.type() === "error" && problems.push(`${name} console: ${m.text()}`));
+};
+const lastAnswer = (page) => page.locator(".message.assistant .content").last();
+
+let chat;
+let dash;
+try {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  chat = await context.newPage();
+  watch(chat, "chat");
+  await chat.goto(base + "/");
+  const model = chat.getByLabel("Model");
+  await chat.waitForFunction(() => document.querySelector("#model").options.length > 0, null, { timeout: 30000 });
+  check((await model.inputValue()) !== "", `the model picker lists ${await model.inputValue()}`);
+
+  // Answers render as Markdown, built as DOM nodes: code blocks stay code, markup stays text.
+  const rendered = await chat.evaluate(() => {
+    const box = document.createElement("div");
+    box.append(window.renderMarkdown("# Title\n\nSome **bold** and `code`:\n\n```rust\nfn main() {}\n```\n- one\n- two\n\n<img src=x onerror=alert(1)>"));
+    return {
+      heading: box.querySelector("h3")?.textContent,
+      bold: box.querySelector("p strong")?.textContent,
+      inline: box.querySelector("p code")?.textContent,
+      block: box.querySelector("pre code")?.textContent,
+      items: box.querySelectorAll("ul li").length,
+      images: box.querySelectorAll("img").length,
+      raw: box.textContent.includes("<img src=x onerror=alert(1)>"),
+    };
+  });
+  check(rendered.heading === "Title" && rendered.bold === "bold" && rendered.inline === "code" &&
+        rendered.block === "fn main() {}" && rendered.items === 2,
+        `Markdown renders headings, emphasis, code and lists: ${JSON.stringify(rendered)}`);
+  check(rendered.images === 0 && rendered.raw, "HTML in an answer is shown as text, never as markup");
+
+  // A question, answered greedily, typed and sent from the keyboard.
+  await chat.getByLabel("Temperature").fill("0");
+  await chat.getByLabel("Max tokens").fill("60");
+  await chat.getByLabel("Message").fill("Who wrote the play Hamlet?");
+  await chat.getByLabel("Message").press("Enter");
+  // Streaming: the answer must be seen growing, not only in its final form.
+  const lengths = new Set();
+  const deadline = Date.now() + 60000;
+  while (Date.now() < deadline) {
+    const text = (await lastAnswer(chat).textContent().catch(() => "")) || "";
+    if (text) lengths.add(text.length);
+    if (await chat.getByRole("button", { name: "Send" }).isEnabled() && text) break;
+    await chat.waitForTimeout(15);
+  }
+  const answer = await lastAnswer(chat).textContent();
+  check(answer.includes("Shakespeare"), `the answer names Shakespeare: ${JSON.stringify(answer)}`);
+  check(lengths.size >= 3, `the answer streamed in (${lengths.size} distinct lengths seen)`);
+  await shot(chat, "chat-answer.png");
+
+  // The conversation survives a reload (local storage).
+  await chat.reload();
+  await chat.waitForFunction(() => document.querySelectorAll(".message").length >= 2);
+  check((await lastAnswer(chat).textContent()) === answer, "the conversation is kept across a reload");
+
+  // The dashboard, beside a long answer: the worker's running count rises, then falls after Stop.
+  dash = await context.newPage();
+  watch(dash, "dashboard");
+  await dash.goto(base + "/dashboard");
+  const row = dash.locator("#workers tbody tr[data-worker]").first();
+  await row.waitFor({ timeout: 15000 });
+  const running = async () => Number(await row.locator("td").nth(3).textContent());
+  // The table shows what the worker last reported (it heartbeats every few seconds).
+  const runningIn = (lo, hi) => dash.waitForFunction(([lo, hi]) => {
+    const cell = document.querySelector("#workers tbody tr[data-worker] td:nth-of-type(4)");
+    const n = cell ? Number(cell.textContent) : NaN;
+    return n >= lo && n <= hi;
+  }, [lo, hi], { timeout: 30000 });
+  await runningIn(0, 0);
+  check((await running()) === 0, "the dashboard lists the worker, idle");
+  await shot(dash, "dashboard-idle.png");
+
+  await chat.getByRole("button", { name: "New chat" }).click();
+  check((await chat.locator(".message").count()) === 0, "New chat clears the conversation");
+  await chat.getByLabel("Max tokens").fill("3000");
+  await chat.getByLabel("Message").fill("Write a very long story about a dragon who learns to cook.");
+  await chat.getByRole("button", { name: "Send" }).click();
+  await runningIn(1, Infinity);
+  check((await running()) >= 1, `the dashboard's running count rose to ${await running()} during the answer`);
+  await shot(dash, "dashboard-running.png");
+
+  await chat.getByRole("button", { name: "Stop" }).click();
+  await chat.getByText("Stopped.", { exact: true }).first().waitFor({ timeout: 5000 });
+  const stoppedAt = (await lastAnswer(chat).textContent()).length;
+  await chat.waitForTimeout(1500);
+  check((await lastAnswer(chat).textContent()).length === stoppedAt, `the answer stopped growing at ${stoppedAt} characters`);
+  check(await chat.getByRole("button", { name: "Send" }).isEnabled(), "Send is available again after Stop");
+  await runningIn(0, 0);
+  check(true, "the worker stopped generating (running back to 0)");
+  await shot(chat, "chat-stopped.png");
+  await shot(dash, "dashboard-after-stop.png");
+
+  // Regenerate asks again and answers again.
+  await chat.getByLabel("Max tokens").fill("20");
+  await chat.getByRole("button", { name: "Regenerate" }).click();
+  await chat.waitForFunction(() => !document.querySelector("#send").disabled && document.querySelectorAll(".message.assistant").length === 1, null, { timeout: 60000 });
+  check(((await lastAnswer(chat).textContent()) || "").length > 0, "Regenerate replaces the answer");
+
+  // A narrow screen: no sideways scrolling, settings folded away, the message box reachable.
+  const phone = await browser.newContext({ viewport: { width: 360, height: 740 } });
+  const small = await phone.newPage();
+  watch(small, "narrow chat");
+  await small.goto(base + "/");
+  await small.waitForFunction(() => document.querySelector("#model").options.length > 0);
+  const overflow = await small.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  check(overflow <= 0, `the chat page fits a 360 px screen (overflow ${overflow} px)`);
+  check(await small.getByLabel("Message").isVisible(), "the message box is visible on a narrow screen");
+  await shot(small, "chat-narrow.png");
+  await small.goto(base + "/dashboard");
+  await small.locator("#workers tbody tr[data-worker]").first().waitFor();
+  const dashOverflow = await small.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  check(dashOverflow <= 0, `the dashboard fits a 360 px screen (its tables scroll inside their box; overflow ${dashOverflow} px)`);
+  await shot(small, "dashboard-narrow.png");
+
+  check(problems.length === 0, `no script errors on the pages${problems.length ? ": " + problems.join("; ") : ""}`);
+  console.log("browser test: all checks passed");
+} catch (e) {
+  console.error(`FAIL ${e.message}`);
+  for (const [page, name] of [[chat, "failure-chat.png"], [dash, "failure-dashboard.png"]]) {
+    if (page) await shot(page, name).catch(() => {});
+  }
+  if (problems.length) console.error("page errors: " + problems.join("; "));
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+}
