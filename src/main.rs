@@ -108,6 +108,10 @@ fn main() {
         Command::Bench(args) => args.threads(),
         _ => None,
     };
+    // `herd up` starts its workers as child processes: they log the same way.
+    let format = if cli.log_format == LogFormat::Json { "json" } else { "text" };
+    // SAFETY: no other thread exists yet to read the environment concurrently.
+    unsafe { std::env::set_var("HERD_LOG_FORMAT", format) };
     for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
         // candle sizes its matmul pools from these when they first start, and without them it
         // re-reads /proc/cpuinfo on every CPU op; a worker given a share of the cores must not

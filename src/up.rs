@@ -55,6 +55,12 @@ pub struct UpArgs {
     /// With `--store etcd`: key prefix.
     #[arg(long, env = "HERD_ETCD_PREFIX", default_value = "/herd")]
     etcd_prefix: String,
+    /// API keys file for the gateway, one key per line (see `herd gateway --api-keys`).
+    #[arg(long, env = "HERD_API_KEYS_FILE")]
+    api_keys: Option<PathBuf>,
+    /// API keys for the gateway, comma-separated.
+    #[arg(long = "api-key", env = "HERD_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    api_key_list: Vec<String>,
     /// Registry heartbeat TTL.
     #[arg(long, env = "HERD_HEARTBEAT_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
     heartbeat_ttl: Duration,
@@ -156,6 +162,13 @@ pub async fn run(args: UpArgs, mut stop: Pin<Box<dyn Future<Output = ()> + Send>
         bail!("--model {}: no such file or directory", args.model.display());
     }
     let devices = worker_devices(&args.devices, args.tp, args.workers)?;
+    let with_keys = |mut gateway: herd_gateway::GatewayArgs| {
+        gateway.api_keys = args.api_keys.clone();
+        gateway.api_key_list = args.api_key_list.clone();
+        gateway
+    };
+    // A bad key file must stop `herd up` before it loads any model.
+    with_keys(herd_gateway::GatewayArgs::new(Vec::new(), String::new())).auth()?;
     let controller_listener = TcpListener::bind("127.0.0.1:0").await.context("binding the controller")?;
     let controller = format!("http://{}", controller_listener.local_addr()?);
     let (stop_controller, controller_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -188,7 +201,7 @@ pub async fn run(args: UpArgs, mut stop: Pin<Box<dyn Future<Output = ()> + Send>
     let bind = format!("{}:{}", args.host, args.port);
     let gateway_listener = TcpListener::bind(&bind).await.with_context(|| format!("--port: cannot bind {bind}"))?;
     let gateway_addr = gateway_listener.local_addr()?;
-    let gateway_args = herd_gateway::GatewayArgs::new(vec![controller.clone()], gateway_addr.to_string());
+    let gateway_args = with_keys(herd_gateway::GatewayArgs::new(vec![controller.clone()], gateway_addr.to_string()));
     let (stop_gateway, gateway_stopped) = tokio::sync::oneshot::channel::<()>();
     let gateway_task = tokio::spawn(herd_gateway::serve(gateway_listener, gateway_args, async {
         let _ = gateway_stopped.await;

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use herd_ops::metrics::{IntCounter, IntCounterVec, IntGauge, Registry};
+use herd_ops::metrics::{IntCounter, IntCounterVec, IntGauge, Registry, catch_up};
 
 use crate::registry::{Store, StoreStats};
 
@@ -51,11 +51,6 @@ impl ControllerMetrics {
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
     }
-}
-
-/// Counters mirror the store's own counts; they only ever move forward.
-fn catch_up(counter: &IntCounter, total: u64) {
-    counter.inc_by(total.saturating_sub(counter.get()));
 }
 
 impl herd_ops::Exporter for ControllerMetrics {

@@ -76,6 +76,11 @@ impl Registry {
     }
 }
 
+/// Moves a counter that mirrors a count kept elsewhere up to `total` (a counter never goes back).
+pub fn catch_up(counter: &IntCounter, total: u64) {
+    counter.inc_by(total.saturating_sub(counter.get()));
+}
+
 /// What a role exposes on its metrics endpoint.
 pub trait Exporter: Send + Sync + 'static {
     /// The metrics, with gauges brought up to date (called on every scrape).

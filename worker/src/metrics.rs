@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use herd_ops::metrics::{IntCounter, IntCounterVec, IntGauge, Registry};
+use herd_ops::metrics::{IntCounter, IntCounterVec, IntGauge, Registry, catch_up};
 
 use crate::scheduler::Load;
 use crate::service::WorkerCore;
@@ -24,11 +24,6 @@ pub struct WorkerMetrics {
     steps: IntCounter,
     stepped: IntCounter,
     preemptions: IntCounter,
-}
-
-/// Counters mirror the scheduler's own counts; they only ever move forward.
-fn catch_up(counter: &IntCounter, total: usize) {
-    counter.inc_by((total as u64).saturating_sub(counter.get()));
 }
 
 impl WorkerMetrics {
@@ -65,9 +60,9 @@ impl WorkerMetrics {
             self.kv_used.set(kv_used as i64);
             self.kv_budget.set(kv_budget as i64);
             self.batch_size.set(last as i64);
-            catch_up(&self.steps, steps);
-            catch_up(&self.stepped, stepped);
-            catch_up(&self.preemptions, load.preemptions());
+            catch_up(&self.steps, steps as u64);
+            catch_up(&self.stepped, stepped as u64);
+            catch_up(&self.preemptions, load.preemptions() as u64);
         }
         self.registry.render()
     }
