@@ -156,11 +156,16 @@ const MONITOR_EVERY: Duration = Duration::from_secs(1);
 /// Keeps gRPC health, `/ready` and the worker gauge in step with the store.
 async fn monitor(store: Arc<dyn Store>, metrics: Arc<ControllerMetrics>, health: Health) {
     let mut tick = tokio::time::interval(MONITOR_EVERY);
+    let mut reported = None;
     loop {
         tick.tick().await;
         let ready = store.readiness().is_ok();
         metrics.set_ready(ready);
-        health.set(ready).await;
+        // Health watchers are told only of changes.
+        if reported != Some(ready) {
+            health.set(ready).await;
+            reported = Some(ready);
+        }
         if let Ok(workers) = store.list().await {
             metrics.workers.set(workers.len() as i64);
         }

@@ -88,6 +88,18 @@ impl Drop for Proc {
     }
 }
 
+/// A free 127.0.0.1 address, for a `--metrics-listen` (whose address is not printed on stdout).
+pub fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("its address").to_string()
+}
+
+/// The value of the first line of Prometheus text that starts with `prefix`
+/// (e.g. `herd_worker_requests_total{result="ok"}`).
+pub fn series(text: &str, prefix: &str) -> Option<f64> {
+    text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
+}
+
 /// The model name workers register in these tests.
 pub const MODEL: &str = "smollm2";
 
@@ -98,9 +110,14 @@ pub fn controller(listen: &str, ttl: &str) -> Proc {
 
 /// `herd controller --store etcd` on `etcd_url` (records under the default `/herd` prefix).
 pub fn controller_on_etcd(listen: &str, ttl: &str, etcd_url: &str) -> Proc {
+    controller_on_etcd_with(listen, ttl, etcd_url, &[])
+}
+
+/// [`controller_on_etcd`] with `extra` flags.
+pub fn controller_on_etcd_with(listen: &str, ttl: &str, etcd_url: &str, extra: &[&str]) -> Proc {
     let args =
         ["controller", "--listen", listen, "--heartbeat-ttl", ttl, "--store", "etcd", "--etcd-endpoints", etcd_url];
-    Proc::start(&args.map(String::from))
+    Proc::start(&args.iter().chain(extra).map(|s| s.to_string()).collect::<Vec<_>>())
 }
 
 /// `herd worker` serving the test model as [`MODEL`], one compute thread, plus `extra` flags.

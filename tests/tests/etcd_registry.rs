@@ -8,13 +8,17 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use herd_proto::v1 as pb;
 use herd_proto::v1::controller_client::ControllerClient;
-use herd_tests::cluster::{MODEL, Proc, controller_on_etcd, gateway, gateway_of, wait_for_workers, worker, worker_of};
+use herd_tests::cluster::{
+    MODEL, Proc, controller_on_etcd, controller_on_etcd_with, free_addr, gateway, gateway_of, series, wait_for_workers,
+    worker, worker_of,
+};
 use herd_tests::etcd::Etcd;
 use serde_json::json;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::Code;
 use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 async fn client(controller: &Proc) -> ControllerClient<Channel> {
     ControllerClient::connect(controller.url()).await.expect("controller answers")
@@ -36,6 +40,14 @@ fn record(id: &str, address: &str) -> pb::RegisterWorkerRequest {
 
 async fn health(controller: &Proc) -> pb::ControllerHealthResponse {
     client(controller).await.health(pb::ControllerHealthRequest {}).await.unwrap().into_inner()
+}
+
+/// The controller's `grpc.health.v1` status for the whole server, as Kubernetes probes ask it.
+async fn grpc_health(controller: &Proc) -> ServingStatus {
+    let channel = tonic::transport::Endpoint::from_shared(controller.url()).unwrap().connect().await.unwrap();
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let resp = client.check(tonic_health::pb::HealthCheckRequest::default()).await.unwrap();
+    resp.into_inner().status()
 }
 
 async fn worker_ids(controller: &Proc) -> Vec<String> {
@@ -98,7 +110,8 @@ async fn a_duplicate_worker_id_is_refused() {
 async fn replicas_share_registrations_and_expire_silent_workers() {
     let etcd = Etcd::start();
     let a = controller_on_etcd("127.0.0.1:0", "2s", &etcd.url());
-    let b = controller_on_etcd("127.0.0.1:0", "2s", &etcd.url());
+    let metrics = free_addr();
+    let b = controller_on_etcd_with("127.0.0.1:0", "2s", &etcd.url(), &["--metrics-listen", &metrics]);
     let mut watch = client(&b).await.watch_workers(pb::WatchWorkersRequest {}).await.unwrap().into_inner();
     let first = watch.next().await.unwrap().unwrap();
     assert!(matches!(first.event, Some(pb::worker_event::Event::Snapshot(_))));
@@ -132,6 +145,14 @@ async fn replicas_share_registrations_and_expire_silent_workers() {
         }
     }
     assert_eq!(beat(&a).await.unwrap_err().code(), Code::NotFound, "an expired worker must register again");
+
+    // B counts the expiry, though A granted the lease; a deregistration through A is no expiry.
+    client(&a).await.register_worker(record("leaving", "http://127.0.0.1:1004")).await.unwrap();
+    client(&a).await.deregister(pb::DeregisterRequest { worker_id: "leaving".into() }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let text = reqwest::get(format!("http://{metrics}/metrics")).await.unwrap().text().await.unwrap();
+    assert_eq!(series(&text, "herd_controller_expiries_total"), Some(1.0), "{text}");
+    assert_eq!(series(&text, "herd_controller_etcd_errors_total"), Some(0.0), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -199,6 +220,7 @@ async fn an_etcd_outage_under_load_fails_no_request_and_drops_no_worker() {
     assert_eq!(worker_ids(&ctl).await, ["w"], "the controller serves its last view while etcd is away");
     let away = health(&ctl).await;
     assert!(!away.ready && away.reason.contains("etcd"), "not ready while etcd is away: {away:?}");
+    assert_eq!(grpc_health(&ctl).await, ServingStatus::NotServing, "gRPC health while etcd is away");
     etcd.resume();
     // Two heartbeats after etcd returns.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -208,6 +230,12 @@ async fn an_etcd_outage_under_load_fails_no_request_and_drops_no_worker() {
         }
     });
     back.await.expect("ready again once etcd is back");
+    let serving = tokio::time::timeout(Duration::from_secs(5), async {
+        while grpc_health(&ctl).await != ServingStatus::Serving {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    serving.await.expect("gRPC health SERVING again once etcd is back");
     let _ = stop.send(());
     let statuses = load.await.unwrap();
     assert!(!statuses.is_empty() && statuses.iter().all(|&s| s == 200), "{statuses:?}");

@@ -1,22 +1,15 @@
 //! Operations on real processes: gRPC health and `/ready` through a worker's life (loading,
 //! serving, draining), Prometheus metrics from each role, and mutual TLS between the roles.
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use herd_proto::v1 as pb;
-use herd_tests::cluster::{MODEL, Proc, controller, gateway, wait_for_workers, worker};
+use herd_tests::cluster::{MODEL, Proc, controller, free_addr, gateway, series, wait_for_workers, worker};
 use serde_json::json;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-
-/// A free 127.0.0.1 port for a `--metrics-listen` (whose address is not printed on stdout).
-fn free_addr() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
-    listener.local_addr().unwrap().to_string()
-}
 
 /// A gRPC health client for a plain-text server.
 async fn health_client(url: &str) -> HealthClient<Channel> {
@@ -38,11 +31,6 @@ async fn health(url: &str) -> Vec<ServingStatus> {
 async fn get(url: &str) -> (u16, String) {
     let resp = reqwest::get(url).await.expect("an HTTP answer");
     (resp.status().as_u16(), resp.text().await.unwrap())
-}
-
-/// The value of a series line that starts with `prefix` (e.g. `herd_worker_requests_total{result="ok"}`).
-fn series(text: &str, prefix: &str) -> Option<f64> {
-    text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
 }
 
 /// Waits until `check` holds, up to `limit`.
