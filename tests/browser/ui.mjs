@@ -1,11 +1,12 @@
 // Drives herd's chat page and dashboard in headless Chromium against a running gateway.
-// usage: node ui.mjs GATEWAY_URL ARTIFACTS_DIR CHROMIUM_PATH
+// usage: node ui.mjs GATEWAY_URL ARTIFACTS_DIR CHROMIUM_PATH [API_KEY]
+// With API_KEY the gateway requires it: the pages must ask for it before anything works.
 // Prints one line per check; exits non-zero on the first failure (screenshots are saved either way).
 import { chromium } from "playwright-core";
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 
-const [base, outDir, executablePath] = process.argv.slice(2);
+const [base, outDir, executablePath, apiKey] = process.argv.slice(2);
 if (!base || !outDir || !executablePath) {
   console.error("usage: node ui.mjs GATEWAY_URL ARTIFACTS_DIR CHROMIUM_PATH");
   process.exit(2);
@@ -29,9 +30,26 @@ const check = (ok, what) => {
 };
 const watch = (page, name) => {
   page.on("pageerror", (e) => problems.push(`${name}: ${e.message}`));
-  page.on("console", (m) => m.type() === "error" && problems.push(`${name} console: ${m.text()}`));
+  page.on("console", (m) => {
+    // Before the key is given, the browser reports the gateway's 401s: that is the point.
+    if (m.type() === "error" && !(apiKey && m.text().includes("status of 401"))) {
+      problems.push(`${name} console: ${m.text()}`);
+    }
+  });
 };
 const lastAnswer = (page) => page.locator(".message.assistant .content").last();
+// Opens a page of herd; with keys on, checks that it asks for one and gives it.
+const open = async (page, path, asking) => {
+  await page.goto(base + path);
+  if (!apiKey) return;
+  const field = page.getByLabel("API key");
+  await page.getByText(asking).waitFor({ timeout: 15000 });
+  check(await field.isVisible() || path === "/", `${path} asks for the API key`);
+  if (path === "/" && !(await field.isVisible())) await page.locator("summary", { hasText: "Settings" }).click();
+  await field.fill(apiKey);
+  await field.press("Enter");
+  await field.dispatchEvent("change");
+};
 
 let chat;
 let dash;
@@ -39,8 +57,8 @@ try {
   const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
   chat = await context.newPage();
   watch(chat, "chat");
-  await chat.goto(base + "/");
-  const model = chat.getByLabel("Model");
+  await open(chat, "/", "Enter an API key");
+  const model = chat.getByLabel("Model", { exact: true });
   await chat.waitForFunction(() => document.querySelector("#model").options.length > 0, null, { timeout: 30000 });
   check((await model.inputValue()) !== "", `the model picker lists ${await model.inputValue()}`);
 
@@ -85,12 +103,13 @@ try {
   // The conversation survives a reload (local storage).
   await chat.reload();
   await chat.waitForFunction(() => document.querySelectorAll(".message").length >= 2);
+  await chat.waitForFunction(() => document.querySelector("#model").options.length > 0);
   check((await lastAnswer(chat).textContent()) === answer, "the conversation is kept across a reload");
 
   // The dashboard, beside a long answer: the worker's running count rises, then falls after Stop.
   dash = await context.newPage();
   watch(dash, "dashboard");
-  await dash.goto(base + "/dashboard");
+  await open(dash, "/dashboard", "Enter an API key to see the cluster");
   const row = dash.locator("#workers tbody tr[data-worker]").first();
   await row.waitFor({ timeout: 15000 });
   const running = async () => Number(await row.locator("td").nth(3).textContent());
@@ -134,12 +153,13 @@ try {
   const phone = await browser.newContext({ viewport: { width: 360, height: 740 } });
   const small = await phone.newPage();
   watch(small, "narrow chat");
-  await small.goto(base + "/");
+  await open(small, "/", "Enter an API key");
   await small.waitForFunction(() => document.querySelector("#model").options.length > 0);
   const overflow = await small.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
   check(overflow <= 0, `the chat page fits a 360 px screen (overflow ${overflow} px)`);
   check(await small.getByLabel("Message").isVisible(), "the message box is visible on a narrow screen");
   await shot(small, "chat-narrow.png");
+  // Same tab: the key given on the chat page is remembered for the dashboard.
   await small.goto(base + "/dashboard");
   await small.locator("#workers tbody tr[data-worker]").first().waitFor();
   const dashOverflow = await small.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);

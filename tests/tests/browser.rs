@@ -30,8 +30,10 @@ fn chat_and_dashboard_in_headless_chromium() {
     let artifacts =
         std::env::var_os("HERD_ARTIFACTS").map_or_else(|| repo_root().join("artifacts"), PathBuf::from).join("browser");
     let model = test_model().display().to_string();
+    // With an API key on, so the pages must ask for it (the stricter of the two modes).
+    let key = "sk-browser-test";
     let up = Proc::start_until(
-        &["up", "--model", &model, "--port", "0", "--model-name", MODEL].map(String::from),
+        &["up", "--model", &model, "--port", "0", "--model-name", MODEL, "--api-key", key].map(String::from),
         "herd is serving at ",
     );
     let out = Command::new("node")
@@ -39,6 +41,7 @@ fn chat_and_dashboard_in_headless_chromium() {
         .arg(&up.addr)
         .arg(&artifacts)
         .arg(&chromium)
+        .arg(key)
         .output()
         .expect("node runs (Node.js 20 or newer is needed)");
     let stdout = String::from_utf8_lossy(&out.stdout);
