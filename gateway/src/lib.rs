@@ -3,6 +3,8 @@
 //! It keeps a live table of workers from the controller's `WatchWorkers` stream (see [`watch`]),
 //! routes every choice of a request to the least-loaded healthy worker for its model (see [`router`])
 //! and translates between OpenAI's JSON/SSE formats and the workers' gRPC `Generate` streams.
+//! It also checks API keys and rate limits ([`auth`]), exports Prometheus metrics ([`metrics`]),
+//! and serves the chat page and the cluster dashboard ([`ui`]).
 
 pub mod auth;
 mod dispatch;
@@ -215,8 +217,9 @@ pub async fn serve(
     };
     let table = Arc::new(WorkerTable::with_tls(tls));
     let _watcher = AbortOnDrop(tokio::spawn(watch::watch_controllers(args.controller.clone(), table.clone())));
-    info!(addr = ?listener.local_addr().ok(), controllers = ?args.controller, api_keys = auth.as_ref().map_or(0, |a| a.keys.len()),
-          https = https.is_some(), "gateway serving");
+    let api_keys = auth.as_ref().map_or(0, |a| a.keys.len());
+    let addr = listener.local_addr().ok();
+    info!(?addr, controllers = ?args.controller, api_keys, https = https.is_some(), "gateway serving");
     let app = router(AppState::new(table, Settings::from(&args)).with_auth(auth));
     match https {
         Some(config) => {
