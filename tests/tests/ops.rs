@@ -73,14 +73,23 @@ async fn a_draining_worker_is_not_serving_and_finishes_its_work() {
     assert_eq!(health(&w.url()).await, vec![ServingStatus::Serving; 2]);
     assert_eq!(get(&format!("http://{metrics}/ready")).await.0, 200);
 
-    let body = json!({"model": MODEL, "prompt": "Tell a long story:", "max_tokens": 60, "temperature": 0,
-                      "ignore_eos": true, "stream": true});
-    let resp = reqwest::Client::new().post(format!("{}/v1/completions", gw.url())).json(&body).send().await.unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
-    let reading = tokio::spawn(async move { resp.text().await.expect("the whole stream") });
+    // Two streams: the worker exits as soon as its last sequence ends, so its final counts can only
+    // be scraped while the long one still runs.
+    let stream = |max_tokens: u32| {
+        let body = json!({"model": MODEL, "prompt": "Tell a long story:", "max_tokens": max_tokens,
+                          "temperature": 0, "ignore_eos": true, "stream": true});
+        let url = format!("{}/v1/completions", gw.url());
+        tokio::spawn(async move {
+            let resp = reqwest::Client::new().post(url).json(&body).send().await.unwrap();
+            assert_eq!(resp.status().as_u16(), 200);
+            resp.text().await.expect("the whole stream")
+        })
+    };
+    let short = stream(40);
+    let long = stream(300);
     let metrics_url = format!("http://{metrics}/metrics");
-    eventually(Duration::from_secs(30), "the worker reporting one running sequence", async || {
-        series(&get(&metrics_url).await.1, "herd_worker_running_sequences ") == Some(1.0)
+    eventually(Duration::from_secs(30), "the worker reporting two running sequences", async || {
+        series(&get(&metrics_url).await.1, "herd_worker_running_sequences ") == Some(2.0)
     })
     .await;
     w.signal(libc::SIGTERM);
@@ -89,11 +98,20 @@ async fn a_draining_worker_is_not_serving_and_finishes_its_work() {
     })
     .await;
     assert_eq!(get(&format!("http://{metrics}/ready")).await.0, 503, "/ready while draining");
-    let text = reading.await.unwrap();
+    let text = short.await.unwrap();
     assert!(text.trim_end().ends_with("data: [DONE]"), "the drained request did not finish: {text}");
     let scraped = get(&metrics_url).await.1;
-    assert_eq!(series(&scraped, "herd_worker_requests_total{result=\"ok\"}"), Some(1.0), "{scraped}");
-    assert_eq!(series(&scraped, "herd_worker_generated_tokens_total"), Some(60.0), "{scraped}");
+    assert_eq!(series(&scraped, "herd_worker_requests_total{result=\"ok\"}"), Some(2.0), "{scraped}");
+    let generated = series(&scraped, "herd_worker_generated_tokens_total").unwrap_or(0.0);
+    assert!((40.0..340.0).contains(&generated), "{scraped}");
+    let text = long.await.unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "the long drained request did not finish: {text}");
+    // The gateway accounts a stream when its body is dropped, just after the last event went out.
+    let gateway_metrics = format!("{}/metrics", gw.url());
+    eventually(Duration::from_secs(10), "the gateway counting both streams' tokens", async || {
+        series(&get(&gateway_metrics).await.1, "herd_gateway_completion_tokens_total") == Some(340.0)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
