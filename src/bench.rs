@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// Approximate prompt length in tokens.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     prompt_tokens: u32,
+    /// Start each prompt with its run's and request's numbers, so that none shares a prefix: measures
+    /// without the workers' prefix cache, which otherwise serves every prompt after the first.
+    #[arg(long, conflicts_with = "engine")]
+    unique_prompts: bool,
     /// Stop starting requests after this long, and give up on those still running.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     time_limit: Duration,
@@ -129,10 +133,16 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Value> {
         None => crate::openai_client::first_model(&http, &base).await?,
     };
     let prompt = "hello ".repeat(args.prompt_tokens as usize);
-    let body = json!({
-        "model": model, "prompt": prompt.trim_end(), "max_tokens": args.max_tokens, "temperature": 0,
-        "stream": true, "stream_options": {"include_usage": true}, "ignore_eos": true,
-    });
+    let (unique, max_tokens, name) = (args.unique_prompts, args.max_tokens, model.clone());
+    // A number of this run's own, so that no earlier run's prompts are cached either.
+    let run = rand::random::<u32>();
+    let body = move |i: usize| {
+        let prompt = if unique { format!("{run}-{i} {}", prompt.trim_end()) } else { prompt.trim_end().to_string() };
+        json!({
+            "model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "stream": true, "stream_options": {"include_usage": true}, "ignore_eos": true,
+        })
+    };
     let url = format!("{base}/v1/completions");
     let deadline = Instant::now() + args.time_limit;
     let next = Arc::new(AtomicUsize::new(0));
@@ -143,9 +153,13 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Value> {
             let requests = args.requests as usize;
             tokio::spawn(async move {
                 let mut samples = Vec::new();
-                while next.fetch_add(1, Ordering::SeqCst) < requests && Instant::now() < deadline {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= requests || Instant::now() >= deadline {
+                        break;
+                    }
                     let limit = deadline.saturating_duration_since(Instant::now());
-                    let sample = tokio::time::timeout(limit, one(&http, &url, &body)).await.unwrap_or_else(|_| {
+                    let sample = tokio::time::timeout(limit, one(&http, &url, &body(i))).await.unwrap_or_else(|_| {
                         Sample { error: Some("--time-limit reached".into()), ..Default::default() }
                     });
                     samples.push(sample);
@@ -166,7 +180,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Value> {
     errors.dedup();
     Ok(json!({
         "url": base, "model": model, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
-        "prompt_tokens": args.prompt_tokens,
+        "prompt_tokens": args.prompt_tokens, "unique_prompts": args.unique_prompts,
         "completed": ok.len(), "failed": failed.len(), "errors": errors,
         "not_started": args.requests as usize - ok.len() - failed.len(),
         "seconds": elapsed, "output_tokens": tokens, "output_tokens_per_s": tokens as f64 / elapsed,

@@ -53,3 +53,4 @@ pub fn herd_bin() -> PathBuf {
 pub mod certs;
 pub mod cluster;
 pub mod etcd;
+pub mod steps;

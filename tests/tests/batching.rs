@@ -4,10 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use herd_tests::steps::collect;
 use herd_tests::test_model;
 use herd_worker::engine::{Engine, GenerationParams, LoadOptions, Message, SamplingParams};
-use herd_worker::scheduler::{Scheduler, SchedulerConfig, StepResult};
-use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use herd_worker::scheduler::{Scheduler, SchedulerConfig};
+use tokio::sync::mpsc::unbounded_channel;
 
 const PROMPTS: [&str; 8] = [
     "What is the capital of France?",
@@ -19,18 +20,6 @@ const PROMPTS: [&str; 8] = [
     "How many legs does a spider have?",
     "Translate 'good morning' into Spanish.",
 ];
-
-fn collect(rx: &mut UnboundedReceiver<StepResult>) -> Vec<u32> {
-    let mut ids = Vec::new();
-    while let Some(step) = rx.blocking_recv() {
-        let step = step.expect("a step");
-        ids.extend(step.token);
-        if step.finish.is_some() {
-            return ids;
-        }
-    }
-    panic!("the stream ended before its last step");
-}
 
 #[test]
 fn eight_concurrent_greedy_answers_equal_each_one_alone() {

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use herd_tests::steps::collect;
 use herd_tests::tiny;
 use herd_worker::engine::{Engine, GenerationParams, LoadOptions, SamplingParams};
-use herd_worker::scheduler::{Scheduler, SchedulerConfig, StepResult, SubmitError};
-use tokio::sync::mpsc::UnboundedReceiver;
+use herd_worker::scheduler::{Scheduler, SchedulerConfig, SubmitError};
 
 fn tiny_engine(dir: &std::path::Path) -> Arc<Engine> {
     let model = dir.join("tiny");
@@ -46,17 +46,6 @@ fn sequences_interleave_and_finish_like_generate() {
     let (tx_b, mut rx_b) = tokio::sync::mpsc::unbounded_channel();
     scheduler.submit(engine.start(&prompt_a, &params(6)).unwrap(), tx_a).unwrap();
     scheduler.submit(engine.start(&prompt_b, &params(6)).unwrap(), tx_b).unwrap();
-    let collect = |rx: &mut UnboundedReceiver<StepResult>| {
-        let mut ids = Vec::new();
-        while let Some(step) = rx.blocking_recv() {
-            let step = step.unwrap();
-            ids.extend(step.token);
-            if step.finish.is_some() {
-                break;
-            }
-        }
-        ids
-    };
     let (a, b) = (collect(&mut rx_a), collect(&mut rx_b));
     let alone = |p: &[u32]| engine.generate(p, &params(6), &mut |_| {}).unwrap().token_ids;
     assert_eq!(a, alone(&prompt_a), "interleaving does not change a sequence's tokens");

@@ -58,7 +58,7 @@ pub struct WorkerArgs {
     #[arg(long, env = "HERD_CHAT_TEMPLATE")]
     pub chat_template: Option<String>,
     /// Sequences generated at once.
-    #[arg(long, env = "HERD_MAX_BATCH_SIZE", default_value_t = 8)]
+    #[arg(long, env = "HERD_MAX_BATCH_SIZE", default_value_t = 32)]
     pub max_batch_size: usize,
     /// Tokens one step runs at most: prompts longer than what is left are prefilled in chunks
     /// between decoding steps, so running answers keep flowing.
@@ -72,6 +72,11 @@ pub struct WorkerArgs {
     /// evicted and recomputed later.
     #[arg(long, env = "HERD_KV_CACHE_MB")]
     pub kv_cache_mb: Option<u64>,
+    /// KV cache kept of finished prompts and answers, in MiB, so that prompts starting alike
+    /// (shared system prompts, chat history) copy it instead of recomputing it; taken out of
+    /// --kv-cache-mb. Default: an eighth of the KV budget (none without one); 0 turns it off.
+    #[arg(long, env = "HERD_PREFIX_CACHE_MB")]
+    pub prefix_cache_mb: Option<u64>,
     /// Compute threads (default: every core). Give co-located workers disjoint shares.
     #[arg(long, env = "HERD_THREADS")]
     pub threads: Option<usize>,
@@ -158,6 +163,13 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
             .map_err(|e| WorkerError::Flag { flag: "--threads", msg: e.to_string() })?;
     }
     let devices = parse_devices(&args.devices, args.tp)?;
+    let on_cpu = devices.iter().all(candle_core::Device::is_cpu);
+    let kv_mb = args.kv_cache_mb.or_else(|| if on_cpu { available_mib().map(|m| m / 2) } else { None });
+    let prefix_mb = args.prefix_cache_mb.unwrap_or_else(|| kv_mb.map_or(0, |mb| mb / 8));
+    if let Some(mb) = kv_mb.filter(|&mb| prefix_mb >= mb) {
+        let msg = format!("{prefix_mb} MiB leaves nothing of the {mb} MiB KV budget (--kv-cache-mb) it is taken from");
+        return Err(WorkerError::Flag { flag: "--prefix-cache-mb", msg });
+    }
     let tls = args.tls.load()?;
     let listener = TcpListener::bind(&args.listen)
         .await
@@ -201,7 +213,7 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
     };
     let loading = tokio::task::spawn_blocking(move || Engine::load(&opts, &mut |_, _| {}));
     tokio::pin!(shutdown);
-    let engine = tokio::select! {
+    let mut engine = tokio::select! {
         loaded = loading => loaded.map_err(|e| WorkerError::Server(format!("model loading thread: {e}")))??,
         // Nothing was registered or accepted yet: stopping is all there is to do.
         _ = &mut shutdown => {
@@ -209,13 +221,18 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
             return Ok(());
         }
     };
+    let per_token = engine.kv_bytes_per_token().max(1);
+    let tokens = |mb: u64| (mb as usize * (1 << 20)) / per_token;
+    let kv_budget_tokens = kv_mb.map(|mb| tokens(mb - prefix_mb));
+    engine.set_prefix_cache(tokens(prefix_mb));
+    tracing::info!(
+        mib = kv_mb,
+        tokens = kv_budget_tokens,
+        prefix_mib = prefix_mb,
+        prefix_tokens = tokens(prefix_mb),
+        "KV-cache budget"
+    );
     let engine = Arc::new(engine);
-    let on_cpu = device_names.iter().all(|d| d == "cpu");
-    let kv_mb = args.kv_cache_mb.or_else(|| if on_cpu { available_mib().map(|m| m / 2) } else { None });
-    let kv_budget_tokens = kv_mb.map(|mb| (mb as usize * (1 << 20)) / engine.kv_bytes_per_token().max(1));
-    if let Some(tokens) = kv_budget_tokens {
-        tracing::info!(mib = kv_mb, tokens, "KV-cache budget");
-    }
     let config = SchedulerConfig {
         max_batch_size: args.max_batch_size,
         max_queue: args.max_queue,

@@ -24,6 +24,9 @@ pub struct WorkerMetrics {
     steps: IntCounter,
     stepped: IntCounter,
     preemptions: IntCounter,
+    prefix_hits: IntCounter,
+    prefix_hit_tokens: IntCounter,
+    prefix_tokens: IntGauge,
 }
 
 impl WorkerMetrics {
@@ -46,6 +49,12 @@ impl WorkerMetrics {
             ),
             preemptions: r
                 .counter("herd_worker_preemptions_total", "Sequences evicted from the KV cache to recompute."),
+            prefix_hits: r.counter("herd_worker_prefix_cache_hits_total", "Prompts that copied a cached KV prefix."),
+            prefix_hit_tokens: r.counter(
+                "herd_worker_prefix_cache_hit_tokens_total",
+                "Prompt tokens copied from the prefix cache instead of computed.",
+            ),
+            prefix_tokens: r.gauge("herd_worker_prefix_cache_tokens", "Tokens held in the prefix cache."),
             registry: r,
         }
     }
@@ -63,6 +72,10 @@ impl WorkerMetrics {
             catch_up(&self.steps, steps as u64);
             catch_up(&self.stepped, stepped as u64);
             catch_up(&self.preemptions, load.preemptions() as u64);
+            let (hits, hit_tokens, held) = load.prefix();
+            catch_up(&self.prefix_hits, hits as u64);
+            catch_up(&self.prefix_hit_tokens, hit_tokens as u64);
+            self.prefix_tokens.set(held as i64);
         }
         self.registry.render()
     }

@@ -50,6 +50,10 @@ pub struct Load {
     last_batch: AtomicUsize,
     /// Tokens sampled so far.
     generated: AtomicUsize,
+    /// The engine's prefix cache: lookups that hit, prompt tokens copied, tokens held.
+    prefix_hits: AtomicUsize,
+    prefix_hit_tokens: AtomicUsize,
+    prefix_tokens: AtomicUsize,
 }
 
 impl Load {
@@ -90,6 +94,15 @@ impl Load {
     /// Tokens sampled since the scheduler started.
     pub fn generated(&self) -> usize {
         self.generated.load(Ordering::Relaxed)
+    }
+
+    /// Prefix-cache lookups that hit, prompt tokens copied, and tokens the cache holds.
+    pub fn prefix(&self) -> (usize, usize, usize) {
+        (
+            self.prefix_hits.load(Ordering::Relaxed),
+            self.prefix_hit_tokens.load(Ordering::Relaxed),
+            self.prefix_tokens.load(Ordering::Relaxed),
+        )
     }
 
     /// The engine thread has exited; nothing submitted will run.
@@ -309,6 +322,10 @@ fn run(engine: &Engine, config: &SchedulerConfig, rx: &mpsc::Receiver<Job>, load
         });
         load.running.store(running.len(), Ordering::SeqCst);
         load.kv_used.store(running.iter().map(|j| j.seq.kv_tokens()).sum(), Ordering::SeqCst);
+        let prefix = engine.prefix_stats();
+        load.prefix_hits.store(prefix.hits as usize, Ordering::Relaxed);
+        load.prefix_hit_tokens.store(prefix.hit_tokens as usize, Ordering::Relaxed);
+        load.prefix_tokens.store(prefix.tokens, Ordering::Relaxed);
         if !config.step_delay.is_zero() {
             std::thread::sleep(config.step_delay);
         }

@@ -6,6 +6,7 @@ pub mod detok;
 pub mod error;
 pub mod model;
 pub mod pool;
+pub mod prefix;
 pub mod quant;
 pub mod sampler;
 pub mod sentencepiece;
@@ -18,6 +19,7 @@ pub mod weights;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Mutex;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
@@ -29,6 +31,7 @@ pub use template::{ChatTemplate, Message, TemplateSource};
 pub use tokenizer::Tokenizer;
 
 use detok::IncrementalDecoder;
+use prefix::{MIN_REUSE, PrefixCache, PrefixStats, common_prefix};
 use sampler::Sampler;
 use stop::StopMatcher;
 use tokenizer::TokenizerConfig;
@@ -171,6 +174,8 @@ pub struct Engine {
     template_source: TemplateSource,
     eos_ids: Vec<u32>,
     path: PathBuf,
+    /// KV prefixes of earlier prompts and answers, for later prompts that start alike.
+    prefixes: Mutex<PrefixCache>,
 }
 
 fn resolve_dtype(choice: DTypeChoice, device: &Device) -> Result<DType> {
@@ -282,7 +287,8 @@ impl Engine {
             template = template.name(),
             "model loaded"
         );
-        Ok(Self { model, tokenizer, template, template_source, eos_ids, path: path.clone() })
+        let prefixes = Mutex::new(PrefixCache::new(0));
+        Ok(Self { model, tokenizer, template, template_source, eos_ids, path: path.clone(), prefixes })
     }
 
     /// The model's hyper-parameters.
@@ -299,6 +305,21 @@ impl Engine {
     pub fn kv_bytes_per_token(&self) -> usize {
         let c = self.config();
         c.num_layers * 2 * c.num_kv_heads * c.head_dim * self.model.dtype().size_in_bytes()
+    }
+
+    /// Keeps up to `tokens` tokens of earlier prompts' KV caches for reuse (0, the default,
+    /// keeps none); what it held is dropped.
+    pub fn set_prefix_cache(&mut self, tokens: usize) {
+        self.prefixes = Mutex::new(PrefixCache::new(tokens));
+    }
+
+    /// How the prefix cache has been used.
+    pub fn prefix_stats(&self) -> PrefixStats {
+        self.prefix_cache().stats()
+    }
+
+    fn prefix_cache(&self) -> std::sync::MutexGuard<'_, PrefixCache> {
+        self.prefixes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Tensor-parallel ranks the model is split over.
@@ -418,19 +439,24 @@ impl Engine {
 
     /// One step of several sequences in a single batched forward pass, running at most
     /// `max_tokens` tokens in all. Each sequence runs the tokens its cache lacks (its prompt, its
-    /// last sampled token, or its whole context after an eviction): decoding sequences first, one
-    /// token each, then prompts in order, cut into chunks that fit. A sequence whose tokens all
-    /// ran samples its next one (`Some`); one left waiting or part-way through its prompt gets
-    /// `None`. The outer error fails the whole step; the inner ones belong to single sequences.
+    /// last sampled token, or its whole context after an eviction), after copying what the
+    /// prefix cache holds of them: decoding sequences first, one token each, then prompts in
+    /// order, cut into chunks that fit. A prompt that mostly repeats an earlier one of the same
+    /// step waits for it, to copy its prefix next step. A sequence whose tokens all ran samples
+    /// its next one (`Some`); one left waiting or part-way through its prompt gets `None`.
+    /// The outer error fails the whole step; the inner ones belong to single sequences.
     pub fn step_batch(&self, seqs: &mut [&mut Sequence], max_tokens: usize) -> Result<Vec<Result<Option<Step>>>> {
         if let Some(done) = seqs.iter().position(|s| s.finish.is_some()) {
             return Err(EngineError::InvalidArgument(format!("sequence {done} of the step has already finished")));
         }
+        self.reuse_prefixes(seqs);
         let pending: Vec<usize> = seqs.iter().map(|s| s.context.len() - s.cache.len()).collect();
+        let waits = self.waiting_for_prefixes(seqs, &pending);
         let mut take = vec![0; seqs.len()];
         let mut left = max_tokens.max(1);
         for decoding in [true, false] {
-            for (t, &p) in take.iter_mut().zip(&pending).filter(|(_, p)| (**p == 1) == decoding) {
+            let runs = pending.iter().zip(&waits).map(|(&p, &w)| (p == 1) == decoding && !w);
+            for ((t, &p), _) in take.iter_mut().zip(&pending).zip(runs).filter(|(_, run)| *run) {
                 *t = p.min(left);
                 left -= *t;
             }
@@ -451,10 +477,60 @@ impl Engine {
                 0 => Ok(None),
                 t => {
                     let row = logits.next().expect("a logits row per sequence that ran");
-                    if t < p { Ok(None) } else { self.sample(seq, row).map(Some) }
+                    if t < p {
+                        return Ok(None);
+                    }
+                    if p > 1 {
+                        self.keep_prefix(seq);
+                    }
+                    let step = self.sample(seq, row)?;
+                    if step.finish.is_some() {
+                        self.keep_prefix(seq);
+                    }
+                    Ok(Some(step))
                 }
             })
             .collect())
+    }
+
+    /// Gives each sequence with an empty cache the longest prefix of its context cached.
+    fn reuse_prefixes(&self, seqs: &mut [&mut Sequence]) {
+        let mut prefixes = self.prefix_cache();
+        for seq in seqs.iter_mut().filter(|s| s.cache.len() == 0) {
+            match prefixes.lookup(&seq.context) {
+                Ok(Some(cache)) => seq.cache = cache,
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "copying a cached prefix failed; computing it"),
+            }
+        }
+    }
+
+    /// Which sequences hold their prompt back a step: those that would compute from scratch
+    /// mostly what an earlier prompt of this step computes, and can copy it once cached.
+    fn waiting_for_prefixes(&self, seqs: &[&mut Sequence], pending: &[usize]) -> Vec<bool> {
+        let capacity = self.prefix_cache().capacity();
+        let mut waits = vec![false; seqs.len()];
+        for i in 0..seqs.len() {
+            if seqs[i].cache.len() > 0 || pending[i] <= 1 {
+                continue;
+            }
+            waits[i] = (0..i).any(|j| {
+                let shared = common_prefix(&seqs[i].context, &seqs[j].context);
+                !waits[j]
+                    && pending[j] > 1
+                    && seqs[j].context.len() <= capacity
+                    && shared >= MIN_REUSE
+                    && shared * 2 >= pending[i]
+            });
+        }
+        waits
+    }
+
+    /// Offers a sequence's cached tokens to the prefix cache.
+    fn keep_prefix(&self, seq: &Sequence) {
+        if let Err(e) = self.prefix_cache().insert(&seq.context, &seq.cache) {
+            tracing::warn!(error = %e, "keeping a prefix failed");
+        }
     }
 
     /// Samples `seq`'s next token from its logits `row` and releases what text it can.

@@ -111,6 +111,25 @@ impl ShardCache {
         Self { layers: vec![None; layers], host: vec![(Vec::new(), Vec::new()); layers] }
     }
 
+    /// A copy of the first `n` of the `len` positions it holds.
+    pub fn prefix(&self, n: usize, len: usize) -> Result<Self> {
+        let narrow = |t: &Tensor| t.narrow(2, 0, n)?.contiguous();
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| l.as_ref().map(|(k, v)| Ok::<_, candle_core::Error>((narrow(k)?, narrow(v)?))).transpose())
+            .collect::<candle_core::Result<_>>()?;
+        let host = self
+            .host
+            .iter()
+            .map(|(k, v)| {
+                let width = k.len().checked_div(len).unwrap_or(0);
+                (k[..n * width].to_vec(), v[..n * width].to_vec())
+            })
+            .collect();
+        Ok(Self { layers, host })
+    }
+
     /// Drops every cached token.
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(|l| *l = None);

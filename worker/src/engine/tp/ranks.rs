@@ -31,6 +31,13 @@ impl SeqCache {
         self.len
     }
 
+    /// A copy of its first `n` positions (all of them if it holds fewer).
+    pub fn prefix(&self, n: usize) -> Result<Self> {
+        let n = n.min(self.len);
+        let shards = self.shards.iter().map(|s| s.prefix(n, self.len)).collect::<Result<_>>()?;
+        Ok(Self { shards, len: n })
+    }
+
     /// Drops every cached token.
     pub fn clear(&mut self) {
         for shard in &mut self.shards {

@@ -1,0 +1,193 @@
+//! Prefix caching on tiny random models: a prompt that starts like an earlier prompt or answer
+//! copies its keys and values, and generates exactly what it generates computed from scratch;
+//! a burst of prompts sharing a prefix computes it once.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::Device;
+use herd_tests::steps::collect;
+use herd_tests::tiny;
+use herd_worker::engine::prefix::{MIN_REUSE, PrefixStats};
+use herd_worker::engine::{Engine, GenerationParams, LoadOptions, SamplingParams};
+use herd_worker::scheduler::{Scheduler, SchedulerConfig, StepResult};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+fn load(path: &Path, tp: usize, tensor_attention: bool, prefix_tokens: usize) -> Engine {
+    let opts = LoadOptions { devices: vec![Device::Cpu; tp], tensor_attention, ..LoadOptions::new(path) };
+    let mut engine = Engine::load(&opts, &mut |_, _| {}).unwrap();
+    engine.set_prefix_cache(prefix_tokens);
+    engine
+}
+
+fn params(max_tokens: usize) -> GenerationParams {
+    GenerationParams {
+        sampling: SamplingParams::greedy(),
+        max_tokens: Some(max_tokens),
+        ignore_eos: true,
+        logprobs: Some(0),
+        ..Default::default()
+    }
+}
+
+/// Greedy tokens and each one's logprob.
+fn generate(engine: &Engine, prompt: &[u32], max_tokens: usize) -> (Vec<u32>, Vec<f32>) {
+    let mut logprobs = Vec::new();
+    let done = engine
+        .generate(prompt, &params(max_tokens), &mut |t| logprobs.push(t.logprob.as_ref().unwrap().logprob))
+        .unwrap();
+    (done.token_ids, logprobs)
+}
+
+fn prompt(seed: u32, len: usize) -> Vec<u32> {
+    (0..len as u32).map(|i| 1 + (i * 37 + seed * 11) % 390).collect()
+}
+
+/// Logprobs agree within 1e-4: a matrix product over fewer rows may round differently.
+fn check_reuse(path: &Path, tp: usize, tensor_attention: bool) {
+    let what = format!("tp {tp}, tensor attention {tensor_attention}");
+    let fresh = load(path, tp, tensor_attention, 0);
+    let cached = load(path, tp, tensor_attention, 4096);
+    let system = prompt(1, 40);
+    let first = [system.clone(), prompt(2, 5)].concat();
+    // The first prompt misses, the repeat copies all but its last token.
+    let (a, a_lp) = generate(&cached, &first, 12);
+    assert_eq!(cached.prefix_stats().hits, 0, "{what}");
+    let (again, again_lp) = generate(&cached, &first, 12);
+    assert_eq!(cached.prefix_stats().hit_tokens, first.len() as u64 - 1, "{what}");
+    assert_eq!(again, a, "{what}: a repeated prompt answers alike");
+    // A follow-up turn: the earlier prompt and answer, then more.
+    let follow_up = [first.clone(), a.clone(), prompt(3, 7)].concat();
+    let before = cached.prefix_stats().hit_tokens;
+    let (b, b_lp) = generate(&cached, &follow_up, 12);
+    // The answer's last token was sampled but never run, so it is not in the cache.
+    let copied = cached.prefix_stats().hit_tokens - before;
+    assert_eq!(copied, (first.len() + a.len() - 1) as u64, "{what}: the follow-up copies the first turn");
+    // Another prompt sharing only the system part.
+    let other = [system.clone(), prompt(4, 9)].concat();
+    let (c, c_lp) = generate(&cached, &other, 12);
+    assert_eq!(cached.prefix_stats().hit_tokens - before - copied, system.len() as u64, "{what}");
+    for (name, p, got, got_lp) in
+        [("repeat", &first, &again, &again_lp), ("follow-up", &follow_up, &b, &b_lp), ("other", &other, &c, &c_lp)]
+    {
+        let (want, want_lp) = generate(&fresh, p, 12);
+        assert_eq!(got, &want, "{what}: {name} with a cached prefix differs from computing it");
+        let diff = want_lp.iter().zip(got_lp).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        assert!(diff < 1e-4, "{what}: {name} logprobs differ by {diff}");
+    }
+    assert_eq!(a_lp, generate(&fresh, &first, 12).1, "{what}: the first run computes like no cache");
+    assert_eq!(fresh.prefix_stats(), PrefixStats::default(), "a zero-token cache stays unused");
+}
+
+#[test]
+fn cached_prefixes_generate_what_computing_them_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    tiny::write_hf(&base, tiny::Dims::BASE, &tiny::tensors(tiny::Dims::BASE, 21), 1);
+    check_reuse(&base, 1, false);
+    check_reuse(&base, 1, true);
+    let split = dir.path().join("tp");
+    tiny::write_hf(&split, tiny::Dims::TP, &tiny::tensors(tiny::Dims::TP, 22), 1);
+    check_reuse(&split, 2, false);
+}
+
+#[test]
+fn the_cache_keeps_to_its_budget_and_forgets_the_least_recent() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m");
+    tiny::write_hf(&path, tiny::Dims::BASE, &tiny::tensors(tiny::Dims::BASE, 23), 1);
+    // Room for two of the three answered prompts (40 + 4 - 1 tokens each).
+    let engine = load(&path, 1, false, 100);
+    let prompts: Vec<Vec<u32>> = (0..3).map(|s| prompt(10 + s, 40)).collect();
+    for p in &prompts {
+        generate(&engine, p, 4);
+    }
+    assert_eq!(engine.prefix_stats().tokens, 86);
+    let hits = |engine: &Engine| engine.prefix_stats().hits;
+    generate(&engine, &prompts[2], 4);
+    generate(&engine, &prompts[1], 4);
+    assert_eq!(hits(&engine), 2, "the two most recent prompts are cached");
+    generate(&engine, &prompts[0], 4);
+    assert_eq!(hits(&engine), 2, "the oldest was evicted");
+    // Too short to be worth caching.
+    let short = load(&path, 1, false, 100);
+    generate(&short, &prompt(5, MIN_REUSE - 4), 3);
+    generate(&short, &prompt(5, MIN_REUSE - 4), 3);
+    assert_eq!(short.prefix_stats(), PrefixStats::default());
+}
+
+#[test]
+fn a_burst_sharing_a_prompt_computes_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m");
+    tiny::write_hf(&path, tiny::Dims::BASE, &tiny::tensors(tiny::Dims::BASE, 24), 1);
+    let engine = Arc::new(load(&path, 1, false, 4096));
+    let fresh = load(&path, 1, false, 0);
+    let shared = prompt(6, 48);
+    let prompts: Vec<Vec<u32>> = (0..4).map(|i| [shared.clone(), vec![7 + i]].concat()).collect();
+    // Submitted before the engine thread starts stepping: all four meet in its first step.
+    let scheduler = Scheduler::start(engine.clone(), SchedulerConfig::new(4, 8)).unwrap();
+    let receivers: Vec<UnboundedReceiver<StepResult>> = prompts
+        .iter()
+        .map(|p| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            scheduler.submit(engine.start(p, &params(6)).unwrap(), tx).unwrap();
+            rx
+        })
+        .collect();
+    for (p, mut rx) in prompts.iter().zip(receivers) {
+        assert_eq!(collect(&mut rx), generate(&fresh, p, 6).0, "a prompt that waited for the shared prefix");
+    }
+    let stats = engine.prefix_stats();
+    assert!(stats.hits >= 3, "the three prompts after the first copy its prefix: {stats:?}");
+    assert!(stats.hit_tokens >= 3 * shared.len() as u64, "{stats:?}");
+}
+
+/// Through a real worker and gateway on the test model: the same chat twice copies the first
+/// one's prefix (the metrics say so) and answers alike; `--prefix-cache-mb 0` copies nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_reuses_prefixes_and_reports_it() {
+    use herd_tests::cluster::{controller, free_addr, gateway, series, wait_for_workers, worker};
+    let ctl = controller("127.0.0.1:0", "5s");
+    let (on, off) = (free_addr(), free_addr());
+    let _w = worker(&ctl, &["--metrics-listen", &on, "--model-name", "cached"]);
+    let _w_off = worker(&ctl, &["--metrics-listen", &off, "--model-name", "uncached", "--prefix-cache-mb", "0"]);
+    let gw = gateway(&ctl);
+    wait_for_workers(&gw, 2, std::time::Duration::from_secs(120)).await;
+    let http = reqwest::Client::new();
+    let ask = async |model: &str| {
+        let body = serde_json::json!({"model": model, "max_tokens": 16, "temperature": 0,
+            "messages": [{"role": "system", "content": "You answer in one short sentence, politely."},
+                         {"role": "user", "content": "What colour is the sky on a clear day?"}]});
+        let resp = http.post(format!("{}/v1/chat/completions", gw.url())).json(&body).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        let v: serde_json::Value = resp.json().await.unwrap();
+        v["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+    };
+    let scrape =
+        async |addr: &str| http.get(format!("http://{addr}/metrics")).send().await.unwrap().text().await.unwrap();
+    let first = ask("cached").await;
+    let again = ask("cached").await;
+    assert_eq!(first, again, "a cached prefix changes the greedy answer");
+    assert_eq!(ask("uncached").await, first, "the worker without a prefix cache answers alike");
+    ask("uncached").await;
+    let text = scrape(&on).await;
+    assert_eq!(series(&text, "herd_worker_prefix_cache_hits_total"), Some(1.0), "{text}");
+    assert!(series(&text, "herd_worker_prefix_cache_hit_tokens_total").unwrap() >= 20.0, "{text}");
+    assert!(series(&text, "herd_worker_prefix_cache_tokens").unwrap() >= 20.0, "{text}");
+    let text = scrape(&off).await;
+    assert_eq!(series(&text, "herd_worker_prefix_cache_hits_total"), Some(0.0), "{text}");
+    assert_eq!(series(&text, "herd_worker_prefix_cache_tokens"), Some(0.0), "{text}");
+}
+
+#[test]
+fn a_prefix_cache_as_large_as_the_kv_budget_is_refused() {
+    let out = std::process::Command::new(herd_tests::herd_bin())
+        .args(["worker", "--model", "/nonexistent.gguf", "--controller", "http://127.0.0.1:9"])
+        .args(["--listen", "127.0.0.1:0", "--kv-cache-mb", "64", "--prefix-cache-mb", "64"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--prefix-cache-mb") && stderr.contains("64 MiB"), "{stderr}");
+}
