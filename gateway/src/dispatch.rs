@@ -96,16 +96,6 @@ impl Completed {
             self.finished = true;
         }
     }
-
-    /// Prompt tokens as the worker counted them.
-    pub fn prompt_tokens(&self) -> u32 {
-        self.tally.counts().0
-    }
-
-    /// Completion tokens as the worker counted them, else the token ids seen.
-    pub fn completion_tokens(&self) -> u32 {
-        self.tally.counts().1
-    }
 }
 
 /// Token counts of one choice: the worker's usage (sent with its last chunk), else the ids seen.
@@ -124,9 +114,11 @@ impl Tally {
         }
     }
 
-    /// `(prompt, completion)` tokens.
-    pub fn counts(&self) -> (u32, u32) {
-        self.usage.as_ref().map_or((0, self.tokens), |u| (u.prompt_tokens, u.completion_tokens))
+    /// `(prompt, completion, cached prompt)` tokens.
+    pub fn counts(&self) -> (u32, u32, u32) {
+        self.usage
+            .as_ref()
+            .map_or((0, self.tokens, 0), |u| (u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens))
     }
 }
 

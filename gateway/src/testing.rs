@@ -152,7 +152,11 @@ impl Worker for FakeWorkerService {
                     } else {
                         FinishReason::Stop as i32
                     };
-                    last.usage = Some(Usage { prompt_tokens: FAKE_PROMPT_TOKENS, completion_tokens: produced });
+                    last.usage = Some(Usage {
+                        prompt_tokens: FAKE_PROMPT_TOKENS,
+                        completion_tokens: produced,
+                        cached_prompt_tokens: 0,
+                    });
                 }
                 stream::iter(chunks.into_iter().map(Ok)).boxed()
             }

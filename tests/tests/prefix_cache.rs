@@ -162,15 +162,23 @@ async fn a_worker_reuses_prefixes_and_reports_it() {
         let resp = http.post(format!("{}/v1/chat/completions", gw.url())).json(&body).send().await.unwrap();
         assert_eq!(resp.status().as_u16(), 200);
         let v: serde_json::Value = resp.json().await.unwrap();
-        v["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+        let usage = &v["usage"];
+        let (prompt, cached) = (
+            usage["prompt_tokens"].as_u64().unwrap(),
+            usage["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap(),
+        );
+        (v["choices"][0]["message"]["content"].as_str().unwrap().to_string(), prompt, cached)
     };
     let scrape =
         async |addr: &str| http.get(format!("http://{addr}/metrics")).send().await.unwrap().text().await.unwrap();
-    let first = ask("cached").await;
-    let again = ask("cached").await;
+    let (first, prompt, cached) = ask("cached").await;
+    assert_eq!(cached, 0, "nothing is cached before the first request");
+    let (again, _, cached) = ask("cached").await;
     assert_eq!(first, again, "a cached prefix changes the greedy answer");
-    assert_eq!(ask("uncached").await, first, "the worker without a prefix cache answers alike");
-    ask("uncached").await;
+    // All but the last prompt token, whose logits the answer needs.
+    assert_eq!(cached, prompt - 1, "usage.prompt_tokens_details.cached_tokens");
+    assert_eq!(ask("uncached").await, (first, prompt, 0), "the worker without a prefix cache answers alike");
+    assert_eq!(ask("uncached").await.2, 0);
     let text = scrape(&on).await;
     assert_eq!(series(&text, "herd_worker_prefix_cache_hits_total"), Some(1.0), "{text}");
     assert!(series(&text, "herd_worker_prefix_cache_hit_tokens_total").unwrap() >= 20.0, "{text}");

@@ -231,9 +231,11 @@ fn chunk(engine: &Engine, step: Step, prompt_tokens: usize, completion_tokens: u
         Some(FinishReason::Stop) => pb::FinishReason::Stop,
         Some(FinishReason::Length) => pb::FinishReason::Length,
     };
-    let usage = step
-        .finish
-        .map(|_| pb::Usage { prompt_tokens: prompt_tokens as u32, completion_tokens: completion_tokens as u32 });
+    let usage = step.finish.map(|_| pb::Usage {
+        prompt_tokens: prompt_tokens as u32,
+        completion_tokens: completion_tokens as u32,
+        cached_prompt_tokens: step.cached_prompt_tokens as u32,
+    });
     pb::GenerateChunk {
         text: step.text,
         token_ids: step.token.into_iter().collect(),

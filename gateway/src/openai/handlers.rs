@@ -144,9 +144,7 @@ async fn generate(
         return Ok(with_worker(Sse::new(events).keep_alive(KeepAlive::default()).into_response(), served_by));
     }
     let done = try_join_all(plan.choices.iter().map(|c| ctx.complete(&c.request))).await?;
-    let usage = total_usage(
-        plan.choices.iter().zip(&done).map(|(c, d)| (c.prompt_index, d.prompt_tokens(), d.completion_tokens())),
-    );
+    let usage = total_usage(plan.choices.iter().zip(&done).map(|(c, d)| (c.prompt_index, d.tally.counts())));
     let pairs = plan.choices.iter().zip(&done);
     let response = match plan.api {
         Api::Chat => Json(Answer::new(
@@ -327,7 +325,10 @@ mod tests {
         assert_eq!(choice["finish_reason"], "stop");
         assert_eq!(choice["logprobs"]["content"][0]["token"], "Hel");
         assert_eq!(choice["logprobs"]["content"][0]["top_logprobs"][0]["token"], "alt0");
-        assert_eq!(v["usage"], json!({"prompt_tokens": FAKE_PROMPT_TOKENS, "completion_tokens": 2, "total_tokens": 9}));
+        assert_eq!(
+            v["usage"],
+            json!({"prompt_tokens": FAKE_PROMPT_TOKENS, "completion_tokens": 2, "total_tokens": 9, "prompt_tokens_details": {"cached_tokens": 0}})
+        );
         let calls = w.calls();
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].request_id.as_deref(), v["id"].as_str());
@@ -500,7 +501,10 @@ mod tests {
         assert_eq!(events[3]["choices"][0]["delta"], json!({}));
         assert_eq!(events[3]["choices"][0]["finish_reason"], "length");
         assert_eq!(events[4]["choices"], json!([]));
-        assert_eq!(events[4]["usage"], json!({"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}));
+        assert_eq!(
+            events[4]["usage"],
+            json!({"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9, "prompt_tokens_details": {"cached_tokens": 0}})
+        );
         assert_eq!(events[5], "[DONE]");
         assert_eq!(table.inflight("a"), Some(0));
     }
@@ -592,7 +596,10 @@ mod tests {
                    "top_logprobs": [{"alt0": -1.0, "alt1": -2.0}, {"alt0": -1.0, "alt1": -2.0}], "text_offset": [0, 2]})
         );
         // Two prompts counted once each.
-        assert_eq!(v["usage"], json!({"prompt_tokens": 14, "completion_tokens": 8, "total_tokens": 22}));
+        assert_eq!(
+            v["usage"],
+            json!({"prompt_tokens": 14, "completion_tokens": 8, "total_tokens": 22, "prompt_tokens_details": {"cached_tokens": 0}})
+        );
         assert_eq!(w.calls()[0].request.max_tokens, Some(16));
 
         let (status, _, text) =

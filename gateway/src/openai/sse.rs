@@ -175,10 +175,7 @@ impl Formatter {
 
     /// The tokens of every choice so far.
     pub fn usage(&self) -> UsageOut {
-        total_usage(self.choices.iter().map(|c| {
-            let (prompt, completion) = c.tally.counts();
-            (c.prompt_index, prompt, completion)
-        }))
+        total_usage(self.choices.iter().map(|c| (c.prompt_index, c.tally.counts())))
     }
 
     /// The events after every choice finished: the usage chunk if asked for, then `[DONE]`.
@@ -315,7 +312,7 @@ mod tests {
             token_ids: if text.is_empty() { vec![] } else { vec![1] },
             logprobs: vec![],
             finish_reason: finish.map_or(0, |f| f as i32),
-            usage: usage.map(|(p, c)| Usage { prompt_tokens: p, completion_tokens: c }),
+            usage: usage.map(|(p, c)| Usage { prompt_tokens: p, completion_tokens: c, cached_prompt_tokens: p / 2 }),
         }
     }
 
@@ -351,7 +348,11 @@ mod tests {
                 base(fin(1, "length"), Value::Null),
                 base(text(0, "lo"), Value::Null),
                 base(fin(0, "stop"), Value::Null),
-                base(json!([]), json!({"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8})),
+                base(
+                    json!([]),
+                    json!({"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+                                             "prompt_tokens_details": {"cached_tokens": 2}})
+                ),
                 Value::String("[DONE]".into()),
             ]
         );

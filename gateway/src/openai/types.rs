@@ -125,6 +125,15 @@ pub struct UsageOut {
     pub completion_tokens: u64,
     /// The sum of both.
     pub total_tokens: u64,
+    /// What the prompt tokens were made of.
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// OpenAI's breakdown of prompt tokens.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens the worker copied from its prefix cache instead of computing them.
+    pub cached_tokens: u64,
 }
 
 /// A non-streaming answer: `ChatCompletion` or `Completion`.
@@ -363,17 +372,24 @@ pub fn completion_logprobs(items: &[TokenLogprob], offset: &mut u32) -> Completi
     out
 }
 
-/// Usage over choices: `(prompt_index, prompt_tokens, completion_tokens)` each; prompts count once.
-pub fn total_usage(choices: impl IntoIterator<Item = (usize, u32, u32)>) -> UsageOut {
-    let mut prompts: std::collections::BTreeMap<usize, u32> = std::collections::BTreeMap::new();
+/// Usage over choices: `(prompt_index, (prompt, completion, cached prompt) tokens)` each;
+/// prompts count once, with the most any of their choices found cached.
+pub fn total_usage(choices: impl IntoIterator<Item = (usize, (u32, u32, u32))>) -> UsageOut {
+    let mut prompts: std::collections::BTreeMap<usize, (u32, u32)> = std::collections::BTreeMap::new();
     let mut completion = 0u64;
-    for (prompt, prompt_tokens, completion_tokens) in choices {
+    for (prompt, (prompt_tokens, completion_tokens, cached)) in choices {
         let seen = prompts.entry(prompt).or_default();
-        *seen = (*seen).max(prompt_tokens);
+        *seen = (seen.0.max(prompt_tokens), seen.1.max(cached));
         completion += u64::from(completion_tokens);
     }
-    let prompt: u64 = prompts.values().map(|&p| u64::from(p)).sum();
-    UsageOut { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion }
+    let prompt: u64 = prompts.values().map(|&(p, _)| u64::from(p)).sum();
+    let cached_tokens = prompts.values().map(|&(_, c)| u64::from(c)).sum();
+    UsageOut {
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        total_tokens: prompt + completion,
+        prompt_tokens_details: PromptTokensDetails { cached_tokens },
+    }
 }
 
 #[cfg(test)]
@@ -416,8 +432,11 @@ mod tests {
 
     #[test]
     fn usage_counts_each_prompt_once() {
-        let u = total_usage([(0, 10, 3), (0, 10, 4), (1, 7, 1)]);
-        assert_eq!(u, UsageOut { prompt_tokens: 17, completion_tokens: 8, total_tokens: 25 });
+        let u = total_usage([(0, (10, 3, 0)), (0, (10, 4, 9)), (1, (7, 1, 6))]);
+        let details = PromptTokensDetails { cached_tokens: 15 };
+        let want =
+            UsageOut { prompt_tokens: 17, completion_tokens: 8, total_tokens: 25, prompt_tokens_details: details };
+        assert_eq!(u, want);
     }
 
     #[test]
@@ -440,7 +459,8 @@ mod tests {
         assert!(serde_json::to_value(&chunk).unwrap().get("usage").is_none());
         chunk.usage = Some(None);
         assert_eq!(serde_json::to_value(&chunk).unwrap()["usage"], Value::Null);
-        chunk.usage = Some(Some(UsageOut { prompt_tokens: 1, completion_tokens: 2, total_tokens: 3 }));
+        chunk.usage =
+            Some(Some(UsageOut { prompt_tokens: 1, completion_tokens: 2, total_tokens: 3, ..Default::default() }));
         assert_eq!(serde_json::to_value(&chunk).unwrap()["usage"]["total_tokens"], 3);
     }
 }

@@ -424,6 +424,7 @@ impl Engine {
             logprobs: params.logprobs,
             max_tokens,
             prompt_len: prompt_ids.len(),
+            cached_prompt: 0,
             context: prompt_ids.to_vec(),
             out: Vec::new(),
             text: String::new(),
@@ -498,7 +499,13 @@ impl Engine {
         let mut prefixes = self.prefix_cache();
         for seq in seqs.iter_mut().filter(|s| s.cache.len() == 0) {
             match prefixes.lookup(&seq.context) {
-                Ok(Some(cache)) => seq.cache = cache,
+                Ok(Some(cache)) => {
+                    // A sequence recomputing after an eviction had its prompt counted already.
+                    if seq.out.is_empty() {
+                        seq.cached_prompt = cache.len();
+                    }
+                    seq.cache = cache;
+                }
                 Ok(None) => {}
                 Err(e) => tracing::warn!(error = %e, "copying a cached prefix failed; computing it"),
             }
@@ -540,7 +547,13 @@ impl Engine {
         let id = seq.sampler.sample(&row);
         seq.out.push(id);
         seq.context.push(id);
-        let mut step = Step { token: None, text: String::new(), logprob: None, finish: None };
+        let mut step = Step {
+            token: None,
+            text: String::new(),
+            logprob: None,
+            finish: None,
+            cached_prompt_tokens: seq.cached_prompt,
+        };
         let by_stop_string = if seq.stop_ids.contains(&id) {
             step.finish = Some(FinishReason::Stop);
             false
@@ -600,6 +613,8 @@ pub struct Sequence {
     logprobs: Option<usize>,
     max_tokens: usize,
     prompt_len: usize,
+    /// Prompt tokens copied from the prefix cache when the prompt ran.
+    cached_prompt: usize,
     context: Vec<u32>,
     out: Vec<u32>,
     text: String,
@@ -626,6 +641,11 @@ impl Sequence {
     /// Tokens in the prompt.
     pub fn prompt_tokens(&self) -> usize {
         self.prompt_len
+    }
+
+    /// Prompt tokens copied from the prefix cache rather than computed.
+    pub fn cached_prompt_tokens(&self) -> usize {
+        self.cached_prompt
     }
 
     /// Tokens sampled so far (a final EOS included).
@@ -660,6 +680,8 @@ pub struct Step {
     pub logprob: Option<TokenLogprob>,
     /// Set on the last step.
     pub finish: Option<FinishReason>,
+    /// Prompt tokens of its sequence copied from the prefix cache.
+    pub cached_prompt_tokens: usize,
 }
 
 fn top_n(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
