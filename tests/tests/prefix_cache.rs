@@ -3,15 +3,11 @@
 //! a burst of prompts sharing a prefix computes it once.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use candle_core::Device;
-use herd_tests::steps::collect;
 use herd_tests::tiny;
 use herd_worker::engine::prefix::{MIN_REUSE, PrefixStats};
-use herd_worker::engine::{Engine, GenerationParams, LoadOptions, SamplingParams};
-use herd_worker::scheduler::{Scheduler, SchedulerConfig, StepResult};
-use tokio::sync::mpsc::UnboundedReceiver;
+use herd_worker::engine::{Engine, GenerationParams, LoadOptions, SamplingParams, Sequence};
 
 fn load(path: &Path, tp: usize, tensor_attention: bool, prefix_tokens: usize) -> Engine {
     let opts = LoadOptions { devices: vec![Device::Cpu; tp], tensor_attention, ..LoadOptions::new(path) };
@@ -121,26 +117,53 @@ fn a_burst_sharing_a_prompt_computes_it_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m");
     tiny::write_hf(&path, tiny::Dims::BASE, &tiny::tensors(tiny::Dims::BASE, 24), 1);
-    let engine = Arc::new(load(&path, 1, false, 4096));
+    let engine = load(&path, 1, false, 4096);
     let fresh = load(&path, 1, false, 0);
     let shared = prompt(6, 48);
     let prompts: Vec<Vec<u32>> = (0..4).map(|i| [shared.clone(), vec![7 + i]].concat()).collect();
-    // Submitted before the engine thread starts stepping: all four meet in its first step.
-    let scheduler = Scheduler::start(engine.clone(), SchedulerConfig::new(4, 8)).unwrap();
-    let receivers: Vec<UnboundedReceiver<StepResult>> = prompts
-        .iter()
-        .map(|p| {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            scheduler.submit(engine.start(p, &params(6)).unwrap(), tx).unwrap();
-            rx
-        })
-        .collect();
-    for (p, mut rx) in prompts.iter().zip(receivers) {
-        assert_eq!(collect(&mut rx), generate(&fresh, p, 6).0, "a prompt that waited for the shared prefix");
+    let mut seqs: Vec<Sequence> = prompts.iter().map(|p| engine.start(p, &params(6)).unwrap()).collect();
+    let mut tokens = vec![Vec::new(); seqs.len()];
+    for round in 0.. {
+        let live: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].finish_reason().is_none()).collect();
+        if live.is_empty() {
+            break;
+        }
+        let mut batch: Vec<&mut Sequence> = seqs.iter_mut().filter(|s| s.finish_reason().is_none()).collect();
+        let results = engine.step_batch(&mut batch, usize::MAX).unwrap();
+        for (&i, result) in live.iter().zip(results) {
+            let step = result.unwrap();
+            if round == 0 {
+                assert_eq!(step.is_some(), i == 0, "only the first prompt runs at first; the others wait for it");
+            }
+            tokens[i].extend(step.and_then(|s| s.token));
+        }
+    }
+    for (p, got) in prompts.iter().zip(&tokens) {
+        assert_eq!(got, &generate(&fresh, p, 6).0, "a prompt that waited for the shared prefix");
     }
     let stats = engine.prefix_stats();
-    assert!(stats.hits >= 3, "the three prompts after the first copy its prefix: {stats:?}");
-    assert!(stats.hit_tokens >= 3 * shared.len() as u64, "{stats:?}");
+    assert_eq!((stats.hits, stats.hit_tokens), (3, 3 * shared.len() as u64), "the three others copy it: {stats:?}");
+}
+
+/// A prompt run in chunks is kept once its last chunk ran, even a chunk of one token.
+#[test]
+fn a_prompt_run_in_chunks_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m");
+    tiny::write_hf(&path, tiny::Dims::BASE, &tiny::tensors(tiny::Dims::BASE, 25), 1);
+    let engine = load(&path, 1, false, 4096);
+    let ids = prompt(8, 49);
+    // Not finished after its first token: only the end of the prompt keeps it.
+    let mut seq = engine.start(&ids, &params(3)).unwrap();
+    // 24, 24, then 1 token a step.
+    let mut rounds = 0;
+    while engine.step_batch(&mut [&mut seq], 24).unwrap().pop().unwrap().unwrap().is_none() {
+        rounds += 1;
+    }
+    assert_eq!(rounds, 2);
+    assert_eq!(engine.prefix_stats().tokens, ids.len(), "{:?}", engine.prefix_stats());
+    generate(&engine, &ids, 1);
+    assert_eq!(engine.prefix_stats().hit_tokens, ids.len() as u64 - 1);
 }
 
 /// Through a real worker and gateway on the test model: the same chat twice copies the first

@@ -452,7 +452,7 @@ impl Engine {
         }
         self.reuse_prefixes(seqs);
         let pending: Vec<usize> = seqs.iter().map(|s| s.context.len() - s.cache.len()).collect();
-        let waits = self.waiting_for_prefixes(seqs, &pending);
+        let waits = self.waiting_for_prefixes(seqs, &pending, max_tokens);
         let mut take = vec![0; seqs.len()];
         let mut left = max_tokens.max(1);
         for decoding in [true, false] {
@@ -481,7 +481,9 @@ impl Engine {
                     if t < p {
                         return Ok(None);
                     }
-                    if p > 1 {
+                    // The prompt has just run in full (in however many chunks), or a context
+                    // after an eviction.
+                    if p > 1 || seq.out.is_empty() {
                         self.keep_prefix(seq);
                     }
                     let step = self.sample(seq, row)?;
@@ -498,23 +500,24 @@ impl Engine {
     fn reuse_prefixes(&self, seqs: &mut [&mut Sequence]) {
         let mut prefixes = self.prefix_cache();
         for seq in seqs.iter_mut().filter(|s| s.cache.len() == 0) {
-            match prefixes.lookup(&seq.context) {
-                Ok(Some(cache)) => {
-                    // A sequence recomputing after an eviction had its prompt counted already.
-                    if seq.out.is_empty() {
-                        seq.cached_prompt = cache.len();
-                    }
-                    seq.cache = cache;
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "copying a cached prefix failed; computing it"),
+            let found = prefixes.lookup(&seq.context).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "copying a cached prefix failed; computing it");
+                None
+            });
+            // A sequence recomputing after an eviction had its prompt counted already.
+            if seq.out.is_empty() {
+                seq.cached_prompt = found.as_ref().map_or(0, |c| c.len());
+            }
+            if let Some(cache) = found {
+                seq.cache = cache;
             }
         }
     }
 
     /// Which sequences hold their prompt back a step: those that would compute from scratch
-    /// mostly what an earlier prompt of this step computes, and can copy it once cached.
-    fn waiting_for_prefixes(&self, seqs: &[&mut Sequence], pending: &[usize]) -> Vec<bool> {
+    /// mostly what an earlier prompt of this step computes, and can copy it once it is cached:
+    /// when that prompt fits in the step's `max_tokens`, so that the wait is short.
+    fn waiting_for_prefixes(&self, seqs: &[&mut Sequence], pending: &[usize], max_tokens: usize) -> Vec<bool> {
         let capacity = self.prefix_cache().capacity();
         let mut waits = vec![false; seqs.len()];
         for i in 0..seqs.len() {
@@ -523,8 +526,10 @@ impl Engine {
             }
             waits[i] = (0..i).any(|j| {
                 let shared = common_prefix(&seqs[i].context, &seqs[j].context);
+                // Running its prompt (the first time), to be kept when it completes.
+                let prompting = seqs[j].out.is_empty() && pending[j] <= max_tokens;
                 !waits[j]
-                    && pending[j] > 1
+                    && prompting
                     && seqs[j].context.len() <= capacity
                     && shared >= MIN_REUSE
                     && shared * 2 >= pending[i]

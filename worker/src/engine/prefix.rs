@@ -95,9 +95,9 @@ impl PrefixCache {
             self.entries.push_front(entry);
             return Ok(());
         }
+        let cache = cache.prefix(n)?;
         // Entries the new one extends add nothing once it is in.
         self.entries.retain(|e| !tokens.starts_with(&e.tokens));
-        let cache = cache.prefix(n)?;
         let mut held: usize = self.entries.iter().map(|e| e.tokens.len()).sum();
         while held + n > self.capacity {
             held -= self.entries.pop_back().map_or(0, |e| e.tokens.len());
