@@ -2,12 +2,13 @@
 //! each sequence.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
 use super::config::{ModelConfig, RopeScaling};
 use super::error::Result;
-use super::pool::ComputePool;
+use super::pool::{ComputePool, Results};
 use super::tp::{Communicator, Shard};
 use super::weights::{LayerPart, Linear, Part, WeightName, Weights};
 
@@ -378,13 +379,12 @@ impl Llama {
         parts: &[SegmentPart],
     ) -> Result<Tensor> {
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.cfg.head_dim);
-        let (half, group) = (hd / 2, nh / nkv);
+        let half = hd / 2;
         let scale = 1.0 / (hd as f32).sqrt();
         let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
         let (mut q, mut k, v) = (flat(q_all)?, flat(k_all)?, flat(v_all)?);
-        let mut out = vec![0f32; q.len()];
-        let mut scores = Vec::new();
-        for (seg, (offset, t, (cos, sin), _)) in segs.iter_mut().zip(parts) {
+        let mut units = Vec::new();
+        for (index, (seg, (offset, t, (cos, sin), _))) in segs.iter_mut().zip(parts).enumerate() {
             let (offset, t) = (*offset, *t);
             for i in 0..t {
                 let (c, s) = (&cos[i * half..][..half], &sin[i * half..][..half]);
@@ -397,32 +397,79 @@ impl Llama {
             kc.extend_from_slice(&k[rows.clone()]);
             vc.extend_from_slice(&v[rows]);
             let first = kc.len() / (nkv * hd) - t;
-            for i in 0..t {
-                // Query i sees positions up to its own.
-                let visible = first + i + 1;
-                scores.resize(visible, 0.0);
-                for h in 0..nh {
-                    let g = h / group;
-                    let qh = &q[((offset + i) * nh + h) * hd..][..hd];
-                    for (j, sc) in scores.iter_mut().enumerate() {
-                        *sc = dot(qh, &kc[(j * nkv + g) * hd..][..hd]) * scale;
-                    }
-                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0.0;
-                    for sc in scores.iter_mut() {
-                        *sc = (*sc - max).exp();
-                        sum += *sc;
-                    }
-                    let o = &mut out[((offset + i) * nh + h) * hd..][..hd];
-                    for (j, &p) in scores.iter().enumerate() {
-                        let vj = &vc[(j * nkv + g) * hd..][..hd];
-                        o.iter_mut().zip(vj).for_each(|(o, v)| *o += p * v);
-                    }
-                    o.iter_mut().for_each(|o| *o /= sum);
-                }
-            }
+            units.extend((0..nh).map(|head| Unit { seg: index, offset, t, first, head }));
+        }
+        // The scores and sums run on the pool, a (sequence, head) pair per chunk. The job owns
+        // what it reads, so this layer's caches move into it and back.
+        let caches: Vec<_> = segs.iter_mut().map(|s| std::mem::take(&mut s.cache.host[layer])).collect();
+        let len = q.len();
+        let job = Arc::new(Attention { q, caches, units, heads: (nh, nkv, hd), scale, out: Results::new(len) });
+        let chunks = job.units.len();
+        let run = job.clone();
+        self.pool.run(chunks, Arc::new(move |u| run.unit(u)));
+        let out: Vec<f32> = job.out.to_vec().into_iter().map(|x| x as f32).collect();
+        // A helper still finishing a chunk it was beaten to holds the job: copy the caches then.
+        let caches = Arc::try_unwrap(job).map_or_else(|job| job.caches.clone(), |job| job.caches);
+        for (seg, c) in segs.iter_mut().zip(caches) {
+            seg.cache.host[layer] = c;
         }
         Ok(Tensor::from_vec(out, q_all.dims(), &Device::Cpu)?)
+    }
+}
+
+/// One chunk of host attention: a segment's queries for one head.
+struct Unit {
+    seg: usize,
+    /// The segment's first row in the step, its rows, and the positions cached before them.
+    offset: usize,
+    t: usize,
+    first: usize,
+    head: usize,
+}
+
+/// Host attention's parallel part: rotated queries, each segment's keys and values, the output.
+struct Attention {
+    q: Vec<f32>,
+    caches: Vec<(Vec<f32>, Vec<f32>)>,
+    units: Vec<Unit>,
+    /// Query heads, KV heads and head size.
+    heads: (usize, usize, usize),
+    scale: f32,
+    out: Results,
+}
+
+impl Attention {
+    /// Computes unit `u`'s outputs the same way whatever else the step holds.
+    fn unit(&self, u: usize) {
+        let Unit { seg, offset, t, first, head: h } = self.units[u];
+        let (nh, nkv, hd) = self.heads;
+        let g = h / (nh / nkv);
+        let (kc, vc) = &self.caches[seg];
+        let mut scores = Vec::with_capacity(first + t);
+        let mut o = vec![0f32; hd];
+        for i in 0..t {
+            // Query i sees positions up to its own.
+            scores.resize(first + i + 1, 0.0);
+            let qh = &self.q[((offset + i) * nh + h) * hd..][..hd];
+            for (j, sc) in scores.iter_mut().enumerate() {
+                *sc = dot(qh, &kc[(j * nkv + g) * hd..][..hd]) * self.scale;
+            }
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            o.fill(0.0);
+            for (j, &p) in scores.iter().enumerate() {
+                let vj = &vc[(j * nkv + g) * hd..][..hd];
+                o.iter_mut().zip(vj).for_each(|(o, v)| *o += p * v);
+            }
+            let at = ((offset + i) * nh + h) * hd;
+            for (d, x) in o.iter().enumerate() {
+                self.out.set(at + d, f64::from(*x / sum));
+            }
+        }
     }
 }
 
