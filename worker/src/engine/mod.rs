@@ -538,9 +538,15 @@ impl Engine {
         waits
     }
 
-    /// Offers a sequence's cached tokens to the prefix cache.
-    fn keep_prefix(&self, seq: &Sequence) {
-        if let Err(e) = self.prefix_cache().insert(&seq.context, &seq.cache) {
+    /// Offers a sequence's cached tokens to the prefix cache: a copy while it runs on, its
+    /// cache itself once it has finished (no copy in the decode loop for what is dropped next).
+    fn keep_prefix(&self, seq: &mut Sequence) {
+        let (held, finished) = (seq.cache.len(), seq.finish.is_some());
+        let cache = &mut seq.cache;
+        let take = |n: usize| {
+            if finished && n == held { Ok(std::mem::replace(cache, self.model.new_cache())) } else { cache.prefix(n) }
+        };
+        if let Err(e) = self.prefix_cache().insert(&seq.context, held, take) {
             tracing::warn!(error = %e, "keeping a prefix failed");
         }
     }

@@ -83,9 +83,11 @@ impl PrefixCache {
         Ok(Some(cache))
     }
 
-    /// Keeps the first `cache.len()` tokens of `tokens`, whose keys and values `cache` holds.
-    pub fn insert(&mut self, tokens: &[u32], cache: &SeqCache) -> Result<()> {
-        let n = cache.len().min(tokens.len());
+    /// Keeps the first `held` tokens of `tokens`, whose keys and values a sequence's cache
+    /// holds; `take(n)` gives them up (a copy of the first `n`, or the cache itself), and is
+    /// only called when they are kept.
+    pub fn insert(&mut self, tokens: &[u32], held: usize, take: impl FnOnce(usize) -> Result<SeqCache>) -> Result<()> {
+        let n = held.min(tokens.len());
         if n < MIN_REUSE || n > self.capacity {
             return Ok(());
         }
@@ -95,7 +97,7 @@ impl PrefixCache {
             self.entries.push_front(entry);
             return Ok(());
         }
-        let cache = cache.prefix(n)?;
+        let cache = take(n)?;
         // Entries the new one extends add nothing once it is in.
         self.entries.retain(|e| !tokens.starts_with(&e.tokens));
         let mut held: usize = self.entries.iter().map(|e| e.tokens.len()).sum();
