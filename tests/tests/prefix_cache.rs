@@ -2,12 +2,19 @@
 //! copies its keys and values, and generates exactly what it generates computed from scratch;
 //! a burst of prompts sharing a prefix computes it once.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use herd_tests::tiny;
 use herd_worker::engine::prefix::{MIN_REUSE, PrefixStats};
 use herd_worker::engine::{Engine, GenerationParams, LoadOptions, SamplingParams, Sequence};
+
+/// A tiny random model in `dir`, named for its seed.
+fn tiny_model(dir: &tempfile::TempDir, dims: tiny::Dims, seed: u64) -> PathBuf {
+    let path = dir.path().join(format!("m{seed}"));
+    tiny::write_hf(&path, dims, &tiny::tensors(dims, seed), 1);
+    path
+}
 
 fn load(path: &Path, tp: usize, tensor_attention: bool, prefix_tokens: usize) -> Engine {
     let opts = LoadOptions { devices: vec![Device::Cpu; tp], tensor_attention, ..LoadOptions::new(path) };
@@ -78,20 +85,17 @@ fn check_reuse(path: &Path, tp: usize, tensor_attention: bool) {
 #[test]
 fn cached_prefixes_generate_what_computing_them_does() {
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base");
-    tiny::write_hf(&base, tiny::Dims::BASE, &tiny::tensors(tiny::Dims::BASE, 21), 1);
+    let base = tiny_model(&dir, tiny::Dims::BASE, 21);
     check_reuse(&base, 1, false);
     check_reuse(&base, 1, true);
-    let split = dir.path().join("tp");
-    tiny::write_hf(&split, tiny::Dims::TP, &tiny::tensors(tiny::Dims::TP, 22), 1);
+    let split = tiny_model(&dir, tiny::Dims::TP, 22);
     check_reuse(&split, 2, false);
 }
 
 #[test]
 fn the_cache_keeps_to_its_budget_and_forgets_the_least_recent() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("m");
-    tiny::write_hf(&path, tiny::Dims::BASE, &tiny::tensors(tiny::Dims::BASE, 23), 1);
+    let path = tiny_model(&dir, tiny::Dims::BASE, 23);
     // Room for two of the three answered prompts (40 + 4 - 1 tokens each).
     let engine = load(&path, 1, false, 100);
     let prompts: Vec<Vec<u32>> = (0..3).map(|s| prompt(10 + s, 40)).collect();
@@ -115,8 +119,7 @@ fn the_cache_keeps_to_its_budget_and_forgets_the_least_recent() {
 #[test]
 fn a_burst_sharing_a_prompt_computes_it_once() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("m");
-    tiny::write_hf(&path, tiny::Dims::BASE, &tiny::tensors(tiny::Dims::BASE, 24), 1);
+    let path = tiny_model(&dir, tiny::Dims::BASE, 24);
     let engine = load(&path, 1, false, 4096);
     let fresh = load(&path, 1, false, 0);
     let shared = prompt(6, 48);
@@ -149,8 +152,7 @@ fn a_burst_sharing_a_prompt_computes_it_once() {
 #[test]
 fn a_prompt_run_in_chunks_is_kept() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("m");
-    tiny::write_hf(&path, tiny::Dims::BASE, &tiny::tensors(tiny::Dims::BASE, 25), 1);
+    let path = tiny_model(&dir, tiny::Dims::BASE, 25);
     let engine = load(&path, 1, false, 4096);
     let ids = prompt(8, 49);
     // Not finished after its first token: only the end of the prompt keeps it.
