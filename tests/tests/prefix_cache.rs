@@ -204,7 +204,13 @@ async fn a_worker_reuses_prefixes_and_reports_it() {
     assert_eq!(cached, prompt - 1, "usage.prompt_tokens_details.cached_tokens");
     assert_eq!(ask("uncached").await, (first, prompt, 0), "the worker without a prefix cache answers alike");
     assert_eq!(ask("uncached").await.2, 0);
-    let text = scrape(&on).await;
+    // The engine thread publishes its counts after each step, just after sending its tokens.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut text = scrape(&on).await;
+    while series(&text, "herd_worker_prefix_cache_hits_total") != Some(1.0) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        text = scrape(&on).await;
+    }
     assert_eq!(series(&text, "herd_worker_prefix_cache_hits_total"), Some(1.0), "{text}");
     assert!(series(&text, "herd_worker_prefix_cache_hit_tokens_total").unwrap() >= 20.0, "{text}");
     assert!(series(&text, "herd_worker_prefix_cache_tokens").unwrap() >= 20.0, "{text}");
