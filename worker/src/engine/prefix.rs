@@ -17,8 +17,6 @@ pub const MIN_REUSE: usize = 16;
 /// Counters of the cache's use, for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PrefixStats {
-    /// Prompts looked up.
-    pub lookups: u64,
     /// Lookups that found a prefix.
     pub hits: u64,
     /// Prompt tokens copied instead of computed.
@@ -66,7 +64,6 @@ impl PrefixCache {
         if self.capacity == 0 || context.len() <= MIN_REUSE {
             return Ok(None);
         }
-        self.stats.lookups += 1;
         let wanted = &context[..context.len() - 1];
         // The first of equally long matches is the most recently used.
         let best = self.entries.iter().enumerate().map(|(i, e)| (common_prefix(&e.tokens, wanted), i)).fold(
