@@ -10,6 +10,8 @@
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
 pub mod scalar;
+#[cfg(target_arch = "x86_64")]
+pub mod vnni;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::quantized::k_quants::{
@@ -24,9 +26,9 @@ use scalar::{ActRow, ActRows, Q4_0, Q4_1, Q8_0, QK, WeightRow, WeightRows};
 
 /// A weight format herd has its own kernels for.
 #[cfg(target_arch = "x86_64")]
-pub trait NativeQuants: avx2::Avx2Quants {}
+pub trait NativeQuants: avx2::Avx2Quants + vnni::VnniQuants {}
 #[cfg(target_arch = "x86_64")]
-impl<T: avx2::Avx2Quants> NativeQuants for T {}
+impl<T: avx2::Avx2Quants + vnni::VnniQuants> NativeQuants for T {}
 /// A weight format herd has its own kernels for.
 #[cfg(not(target_arch = "x86_64"))]
 pub trait NativeQuants: scalar::Quants {}
@@ -39,11 +41,18 @@ pub enum Kernels {
     Portable,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// AVX-512 VNNI for matrices (interleaved at load), AVX2 for [`Kernels::dot`]'s plain rows.
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
 }
 
 impl Kernels {
     /// The fastest kernels this CPU runs.
     pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if vnni::available() {
+            return Self::Vnni;
+        }
         #[cfg(target_arch = "x86_64")]
         if avx2::available() {
             return Self::Avx2;
@@ -56,10 +65,17 @@ impl Kernels {
     pub fn dot<Q: NativeQuants, const R: usize>(self, w: &WeightRow<'_, Q>, xs: [&ActRow<'_>; R]) -> [f64; R] {
         match self {
             Self::Portable => xs.map(|x| scalar::dot(w, x)),
-            // SAFETY: `Avx2` is only chosen when the CPU supports it (`detect`).
+            // SAFETY: `Avx2` and `Vnni` are only chosen when the CPU supports AVX2 (`detect`).
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => unsafe { avx2::dot(w, xs) },
+            Self::Avx2 | Self::Vnni => unsafe { avx2::dot(w, xs) },
         }
+    }
+
+    /// Quantizes the `m` rows of `x`, `per_row` blocks each.
+    fn quantize_rows(self, x: &[f32], m: usize, per_row: usize) -> ActRows {
+        let mut acts = ActRows::zeros(m, per_row);
+        self.quantize(&x[..acts.qs.len() * QK], &mut acts.qs, &mut acts.d, &mut acts.s);
+        acts
     }
 
     /// Quantizes activations (`qs.len() * 32` values) to 8-bit blocks.
@@ -68,7 +84,7 @@ impl Kernels {
             Self::Portable => scalar::quantize(x, qs, d, s),
             // SAFETY: as in `dot`.
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => unsafe { avx2::quantize(x, qs, d, s) },
+            Self::Avx2 | Self::Vnni => unsafe { avx2::quantize(x, qs, d, s) },
         }
     }
 }
@@ -116,9 +132,7 @@ impl<Q: NativeQuants> Rows for Native<Q> {
         self.rows.per_row()
     }
     fn quantize(&self, x: &[f32], m: usize) -> ActRows {
-        let mut acts = ActRows::zeros(m, self.per_row());
-        self.kernels.quantize(&x[..acts.qs.len() * QK], &mut acts.qs, &mut acts.d, &mut acts.s);
-        acts
+        self.kernels.quantize_rows(x, m, self.per_row())
     }
     fn dot(&self, row: usize, acts: &ActRows, r: usize) -> f64 {
         let [v] = self.kernels.dot(&self.rows.row(row), [&acts.row(r)]);
@@ -127,6 +141,34 @@ impl<Q: NativeQuants> Rows for Native<Q> {
     fn dot4(&self, row: usize, acts: &ActRows, r: usize) -> [f64; 4] {
         let x: [ActRow<'_>; 4] = std::array::from_fn(|k| acts.row(r + k));
         self.kernels.dot(&self.rows.row(row), [&x[0], &x[1], &x[2], &x[3]])
+    }
+}
+
+/// Rows in a format with herd's kernels, interleaved for the VNNI kernels.
+#[cfg(target_arch = "x86_64")]
+struct Interleaved<Q> {
+    rows: vnni::VnniRows<Q>,
+    kernels: Kernels,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<Q: NativeQuants> Rows for Interleaved<Q> {
+    type Acts = vnni::VnniActs;
+    fn per_row(&self) -> usize {
+        self.rows.per_row()
+    }
+    fn quantize(&self, x: &[f32], m: usize) -> Self::Acts {
+        vnni::VnniActs::new(&self.kernels.quantize_rows(x, m, self.per_row()))
+    }
+    fn dot(&self, row: usize, acts: &Self::Acts, r: usize) -> f64 {
+        // SAFETY: `Interleaved` is only built for `Kernels::Vnni`, chosen when the CPU has it.
+        let [v] = unsafe { vnni::dot::<Q, 1>(&self.rows.row(row), [&acts.row(r)]) };
+        v
+    }
+    fn dot4(&self, row: usize, acts: &Self::Acts, r: usize) -> [f64; 4] {
+        let x: [vnni::VnniAct<'_>; 4] = std::array::from_fn(|k| acts.row(r + k));
+        // SAFETY: as in `dot`.
+        unsafe { vnni::dot::<Q, 4>(&self.rows.row(row), [&x[0], &x[1], &x[2], &x[3]]) }
     }
 }
 
@@ -216,6 +258,10 @@ impl std::fmt::Debug for QuantMatrix {
 
 fn native<Q: NativeQuants>(bytes: &[u8], out: usize, per_row: usize, kernels: Kernels) -> Option<Arc<dyn MatMul>> {
     let rows = WeightRows::<Q>::from_gguf(bytes, per_row).filter(|_| bytes.len() == out * per_row * Q::GGUF_BYTES)?;
+    #[cfg(target_arch = "x86_64")]
+    if kernels == Kernels::Vnni {
+        return Some(Arc::new(Interleaved { rows: vnni::VnniRows::new(&rows), kernels }));
+    }
     Some(Arc::new(Native { rows, kernels }))
 }
 

@@ -125,6 +125,11 @@ impl<Q: Quants> WeightRows<Q> {
         self.per_row
     }
 
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.qs.len() / self.per_row
+    }
+
     /// Row `r`.
     pub fn row(&self, r: usize) -> WeightRow<'_, Q> {
         let span = r * self.per_row..(r + 1) * self.per_row;
@@ -156,6 +161,11 @@ impl ActRows {
     pub fn zeros(rows: usize, per_row: usize) -> Self {
         let n = rows * per_row;
         Self { qs: vec![[0; QK]; n], d: vec![0.0; n], s: vec![0.0; n], per_row }
+    }
+
+    /// Blocks per row.
+    pub fn per_row(&self) -> usize {
+        self.per_row
     }
 
     /// Row `r`.

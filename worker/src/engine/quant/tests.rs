@@ -73,14 +73,32 @@ fn quantized(k: Kernels, x: &[f32]) -> ActRows {
     a
 }
 
+/// Every implementation this CPU runs.
 fn kernels() -> Vec<Kernels> {
     let mut k = vec![Kernels::Portable];
-    if Kernels::detect() != Kernels::Portable {
-        k.push(Kernels::detect());
-    } else {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if super::avx2::available() {
+            k.push(Kernels::Avx2);
+        }
+        if super::vnni::available() {
+            k.push(Kernels::Vnni);
+        }
+    }
+    if k.len() == 1 {
         eprintln!("this CPU has no SIMD kernels for herd: only the portable ones are tested");
     }
     k
+}
+
+/// The dot products of `w`'s only row with `xs`, through the VNNI kernel's interleaved layout.
+#[cfg(target_arch = "x86_64")]
+fn vnni_dot<Q: Random, const R: usize>(w: &WeightRows<Q>, xs: [&ActRows; R]) -> [f64; R] {
+    let rows = super::vnni::VnniRows::new(w);
+    let acts = xs.map(super::vnni::VnniActs::new);
+    let rows_of = std::array::from_fn::<_, R, _>(|k| acts[k].row(0));
+    // SAFETY: only called when `vnni::available()`.
+    unsafe { super::vnni::dot::<Q, R>(&rows.row(0), std::array::from_fn(|k| &rows_of[k])) }
 }
 
 fn check_dot<Q: Random>() {
@@ -120,6 +138,17 @@ fn check_dot<Q: Random>() {
                 let four = k.dot(&w.row(0), rows);
                 let one: Vec<f64> = rows.iter().map(|r| k.dot(&w.row(0), [*r])[0]).collect();
                 assert_eq!(four.to_vec(), one, "{k:?}, {blocks} blocks: four rows at once");
+                #[cfg(target_arch = "x86_64")]
+                if k == Kernels::Vnni {
+                    let [got] = vnni_dot(&w, [&x]);
+                    assert!(
+                        (got - reference).abs() <= 1e-12 * (1.0 + reference.abs()),
+                        "VNNI, {blocks} blocks: {got} vs {reference}"
+                    );
+                    let four = vnni_dot(&w, [&x, &more[0], &more[1], &more[2]]);
+                    let one: Vec<f64> = [&x, &more[0], &more[1], &more[2]].map(|r| vnni_dot(&w, [r])[0]).to_vec();
+                    assert_eq!(four.to_vec(), one, "VNNI, {blocks} blocks: four rows at once");
+                }
             }
         }
     }
