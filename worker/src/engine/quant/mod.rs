@@ -49,15 +49,22 @@ pub enum Kernels {
 impl Kernels {
     /// The fastest kernels this CPU runs.
     pub fn detect() -> Self {
+        Self::available().pop().unwrap_or(Self::Portable)
+    }
+
+    /// Every implementation this CPU runs, the portable one first.
+    pub fn available() -> Vec<Self> {
+        let mut all = vec![Self::Portable];
         #[cfg(target_arch = "x86_64")]
-        if vnni::available() {
-            return Self::Vnni;
+        {
+            if avx2::available() {
+                all.push(Self::Avx2);
+            }
+            if vnni::available() {
+                all.push(Self::Vnni);
+            }
         }
-        #[cfg(target_arch = "x86_64")]
-        if avx2::available() {
-            return Self::Avx2;
-        }
-        Self::Portable
+        all
     }
 
     /// A weight row's dot products with `R` rows of quantized activations; each row's result is
@@ -96,12 +103,8 @@ trait Rows: Send + Sync + 'static {
     fn per_row(&self) -> usize;
     /// Quantizes the `m` rows of `x` (cheap next to the matmul: not worth threads).
     fn quantize(&self, x: &[f32], m: usize) -> Self::Acts;
-    /// Weight row `row` times activation row `r`.
-    fn dot(&self, row: usize, acts: &Self::Acts, r: usize) -> f64;
-    /// Weight row `row` times activation rows `r..r + 4`, each exactly as [`Rows::dot`].
-    fn dot4(&self, row: usize, acts: &Self::Acts, r: usize) -> [f64; 4] {
-        std::array::from_fn(|k| self.dot(row, acts, r + k))
-    }
+    /// Weight row `row` times activation rows `r..r + N`, each the same whatever `N` is.
+    fn dots<const N: usize>(&self, row: usize, acts: &Self::Acts, r: usize) -> [f64; N];
 }
 
 /// Copies GGUF's packed blocks into a vector of `T`; `None` when the sizes disagree.
@@ -134,13 +137,9 @@ impl<Q: NativeQuants> Rows for Native<Q> {
     fn quantize(&self, x: &[f32], m: usize) -> ActRows {
         self.kernels.quantize_rows(x, m, self.per_row())
     }
-    fn dot(&self, row: usize, acts: &ActRows, r: usize) -> f64 {
-        let [v] = self.kernels.dot(&self.rows.row(row), [&acts.row(r)]);
-        v
-    }
-    fn dot4(&self, row: usize, acts: &ActRows, r: usize) -> [f64; 4] {
-        let x: [ActRow<'_>; 4] = std::array::from_fn(|k| acts.row(r + k));
-        self.kernels.dot(&self.rows.row(row), [&x[0], &x[1], &x[2], &x[3]])
+    fn dots<const N: usize>(&self, row: usize, acts: &ActRows, r: usize) -> [f64; N] {
+        let x: [ActRow<'_>; N] = std::array::from_fn(|k| acts.row(r + k));
+        self.kernels.dot(&self.rows.row(row), std::array::from_fn(|k| &x[k]))
     }
 }
 
@@ -160,15 +159,10 @@ impl<Q: NativeQuants> Rows for Interleaved<Q> {
     fn quantize(&self, x: &[f32], m: usize) -> Self::Acts {
         vnni::VnniActs::new(&self.kernels.quantize_rows(x, m, self.per_row()))
     }
-    fn dot(&self, row: usize, acts: &Self::Acts, r: usize) -> f64 {
+    fn dots<const N: usize>(&self, row: usize, acts: &Self::Acts, r: usize) -> [f64; N] {
+        let x: [vnni::VnniAct<'_>; N] = std::array::from_fn(|k| acts.row(r + k));
         // SAFETY: `Interleaved` is only built for `Kernels::Vnni`, chosen when the CPU has it.
-        let [v] = unsafe { vnni::dot::<Q, 1>(&self.rows.row(row), [&acts.row(r)]) };
-        v
-    }
-    fn dot4(&self, row: usize, acts: &Self::Acts, r: usize) -> [f64; 4] {
-        let x: [vnni::VnniAct<'_>; 4] = std::array::from_fn(|k| acts.row(r + k));
-        // SAFETY: as in `dot`.
-        unsafe { vnni::dot::<Q, 4>(&self.rows.row(row), [&x[0], &x[1], &x[2], &x[3]]) }
+        unsafe { vnni::dot::<Q, N>(&self.rows.row(row), std::array::from_fn(|k| &x[k])) }
     }
 }
 
@@ -196,17 +190,27 @@ impl<T: GgmlType + 'static> Rows for Candle<T> {
         T::VecDotType::from_float(&x[..acts.len() * T::BLCK_SIZE], &mut acts);
         acts
     }
-    fn dot(&self, row: usize, acts: &Self::Acts, r: usize) -> f64 {
+    fn dots<const N: usize>(&self, row: usize, acts: &Self::Acts, r: usize) -> [f64; N] {
         let g = candle_group::<T>();
         let w = &self.data[row * self.per_row..][..self.per_row];
-        let x = &acts[r * self.per_row..][..self.per_row];
-        w.chunks_exact(g).zip(x.chunks_exact(g)).map(|(w, x)| f64::from(T::vec_dot(g * T::BLCK_SIZE, w, x))).sum()
+        std::array::from_fn(|k| {
+            let x = &acts[(r + k) * self.per_row..][..self.per_row];
+            w.chunks_exact(g).zip(x.chunks_exact(g)).map(|(w, x)| f64::from(T::vec_dot(g * T::BLCK_SIZE, w, x))).sum()
+        })
     }
 }
 
 /// Weight blocks per chunk of a parallel matmul: some microseconds of work, so that a thread
 /// delayed by another process holds up little.
 const CHUNK_BLOCKS: usize = 8192;
+
+/// Stores column `col` of rows `r..r + N` of an `(m, out)` result; returns `N`.
+fn put<const N: usize>(results: &Results, out: usize, col: usize, r: usize, values: [f64; N]) -> usize {
+    for (k, v) in values.into_iter().enumerate() {
+        results.set((r + k) * out + col, v);
+    }
+    N
+}
 
 /// The object-safe face of [`Rows`].
 trait MatMul: Send + Sync {
@@ -227,14 +231,14 @@ impl<R: Rows> MatMul for R {
             out.div_ceil(rows_per_chunk),
             Arc::new(move |c: usize| {
                 for col in c * rows_per_chunk..((c + 1) * rows_per_chunk).min(out) {
-                    // Activation rows four at a time share each weight block's unpacking.
-                    for r in (0..m - m % 4).step_by(4) {
-                        for (k, v) in self.dot4(col, &acts, r).into_iter().enumerate() {
-                            results.set((r + k) * out + col, v);
-                        }
-                    }
-                    for r in m - m % 4..m {
-                        results.set(r * out + col, self.dot(col, &acts, r));
+                    // Activation rows four at a time share each weight block's unpacking (eight
+                    // measured no faster).
+                    let mut r = 0;
+                    while r < m {
+                        r += match m - r {
+                            4.. => put(&results, out, col, r, self.dots::<4>(col, &acts, r)),
+                            _ => put(&results, out, col, r, self.dots::<1>(col, &acts, r)),
+                        };
                     }
                 }
             }),

@@ -73,18 +73,8 @@ fn quantized(k: Kernels, x: &[f32]) -> ActRows {
     a
 }
 
-/// Every implementation this CPU runs.
 fn kernels() -> Vec<Kernels> {
-    let mut k = vec![Kernels::Portable];
-    #[cfg(target_arch = "x86_64")]
-    {
-        if super::avx2::available() {
-            k.push(Kernels::Avx2);
-        }
-        if super::vnni::available() {
-            k.push(Kernels::Vnni);
-        }
-    }
+    let k = Kernels::available();
     if k.len() == 1 {
         eprintln!("this CPU has no SIMD kernels for herd: only the portable ones are tested");
     }

@@ -1,0 +1,44 @@
+//! Throughput of the CPU matrix kernels on one thread: every implementation this CPU runs, the
+//! formats with herd's own kernels, one to sixteen activation rows (a decode batch), on a
+//! SmolLM2-sized MLP matrix. `cargo bench -p herd-worker --bench kernels`.
+
+use std::time::Instant;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use herd_worker::engine::pool::ComputePool;
+use herd_worker::engine::quant::{Kernels, QuantMatrix};
+
+/// Multiply-adds per timed run; the best of `RUNS` runs is reported.
+const WORK: usize = 600_000_000;
+const RUNS: usize = 7;
+
+fn main() -> candle_core::Result<()> {
+    let (out, inp) = (1536, 576);
+    let w = Tensor::randn(0f32, 0.3, (out, inp), &Device::Cpu)?;
+    let pool = ComputePool::new(1).map_err(candle_core::Error::wrap)?;
+    println!("{out}x{inp} matrix, 1 thread, GMAC/s (best of {RUNS})");
+    println!("{:<8} {:<9} {:>8} {:>8} {:>8} {:>8}", "format", "kernels", "1 row", "4 rows", "8 rows", "16 rows");
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let bytes = QTensor::quantize(&w, dtype)?.data()?.into_owned();
+        for kernels in Kernels::available() {
+            let m = QuantMatrix::from_gguf(dtype, &bytes, out, inp, kernels).expect("a supported matrix");
+            let mut line = format!("{:<8} {:<9}", format!("{dtype:?}"), format!("{kernels:?}"));
+            for rows in [1, 4, 8, 16] {
+                let x = Tensor::randn(0f32, 1.0, (rows, inp), &Device::Cpu)?;
+                let iters = (WORK / (rows * out * inp)).max(1);
+                let mut best = f64::MAX;
+                for _ in 0..RUNS {
+                    let t = Instant::now();
+                    for _ in 0..iters {
+                        std::hint::black_box(m.forward(&x, &pool, DType::F32)?);
+                    }
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                line += &format!(" {:>8.1}", (iters * rows * out * inp) as f64 / best / 1e9);
+            }
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
