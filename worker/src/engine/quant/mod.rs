@@ -19,6 +19,7 @@ use candle_core::quantized::k_quants::{
 };
 use candle_core::{DType, Device, Tensor};
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use super::pool::{ComputePool, Results};
@@ -103,8 +104,9 @@ trait Rows: Send + Sync + 'static {
     fn per_row(&self) -> usize;
     /// Quantizes the `m` rows of `x` (cheap next to the matmul: not worth threads).
     fn quantize(&self, x: &[f32], m: usize) -> Self::Acts;
-    /// Weight row `row` times activation rows `r..r + N`, each the same whatever `N` is.
-    fn dots<const N: usize>(&self, row: usize, acts: &Self::Acts, r: usize) -> [f64; N];
+    /// Weight rows `cols` times activation rows `r..r + N`, passed to `put` a weight row at a
+    /// time; each value is the same whatever `N` is.
+    fn dots<const N: usize>(&self, cols: Range<usize>, acts: &Self::Acts, r: usize, put: impl FnMut(usize, [f64; N]));
 }
 
 /// Copies GGUF's packed blocks into a vector of `T`; `None` when the sizes disagree.
@@ -137,9 +139,11 @@ impl<Q: NativeQuants> Rows for Native<Q> {
     fn quantize(&self, x: &[f32], m: usize) -> ActRows {
         self.kernels.quantize_rows(x, m, self.per_row())
     }
-    fn dots<const N: usize>(&self, row: usize, acts: &ActRows, r: usize) -> [f64; N] {
+    fn dots<const N: usize>(&self, cols: Range<usize>, acts: &ActRows, r: usize, mut put: impl FnMut(usize, [f64; N])) {
         let x: [ActRow<'_>; N] = std::array::from_fn(|k| acts.row(r + k));
-        self.kernels.dot(&self.rows.row(row), std::array::from_fn(|k| &x[k]))
+        for col in cols {
+            put(col, self.kernels.dot(&self.rows.row(col), std::array::from_fn(|k| &x[k])));
+        }
     }
 }
 
@@ -159,10 +163,10 @@ impl<Q: NativeQuants> Rows for Interleaved<Q> {
     fn quantize(&self, x: &[f32], m: usize) -> Self::Acts {
         vnni::VnniActs::new(&self.kernels.quantize_rows(x, m, self.per_row()))
     }
-    fn dots<const N: usize>(&self, row: usize, acts: &Self::Acts, r: usize) -> [f64; N] {
+    fn dots<const N: usize>(&self, cols: Range<usize>, acts: &Self::Acts, r: usize, put: impl FnMut(usize, [f64; N])) {
         let x: [vnni::VnniAct<'_>; N] = std::array::from_fn(|k| acts.row(r + k));
         // SAFETY: `Interleaved` is only built for `Kernels::Vnni`, chosen when the CPU has it.
-        unsafe { vnni::dot::<Q, N>(&self.rows.row(row), std::array::from_fn(|k| &x[k])) }
+        unsafe { vnni::dots::<Q, N>(&self.rows, cols, std::array::from_fn(|k| &x[k]), put) }
     }
 }
 
@@ -190,13 +194,27 @@ impl<T: GgmlType + 'static> Rows for Candle<T> {
         T::VecDotType::from_float(&x[..acts.len() * T::BLCK_SIZE], &mut acts);
         acts
     }
-    fn dots<const N: usize>(&self, row: usize, acts: &Self::Acts, r: usize) -> [f64; N] {
+    fn dots<const N: usize>(
+        &self,
+        cols: Range<usize>,
+        acts: &Self::Acts,
+        r: usize,
+        mut put: impl FnMut(usize, [f64; N]),
+    ) {
         let g = candle_group::<T>();
-        let w = &self.data[row * self.per_row..][..self.per_row];
-        std::array::from_fn(|k| {
-            let x = &acts[(r + k) * self.per_row..][..self.per_row];
-            w.chunks_exact(g).zip(x.chunks_exact(g)).map(|(w, x)| f64::from(T::vec_dot(g * T::BLCK_SIZE, w, x))).sum()
-        })
+        for col in cols {
+            let w = &self.data[col * self.per_row..][..self.per_row];
+            put(
+                col,
+                std::array::from_fn(|k| {
+                    let x = &acts[(r + k) * self.per_row..][..self.per_row];
+                    w.chunks_exact(g)
+                        .zip(x.chunks_exact(g))
+                        .map(|(w, x)| f64::from(T::vec_dot(g * T::BLCK_SIZE, w, x)))
+                        .sum()
+                }),
+            );
+        }
     }
 }
 
@@ -204,11 +222,20 @@ impl<T: GgmlType + 'static> Rows for Candle<T> {
 /// delayed by another process holds up little.
 const CHUNK_BLOCKS: usize = 8192;
 
-/// Stores column `col` of rows `r..r + N` of an `(m, out)` result; returns `N`.
-fn put<const N: usize>(results: &Results, out: usize, col: usize, r: usize, values: [f64; N]) -> usize {
-    for (k, v) in values.into_iter().enumerate() {
-        results.set((r + k) * out + col, v);
-    }
+/// Computes rows `r..r + N` of columns `cols` of an `(m, out)` result; returns `N`.
+fn fill<R: Rows, const N: usize>(
+    rows: &R,
+    acts: &R::Acts,
+    cols: Range<usize>,
+    r: usize,
+    results: &Results,
+    out: usize,
+) -> usize {
+    rows.dots::<N>(cols, acts, r, |col, values| {
+        for (k, v) in values.into_iter().enumerate() {
+            results.set((r + k) * out + col, v);
+        }
+    });
     N
 }
 
@@ -230,16 +257,15 @@ impl<R: Rows> MatMul for R {
         pool.run(
             out.div_ceil(rows_per_chunk),
             Arc::new(move |c: usize| {
-                for col in c * rows_per_chunk..((c + 1) * rows_per_chunk).min(out) {
-                    // Activation rows four at a time share each weight block's unpacking (eight
-                    // measured no faster).
-                    let mut r = 0;
-                    while r < m {
-                        r += match m - r {
-                            4.. => put(&results, out, col, r, self.dots::<4>(col, &acts, r)),
-                            _ => put(&results, out, col, r, self.dots::<1>(col, &acts, r)),
-                        };
-                    }
+                let cols = c * rows_per_chunk..((c + 1) * rows_per_chunk).min(out);
+                // Activation rows four at a time share each weight block's unpacking (eight
+                // measured no faster).
+                let mut r = 0;
+                while r < m {
+                    r += match m - r {
+                        4.. => fill::<R, 4>(&self, &acts, cols.clone(), r, &results, out),
+                        _ => fill::<R, 1>(&self, &acts, cols.clone(), r, &results, out),
+                    };
                 }
             }),
         );

@@ -170,6 +170,7 @@ impl<Q: VnniQuants> VnniRows<Q> {
     }
 
     /// Row `r`.
+    #[inline]
     pub fn row(&self, r: usize) -> VnniRow<'_> {
         let lanes = self.groups * LANES;
         VnniRow {
@@ -243,6 +244,7 @@ impl VnniActs {
     }
 
     /// Row `r`.
+    #[inline]
     pub fn row(&self, r: usize) -> VnniAct<'_> {
         let lanes = self.groups * LANES;
         let span = r * lanes..(r + 1) * lanes;
@@ -345,11 +347,30 @@ fn group<Q: VnniQuants, const R: usize, const P: usize>(
     }
 }
 
+/// [`dot`] of weight rows `cols` with `xs`, passed to `put` a row at a time (one call for many
+/// rows, so that the kernel is inlined into the loop).
+///
+/// # Safety
+/// The CPU must support this module's kernels ([`available`]).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+pub unsafe fn dots<Q: VnniQuants, const R: usize>(
+    w: &VnniRows<Q>,
+    cols: std::ops::Range<usize>,
+    xs: [&VnniAct<'_>; R],
+    mut put: impl FnMut(usize, [f64; R]),
+) {
+    for col in cols {
+        // SAFETY: the same features are enabled here.
+        put(col, unsafe { dot::<Q, R>(&w.row(col), xs) });
+    }
+}
+
 /// A weight row's dot products with `R` activation rows, each as [`super::scalar::dot`]
 /// computes it (up to the order of exact f64 additions), and the same whatever `R` is.
 ///
 /// # Safety
 /// The CPU must support this module's kernels ([`available`]).
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
 pub unsafe fn dot<Q: VnniQuants, const R: usize>(w: &VnniRow<'_>, xs: [&VnniAct<'_>; R]) -> [f64; R] {
     assert!(xs.iter().all(|x| x.qs.len() == w.per_row * QK && x.d.len() == w.d.len()));
