@@ -164,9 +164,8 @@ impl<Q: NativeQuants> Rows for Interleaved<Q> {
         vnni::VnniActs::new(&self.kernels.quantize_rows(x, m, self.per_row()))
     }
     fn dots<const N: usize>(&self, cols: Range<usize>, acts: &Self::Acts, r: usize, put: impl FnMut(usize, [f64; N])) {
-        let x: [vnni::VnniAct<'_>; N] = std::array::from_fn(|k| acts.row(r + k));
         // SAFETY: `Interleaved` is only built for `Kernels::Vnni`, chosen when the CPU has it.
-        unsafe { vnni::dots::<Q, N>(&self.rows, cols, std::array::from_fn(|k| &x[k]), put) }
+        unsafe { vnni::dots::<Q, N>(&self.rows, cols, acts, r, put) }
     }
 }
 

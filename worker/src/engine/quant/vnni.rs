@@ -170,7 +170,7 @@ impl<Q: VnniQuants> VnniRows<Q> {
     }
 
     /// Row `r`.
-    #[inline]
+    #[inline(always)]
     pub fn row(&self, r: usize) -> VnniRow<'_> {
         let lanes = self.groups * LANES;
         VnniRow {
@@ -244,7 +244,7 @@ impl VnniActs {
     }
 
     /// Row `r`.
-    #[inline]
+    #[inline(always)]
     pub fn row(&self, r: usize) -> VnniAct<'_> {
         let lanes = self.groups * LANES;
         let span = r * lanes..(r + 1) * lanes;
@@ -347,7 +347,7 @@ fn group<Q: VnniQuants, const R: usize, const P: usize>(
     }
 }
 
-/// [`dot`] of weight rows `cols` with `xs`, passed to `put` a row at a time (one call for many
+/// [`dot`] of weight rows `cols` with activation rows `r..r + R`, passed to `put` a row at a time (one call for many
 /// rows, so that the kernel is inlined into the loop).
 ///
 /// # Safety
@@ -356,9 +356,12 @@ fn group<Q: VnniQuants, const R: usize, const P: usize>(
 pub unsafe fn dots<Q: VnniQuants, const R: usize>(
     w: &VnniRows<Q>,
     cols: std::ops::Range<usize>,
-    xs: [&VnniAct<'_>; R],
+    acts: &VnniActs,
+    r: usize,
     mut put: impl FnMut(usize, [f64; R]),
 ) {
+    let x: [VnniAct<'_>; R] = std::array::from_fn(|k| acts.row(r + k));
+    let xs = std::array::from_fn(|k| &x[k]);
     for col in cols {
         // SAFETY: the same features are enabled here.
         put(col, unsafe { dot::<Q, R>(&w.row(col), xs) });
