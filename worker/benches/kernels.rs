@@ -1,5 +1,5 @@
 //! Throughput of the CPU matrix kernels on one thread: every implementation this CPU runs, the
-//! formats with herd's own kernels, one to sixteen activation rows (a decode batch), on a
+//! formats with herd's own kernels, 1 to 16 activation rows (a decode batch) and 64 and 512 (prompts), on a
 //! SmolLM2-sized MLP matrix. `cargo bench -p herd-worker --bench kernels`.
 
 use std::time::Instant;
@@ -18,13 +18,16 @@ fn main() -> candle_core::Result<()> {
     let w = Tensor::randn(0f32, 0.3, (out, inp), &Device::Cpu)?;
     let pool = ComputePool::new(1).map_err(candle_core::Error::wrap)?;
     println!("{out}x{inp} matrix, 1 thread, GMAC/s (best of {RUNS})");
-    println!("{:<8} {:<9} {:>8} {:>8} {:>8} {:>8}", "format", "kernels", "1 row", "4 rows", "8 rows", "16 rows");
+    println!(
+        "{:<8} {:<9} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "format", "kernels", "1 row", "4 rows", "16 rows", "64 rows", "512 rows"
+    );
     for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
         let bytes = QTensor::quantize(&w, dtype)?.data()?.into_owned();
         for kernels in Kernels::available() {
             let m = QuantMatrix::from_gguf(dtype, &bytes, out, inp, kernels).expect("a supported matrix");
             let mut line = format!("{:<8} {:<9}", format!("{dtype:?}"), format!("{kernels:?}"));
-            for rows in [1, 4, 8, 16] {
+            for rows in [1, 4, 16, 64, 512] {
                 let x = Tensor::randn(0f32, 1.0, (rows, inp), &Device::Cpu)?;
                 let iters = (WORK / (rows * out * inp)).max(1);
                 let mut best = f64::MAX;

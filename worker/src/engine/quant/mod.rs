@@ -221,6 +221,14 @@ impl<T: GgmlType + 'static> Rows for Candle<T> {
 /// delayed by another process holds up little.
 const CHUNK_BLOCKS: usize = 8192;
 
+/// Activation rows per chunk at most: a prompt's many rows are cut into tiles, so that a chunk's
+/// activations and weight rows stay in cache while each meets all of the other.
+const ROW_TILE: usize = 64;
+
+/// Weight rows per chunk at least, where the row tile is large: each activation row loaded is
+/// used for this many weight rows.
+const MIN_COLS: usize = 32;
+
 /// Computes rows `r..r + N` of columns `cols` of an `(m, out)` result; returns `N`.
 fn fill<R: Rows, const N: usize>(
     rows: &R,
@@ -248,20 +256,27 @@ impl<R: Rows> MatMul for R {
     fn matmul(self: Arc<Self>, x: &[f32], m: usize, out: usize, pool: &ComputePool) -> Vec<f64> {
         let acts = self.quantize(x, m);
         let y = Arc::new(Results::new(m * out));
-        // Chunks of about CHUNK_BLOCKS blocks, and several per thread to even out the ends.
-        let per_col = m * self.per_row();
-        let rows_per_chunk = (CHUNK_BLOCKS / per_col.max(1)).clamp(1, (out / (pool.threads() * 4)).max(1));
+        // Chunks of about CHUNK_BLOCKS blocks (more for long prompts), and several per thread
+        // to even out the ends.
+        let tile = m.clamp(1, ROW_TILE);
+        let per_col = tile * self.per_row();
+        let cols_per_chunk = (CHUNK_BLOCKS / per_col.max(1))
+            .max(if tile == ROW_TILE { MIN_COLS } else { 1 })
+            .clamp(1, (out / (pool.threads() * 4)).max(1));
+        let col_chunks = out.div_ceil(cols_per_chunk);
         let results = y.clone();
         // The job owns what it reads and writes: a helper may finish a chunk after `run` returns.
         pool.run(
-            out.div_ceil(rows_per_chunk),
+            col_chunks * m.div_ceil(tile),
             Arc::new(move |c: usize| {
-                let cols = c * rows_per_chunk..((c + 1) * rows_per_chunk).min(out);
+                let (rows, cols) = (c / col_chunks * tile, c % col_chunks * cols_per_chunk);
+                let cols = cols..(cols + cols_per_chunk).min(out);
+                let end = (rows + tile).min(m);
                 // Activation rows four at a time share each weight block's unpacking (eight
                 // measured no faster).
-                let mut r = 0;
-                while r < m {
-                    r += match m - r {
+                let mut r = rows;
+                while r < end {
+                    r += match end - r {
                         4.. => fill::<R, 4>(&self, &acts, cols.clone(), r, &results, out),
                         _ => fill::<R, 1>(&self, &acts, cols.clone(), r, &results, out),
                     };
