@@ -1,6 +1,6 @@
 //! Throughput of the CPU matrix kernels on one thread: every implementation this CPU runs, the
-//! formats with herd's own kernels, 1 to 16 activation rows (a decode batch) and 64 and 512 (prompts), on a
-//! SmolLM2-sized MLP matrix. `cargo bench -p herd-worker --bench kernels`.
+//! formats with herd's own kernels, 1 to 16 activation rows (decode batches) and 64 and 512
+//! (prompts), on a SmolLM2-sized MLP matrix. `cargo bench -p herd-worker --bench kernels`.
 
 use std::time::Instant;
 
