@@ -1,8 +1,8 @@
 //! Block-quantized matrices multiplied on the CPU by herd's own kernels and threads.
 //!
 //! Q4_0, Q4_1 and Q8_0 (the formats of the usual GGUF files) run on SIMD kernels chosen at run
-//! time ([`avx2`] where the CPU has it, else the portable [`scalar`] ones); the other GGUF
-//! formats use candle's per-block dot products. Either way each row's blocks are summed in
+//! time ([`vnni`] where the CPU has AVX-512 VNNI, else [`avx2`], else the portable [`scalar`]
+//! ones); the other GGUF formats use candle's per-block dot products. Either way each row's blocks are summed in
 //! f64, where their values are exact, so a row-parallel layer split over ranks adds up to the
 //! unsplit layer's result to the bit: a quantized row-parallel layer (o_proj, down_proj)
 //! returns those f64 sums, the ranks all-reduce them, and the model rounds once.
