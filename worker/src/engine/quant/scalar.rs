@@ -127,7 +127,7 @@ impl<Q: Quants> WeightRows<Q> {
 
     /// Number of rows.
     pub fn rows(&self) -> usize {
-        self.qs.len() / self.per_row
+        self.qs.len().checked_div(self.per_row).unwrap_or(0)
     }
 
     /// Row `r`.
