@@ -55,17 +55,25 @@ impl Kernels {
 
     /// Every implementation this CPU runs, the portable one first.
     pub fn available() -> Vec<Self> {
-        let mut all = vec![Self::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if avx2::available() {
-                all.push(Self::Avx2);
-            }
-            if vnni::available() {
-                all.push(Self::Vnni);
-            }
+        let all = [
+            Self::Portable,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2,
+            #[cfg(target_arch = "x86_64")]
+            Self::Vnni,
+        ];
+        all.into_iter().filter(|k| k.supported()).collect()
+    }
+
+    /// Whether this CPU runs these kernels.
+    pub fn supported(self) -> bool {
+        match self {
+            Self::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => avx2::available(),
+            #[cfg(target_arch = "x86_64")]
+            Self::Vnni => vnni::available(),
         }
-        all
     }
 
     /// A weight row's dot products with `R` rows of quantized activations; each row's result is
@@ -73,9 +81,12 @@ impl Kernels {
     pub fn dot<Q: NativeQuants, const R: usize>(self, w: &WeightRow<'_, Q>, xs: [&ActRow<'_>; R]) -> [f64; R] {
         match self {
             Self::Portable => xs.map(|x| scalar::dot(w, x)),
-            // SAFETY: `Avx2` and `Vnni` are only chosen when the CPU supports AVX2 (`detect`).
+            // SAFETY: the guard checks that the CPU has AVX2 (a VNNI CPU has it too).
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 | Self::Vnni => unsafe { avx2::dot(w, xs) },
+            Self::Avx2 | Self::Vnni if avx2::available() => unsafe { avx2::dot(w, xs) },
+            // Kernels this CPU lacks, asked for anyway: the portable ones give the same sums.
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 | Self::Vnni => xs.map(|x| scalar::dot(w, x)),
         }
     }
 
@@ -92,7 +103,9 @@ impl Kernels {
             Self::Portable => scalar::quantize(x, qs, d, s),
             // SAFETY: as in `dot`.
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 | Self::Vnni => unsafe { avx2::quantize(x, qs, d, s) },
+            Self::Avx2 | Self::Vnni if avx2::available() => unsafe { avx2::quantize(x, qs, d, s) },
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 | Self::Vnni => scalar::quantize(x, qs, d, s),
         }
     }
 }
@@ -164,7 +177,7 @@ impl<Q: NativeQuants> Rows for Interleaved<Q> {
         vnni::VnniActs::new(&self.kernels.quantize_rows(x, m, self.per_row()))
     }
     fn dots<const N: usize>(&self, cols: Range<usize>, acts: &Self::Acts, r: usize, put: impl FnMut(usize, [f64; N])) {
-        // SAFETY: `Interleaved` is only built for `Kernels::Vnni`, chosen when the CPU has it.
+        // SAFETY: `Interleaved` is only built when the CPU has VNNI (`native`).
         unsafe { vnni::dots::<Q, N>(&self.rows, cols, acts, r, put) }
     }
 }
@@ -303,7 +316,7 @@ impl std::fmt::Debug for QuantMatrix {
 fn native<Q: NativeQuants>(bytes: &[u8], out: usize, per_row: usize, kernels: Kernels) -> Option<Arc<dyn MatMul>> {
     let rows = WeightRows::<Q>::from_gguf(bytes, per_row).filter(|_| bytes.len() == out * per_row * Q::GGUF_BYTES)?;
     #[cfg(target_arch = "x86_64")]
-    if kernels == Kernels::Vnni {
+    if kernels == Kernels::Vnni && vnni::available() {
         return Some(Arc::new(Interleaved { rows: vnni::VnniRows::new(&rows), kernels }));
     }
     Some(Arc::new(Native { rows, kernels }))

@@ -220,6 +220,35 @@ fn matrices_agree_with_candle_for_every_format() {
     }
 }
 
+/// Rows whose blocks end in tail groups (7 = 4 + 2 + 1 and 19 = 8 + 8 + 2 + 1 blocks) give every
+/// kernel the portable kernel's sums, in every row of a tiled batch.
+#[test]
+fn every_kernel_matches_the_portable_one_on_rows_with_tails() {
+    let pool = ComputePool::new(2).unwrap();
+    for inp in [7 * QK, 19 * QK] {
+        let w = random_matrix(37, inp, 8);
+        let x = random_matrix(70, inp, 9);
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let bytes = gguf_bytes(&w, dtype);
+            let forward = |k: Kernels| {
+                let m = QuantMatrix::from_gguf(dtype, &bytes, 37, inp, k).unwrap();
+                m.forward(&x, &pool, DType::F64).unwrap().to_vec2::<f64>().unwrap()
+            };
+            let reference = forward(Kernels::Portable);
+            for k in kernels() {
+                for (r, (a, b)) in forward(k).iter().zip(&reference).enumerate() {
+                    for (c, (a, b)) in a.iter().zip(b).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 1e-12 * (1.0 + b.abs()),
+                            "{dtype:?} {k:?} {inp} [{r},{c}]: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A matrix split by input columns into two halves gives f64 partial sums that add up exactly
 /// to the unsplit matrix's output: what keeps tensor-parallel ranks bit-identical.
 #[test]

@@ -182,8 +182,9 @@ impl<Q: VnniQuants> VnniRows<Q> {
     }
 }
 
-/// Activation rows interleaved like the weights, with per group and lane the block's scale `d`
-/// and sum `s` (as in [`ActRows`]) and the sum of the lane's quants (for the weights' offset).
+/// Activation rows interleaved like the weights, with per group and lane the block's scale `d`,
+/// its sum `s` (as in [`ActRows`]; first lane only) and the sum of the lane's quants (for the
+/// weights' offset).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct VnniActs {
     qs: Vec<i8>,
@@ -233,9 +234,10 @@ impl VnniActs {
                     }
                 }
                 for (j, &sum) in sums.iter().enumerate() {
-                    let (b, _) = lane_block(p, j);
+                    let (b, first_lane) = lane_block(p, j);
                     out.d.push(row.d[first + b]);
-                    out.s.push(row.s[first + b]);
+                    // Like the weights' offset, once per block: no 0 * inf in the other lanes.
+                    out.s.push(if first_lane { row.s[first + b] } else { 0.0 });
                     out.sums.push(sum);
                 }
             }
