@@ -2,9 +2,9 @@
 //!
 //! Q4_0, Q4_1 and Q8_0 (the formats of the usual GGUF files) run on SIMD kernels chosen at run
 //! time ([`vnni`] where the CPU has AVX-512 VNNI, else [`avx2`], else the portable [`scalar`]
-//! ones); the other GGUF formats use candle's per-block dot products. Either way each row's blocks are summed in
-//! f64, where their values are exact, so a row-parallel layer split over ranks adds up to the
-//! unsplit layer's result to the bit: a quantized row-parallel layer (o_proj, down_proj)
+//! ones); the other GGUF formats use candle's per-block dot products. Either way each row's
+//! blocks are summed in f64, where their values are exact, so a row-parallel layer split over
+//! ranks adds up to the unsplit layer's result to the bit: a quantized row-parallel layer (o_proj, down_proj)
 //! returns those f64 sums, the ranks all-reduce them, and the model rounds once.
 
 #[cfg(target_arch = "x86_64")]
@@ -80,13 +80,11 @@ impl Kernels {
     /// the same whatever `R` is.
     pub fn dot<Q: NativeQuants, const R: usize>(self, w: &WeightRow<'_, Q>, xs: [&ActRow<'_>; R]) -> [f64; R] {
         match self {
-            Self::Portable => xs.map(|x| scalar::dot(w, x)),
             // SAFETY: the guard checks that the CPU has AVX2 (a VNNI CPU has it too).
             #[cfg(target_arch = "x86_64")]
             Self::Avx2 | Self::Vnni if avx2::available() => unsafe { avx2::dot(w, xs) },
-            // Kernels this CPU lacks, asked for anyway: the portable ones give the same sums.
-            #[cfg(target_arch = "x86_64")]
-            Self::Avx2 | Self::Vnni => xs.map(|x| scalar::dot(w, x)),
+            // Also for kernels this CPU lacks, asked for anyway: the portable ones give the same sums.
+            _ => xs.map(|x| scalar::dot(w, x)),
         }
     }
 
@@ -100,12 +98,10 @@ impl Kernels {
     /// Quantizes activations (`qs.len() * 32` values) to 8-bit blocks.
     pub fn quantize(self, x: &[f32], qs: &mut [[i8; QK]], d: &mut [f64], s: &mut [f64]) {
         match self {
-            Self::Portable => scalar::quantize(x, qs, d, s),
             // SAFETY: as in `dot`.
             #[cfg(target_arch = "x86_64")]
             Self::Avx2 | Self::Vnni if avx2::available() => unsafe { avx2::quantize(x, qs, d, s) },
-            #[cfg(target_arch = "x86_64")]
-            Self::Avx2 | Self::Vnni => scalar::quantize(x, qs, d, s),
+            _ => scalar::quantize(x, qs, d, s),
         }
     }
 }
@@ -164,7 +160,6 @@ impl<Q: NativeQuants> Rows for Native<Q> {
 #[cfg(target_arch = "x86_64")]
 struct Interleaved<Q> {
     rows: vnni::VnniRows<Q>,
-    kernels: Kernels,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -174,7 +169,7 @@ impl<Q: NativeQuants> Rows for Interleaved<Q> {
         self.rows.per_row()
     }
     fn quantize(&self, x: &[f32], m: usize) -> Self::Acts {
-        vnni::VnniActs::new(&self.kernels.quantize_rows(x, m, self.per_row()))
+        vnni::VnniActs::new(&Kernels::Vnni.quantize_rows(x, m, self.per_row()))
     }
     fn dots<const N: usize>(&self, cols: Range<usize>, acts: &Self::Acts, r: usize, put: impl FnMut(usize, [f64; N])) {
         // SAFETY: `Interleaved` is only built when the CPU has VNNI (`native`).
@@ -317,7 +312,7 @@ fn native<Q: NativeQuants>(bytes: &[u8], out: usize, per_row: usize, kernels: Ke
     let rows = WeightRows::<Q>::from_gguf(bytes, per_row).filter(|_| bytes.len() == out * per_row * Q::GGUF_BYTES)?;
     #[cfg(target_arch = "x86_64")]
     if kernels == Kernels::Vnni && vnni::available() {
-        return Some(Arc::new(Interleaved { rows: vnni::VnniRows::new(&rows), kernels }));
+        return Some(Arc::new(Interleaved { rows: vnni::VnniRows::new(&rows) }));
     }
     Some(Arc::new(Native { rows, kernels }))
 }
