@@ -239,6 +239,11 @@ impl Results {
     pub fn to_vec(&self) -> Vec<f64> {
         self.0.iter().map(|v| f64::from_bits(v.load(Ordering::Relaxed))).collect()
     }
+
+    /// The values rounded to f32, once the loop writing them has returned.
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        self.0.iter().map(|v| f64::from_bits(v.load(Ordering::Relaxed)) as f32).collect()
+    }
 }
 
 #[cfg(test)]

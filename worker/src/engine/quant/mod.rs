@@ -257,11 +257,11 @@ fn fill<R: Rows, const N: usize>(
 /// The object-safe face of [`Rows`].
 trait MatMul: Send + Sync {
     /// `x` is `(m, in)` row-major; returns `(m, out)` row-major f64 sums.
-    fn matmul(self: Arc<Self>, x: &[f32], m: usize, out: usize, pool: &ComputePool) -> Vec<f64>;
+    fn matmul(self: Arc<Self>, x: &[f32], m: usize, out: usize, pool: &ComputePool) -> Arc<Results>;
 }
 
 impl<R: Rows> MatMul for R {
-    fn matmul(self: Arc<Self>, x: &[f32], m: usize, out: usize, pool: &ComputePool) -> Vec<f64> {
+    fn matmul(self: Arc<Self>, x: &[f32], m: usize, out: usize, pool: &ComputePool) -> Arc<Results> {
         let acts = self.quantize(x, m);
         let y = Arc::new(Results::new(m * out));
         // Chunks of about CHUNK_BLOCKS blocks (more for long prompts), and several per thread
@@ -291,7 +291,7 @@ impl<R: Rows> MatMul for R {
                 }
             }),
         );
-        y.to_vec()
+        y
     }
 }
 
@@ -358,9 +358,9 @@ impl QuantMatrix {
             *last = self.out;
         }
         if dtype == DType::F64 {
-            Tensor::from_vec(y, dims, &Device::Cpu)
+            Tensor::from_vec(y.to_vec(), dims, &Device::Cpu)
         } else {
-            Tensor::from_vec(y.into_iter().map(|v| v as f32).collect::<Vec<_>>(), dims, &Device::Cpu)
+            Tensor::from_vec(y.to_f32_vec(), dims, &Device::Cpu)
         }
     }
 }

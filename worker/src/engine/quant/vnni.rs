@@ -225,12 +225,11 @@ impl VnniActs {
                 let mut sums = [0i32; LANES];
                 for s in 0..p {
                     for (j, sum) in sums.iter_mut().enumerate() {
-                        for t in 0..CHUNK {
-                            let (b, e) = source(p, s, j, t);
-                            let q = row.qs[first + b][e];
-                            out.qs.push(q);
-                            *sum += i32::from(q);
-                        }
+                        // A lane's bytes are consecutive elements of one block.
+                        let (b, e) = source(p, s, j, 0);
+                        let quad: &[i8; CHUNK] = row.qs[first + b][e..][..CHUNK].try_into().expect("CHUNK bytes");
+                        out.qs.extend_from_slice(quad);
+                        *sum += quad.iter().map(|&q| i32::from(q)).sum::<i32>();
                     }
                 }
                 for (j, &sum) in sums.iter().enumerate() {
