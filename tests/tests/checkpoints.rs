@@ -2,8 +2,11 @@
 
 use std::path::Path;
 
-use candle_core::quantized::GgmlDType;
+use candle_core::quantized::{GgmlDType, gguf_file};
+use candle_core::{DType, Device, Tensor};
 use herd_tests::{fixture, tiny};
+use herd_worker::engine::pool::ComputePool;
+use herd_worker::engine::weights::{GgufMode, LayerPart, Part, WeightName, Weights};
 use herd_worker::engine::{DTypeChoice, Engine, LoadOptions, Message};
 
 fn logits(path: &Path, dtype: DTypeChoice, ids: &[u32]) -> Vec<Vec<f32>> {
@@ -75,12 +78,16 @@ fn tensor_attention_agrees_with_the_cpu_loops() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m");
     tiny::write_hf(&path, tiny::Dims::BASE, &tiny::tensors(tiny::Dims::BASE, 13), 1);
-    let loops = logits(&path, DTypeChoice::Auto, &IDS);
     let opts = LoadOptions { tensor_attention: true, ..LoadOptions::new(&path) };
     let engine = Engine::load(&opts, &mut |_, _| {}).unwrap();
+    // Long enough for the CPU loops to cut the queries into pieces.
+    let long: Vec<u32> = (0..40).map(|i| i * 37 % tiny::VOCAB as u32).collect();
+    for ids in [&IDS[..], &long] {
+        let loops = logits(&path, DTypeChoice::Auto, ids);
+        let d = max_diff(&loops, &engine.logits(ids).unwrap().to_vec2::<f32>().unwrap());
+        assert!(d < 1e-4, "tensor attention differs from the CPU loops by {d} over {} tokens", ids.len());
+    }
     let full = engine.logits(&IDS).unwrap().to_vec2::<f32>().unwrap();
-    let d = max_diff(&loops, &full);
-    assert!(d < 1e-4, "tensor attention differs from the CPU loops by {d}");
     let params = herd_worker::engine::GenerationParams {
         sampling: herd_worker::engine::SamplingParams::greedy(),
         max_tokens: Some(1),
@@ -128,4 +135,45 @@ fn gguf_llama_tokenizer_round_trips() {
     assert_eq!(pieces, vec!["<s>", "\u{2581}hello", "\u{2581}w", "or", "ld"]);
     let ids = tok.encode("héllo 7").unwrap();
     assert_eq!(tok.decode(&ids).unwrap(), "héllo 7", "byte fallback round-trips");
+}
+
+/// Opens a GGUF file's weights the way the engine does.
+fn open_gguf(path: &Path, mode: GgufMode) -> Weights {
+    let mut file = std::fs::File::open(path).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    Weights::open_gguf(path, content, mode, DType::F32).unwrap()
+}
+
+#[test]
+fn fused_layers_answer_like_each_layer_apart_to_the_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = tiny::Dims::TP;
+    let weights = tiny::tensors(d, 11);
+    let hd = d.hidden / d.heads;
+    let (q_out, kv_out) = (d.heads * hd, d.kv_heads * hd);
+    // A rank's rows, as under tensor parallelism.
+    let layers = [
+        (WeightName::Layer(1, LayerPart::Q), [q_out, d.hidden], Part::Rows(q_out / 2..q_out)),
+        (WeightName::Layer(1, LayerPart::K), [kv_out, d.hidden], Part::Rows(kv_out / 2..kv_out)),
+        (WeightName::Layer(1, LayerPart::V), [kv_out, d.hidden], Part::Rows(kv_out / 2..kv_out)),
+    ];
+    let pool = ComputePool::new(2).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (1, 5, d.hidden), &Device::Cpu).unwrap();
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0] {
+        let path = dir.path().join(format!("tiny-{dtype:?}.gguf"));
+        tiny::write_gguf(&path, d, &weights, dtype);
+        let w = open_gguf(&path, GgufMode::Quantized);
+        let (fused, outs) = w.fused_linear(&layers, &Device::Cpu).unwrap().expect("block-quantized layers fuse");
+        assert_eq!(outs, [q_out / 2, kv_out / 2, kv_out / 2]);
+        let y = fused.forward(&x, &pool).unwrap();
+        let mut at = 0;
+        for ((name, shape, part), n) in layers.iter().zip(outs) {
+            let apart = w.linear(*name, *shape, part.clone(), &Device::Cpu).unwrap().forward(&x, &pool).unwrap();
+            let part = y.narrow(2, at, n).unwrap();
+            assert_eq!(part.to_vec3::<f32>().unwrap(), apart.to_vec3::<f32>().unwrap(), "{dtype:?} {name:?}");
+            at += n;
+        }
+        // Dequantized weights keep each layer apart.
+        assert!(open_gguf(&path, GgufMode::Dequantized).fused_linear(&layers, &Device::Cpu).unwrap().is_none());
+    }
 }

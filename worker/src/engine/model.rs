@@ -87,29 +87,62 @@ impl Rope {
 
 struct Block {
     attn_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v.
+    qkv: Fused,
     o: Linear,
     ffn_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    /// gate and up.
+    gate_up: Fused,
     down: Linear,
 }
 
+/// Layers that read the same input: one matrix where the weights allow, else each apart.
+enum Fused {
+    One(Linear, Vec<usize>),
+    Apart(Vec<Linear>),
+}
+
+impl Fused {
+    /// Loads `layers` (each split by rows), fused if [`Weights::fused_linear`] can.
+    fn load(w: &Weights, layers: &[(WeightName, [usize; 2], Part)], device: &Device) -> Result<Self> {
+        if let Some((m, outs)) = w.fused_linear(layers, device)? {
+            return Ok(Self::One(m, outs));
+        }
+        let apart = layers.iter().map(|(name, shape, part)| w.linear(*name, *shape, part.clone(), device));
+        Ok(Self::Apart(apart.collect::<Result<_>>()?))
+    }
+
+    /// Each layer's output for `x`.
+    fn forward<const N: usize>(&self, x: &Tensor, pool: &ComputePool) -> Result<[Tensor; N]> {
+        let outs: Vec<Tensor> = match self {
+            Self::One(m, outs) => {
+                let y = m.forward(x, pool)?;
+                let starts = outs.iter().scan(0, |at, n| Some(std::mem::replace(at, *at + n)));
+                starts
+                    .zip(outs)
+                    .map(|(at, &n)| y.narrow(candle_core::D::Minus1, at, n))
+                    .collect::<candle_core::Result<_>>()?
+            }
+            Self::Apart(layers) => layers.iter().map(|l| l.forward(x, pool)).collect::<candle_core::Result<_>>()?,
+        };
+        let n = outs.len();
+        Ok(outs.try_into().unwrap_or_else(|_| unreachable!("{n} layers loaded, {N} asked for")))
+    }
+}
+
 /// One rank's part of one sequence's KV cache: its KV heads, for every layer. f32 models on
-/// the CPU keep it in growable vectors, `[position][kv head][head_dim]`, appended to in place;
-/// others keep tensors `(1, kv heads, positions, head_dim)`.
+/// the CPU keep it in growable vectors, one per KV head, `[position][head_dim]`, appended to in
+/// place; others keep tensors `(1, kv heads, positions, head_dim)`.
 #[derive(Debug, Clone, Default)]
 pub struct ShardCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
-    host: Vec<(Vec<f32>, Vec<f32>)>,
+    host: Vec<Vec<(Vec<f32>, Vec<f32>)>>,
 }
 
 impl ShardCache {
     /// An empty cache for a model of `layers` layers.
     pub fn new(layers: usize) -> Self {
-        Self { layers: vec![None; layers], host: vec![(Vec::new(), Vec::new()); layers] }
+        Self { layers: vec![None; layers], host: vec![Vec::new(); layers] }
     }
 
     /// A copy of the first `n` of the `len` positions it holds.
@@ -123,9 +156,9 @@ impl ShardCache {
         let host = self
             .host
             .iter()
-            .map(|(k, v)| {
-                let width = k.len().checked_div(len).unwrap_or(0);
-                (k[..n * width].to_vec(), v[..n * width].to_vec())
+            .map(|heads| {
+                let keep = |x: &Vec<f32>| x[..n * x.len().checked_div(len).unwrap_or(0)].to_vec();
+                heads.iter().map(|(k, v)| (keep(k), keep(v))).collect()
             })
             .collect();
         Ok(Self { layers, host })
@@ -134,7 +167,7 @@ impl ShardCache {
     /// Drops every cached token.
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(|l| *l = None);
-        self.host.iter_mut().for_each(|(k, v)| {
+        self.host.iter_mut().flatten().for_each(|(k, v)| {
             k.clear();
             v.clear();
         });
@@ -196,13 +229,22 @@ impl Llama {
             let name = |p| WeightName::Layer(i, p);
             blocks.push(Block {
                 attn_norm: w.dense(name(AttnNorm), &[h], Part::Whole, device)?,
-                q: w.linear(name(Q), [q_out, h], rows(q_part.clone()), device)?,
-                k: w.linear(name(K), [kv_out, h], rows(kv_part.clone()), device)?,
-                v: w.linear(name(V), [kv_out, h], rows(kv_part.clone()), device)?,
+                qkv: Fused::load(
+                    w,
+                    &[
+                        (name(Q), [q_out, h], rows(q_part.clone())),
+                        (name(K), [kv_out, h], rows(kv_part.clone())),
+                        (name(V), [kv_out, h], rows(kv_part.clone())),
+                    ],
+                    device,
+                )?,
                 o: w.summed_linear(name(O), [h, q_out], cols(q_part.clone()), device)?,
                 ffn_norm: w.dense(name(FfnNorm), &[h], Part::Whole, device)?,
-                gate: w.linear(name(Gate), [inter, h], rows(ffn_part.clone()), device)?,
-                up: w.linear(name(Up), [inter, h], rows(ffn_part.clone()), device)?,
+                gate_up: Fused::load(
+                    w,
+                    &[(name(Gate), [inter, h], rows(ffn_part.clone())), (name(Up), [inter, h], rows(ffn_part.clone()))],
+                    device,
+                )?,
                 down: w.summed_linear(name(Down), [h, inter], cols(ffn_part.clone()), device)?,
             });
             progress(i + 2, total);
@@ -302,11 +344,8 @@ impl Llama {
         }
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, eps)?;
-            let qkv = [
-                &block.q.forward(&h, &self.pool)?,
-                &block.k.forward(&h, &self.pool)?,
-                &block.v.forward(&h, &self.pool)?,
-            ];
+            let [q, k, v] = block.qkv.forward(&h, &self.pool)?;
+            let qkv = [&q, &k, &v];
             let attn = if host {
                 self.host_attention(layer, qkv, segs, &parts)?
             } else {
@@ -314,7 +353,8 @@ impl Llama {
             };
             x = (x + self.reduce(comm, block.o.forward(&attn, &self.pool)?)?)?;
             let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
-            let act = (block.gate.forward(&h, &self.pool)?.silu()? * block.up.forward(&h, &self.pool)?)?;
+            let [gate, up] = block.gate_up.forward(&h, &self.pool)?;
+            let act = (gate.silu()? * up)?;
             x = (x + self.reduce(comm, block.down.forward(&act, &self.pool)?)?)?;
         }
         let x = if all_positions {
@@ -392,14 +432,23 @@ impl Llama {
                 q[row * nh * hd..][..nh * hd].chunks_exact_mut(hd).for_each(|x| self.rope.rotate(x, c, s));
                 k[row * nkv * hd..][..nkv * hd].chunks_exact_mut(hd).for_each(|x| self.rope.rotate(x, c, s));
             }
-            let (kc, vc) = &mut seg.cache.host[layer];
-            let rows = offset * nkv * hd..(offset + t) * nkv * hd;
-            kc.extend_from_slice(&k[rows.clone()]);
-            vc.extend_from_slice(&v[rows]);
-            let first = kc.len() / (nkv * hd) - t;
-            units.extend((0..nh).map(|head| Unit { seg: index, offset, t, first, head }));
+            let heads = &mut seg.cache.host[layer];
+            heads.resize_with(nkv, Default::default);
+            for (g, (kc, vc)) in heads.iter_mut().enumerate() {
+                for row in offset..offset + t {
+                    let at = (row * nkv + g) * hd..(row * nkv + g + 1) * hd;
+                    kc.extend_from_slice(&k[at.clone()]);
+                    vc.extend_from_slice(&v[at]);
+                }
+            }
+            let first = heads[0].0.len() / hd - t;
+            // Queries in pieces of a few rows, so that a long prompt still spreads over the pool.
+            for start in (0..t).step_by(QUERY_PIECE) {
+                let rows = start..t.min(start + QUERY_PIECE);
+                units.extend((0..nkv).map(|group| Unit { seg: index, offset, rows: rows.clone(), first, group }));
+            }
         }
-        // The scores and sums run on the pool, a (sequence, head) pair per chunk. The job owns
+        // The scores and sums run on the pool, a (sequence, KV head, query piece) per chunk. The job owns
         // what it reads, so this layer's caches move into it and back.
         let caches: Vec<_> = segs.iter_mut().map(|s| std::mem::take(&mut s.cache.host[layer])).collect();
         let len = q.len();
@@ -407,7 +456,7 @@ impl Llama {
         let chunks = job.units.len();
         let run = job.clone();
         self.pool.run(chunks, Arc::new(move |u| run.unit(u)));
-        let out: Vec<f32> = job.out.to_vec().into_iter().map(|x| x as f32).collect();
+        let out = job.out.to_f32_vec();
         // A helper still finishing a chunk it was beaten to holds the job: copy the caches then.
         let caches = Arc::try_unwrap(job).map_or_else(|job| job.caches.clone(), |job| job.caches);
         for (seg, c) in segs.iter_mut().zip(caches) {
@@ -417,20 +466,24 @@ impl Llama {
     }
 }
 
-/// One chunk of host attention: a segment's queries for one head.
+/// Query rows per chunk of host attention.
+const QUERY_PIECE: usize = 16;
+
+/// One chunk of host attention: some of a segment's queries, for the heads of one KV group.
 struct Unit {
     seg: usize,
-    /// The segment's first row in the step, its rows, and the positions cached before them.
+    /// The segment's first row in the step, the unit's rows within it, and the positions cached
+    /// before the segment.
     offset: usize,
-    t: usize,
+    rows: Range<usize>,
     first: usize,
-    head: usize,
+    group: usize,
 }
 
 /// Host attention's parallel part: rotated queries, each segment's keys and values, the output.
 struct Attention {
     q: Vec<f32>,
-    caches: Vec<(Vec<f32>, Vec<f32>)>,
+    caches: Vec<Vec<(Vec<f32>, Vec<f32>)>>,
     units: Vec<Unit>,
     /// Query heads, KV heads and head size.
     heads: (usize, usize, usize),
@@ -439,35 +492,83 @@ struct Attention {
 }
 
 impl Attention {
-    /// Computes unit `u`'s outputs the same way whatever else the step holds.
+    /// Computes unit `u`'s outputs the same way whatever else the step holds, with the widest
+    /// vectors the CPU has: the Rust below is compiled again for AVX-512 and AVX2, which changes
+    /// how many lanes each instruction holds but no result (there is no fused multiply-add).
     fn unit(&self, u: usize) {
-        let Unit { seg, offset, t, first, head: h } = self.units[u];
-        let (nh, nkv, hd) = self.heads;
-        let g = h / (nh / nkv);
-        let (kc, vc) = &self.caches[seg];
-        let mut scores = Vec::with_capacity(first + t);
-        let mut o = vec![0f32; hd];
-        for i in 0..t {
-            // Query i sees positions up to its own.
-            scores.resize(first + i + 1, 0.0);
-            let qh = &self.q[((offset + i) * nh + h) * hd..][..hd];
-            for (j, sc) in scores.iter_mut().enumerate() {
-                *sc = dot(qh, &kc[(j * nkv + g) * hd..][..hd]) * self.scale;
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F.
+                return unsafe { self.unit_avx512(u) };
             }
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
+            if is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2.
+                return unsafe { self.unit_avx2(u) };
+            }
+        }
+        self.unit_portable(u)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn unit_avx512(&self, u: usize) {
+        self.unit_portable(u)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn unit_avx2(&self, u: usize) {
+        self.unit_portable(u)
+    }
+
+    /// [`Self::unit`] in the baseline instruction set; inlined into the wider versions.
+    ///
+    /// The heads of a KV group go through its keys and values together, reading them once
+    /// instead of once per head. Each head's arithmetic is the same as alone.
+    #[inline(always)]
+    fn unit_portable(&self, u: usize) {
+        let Unit { seg, offset, ref rows, first, group: g } = self.units[u];
+        let (nh, nkv, hd) = self.heads;
+        let per = nh / nkv;
+        let heads = g * per..(g + 1) * per;
+        let (kc, vc) = &self.caches[seg][g];
+        let mut scores = vec![Vec::with_capacity(first + rows.end); per];
+        let mut o = vec![0f32; per * hd];
+        for i in rows.clone() {
+            // Query i sees positions up to its own.
+            let seen = first + i + 1;
+            let at = |h: usize| ((offset + i) * nh + h) * hd;
+            for s in &mut scores {
+                s.clear();
+            }
+            let qs: Vec<&[f32]> = heads.clone().map(|h| &self.q[at(h)..][..hd]).collect();
+            for j in 0..seen {
+                let kj = &kc[j * hd..][..hd];
+                for (s, q) in scores.iter_mut().zip(&qs) {
+                    s.push(dot(q, kj) * self.scale);
+                }
+            }
+            let mut sums = vec![0f32; per];
+            for (s, sum) in scores.iter_mut().zip(&mut sums) {
+                let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                for sc in s.iter_mut() {
+                    *sc = (*sc - max).exp();
+                    *sum += *sc;
+                }
             }
             o.fill(0.0);
-            for (j, &p) in scores.iter().enumerate() {
-                let vj = &vc[(j * nkv + g) * hd..][..hd];
-                o.iter_mut().zip(vj).for_each(|(o, v)| *o += p * v);
+            for j in 0..seen {
+                let vj = &vc[j * hd..][..hd];
+                for (oh, s) in o.chunks_exact_mut(hd).zip(&scores) {
+                    let p = s[j];
+                    oh.iter_mut().zip(vj).for_each(|(o, v)| *o += p * v);
+                }
             }
-            let at = ((offset + i) * nh + h) * hd;
-            for (d, x) in o.iter().enumerate() {
-                self.out.set(at + d, f64::from(*x / sum));
+            for ((oh, h), sum) in o.chunks_exact(hd).zip(heads.clone()).zip(sums) {
+                for (d, x) in oh.iter().enumerate() {
+                    self.out.set(at(h) + d, f64::from(*x / sum));
+                }
             }
         }
     }
@@ -478,6 +579,7 @@ impl Attention {
 type SegmentPart = (usize, usize, (Vec<f32>, Vec<f32>), Option<(Tensor, Tensor, Option<Tensor>)>);
 
 /// A dot product in eight independent lanes, which the compiler vectorizes.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));

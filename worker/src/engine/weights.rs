@@ -470,6 +470,33 @@ impl Weights {
         self.matrix(w, shape, part, device, true)
     }
 
+    /// Layers that read the same input and are split by rows, as one matrix with their rows one
+    /// after another, and each layer's outputs; `None` unless they are block-quantized alike for
+    /// herd's CPU kernels. One matrix quantizes the input and meets the threads once, not once
+    /// per layer.
+    pub fn fused_linear(
+        &self,
+        layers: &[(WeightName, [usize; 2], Part)],
+        device: &Device,
+    ) -> Result<Option<(Linear, Vec<usize>)>> {
+        if !matches!(&self.store, Store::Gguf { mode: GgufMode::Quantized, .. }) || !device.is_cpu() {
+            return Ok(None);
+        }
+        let (mut bytes, mut outs, mut format) = (Vec::new(), Vec::new(), None);
+        for (w, shape, part) in layers {
+            let (dtype, b) = self.gguf_bytes(&w.gguf(), shape, part)?;
+            let [out, inp] = part.shape(shape)[..] else { unreachable!("matrices are 2-D") };
+            if format.replace((dtype, inp)).is_some_and(|f| f != (dtype, inp)) {
+                return Ok(None);
+            }
+            bytes.extend_from_slice(&b);
+            outs.push(out);
+        }
+        let Some((dtype, inp)) = format else { return Ok(None) };
+        let m = QuantMatrix::from_gguf(dtype, &bytes, outs.iter().sum(), inp, Kernels::detect());
+        Ok(m.map(|m| (Linear::Blocks { m, summed: false }, outs)))
+    }
+
     fn matrix(&self, w: WeightName, shape: [usize; 2], part: Part, device: &Device, summed: bool) -> Result<Linear> {
         let Store::Gguf { mode: GgufMode::Quantized, .. } = &self.store else {
             return Ok(Linear::Dense(self.dense(w, &shape, part, device)?));
