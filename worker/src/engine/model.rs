@@ -211,7 +211,11 @@ impl Llama {
         let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
         let whole = shard.world == 1;
         let rows = |r: Range<usize>| if whole { Part::Whole } else { Part::Rows(r) };
-        let cols = |r: Range<usize>| if whole { Part::Whole } else { Part::Cols(r) };
+        // Layers split by input columns add up over ranks; alone, a rank rounds as it goes.
+        let summed = |name, shape, c: Range<usize>| match whole {
+            true => w.linear(name, shape, Part::Whole, device),
+            false => w.summed_linear(name, shape, Part::Cols(c), device),
+        };
         // Whole heads per rank: row ranges of q/k/v and column ranges of o_proj.
         let heads = shard.even(cfg.num_heads);
         let kv_heads = shard.even(cfg.num_kv_heads);
@@ -238,14 +242,14 @@ impl Llama {
                     ],
                     device,
                 )?,
-                o: w.summed_linear(name(O), [h, q_out], cols(q_part.clone()), device)?,
+                o: summed(name(O), [h, q_out], q_part.clone())?,
                 ffn_norm: w.dense(name(FfnNorm), &[h], Part::Whole, device)?,
                 gate_up: Fused::load(
                     w,
                     &[(name(Gate), [inter, h], rows(ffn_part.clone())), (name(Up), [inter, h], rows(ffn_part.clone()))],
                     device,
                 )?,
-                down: w.summed_linear(name(Down), [h, inter], cols(ffn_part.clone()), device)?,
+                down: summed(name(Down), [h, inter], ffn_part.clone())?,
             });
             progress(i + 2, total);
         }
@@ -452,13 +456,15 @@ impl Llama {
         // what it reads, so this layer's caches move into it and back.
         let caches: Vec<_> = segs.iter_mut().map(|s| std::mem::take(&mut s.cache.host[layer])).collect();
         let len = q.len();
-        let job = Arc::new(Attention { q, caches, units, heads: (nh, nkv, hd), scale, out: Results::new(len) });
+        let job = Arc::new(Attention { q, caches, units, heads: (nh, nkv, hd), scale, out: Results::new_f32(len) });
         let chunks = job.units.len();
         let run = job.clone();
         self.pool.run(chunks, Arc::new(move |u| run.unit(u)));
-        let out = job.out.to_f32_vec();
-        // A helper still finishing a chunk it was beaten to holds the job: copy the caches then.
-        let caches = Arc::try_unwrap(job).map_or_else(|job| job.caches.clone(), |job| job.caches);
+        // A helper still finishing a chunk it was beaten to holds the job: copy it then.
+        let (out, caches) = match Arc::try_unwrap(job) {
+            Ok(job) => (job.out.into_f32_vec(), job.caches),
+            Err(job) => (job.out.to_f32_vec(), job.caches.clone()),
+        };
         for (seg, c) in segs.iter_mut().zip(caches) {
             seg.cache.host[layer] = c;
         }

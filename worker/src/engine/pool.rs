@@ -13,7 +13,7 @@
 //! the two cores, waiting for stragglers instead cut decode speed to a third, or less.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -221,28 +221,61 @@ fn helper(s: &Shared) {
     }
 }
 
-/// A buffer of f64 results that parallel chunks write with atomic stores.
-pub struct Results(Box<[AtomicU64]>);
+/// A buffer of results that parallel chunks write with atomic stores: f64 values, or values
+/// rounded to f32 as they are stored (half the memory, and no conversion afterwards).
+pub enum Results {
+    F64(Box<[AtomicU64]>),
+    F32(Box<[AtomicU32]>),
+}
 
 impl Results {
-    /// `n` zeros.
+    /// `n` f64 zeros.
     pub fn new(n: usize) -> Self {
-        Self((0..n).map(|_| AtomicU64::new(0)).collect())
+        Self::F64((0..n).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    /// `n` f32 zeros.
+    pub fn new_f32(n: usize) -> Self {
+        Self::F32((0..n).map(|_| AtomicU32::new(0)).collect())
     }
 
     /// Sets value `i`.
     pub fn set(&self, i: usize, v: f64) {
-        self.0[i].store(v.to_bits(), Ordering::Relaxed);
+        match self {
+            Self::F64(x) => x[i].store(v.to_bits(), Ordering::Relaxed),
+            Self::F32(x) => x[i].store((v as f32).to_bits(), Ordering::Relaxed),
+        }
     }
 
     /// The values, once the loop writing them has returned.
     pub fn to_vec(&self) -> Vec<f64> {
-        self.0.iter().map(|v| f64::from_bits(v.load(Ordering::Relaxed))).collect()
+        match self {
+            Self::F64(x) => x.iter().map(|v| f64::from_bits(v.load(Ordering::Relaxed))).collect(),
+            Self::F32(x) => x.iter().map(|v| f64::from(f32::from_bits(v.load(Ordering::Relaxed)))).collect(),
+        }
     }
 
     /// The values rounded to f32, once the loop writing them has returned.
     pub fn to_f32_vec(&self) -> Vec<f32> {
-        self.0.iter().map(|v| f64::from_bits(v.load(Ordering::Relaxed)) as f32).collect()
+        match self {
+            Self::F64(x) => x.iter().map(|v| f64::from_bits(v.load(Ordering::Relaxed)) as f32).collect(),
+            Self::F32(x) => x.iter().map(|v| f32::from_bits(v.load(Ordering::Relaxed))).collect(),
+        }
+    }
+
+    /// [`Results::to_f32_vec`], reusing the buffer of f32 results (the loop is over and no
+    /// straggler holds them, so plain reads are fine).
+    pub fn into_f32_vec(self) -> Vec<f32> {
+        match self {
+            Self::F32(x) => x.into_vec().into_iter().map(|v| f32::from_bits(v.into_inner())).collect(),
+            other => other.to_f32_vec(),
+        }
+    }
+
+    /// The values rounded to f32 once the loop writing them has returned, without a copy
+    /// unless a straggler still holds them.
+    pub fn take_f32(this: Arc<Self>) -> Vec<f32> {
+        Arc::try_unwrap(this).map_or_else(|shared| shared.to_f32_vec(), Self::into_f32_vec)
     }
 }
 
@@ -271,6 +304,21 @@ mod tests {
                 assert!(runs.iter().all(|&r| r >= 1), "{threads} threads, {chunks} chunks: {runs:?}");
             }
         }
+    }
+
+    #[test]
+    fn f32_results_round_once_and_come_back_with_or_without_a_copy() {
+        let pool = ComputePool::new(2).unwrap();
+        let third = 1.0f64 / 3.0;
+        let out = Arc::new(Results::new_f32(64));
+        let o = out.clone();
+        pool.run(64, Arc::new(move |i| o.set(i, i as f64 * third)));
+        let want: Vec<f32> = (0..64).map(|i| (i as f64 * third) as f32).collect();
+        assert_eq!(out.to_f32_vec(), want);
+        assert_eq!(out.to_vec(), want.iter().map(|&v| f64::from(v)).collect::<Vec<_>>());
+        let held = out.clone();
+        assert_eq!(Results::take_f32(out), want, "copied: another reference holds the buffer");
+        assert_eq!(Results::take_f32(held), want, "taken: the last reference");
     }
 
     #[test]

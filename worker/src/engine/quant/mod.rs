@@ -256,14 +256,13 @@ fn fill<R: Rows, const N: usize>(
 
 /// The object-safe face of [`Rows`].
 trait MatMul: Send + Sync {
-    /// `x` is `(m, in)` row-major; returns `(m, out)` row-major f64 sums.
-    fn matmul(self: Arc<Self>, x: &[f32], m: usize, out: usize, pool: &ComputePool) -> Arc<Results>;
+    /// `x` is `(m, in)` row-major; writes the `(m, out)` row-major sums to `y`.
+    fn matmul(self: Arc<Self>, x: &[f32], m: usize, out: usize, pool: &ComputePool, y: Arc<Results>);
 }
 
 impl<R: Rows> MatMul for R {
-    fn matmul(self: Arc<Self>, x: &[f32], m: usize, out: usize, pool: &ComputePool) -> Arc<Results> {
+    fn matmul(self: Arc<Self>, x: &[f32], m: usize, out: usize, pool: &ComputePool, y: Arc<Results>) {
         let acts = self.quantize(x, m);
-        let y = Arc::new(Results::new(m * out));
         // Chunks of about CHUNK_BLOCKS blocks (more for long prompts), and several per thread
         // to even out the ends.
         let tile = m.clamp(1, ROW_TILE);
@@ -272,7 +271,7 @@ impl<R: Rows> MatMul for R {
             .max(if tile == ROW_TILE { MIN_COLS } else { 1 })
             .clamp(1, (out / (pool.threads() * 4)).max(1));
         let col_chunks = out.div_ceil(cols_per_chunk);
-        let results = y.clone();
+        let results = y;
         // The job owns what it reads and writes: a helper may finish a chunk after `run` returns.
         pool.run(
             col_chunks * m.div_ceil(tile),
@@ -291,7 +290,6 @@ impl<R: Rows> MatMul for R {
                 }
             }),
         );
-        y
     }
 }
 
@@ -352,15 +350,18 @@ impl QuantMatrix {
     pub fn forward(&self, x: &Tensor, pool: &ComputePool, dtype: DType) -> candle_core::Result<Tensor> {
         let m = x.elem_count() / self.inp;
         let flat = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let y = self.rows.clone().matmul(&flat, m, self.out, pool);
+        let wide = dtype == DType::F64;
+        let n = m * self.out;
+        let y = Arc::new(if wide { Results::new(n) } else { Results::new_f32(n) });
+        self.rows.clone().matmul(&flat, m, self.out, pool, y.clone());
         let mut dims = x.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = self.out;
         }
-        if dtype == DType::F64 {
+        if wide {
             Tensor::from_vec(y.to_vec(), dims, &Device::Cpu)
         } else {
-            Tensor::from_vec(y.to_f32_vec(), dims, &Device::Cpu)
+            Tensor::from_vec(Results::take_f32(y), dims, &Device::Cpu)
         }
     }
 }
