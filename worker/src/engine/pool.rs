@@ -176,6 +176,9 @@ fn helper(s: &Shared) {
     // while polling (another process wants the core), it sleeps between loops for a while:
     // measured here with two busy processes on two cores, polling cut decode speed to a third.
     let mut quiet_until = Instant::now();
+    // When it last lost its core: once alone may be the host's hiccup, twice within `QUIET` is
+    // another process.
+    let mut preempted: Option<Instant> = None;
     loop {
         let since = Instant::now();
         let mut last = since;
@@ -195,7 +198,10 @@ fn helper(s: &Shared) {
             spins = 0;
             let now = Instant::now();
             if now - last > PREEMPTED {
-                quiet_until = now + QUIET;
+                if preempted.is_some_and(|at| now - at < QUIET) {
+                    quiet_until = now + QUIET;
+                }
+                preempted = Some(now);
             }
             last = now;
             if now - since < POLL && now >= quiet_until {
