@@ -47,15 +47,25 @@ fn groups(n: usize) -> impl Iterator<Item = (usize, usize)> {
 
 /// The block (within its group of `p`) and the element that byte `t` of lane `j` of step `s`
 /// holds.
+#[inline]
 fn source(p: usize, s: usize, j: usize, t: usize) -> (usize, usize) {
-    let per_block = LANES / p;
-    (j / per_block, CHUNK * (s * per_block + j % per_block) + t)
+    let (b, lane) = lane_block(p, j);
+    (b, CHUNK * ((s << lanes_shift(p)) + lane) + t)
 }
 
-/// The block (within its group of `p`) lane `j` sums, and whether it is the block's first lane.
-fn lane_block(p: usize, j: usize) -> (usize, bool) {
-    let per_block = LANES / p;
-    (j / per_block, j.is_multiple_of(per_block))
+/// log2 of the lanes a block of a group of `p` spreads over (`p` is 1, 2, 4 or 8): shifts, not
+/// divisions, since activations are interleaved at every matmul.
+#[inline]
+fn lanes_shift(p: usize) -> u32 {
+    debug_assert!(p.is_power_of_two() && p <= LANES);
+    (LANES / p).trailing_zeros()
+}
+
+/// The block (within its group of `p`) lane `j` sums, and which of the block's lanes it is.
+#[inline]
+fn lane_block(p: usize, j: usize) -> (usize, usize) {
+    let shift = lanes_shift(p);
+    (j >> shift, j & ((1 << shift) - 1))
 }
 
 /// A weight format with a VNNI kernel: quants as unsigned bytes, `OFFSET` above the signed value.
@@ -153,10 +163,10 @@ impl<Q: VnniQuants> VnniRows<Q> {
                     out.qs.extend_from_slice(&stream);
                 }
                 for j in 0..LANES {
-                    let (b, first_lane) = lane_block(p, j);
+                    let (b, lane) = lane_block(p, j);
                     out.d.push(row.d[first + b]);
                     if Q::HAS_MIN {
-                        out.m.push(if first_lane { row.m[first + b] } else { f16::ZERO });
+                        out.m.push(if lane == 0 { row.m[first + b] } else { f16::ZERO });
                     }
                 }
             }
@@ -233,10 +243,10 @@ impl VnniActs {
                     }
                 }
                 for (j, &sum) in sums.iter().enumerate() {
-                    let (b, first_lane) = lane_block(p, j);
+                    let (b, lane) = lane_block(p, j);
                     out.d.push(row.d[first + b]);
                     // Like the weights' offset, once per block: no 0 * inf in the other lanes.
-                    out.s.push(if first_lane { row.s[first + b] } else { 0.0 });
+                    out.s.push(if lane == 0 { row.s[first + b] } else { 0.0 });
                     out.sums.push(sum);
                 }
             }
