@@ -17,7 +17,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, GgmlType,
 };
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -349,11 +349,19 @@ impl QuantMatrix {
     /// `dtype` is F64, else rounded to f32.
     pub fn forward(&self, x: &Tensor, pool: &ComputePool, dtype: DType) -> candle_core::Result<Tensor> {
         let m = x.elem_count() / self.inp;
-        let flat = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let x = x.to_dtype(DType::F32)?;
         let wide = dtype == DType::F64;
         let n = m * self.out;
         let y = Arc::new(if wide { Results::new(n) } else { Results::new_f32(n) });
-        self.rows.clone().matmul(&flat, m, self.out, pool, y.clone());
+        let (storage, layout) = x.storage_and_layout();
+        // A contiguous input (the usual case) is read in place, not copied.
+        if let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            self.rows.clone().matmul(&cpu.as_slice::<f32>()?[start..end], m, self.out, pool, y.clone());
+        } else {
+            drop(storage);
+            let flat = x.flatten_all()?.to_vec1::<f32>()?;
+            self.rows.clone().matmul(&flat, m, self.out, pool, y.clone());
+        }
         let mut dims = x.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = self.out;

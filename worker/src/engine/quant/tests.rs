@@ -215,6 +215,11 @@ fn matrices_agree_with_candle_for_every_format() {
                         m.forward(&x.narrow(0, r, 1).unwrap(), &pool, DType::F32).unwrap().to_vec2::<f32>().unwrap();
                     assert_eq!(row[0], y[r], "{dtype:?} {k:?} row {r}");
                 }
+                // A strided input, copied rather than read in place, gives the same numbers.
+                let strided = x.t().unwrap().contiguous().unwrap().t().unwrap();
+                assert!(!strided.is_contiguous());
+                let ys = m.forward(&strided, &pool, DType::F32).unwrap().to_vec2::<f32>().unwrap();
+                assert_eq!(ys, y, "{dtype:?} {k:?} strided");
             }
         }
     }
