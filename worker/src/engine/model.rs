@@ -377,8 +377,7 @@ impl Llama {
         if !self.device.is_cpu() || gate.dtype() != DType::F32 {
             return Ok((gate.silu()? * up)?);
         }
-        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-        let inputs = Arc::new((flat(gate)?, flat(up)?));
+        let inputs = Arc::new((host_values(gate)?, host_values(up)?));
         let n = inputs.0.len();
         let out = Arc::new(Results::new_f32(n));
         let (job_out, chunk) = (out.clone(), SWIGLU_CHUNK);
@@ -449,8 +448,7 @@ impl Llama {
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.cfg.head_dim);
         let half = hd / 2;
         let scale = 1.0 / (hd as f32).sqrt();
-        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-        let (mut q, mut k, v) = (flat(q_all)?, flat(k_all)?, flat(v_all)?);
+        let (mut q, mut k, v) = (host_values(q_all)?, host_values(k_all)?, host_values(v_all)?);
         let mut units = Vec::new();
         for (index, (seg, (offset, t, (cos, sin), _))) in segs.iter_mut().zip(parts).enumerate() {
             let (offset, t) = (*offset, *t);
@@ -611,6 +609,31 @@ impl Attention {
 /// tables as tensors with its causal mask.
 type SegmentPart = (usize, usize, (Vec<f32>, Vec<f32>), Option<(Tensor, Tensor, Option<Tensor>)>);
 
+/// A CPU f32 tensor's values in row-major order, copied once: a view whose rows are contiguous
+/// (a fused layer's part) is read row by row rather than made contiguous and then copied.
+fn host_values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    let (storage, layout) = t.storage_and_layout();
+    if let (candle_core::Storage::Cpu(cpu), Some((&width, lead)), Some(1)) =
+        (&*storage, layout.dims().split_last(), layout.stride().last().copied())
+    {
+        let data = cpu.as_slice::<f32>()?;
+        let strides = &layout.stride()[..lead.len()];
+        let mut out = Vec::with_capacity(t.elem_count());
+        for row in 0..lead.iter().product() {
+            // The row's offset: its index in each leading dimension times that dimension's stride.
+            let (mut rest, mut at) = (row, layout.start_offset());
+            for (&dim, &stride) in lead.iter().zip(strides).rev() {
+                at += rest % dim * stride;
+                rest /= dim;
+            }
+            out.extend_from_slice(&data[at..at + width]);
+        }
+        return Ok(out);
+    }
+    drop(storage);
+    t.flatten_all()?.to_vec1()
+}
+
 /// A dot product in eight independent lanes, which the compiler vectorizes.
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -646,6 +669,26 @@ fn causal_mask(start: usize, t: usize, device: &Device, dtype: DType) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_values_reads_views_in_row_major_order() {
+        let t = Tensor::arange(0f32, 2.0 * 3.0 * 10.0, &Device::Cpu).unwrap().reshape((2, 3, 10)).unwrap();
+        let views = [
+            t.clone(),
+            t.narrow(2, 4, 5).unwrap(),
+            t.narrow(1, 1, 2).unwrap().narrow(2, 0, 3).unwrap(),
+            // Rows that are not contiguous take the copying path.
+            t.transpose(1, 2).unwrap(),
+        ];
+        for v in views {
+            assert_eq!(
+                host_values(&v).unwrap(),
+                v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "{:?}",
+                v.layout()
+            );
+        }
+    }
 
     #[test]
     fn mask_hides_future_positions_only() {
