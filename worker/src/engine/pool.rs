@@ -23,7 +23,7 @@ const POLL: Duration = Duration::from_millis(2);
 /// Spins between checks of the clock while polling.
 const SPINS: u32 = 64;
 /// A gap this long between two checks of the clock while polling means the thread lost its
-/// core; it then sleeps between loops instead of polling for [`QUIET`].
+/// core; twice within [`QUIET`], and it sleeps between loops instead of polling for [`QUIET`].
 const PREEMPTED: Duration = Duration::from_micros(500);
 const QUIET: Duration = Duration::from_millis(200);
 /// How long the caller waits for a helper's unfinished chunk before computing it itself: a few
@@ -169,15 +169,22 @@ impl Drop for ComputePool {
     }
 }
 
+/// Whether a helper that lost its core at `now`, and before that at `previous`, stops polling:
+/// once alone is the host's hiccup (a VM's, every second or so), twice within [`QUIET`] is
+/// another process. Stopping at every hiccup made helpers sleep between most loops, each then
+/// paying a wake-up.
+fn goes_quiet(previous: Option<Instant>, now: Instant) -> bool {
+    previous.is_some_and(|at| now.duration_since(at) < QUIET)
+}
+
 fn helper(s: &Shared) {
     // The epoch the pool started with: a loop may begin before this thread first runs.
     let mut seen = 0;
     // Polling pays only while this thread keeps its core. Once it finds itself descheduled
-    // while polling (another process wants the core), it sleeps between loops for a while:
-    // measured here with two busy processes on two cores, polling cut decode speed to a third.
+    // while polling again and again (another process wants the core), it sleeps between loops
+    // for a while: measured here with two busy processes on two cores, polling cut decode speed
+    // to a third.
     let mut quiet_until = Instant::now();
-    // When it last lost its core: once alone may be the host's hiccup, twice within `QUIET` is
-    // another process.
     let mut preempted: Option<Instant> = None;
     loop {
         let since = Instant::now();
@@ -198,7 +205,7 @@ fn helper(s: &Shared) {
             spins = 0;
             let now = Instant::now();
             if now - last > PREEMPTED {
-                if preempted.is_some_and(|at| now - at < QUIET) {
+                if goes_quiet(preempted, now) {
                     quiet_until = now + QUIET;
                 }
                 preempted = Some(now);
@@ -310,6 +317,14 @@ mod tests {
                 assert!(runs.iter().all(|&r| r >= 1), "{threads} threads, {chunks} chunks: {runs:?}");
             }
         }
+    }
+
+    #[test]
+    fn helpers_stop_polling_only_when_preempted_twice_within_the_quiet_time() {
+        let now = Instant::now() + QUIET * 2;
+        assert!(!goes_quiet(None, now), "a first preemption is a hiccup");
+        assert!(!goes_quiet(Some(now - QUIET - PREEMPTED), now), "one a while ago is another hiccup");
+        assert!(goes_quiet(Some(now - QUIET / 20), now), "two close together are another process");
     }
 
     #[test]
