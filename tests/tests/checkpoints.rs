@@ -76,17 +76,28 @@ fn incremental_decoding_matches_one_full_pass() {
 #[test]
 fn tensor_attention_agrees_with_the_cpu_loops() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("m");
-    tiny::write_hf(&path, tiny::Dims::BASE, &tiny::tensors(tiny::Dims::BASE, 13), 1);
-    let opts = LoadOptions { tensor_attention: true, ..LoadOptions::new(&path) };
-    let engine = Engine::load(&opts, &mut |_, _| {}).unwrap();
     // Long enough for the CPU loops to cut the queries into pieces.
     let long: Vec<u32> = (0..40).map(|i| i * 37 % tiny::VOCAB as u32).collect();
-    for ids in [&IDS[..], &long] {
-        let loops = logits(&path, DTypeChoice::Auto, ids);
-        let d = max_diff(&loops, &engine.logits(ids).unwrap().to_vec2::<f32>().unwrap());
-        assert!(d < 1e-4, "tensor attention differs from the CPU loops by {d} over {} tokens", ids.len());
+    // Grouped query heads, one KV head per query head, and one KV head for all.
+    for kv_heads in [2, 4, 1] {
+        let d = tiny::Dims { kv_heads, ..tiny::Dims::BASE };
+        let path = dir.path().join(format!("kv{kv_heads}"));
+        tiny::write_hf(&path, d, &tiny::tensors(d, 13), 1);
+        let opts = LoadOptions { tensor_attention: true, ..LoadOptions::new(&path) };
+        let engine = Engine::load(&opts, &mut |_, _| {}).unwrap();
+        for ids in [&IDS[..], &long] {
+            let loops = logits(&path, DTypeChoice::Auto, ids);
+            let diff = max_diff(&loops, &engine.logits(ids).unwrap().to_vec2::<f32>().unwrap());
+            assert!(
+                diff < 1e-4,
+                "{kv_heads} KV heads: tensor attention differs from the CPU loops by {diff} over {} tokens",
+                ids.len()
+            );
+        }
     }
+    let path = dir.path().join("kv2");
+    let opts = LoadOptions { tensor_attention: true, ..LoadOptions::new(&path) };
+    let engine = Engine::load(&opts, &mut |_, _| {}).unwrap();
     let full = engine.logits(&IDS).unwrap().to_vec2::<f32>().unwrap();
     let params = herd_worker::engine::GenerationParams {
         sampling: herd_worker::engine::SamplingParams::greedy(),
@@ -173,7 +184,15 @@ fn fused_layers_answer_like_each_layer_apart_to_the_bit() {
             assert_eq!(part.to_vec3::<f32>().unwrap(), apart.to_vec3::<f32>().unwrap(), "{dtype:?} {name:?}");
             at += n;
         }
-        // Dequantized weights keep each layer apart.
+        // Dequantized weights keep each layer apart, and so do layers of different formats or
+        // inputs (checked before anything is read).
         assert!(open_gguf(&path, GgufMode::Dequantized).fused_linear(&layers, &Device::Cpu).unwrap().is_none());
+        let q = layers[0].clone();
+        let norm = (WeightName::Layer(1, LayerPart::AttnNorm), [1, d.hidden], Part::Whole);
+        let down = (WeightName::Layer(1, LayerPart::Down), [d.hidden, d.inter], Part::Whole);
+        for other in [norm, down] {
+            let what = format!("{dtype:?} {:?}", other.0);
+            assert!(w.fused_linear(&[q.clone(), other], &Device::Cpu).unwrap().is_none(), "{what}");
+        }
     }
 }

@@ -164,13 +164,10 @@ impl ShardCache {
         Ok(Self { layers, host })
     }
 
-    /// Drops every cached token.
+    /// Drops every cached token and frees their memory (a preempted sequence waits without it).
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(|l| *l = None);
-        self.host.iter_mut().flatten().for_each(|(k, v)| {
-            k.clear();
-            v.clear();
-        });
+        self.host.iter_mut().for_each(Vec::clear);
     }
 }
 
@@ -358,7 +355,7 @@ impl Llama {
             x = (x + self.reduce(comm, block.o.forward(&attn, &self.pool)?)?)?;
             let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
             let [gate, up] = block.gate_up.forward(&h, &self.pool)?;
-            let act = self.swiglu(&gate, &up)?;
+            let act = swiglu(&self.pool, &gate, &up)?;
             x = (x + self.reduce(comm, block.down.forward(&act, &self.pool)?)?)?;
         }
         let x = if all_positions {
@@ -369,29 +366,6 @@ impl Llama {
         };
         let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, eps)?;
         Ok(self.logits(comm, &x.squeeze(0)?)?.to_dtype(DType::F32)?)
-    }
-
-    /// The feed-forward's gate, `silu(gate) * up`. On the CPU in f32 it runs on the pool: an
-    /// exponential per value is a few percent of a batched step. Same formula as candle's.
-    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-        if !self.device.is_cpu() || gate.dtype() != DType::F32 {
-            return Ok((gate.silu()? * up)?);
-        }
-        let inputs = Arc::new((host_values(gate)?, host_values(up)?));
-        let n = inputs.0.len();
-        let out = Arc::new(Results::new_f32(n));
-        let (job_out, chunk) = (out.clone(), SWIGLU_CHUNK);
-        self.pool.run(
-            n.div_ceil(chunk),
-            Arc::new(move |c| {
-                let (g, u) = &*inputs;
-                for i in c * chunk..(n.min((c + 1) * chunk)) {
-                    let x = g[i];
-                    job_out.set(i, f64::from(x / (1.0 + (-x).exp()) * u[i]));
-                }
-            }),
-        );
-        Ok(Tensor::from_vec(Results::take_f32(out), gate.dims(), &self.device)?)
     }
 
     /// Attention with tensors on the device, segment by segment; the KV cache grows by
@@ -446,6 +420,7 @@ impl Llama {
         parts: &[SegmentPart],
     ) -> Result<Tensor> {
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.cfg.head_dim);
+        let per = nh / nkv;
         let half = hd / 2;
         let scale = 1.0 / (hd as f32).sqrt();
         let (mut q, mut k, v) = (host_values(q_all)?, host_values(k_all)?, host_values(v_all)?);
@@ -471,8 +446,22 @@ impl Llama {
             // Queries in pieces of a few rows, so that a long prompt still spreads over the pool.
             for start in (0..t).step_by(QUERY_PIECE) {
                 let rows = start..t.min(start + QUERY_PIECE);
-                units.extend((0..nkv).map(|group| Unit { seg: index, offset, rows: rows.clone(), first, group }));
+                units.extend((0..nkv).map(|g| Unit {
+                    seg: index,
+                    offset,
+                    rows: rows.clone(),
+                    first,
+                    heads: g * per..(g + 1) * per,
+                }));
             }
+        }
+        // Too few units to keep every thread busy (one short sequence, few KV heads): a unit per
+        // query head instead, each computed as before.
+        if units.len() < self.pool.threads() && per > 1 {
+            units = units
+                .into_iter()
+                .flat_map(|u| u.heads.clone().map(move |h| Unit { heads: h..h + 1, rows: u.rows.clone(), ..u }))
+                .collect();
         }
         // The scores and sums run on the pool, a (sequence, KV head, query piece) per chunk. The job owns
         // what it reads, so this layer's caches move into it and back.
@@ -500,7 +489,7 @@ const SWIGLU_CHUNK: usize = 4096;
 /// Query rows per chunk of host attention.
 const QUERY_PIECE: usize = 16;
 
-/// One chunk of host attention: some of a segment's queries, for the heads of one KV group.
+/// One chunk of host attention: some of a segment's queries, for some query heads of one KV group.
 struct Unit {
     seg: usize,
     /// The segment's first row in the step, the unit's rows within it, and the positions cached
@@ -508,7 +497,7 @@ struct Unit {
     offset: usize,
     rows: Range<usize>,
     first: usize,
-    group: usize,
+    heads: Range<usize>,
 }
 
 /// Host attention's parallel part: rotated queries, each segment's keys and values, the output.
@@ -525,7 +514,8 @@ struct Attention {
 impl Attention {
     /// Computes unit `u`'s outputs the same way whatever else the step holds, with the widest
     /// vectors the CPU has: the Rust below is compiled again for AVX-512 and AVX2, which changes
-    /// how many lanes each instruction holds but no result (there is no fused multiply-add).
+    /// how many lanes each instruction holds but no result (Rust never fuses a multiply and an
+    /// add on its own).
     fn unit(&self, u: usize) {
         #[cfg(target_arch = "x86_64")]
         {
@@ -555,17 +545,16 @@ impl Attention {
 
     /// [`Self::unit`] in the baseline instruction set; inlined into the wider versions.
     ///
-    /// The heads of a KV group go through its keys and values together, reading them once
-    /// instead of once per head. Each head's arithmetic is the same as alone.
+    /// The unit's heads (of one KV group) go through its keys and values together, reading them
+    /// once instead of once per head. Each head's arithmetic is the same as alone.
     #[inline(always)]
     fn unit_portable(&self, u: usize) {
-        let Unit { seg, offset, ref rows, first, group: g } = self.units[u];
+        let Unit { seg, offset, ref rows, first, ref heads } = self.units[u];
         let (nh, nkv, hd) = self.heads;
-        let per = nh / nkv;
-        let heads = g * per..(g + 1) * per;
-        let (kc, vc) = &self.caches[seg][g];
-        let mut scores = vec![Vec::with_capacity(first + rows.end); per];
-        let mut o = vec![0f32; per * hd];
+        let (kc, vc) = &self.caches[seg][heads.start / (nh / nkv)];
+        let mut scores: Vec<Vec<f32>> = heads.clone().map(|_| Vec::with_capacity(first + rows.end)).collect();
+        let mut o = vec![0f32; heads.len() * hd];
+        let mut sums = vec![0f32; heads.len()];
         for i in rows.clone() {
             // Query i sees positions up to its own.
             let seen = first + i + 1;
@@ -573,14 +562,13 @@ impl Attention {
             for s in &mut scores {
                 s.clear();
             }
-            let qs: Vec<&[f32]> = heads.clone().map(|h| &self.q[at(h)..][..hd]).collect();
             for j in 0..seen {
                 let kj = &kc[j * hd..][..hd];
-                for (s, q) in scores.iter_mut().zip(&qs) {
-                    s.push(dot(q, kj) * self.scale);
+                for (s, h) in scores.iter_mut().zip(heads.clone()) {
+                    s.push(dot(&self.q[at(h)..][..hd], kj) * self.scale);
                 }
             }
-            let mut sums = vec![0f32; per];
+            sums.fill(0.0);
             for (s, sum) in scores.iter_mut().zip(&mut sums) {
                 let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 for sc in s.iter_mut() {
@@ -596,7 +584,7 @@ impl Attention {
                     oh.iter_mut().zip(vj).for_each(|(o, v)| *o += p * v);
                 }
             }
-            for ((oh, h), sum) in o.chunks_exact(hd).zip(heads.clone()).zip(sums) {
+            for ((oh, h), &sum) in o.chunks_exact(hd).zip(heads.clone()).zip(&sums) {
                 for (d, x) in oh.iter().enumerate() {
                     self.out.set(at(h) + d, f64::from(*x / sum));
                 }
@@ -608,6 +596,29 @@ impl Attention {
 /// A segment's offset in the step, its length, its rotary tables, and (device path) the same
 /// tables as tensors with its causal mask.
 type SegmentPart = (usize, usize, (Vec<f32>, Vec<f32>), Option<(Tensor, Tensor, Option<Tensor>)>);
+
+/// The feed-forward's gate, `silu(gate) * up`. On the CPU in f32 it runs on the pool: an
+/// exponential per value is a few percent of a batched step. Same formula as candle's.
+fn swiglu(pool: &ComputePool, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if !gate.device().is_cpu() || gate.dtype() != DType::F32 {
+        return Ok((gate.silu()? * up)?);
+    }
+    let inputs = Arc::new((host_values(gate)?, host_values(up)?));
+    let n = inputs.0.len();
+    let out = Arc::new(Results::new_f32(n));
+    let (job_out, chunk) = (out.clone(), SWIGLU_CHUNK);
+    pool.run(
+        n.div_ceil(chunk),
+        Arc::new(move |c| {
+            let (g, u) = &*inputs;
+            for i in c * chunk..(n.min((c + 1) * chunk)) {
+                let x = g[i];
+                job_out.set(i, f64::from(x / (1.0 + (-x).exp()) * u[i]));
+            }
+        }),
+    );
+    Ok(Tensor::from_vec(Results::take_f32(out), gate.dims(), &Device::Cpu)?)
+}
 
 /// A CPU f32 tensor's values in row-major order, copied once: a view whose rows are contiguous
 /// (a fused layer's part) is read row by row rather than made contiguous and then copied.
@@ -669,6 +680,55 @@ fn causal_mask(start: usize, t: usize, device: &Device, dtype: DType) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn swiglu_on_the_pool_gives_candles_bits() {
+        let pool = ComputePool::new(2).unwrap();
+        // Three chunks, the last one partial; large values reach exp's overflow.
+        let gate = (Tensor::randn(0f32, 30.0, (1, 5, 2000), &Device::Cpu).unwrap()).contiguous().unwrap();
+        let up = Tensor::randn(0f32, 1.0, (1, 5, 2000), &Device::Cpu).unwrap();
+        let want = (gate.silu().unwrap() * &up).unwrap();
+        let got = swiglu(&pool, &gate, &up).unwrap();
+        assert_eq!(got.dims(), want.dims());
+        let bits = |t: &Tensor| {
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        assert_eq!(bits(&got), bits(&want));
+    }
+
+    #[test]
+    fn every_compiled_copy_of_host_attention_gives_the_same_bits() {
+        // Two KV heads of three query heads each, a head size that leaves a tail after the
+        // 8-lane dot product, 40 cached positions and 5 new queries.
+        let (nh, nkv, hd, first, t) = (6, 2, 12, 40, 5);
+        let rand = |n: usize| Tensor::randn(0f32, 1.0, n, &Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
+        let q = rand(t * nh * hd);
+        let caches: Vec<Vec<_>> = vec![(0..nkv).map(|_| (rand((first + t) * hd), rand((first + t) * hd))).collect()];
+        // Runs units of `per` query heads each through `f`; returns the output's bits.
+        let run = |per: usize, f: &dyn Fn(&Attention, usize)| {
+            let units =
+                (0..nh / per).map(|u| Unit { seg: 0, offset: 0, rows: 0..t, first, heads: u * per..(u + 1) * per });
+            let out = Results::new_f32(q.len());
+            let a = Attention {
+                q: q.clone(),
+                caches: caches.clone(),
+                units: units.collect(),
+                heads: (nh, nkv, hd),
+                scale: 0.3,
+                out,
+            };
+            (0..a.units.len()).for_each(|u| f(&a, u));
+            a.out.to_f32_vec().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        let portable = run(1, &|a, u| a.unit_portable(u));
+        assert_eq!(run(1, &|a, u| a.unit(u)), portable, "the CPU's widest copy");
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: checked just above.
+            assert_eq!(run(1, &|a, u| unsafe { a.unit_avx2(u) }), portable, "AVX2");
+        }
+        assert_eq!(run(3, &|a, u| a.unit(u)), portable, "a unit per KV group");
+    }
 
     #[test]
     fn host_values_reads_views_in_row_major_order() {

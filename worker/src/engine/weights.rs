@@ -479,20 +479,28 @@ impl Weights {
         layers: &[(WeightName, [usize; 2], Part)],
         device: &Device,
     ) -> Result<Option<(Linear, Vec<usize>)>> {
-        if !matches!(&self.store, Store::Gguf { mode: GgufMode::Quantized, .. }) || !device.is_cpu() {
+        let Store::Gguf { content, mode: GgufMode::Quantized, .. } = &self.store else { return Ok(None) };
+        // One block-quantized format throughout, known before reading anything (else each layer
+        // loads apart, and reports a missing tensor itself).
+        let dtypes: Vec<_> =
+            layers.iter().map(|(w, ..)| content.tensor_infos.get(&w.gguf()).map(|i| i.ggml_dtype)).collect();
+        let dtype = match dtypes[..] {
+            [Some(d), ..] if dtypes.iter().all(|&x| x == Some(d)) => d,
+            _ => return Ok(None),
+        };
+        let inputs: Vec<_> = layers.iter().map(|(_, shape, part)| part.shape(shape)[1]).collect();
+        if !device.is_cpu()
+            || matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+            || inputs.iter().any(|&i| i != inputs[0])
+        {
             return Ok(None);
         }
-        let (mut bytes, mut outs, mut format) = (Vec::new(), Vec::new(), None);
+        let (mut bytes, mut outs) = (Vec::new(), Vec::new());
         for (w, shape, part) in layers {
-            let (dtype, b) = self.gguf_bytes(&w.gguf(), shape, part)?;
-            let [out, inp] = part.shape(shape)[..] else { unreachable!("matrices are 2-D") };
-            if format.replace((dtype, inp)).is_some_and(|f| f != (dtype, inp)) {
-                return Ok(None);
-            }
-            bytes.extend_from_slice(&b);
-            outs.push(out);
+            bytes.extend_from_slice(&self.gguf_bytes(&w.gguf(), shape, part)?.1);
+            outs.push(part.shape(shape)[0]);
         }
-        let Some((dtype, inp)) = format else { return Ok(None) };
+        let inp = inputs[0];
         let m = QuantMatrix::from_gguf(dtype, &bytes, outs.iter().sum(), inp, Kernels::detect());
         Ok(m.map(|m| (Linear::Blocks { m, summed: false }, outs)))
     }

@@ -271,7 +271,6 @@ impl<R: Rows> MatMul for R {
             .max(if tile == ROW_TILE { MIN_COLS } else { 1 })
             .clamp(1, (out / (pool.threads() * 4)).max(1));
         let col_chunks = out.div_ceil(cols_per_chunk);
-        let results = y;
         // The job owns what it reads and writes: a helper may finish a chunk after `run` returns.
         pool.run(
             col_chunks * m.div_ceil(tile),
@@ -284,8 +283,8 @@ impl<R: Rows> MatMul for R {
                 let mut r = rows;
                 while r < end {
                     r += match end - r {
-                        4.. => fill::<R, 4>(&self, &acts, cols.clone(), r, &results, out),
-                        _ => fill::<R, 1>(&self, &acts, cols.clone(), r, &results, out),
+                        4.. => fill::<R, 4>(&self, &acts, cols.clone(), r, &y, out),
+                        _ => fill::<R, 1>(&self, &acts, cols.clone(), r, &y, out),
                     };
                 }
             }),
