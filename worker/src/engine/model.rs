@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::{ModelConfig, RopeScaling};
 use super::error::Result;
+use super::host;
 use super::pool::{ComputePool, Results};
 use super::tp::{Communicator, Shard};
 use super::weights::{LayerPart, Linear, Part, WeightName, Weights};
@@ -208,11 +209,7 @@ impl Llama {
         let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
         let whole = shard.world == 1;
         let rows = |r: Range<usize>| if whole { Part::Whole } else { Part::Rows(r) };
-        // Layers split by input columns add up over ranks; alone, a rank rounds as it goes.
-        let summed = |name, shape, c: Range<usize>| match whole {
-            true => w.linear(name, shape, Part::Whole, device),
-            false => w.summed_linear(name, shape, Part::Cols(c), device),
-        };
+        let cols = |r: Range<usize>| if whole { Part::Whole } else { Part::Cols(r) };
         // Whole heads per rank: row ranges of q/k/v and column ranges of o_proj.
         let heads = shard.even(cfg.num_heads);
         let kv_heads = shard.even(cfg.num_kv_heads);
@@ -239,14 +236,14 @@ impl Llama {
                     ],
                     device,
                 )?,
-                o: summed(name(O), [h, q_out], q_part.clone())?,
+                o: w.summed_linear(name(O), [h, q_out], cols(q_part.clone()), device)?,
                 ffn_norm: w.dense(name(FfnNorm), &[h], Part::Whole, device)?,
                 gate_up: Fused::load(
                     w,
                     &[(name(Gate), [inter, h], rows(ffn_part.clone())), (name(Up), [inter, h], rows(ffn_part.clone()))],
                     device,
                 )?,
-                down: summed(name(Down), [h, inter], ffn_part.clone())?,
+                down: w.summed_linear(name(Down), [h, inter], cols(ffn_part.clone()), device)?,
             });
             progress(i + 2, total);
         }
@@ -423,7 +420,7 @@ impl Llama {
         let per = nh / nkv;
         let half = hd / 2;
         let scale = 1.0 / (hd as f32).sqrt();
-        let (mut q, mut k, v) = (host_values(q_all)?, host_values(k_all)?, host_values(v_all)?);
+        let (mut q, mut k, v) = (host::values(q_all)?, host::values(k_all)?, host::values(v_all)?);
         let mut units = Vec::new();
         for (index, (seg, (offset, t, (cos, sin), _))) in segs.iter_mut().zip(parts).enumerate() {
             let (offset, t) = (*offset, *t);
@@ -603,7 +600,7 @@ fn swiglu(pool: &ComputePool, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if !gate.device().is_cpu() || gate.dtype() != DType::F32 {
         return Ok((gate.silu()? * up)?);
     }
-    let inputs = Arc::new((host_values(gate)?, host_values(up)?));
+    let inputs = Arc::new((host::values(gate)?, host::values(up)?));
     let n = inputs.0.len();
     let out = Arc::new(Results::new_f32(n));
     let (job_out, chunk) = (out.clone(), SWIGLU_CHUNK);
@@ -618,31 +615,6 @@ fn swiglu(pool: &ComputePool, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         }),
     );
     Ok(Tensor::from_vec(Results::take_f32(out), gate.dims(), &Device::Cpu)?)
-}
-
-/// A CPU f32 tensor's values in row-major order, copied once: a view whose rows are contiguous
-/// (a fused layer's part) is read row by row rather than made contiguous and then copied.
-fn host_values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    let (storage, layout) = t.storage_and_layout();
-    if let (candle_core::Storage::Cpu(cpu), Some((&width, lead)), Some(1)) =
-        (&*storage, layout.dims().split_last(), layout.stride().last().copied())
-    {
-        let data = cpu.as_slice::<f32>()?;
-        let strides = &layout.stride()[..lead.len()];
-        let mut out = Vec::with_capacity(t.elem_count());
-        for row in 0..lead.iter().product() {
-            // The row's offset: its index in each leading dimension times that dimension's stride.
-            let (mut rest, mut at) = (row, layout.start_offset());
-            for (&dim, &stride) in lead.iter().zip(strides).rev() {
-                at += rest % dim * stride;
-                rest /= dim;
-            }
-            out.extend_from_slice(&data[at..at + width]);
-        }
-        return Ok(out);
-    }
-    drop(storage);
-    t.flatten_all()?.to_vec1()
 }
 
 /// A dot product in eight independent lanes, which the compiler vectorizes.
@@ -728,26 +700,6 @@ mod tests {
             assert_eq!(run(1, &|a, u| unsafe { a.unit_avx2(u) }), portable, "AVX2");
         }
         assert_eq!(run(3, &|a, u| a.unit(u)), portable, "a unit per KV group");
-    }
-
-    #[test]
-    fn host_values_reads_views_in_row_major_order() {
-        let t = Tensor::arange(0f32, 2.0 * 3.0 * 10.0, &Device::Cpu).unwrap().reshape((2, 3, 10)).unwrap();
-        let views = [
-            t.clone(),
-            t.narrow(2, 4, 5).unwrap(),
-            t.narrow(1, 1, 2).unwrap().narrow(2, 0, 3).unwrap(),
-            // Rows that are not contiguous take the copying path.
-            t.transpose(1, 2).unwrap(),
-        ];
-        for v in views {
-            assert_eq!(
-                host_values(&v).unwrap(),
-                v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                "{:?}",
-                v.layout()
-            );
-        }
     }
 
     #[test]

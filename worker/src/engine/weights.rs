@@ -465,9 +465,11 @@ impl Weights {
 
     /// Like [`Weights::linear`], for a layer whose outputs ranks add up (split by input
     /// columns): block-quantized weights on the CPU sum exactly, so that any split over ranks
-    /// gives the unsplit layer's result to the bit.
+    /// gives the unsplit layer's result to the bit. A rank holding the whole layer has nothing
+    /// to add: it rounds as it goes, to the same bits.
     pub fn summed_linear(&self, w: WeightName, shape: [usize; 2], part: Part, device: &Device) -> Result<Linear> {
-        self.matrix(w, shape, part, device, true)
+        let summed = part != Part::Whole;
+        self.matrix(w, shape, part, device, summed)
     }
 
     /// Layers that read the same input and are split by rows, as one matrix with their rows one

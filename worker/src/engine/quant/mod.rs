@@ -17,7 +17,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, GgmlType,
 };
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -352,15 +352,7 @@ impl QuantMatrix {
         let wide = dtype == DType::F64;
         let n = m * self.out;
         let y = Arc::new(if wide { Results::new(n) } else { Results::new_f32(n) });
-        let (storage, layout) = x.storage_and_layout();
-        // A contiguous input (the usual case) is read in place, not copied.
-        if let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
-            self.rows.clone().matmul(&cpu.as_slice::<f32>()?[start..end], m, self.out, pool, y.clone());
-        } else {
-            drop(storage);
-            let flat = x.flatten_all()?.to_vec1::<f32>()?;
-            self.rows.clone().matmul(&flat, m, self.out, pool, y.clone());
-        }
+        super::host::with_values(&x, |x| self.rows.clone().matmul(x, m, self.out, pool, y.clone()))?;
         let mut dims = x.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = self.out;
