@@ -75,39 +75,30 @@ fn f32_path_matches_transformers() {
     assert!(rate >= 0.99, "f32 path agrees with transformers at {good}/{total} positions, need >= 99%");
 }
 
-/// Issue 2 asks for >= 97% agreement with llama.cpp here; herd measures 191/203 (94.1%). That
-/// target sits below the noise floor of Q8 activation quantization on this model:
-/// `scripts/quant-noise-floor.py` runs llama.cpp's arithmetic twice, differing only in matmul
-/// accumulation precision (f32 vs f64), and the two agree on top-1 at 190/203 with a mean logit
-/// gap of 0.15, because SmolLM2's outlier activations flip Q8 rounding decisions; a top-1 lead of
-/// up to 0.316 flipped between the two. llama.cpp and the float32 reference agree at 189/203.
-/// This asserts the measured level so a real regression shows, and full agreement wherever
-/// llama.cpp's top-1 leads by more than that noise.
+/// On quantized GGUF files herd follows llama.cpp's CPU arithmetic (worker/src/engine/llamacpp.rs
+/// and the quantized matmuls' summing order), so it picks llama.cpp's top-1 wherever the
+/// reference has one, with the logit equal up to the last matmul's rounding. (Arithmetic that
+/// differs only by rounding picks another token at 4-7% of these positions, since 8-bit
+/// activation quantization turns last-bit differences into larger ones.)
 #[test]
 fn quantized_path_matches_llama_cpp() {
     let engine = engine(DTypeChoice::Auto);
-    let (mut total, mut good, mut confident, mut confident_good) = (0, 0, 0, 0);
+    let (mut total, mut good, mut worst) = (0, 0, 0f32);
     for case in reference().cases {
-        for ((id, _), top5) in forced_top1(&engine, &case).into_iter().zip(&case.llamacpp_top5_forced) {
-            let agrees = id == top5[0].0;
+        for ((id, logit), top5) in forced_top1(&engine, &case).into_iter().zip(&case.llamacpp_top5_forced) {
+            let (ref_id, ref_logit) = top5[0];
             total += 1;
-            good += usize::from(agrees);
-            // Where llama.cpp's choice leads by more than the Q8 noise, herd must make it too.
-            if top5[0].1 - top5[1].1 > CONFIDENT_MARGIN {
-                confident += 1;
-                confident_good += usize::from(agrees);
+            if id == ref_id {
+                good += 1;
+                worst = worst.max((logit - ref_logit).abs());
             }
         }
     }
     let rate = good as f64 / total as f64;
     eprintln!(
-        "quantized: {good}/{total} positions agree with llama.cpp ({:.1}%); {confident_good}/{confident} where \
-         llama.cpp leads by more than {CONFIDENT_MARGIN}",
+        "quantized: {good}/{total} positions agree with llama.cpp ({:.1}%), worst top-1 logit gap {worst:.6}",
         rate * 100.0
     );
-    assert!(rate >= 0.94, "quantized path agrees with llama.cpp at {good}/{total} positions, need >= 94%");
-    assert_eq!(confident_good, confident, "disagreement where llama.cpp is confident");
+    assert!(rate >= 0.97, "quantized path agrees with llama.cpp at {good}/{total} positions, need >= 97%");
+    assert!(worst <= 1e-4, "top-1 logits differ from llama.cpp's by up to {worst}");
 }
-
-/// A top-1 lead (in logits) above the largest one that accumulation rounding alone flipped (0.316).
-const CONFIDENT_MARGIN: f32 = 0.32;

@@ -82,12 +82,16 @@ fn tiny_checkpoints_split_over_two_and_four_ranks_match() {
         assert_split_matches(&sharded, DTypeChoice::Auto, tp, &IDS);
         assert_split_matches(&gguf, DTypeChoice::Auto, tp, &IDS);
     }
-    // Quantized weights stay quantized when the split falls on block boundaries...
-    assert_split_matches(&q8, DTypeChoice::Auto, 2, &IDS);
-    // ...dequantized ones may split anywhere...
+    // Quantized weights on CPU ranks split by whole rows only (o_proj and down_proj by output
+    // rows), so any rank count works; dequantized ones may split anywhere.
+    for tp in [2, 4] {
+        assert_split_matches(&q8, DTypeChoice::Auto, tp, &IDS);
+    }
     assert_split_matches(&q8, DTypeChoice::F32, 4, &IDS);
-    // ...and otherwise the error says why.
-    let e = load(&q8, DTypeChoice::Auto, 4).err().expect("a split inside Q8_0 blocks is refused").to_string();
+    // Where o_proj and down_proj split by input columns instead (tensor attention, as on GPUs),
+    // a split inside quantization blocks is refused, saying why.
+    let opts = LoadOptions { tensor_attention: true, devices: vec![Device::Cpu; 4], ..LoadOptions::new(&q8) };
+    let e = Engine::load(&opts, &mut |_, _| {}).err().expect("a split inside Q8_0 blocks is refused").to_string();
     assert!(e.contains("blocks of 32") && e.contains("--dtype f32"), "{e}");
 }
 

@@ -1,13 +1,14 @@
 //! Throughput of the CPU matrix kernels on one thread: every implementation this CPU runs, the
-//! formats with herd's own kernels, 1 to 16 activation rows (decode batches) and 64 and 512
-//! (prompts), on a SmolLM2-sized MLP matrix. `cargo bench -p herd-worker --bench kernels`.
+//! formats with herd's own kernels, both ways of summing rows, 1 to 16 activation rows (decode
+//! batches) and 64 and 512 (prompts), on a SmolLM2-sized MLP matrix.
+//! `cargo bench -p herd-worker --bench kernels`.
 
 use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use herd_worker::engine::pool::ComputePool;
-use herd_worker::engine::quant::{Kernels, QuantMatrix};
+use herd_worker::engine::quant::{Kernels, QuantMatrix, Sums};
 
 /// Multiply-adds per timed run; the best of `RUNS` runs is reported.
 const WORK: usize = 600_000_000;
@@ -19,14 +20,15 @@ fn main() -> candle_core::Result<()> {
     let pool = ComputePool::new(1).map_err(candle_core::Error::wrap)?;
     println!("{out}x{inp} matrix, 1 thread, GMAC/s (best of {RUNS})");
     println!(
-        "{:<8} {:<9} {:>8} {:>8} {:>8} {:>8} {:>8}",
-        "format", "kernels", "1 row", "4 rows", "16 rows", "64 rows", "512 rows"
+        "{:<8} {:<9} {:<6} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "format", "kernels", "sums", "1 row", "4 rows", "16 rows", "64 rows", "512 rows"
     );
     for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
         let bytes = QTensor::quantize(&w, dtype)?.data()?.into_owned();
-        for kernels in Kernels::available() {
-            let m = QuantMatrix::from_gguf(dtype, &bytes, out, inp, kernels).expect("a supported matrix");
-            let mut line = format!("{:<8} {:<9}", format!("{dtype:?}"), format!("{kernels:?}"));
+        for (kernels, sums) in Kernels::available().into_iter().flat_map(|k| [(k, Sums::Llama), (k, Sums::Exact)]) {
+            let m = QuantMatrix::from_gguf(dtype, &bytes, [out, inp], kernels, sums).expect("a supported matrix");
+            let mut line =
+                format!("{:<8} {:<9} {:<6}", format!("{dtype:?}"), format!("{kernels:?}"), format!("{sums:?}"));
             for rows in [1, 4, 16, 64, 512] {
                 let x = Tensor::randn(0f32, 1.0, (rows, inp), &Device::Cpu)?;
                 let iters = (WORK / (rows * out * inp)).max(1);

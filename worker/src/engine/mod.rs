@@ -5,6 +5,7 @@ pub mod config;
 pub mod detok;
 pub mod error;
 pub mod host;
+pub mod llamacpp;
 pub mod model;
 pub mod pool;
 pub mod prefix;

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use super::config::{ModelConfig, RopeScaling};
 use super::error::Result;
 use super::host;
+use super::llamacpp;
 use super::pool::{ComputePool, Results};
 use super::tp::{Communicator, Shard};
 use super::weights::{LayerPart, Linear, Part, WeightName, Weights};
@@ -21,11 +22,22 @@ struct Rope {
     scaling: RopeScaling,
     /// GGUF files permute q/k rows so that rotation pairs are adjacent (llama.cpp's layout).
     interleaved: bool,
+    /// Angles and rotation computed as llama.cpp does ([`llamacpp::rope_cache`]).
+    llama_cpp: bool,
 }
 
 impl Rope {
     /// cos and sin tables, `head_dim/2` values per position, for positions `start..start+n`.
     fn tables(&self, start: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
+        if self.llama_cpp {
+            let freq_scale = match self.scaling {
+                RopeScaling::Linear { factor } => 1.0 / factor as f32,
+                _ => 1.0,
+            };
+            return (start..start + n)
+                .flat_map(|p| llamacpp::rope_cache(p, self.head_dim, self.theta as f32, freq_scale))
+                .unzip();
+        }
         let half = self.head_dim / 2;
         let d = self.head_dim as f64;
         let (theta, pos_scale) = match self.scaling {
@@ -72,8 +84,8 @@ impl Rope {
             // Interleaved layouts pair neighbours; HF's pairs each value with the one half a head on.
             let (a, b) = if self.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
             let (x0, x1) = (x[a], x[b]);
-            x[a] = x0 * c - x1 * s;
-            x[b] = x0 * s + x1 * c;
+            (x[a], x[b]) =
+                if self.llama_cpp { llamacpp::rotate(x0, x1, c, s) } else { (x0 * c - x1 * s, x0 * s + x1 * c) };
         }
     }
 
@@ -192,6 +204,11 @@ pub struct Llama {
     pool: ComputePool,
     /// Whether attention runs in plain loops over host memory rather than tensor ops.
     host_attention: bool,
+    /// Whether the step follows llama.cpp's arithmetic ([`llamacpp`]): block-quantized weights
+    /// on the CPU, where herd's results should be llama.cpp's.
+    llama_cpp: bool,
+    /// Whether o_proj and down_proj hold this rank's output rows rather than input columns.
+    split_outputs: bool,
 }
 
 impl Llama {
@@ -217,6 +234,22 @@ impl Llama {
         let kv_part = kv_heads.start * hd..kv_heads.end * hd;
         let ffn_part = shard.even(inter);
         let vocab = shard.chunk(cfg.vocab_size);
+        let host_attention = device.is_cpu() && w.dtype() == DType::F32 && !tensor_attention;
+        // llama.cpp has no dynamic rotary scaling, and its f16 matmuls need heads of 8 lanes.
+        let llama_cpp = host_attention
+            && w.block_quantized(WeightName::Layer(0, LayerPart::O))
+            && hd.is_multiple_of(8)
+            && !matches!(cfg.rope_scaling, RopeScaling::Dynamic { .. });
+        // Split ranks following llama.cpp cut o_proj and down_proj by output rows (inputs
+        // gathered), so that each output sums its whole row in llama.cpp's order, as one rank does.
+        let split_outputs = llama_cpp && !whole;
+        let row_parallel = |name, inp: usize, part: &Range<usize>| {
+            if split_outputs {
+                w.linear(name, [h, inp], Part::Rows(shard.chunk(h)), device)
+            } else {
+                w.summed_linear(name, [h, inp], cols(part.clone()), device)
+            }
+        };
         // Progress counts the embedding, each layer, and the head.
         let total = cfg.num_layers + 2;
         let embed = w.dense(WeightName::Embed, &[cfg.vocab_size, h], rows(vocab.clone()), device)?;
@@ -236,14 +269,14 @@ impl Llama {
                     ],
                     device,
                 )?,
-                o: w.summed_linear(name(O), [h, q_out], cols(q_part.clone()), device)?,
+                o: row_parallel(name(O), q_out, &q_part)?,
                 ffn_norm: w.dense(name(FfnNorm), &[h], Part::Whole, device)?,
                 gate_up: Fused::load(
                     w,
                     &[(name(Gate), [inter, h], rows(ffn_part.clone())), (name(Up), [inter, h], rows(ffn_part.clone()))],
                     device,
                 )?,
-                down: w.summed_linear(name(Down), [h, inter], cols(ffn_part.clone()), device)?,
+                down: row_parallel(name(Down), inter, &ffn_part)?,
             });
             progress(i + 2, total);
         }
@@ -253,7 +286,13 @@ impl Llama {
         let head_name = if tied { WeightName::Embed } else { WeightName::LmHead };
         let lm_head = w.linear(head_name, [cfg.vocab_size, h], rows(vocab.clone()), device)?;
         progress(total, total);
-        let rope = Rope { head_dim: hd, theta: cfg.rope_theta, scaling: cfg.rope_scaling, interleaved: w.is_gguf() };
+        let rope = Rope {
+            head_dim: hd,
+            theta: cfg.rope_theta,
+            scaling: cfg.rope_scaling,
+            interleaved: w.is_gguf(),
+            llama_cpp,
+        };
         Ok(Self {
             cfg: cfg.clone(),
             shard,
@@ -268,7 +307,9 @@ impl Llama {
             device: device.clone(),
             dtype: w.dtype(),
             pool,
-            host_attention: device.is_cpu() && w.dtype() == DType::F32 && !tensor_attention,
+            host_attention,
+            llama_cpp,
+            split_outputs,
         })
     }
 
@@ -287,30 +328,40 @@ impl Llama {
         Ok(comm.all_reduce_sum(&rows)?.unsqueeze(0)?)
     }
 
-    /// Sums the partial outputs of a row-parallel layer over the ranks, in the precision the
-    /// layer produced them (f64 for exact sums), then converts to the model's dtype.
-    fn reduce(&self, comm: &dyn Communicator, x: Tensor) -> candle_core::Result<Tensor> {
-        let x = if self.shard.world == 1 { x } else { comm.all_reduce_sum(&x)? };
-        x.to_dtype(self.dtype)
+    /// A row-parallel layer (o_proj, down_proj) applied to this rank's part of its input. Split
+    /// by input columns, the ranks' partial outputs are summed in the precision the layer
+    /// produced them (f64 for exact sums); split by output rows, the inputs are gathered first
+    /// and the outputs after.
+    fn row_parallel(&self, comm: &dyn Communicator, layer: &Linear, x: &Tensor) -> Result<Tensor> {
+        if self.split_outputs {
+            let y = layer.forward(&comm.all_gather(x)?, &self.pool)?;
+            return self.gather_chunks(comm, y, self.cfg.hidden_size);
+        }
+        let y = layer.forward(x, &self.pool)?;
+        let y = if self.shard.world == 1 { y } else { comm.all_reduce_sum(&y)? };
+        Ok(y.to_dtype(self.dtype)?)
     }
 
-    /// Logits `(n, vocab)` from final hidden states `(n, hidden)`: each rank computes its
-    /// vocabulary rows, padded to the common chunk size, and the slices are gathered.
-    fn logits(&self, comm: &dyn Communicator, x: &Tensor) -> Result<Tensor> {
-        let local = self.lm_head.forward(x, &self.pool)?;
+    /// Every rank's chunk of the last dimension ([`Shard::chunk`] of `n`) gathered: shorter last
+    /// chunks are padded to the common size for the collective, and the padding cut after.
+    fn gather_chunks(&self, comm: &dyn Communicator, local: Tensor, n: usize) -> Result<Tensor> {
         if self.shard.world == 1 {
             return Ok(local);
         }
-        let chunk = self.cfg.vocab_size.div_ceil(self.shard.world);
-        let local = match chunk - self.vocab.len() {
+        let chunk = n.div_ceil(self.shard.world);
+        let last = local.rank() - 1;
+        let local = match chunk - local.dim(last)? {
             0 => local,
-            pad => {
-                let fill =
-                    Tensor::full(f32::NEG_INFINITY, (local.dim(0)?, pad), &self.device)?.to_dtype(local.dtype())?;
-                Tensor::cat(&[&local, &fill], 1)?
-            }
+            pad => local.pad_with_zeros(last, 0, pad)?,
         };
-        Ok(comm.all_gather(&local)?.narrow(1, 0, self.cfg.vocab_size)?)
+        Ok(comm.all_gather(&local)?.narrow(last, 0, n)?)
+    }
+
+    /// Logits `(n, vocab)` from final hidden states `(n, hidden)`: each rank computes its
+    /// vocabulary rows and the slices are gathered.
+    fn logits(&self, comm: &dyn Communicator, x: &Tensor) -> Result<Tensor> {
+        let local = self.lm_head.forward(x, &self.pool)?;
+        self.gather_chunks(comm, local, self.cfg.vocab_size)
     }
 
     /// One step of a batch of sequences: each segment's tokens run at positions `start..` after
@@ -319,7 +370,6 @@ impl Llama {
     /// f32 logits: `(total tokens, vocab)` when `all_positions`, else `(segments, vocab)` for each
     /// segment's last token. Every rank of the group must run the same call.
     pub fn forward(&self, comm: &dyn Communicator, segs: &mut [Segment], all_positions: bool) -> Result<Tensor> {
-        let eps = self.cfg.rms_norm_eps as f32;
         let tokens: Vec<u32> = segs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         let mut x = self.embed(comm, &tokens)?;
         // Per segment: offset in the batch, length, rotary tables and causal mask (tensors for
@@ -341,7 +391,7 @@ impl Llama {
             offset += t;
         }
         for (layer, block) in self.blocks.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, eps)?;
+            let h = self.rms_norm(&x, &block.attn_norm)?;
             let [q, k, v] = block.qkv.forward(&h, &self.pool)?;
             let qkv = [&q, &k, &v];
             let attn = if host {
@@ -349,11 +399,11 @@ impl Llama {
             } else {
                 self.device_attention(layer, qkv, segs, &parts)?
             };
-            x = (x + self.reduce(comm, block.o.forward(&attn, &self.pool)?)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
+            x = (x + self.row_parallel(comm, &block.o, &attn)?)?;
+            let h = self.rms_norm(&x, &block.ffn_norm)?;
             let [gate, up] = block.gate_up.forward(&h, &self.pool)?;
-            let act = swiglu(&self.pool, &gate, &up)?;
-            x = (x + self.reduce(comm, block.down.forward(&act, &self.pool)?)?)?;
+            let act = swiglu(&self.pool, &gate, &up, self.llama_cpp)?;
+            x = (x + self.row_parallel(comm, &block.down, &act)?)?;
         }
         let x = if all_positions {
             x
@@ -361,8 +411,18 @@ impl Llama {
             let last: Vec<u32> = parts.iter().map(|(offset, t, ..)| (offset + t - 1) as u32).collect();
             x.index_select(&Tensor::new(last, &self.device)?, 1)?
         };
-        let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, eps)?;
+        let x = self.rms_norm(&x.contiguous()?, &self.norm)?;
         Ok(self.logits(comm, &x.squeeze(0)?)?.to_dtype(DType::F32)?)
+    }
+
+    /// RMS normalization of `x`'s rows times `w`, as llama.cpp computes it where the step follows it.
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps as f32;
+        if !self.llama_cpp {
+            return Ok(candle_nn::ops::rms_norm(x, w, eps)?);
+        }
+        let y = llamacpp::rms_norm(&host::values(x)?, &host::values(w)?, eps);
+        Ok(Tensor::from_vec(y, x.dims(), &Device::Cpu)?)
     }
 
     /// Attention with tensors on the device, segment by segment; the KV cache grows by
@@ -420,7 +480,7 @@ impl Llama {
         let per = nh / nkv;
         let half = hd / 2;
         let scale = 1.0 / (hd as f32).sqrt();
-        let (mut q, mut k, v) = (host::values(q_all)?, host::values(k_all)?, host::values(v_all)?);
+        let (mut q, mut k, mut v) = (host::values(q_all)?, host::values(k_all)?, host::values(v_all)?);
         let mut units = Vec::new();
         for (index, (seg, (offset, t, (cos, sin), _))) in segs.iter_mut().zip(parts).enumerate() {
             let (offset, t) = (*offset, *t);
@@ -429,6 +489,13 @@ impl Llama {
                 let row = offset + i;
                 q[row * nh * hd..][..nh * hd].chunks_exact_mut(hd).for_each(|x| self.rope.rotate(x, c, s));
                 k[row * nkv * hd..][..nkv * hd].chunks_exact_mut(hd).for_each(|x| self.rope.rotate(x, c, s));
+            }
+            if self.llama_cpp {
+                // llama.cpp's KV cache holds f16, and its attention matmuls take queries in f16.
+                for x in [&mut q[offset * nh * hd..][..t * nh * hd], &mut k[offset * nkv * hd..][..t * nkv * hd]] {
+                    x.iter_mut().for_each(|x| *x = llamacpp::half(*x));
+                }
+                v[offset * nkv * hd..][..t * nkv * hd].iter_mut().for_each(|x| *x = llamacpp::half(*x));
             }
             let heads = &mut seg.cache.host[layer];
             heads.resize_with(nkv, Default::default);
@@ -464,7 +531,16 @@ impl Llama {
         // what it reads, so this layer's caches move into it and back.
         let caches: Vec<_> = segs.iter_mut().map(|s| std::mem::take(&mut s.cache.host[layer])).collect();
         let len = q.len();
-        let job = Arc::new(Attention { q, caches, units, heads: (nh, nkv, hd), scale, out: Results::new_f32(len) });
+        let llama_cpp = self.llama_cpp;
+        let job = Arc::new(Attention {
+            q,
+            caches,
+            units,
+            heads: (nh, nkv, hd),
+            scale,
+            out: Results::new_f32(len),
+            llama_cpp,
+        });
         let chunks = job.units.len();
         let run = job.clone();
         self.pool.run(chunks, Arc::new(move |u| run.unit(u)));
@@ -506,6 +582,8 @@ struct Attention {
     heads: (usize, usize, usize),
     scale: f32,
     out: Results,
+    /// Whether each head is computed as llama.cpp does ([`llamacpp::attend`]).
+    llama_cpp: bool,
 }
 
 impl Attention {
@@ -520,8 +598,8 @@ impl Attention {
                 // SAFETY: the CPU has AVX-512F.
                 return unsafe { self.unit_avx512(u) };
             }
-            if is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2.
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA.
                 return unsafe { self.unit_avx2(u) };
             }
         }
@@ -535,7 +613,7 @@ impl Attention {
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     fn unit_avx2(&self, u: usize) {
         self.unit_portable(u)
     }
@@ -549,6 +627,17 @@ impl Attention {
         let Unit { seg, offset, ref rows, first, ref heads } = self.units[u];
         let (nh, nkv, hd) = self.heads;
         let (kc, vc) = &self.caches[seg][heads.start / (nh / nkv)];
+        if self.llama_cpp {
+            let (mut scores, mut o) = (Vec::with_capacity(first + rows.end), vec![0f32; hd]);
+            for i in rows.clone() {
+                for h in heads.clone() {
+                    let at = ((offset + i) * nh + h) * hd;
+                    llamacpp::attend(&self.q[at..][..hd], kc, vc, first + i + 1, self.scale, &mut scores, &mut o);
+                    o.iter().enumerate().for_each(|(d, &x)| self.out.set(at + d, f64::from(x)));
+                }
+            }
+            return;
+        }
         let mut scores: Vec<Vec<f32>> = heads.clone().map(|_| Vec::with_capacity(first + rows.end)).collect();
         let mut o = vec![0f32; heads.len() * hd];
         let mut sums = vec![0f32; heads.len()];
@@ -595,8 +684,9 @@ impl Attention {
 type SegmentPart = (usize, usize, (Vec<f32>, Vec<f32>), Option<(Tensor, Tensor, Option<Tensor>)>);
 
 /// The feed-forward's gate, `silu(gate) * up`. On the CPU in f32 it runs on the pool: an
-/// exponential per value is a few percent of a batched step. Same formula as candle's.
-fn swiglu(pool: &ComputePool, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+/// exponential per value is a few percent of a batched step. Same formula as candle's, or as
+/// llama.cpp's when `llama_cpp`.
+fn swiglu(pool: &ComputePool, gate: &Tensor, up: &Tensor, llama_cpp: bool) -> Result<Tensor> {
     if !gate.device().is_cpu() || gate.dtype() != DType::F32 {
         return Ok((gate.silu()? * up)?);
     }
@@ -610,7 +700,8 @@ fn swiglu(pool: &ComputePool, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
             let (g, u) = &*inputs;
             for i in c * chunk..(n.min((c + 1) * chunk)) {
                 let x = g[i];
-                job_out.set(i, f64::from(x / (1.0 + (-x).exp()) * u[i]));
+                let y = if llama_cpp { llamacpp::swiglu(x, u[i]) } else { x / (1.0 + (-x).exp()) * u[i] };
+                job_out.set(i, f64::from(y));
             }
         }),
     );
@@ -660,7 +751,7 @@ mod tests {
         let gate = (Tensor::randn(0f32, 30.0, (1, 5, 2000), &Device::Cpu).unwrap()).contiguous().unwrap();
         let up = Tensor::randn(0f32, 1.0, (1, 5, 2000), &Device::Cpu).unwrap();
         let want = (gate.silu().unwrap() * &up).unwrap();
-        let got = swiglu(&pool, &gate, &up).unwrap();
+        let got = swiglu(&pool, &gate, &up, false).unwrap();
         assert_eq!(got.dims(), want.dims());
         let bits = |t: &Tensor| {
             t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
@@ -671,8 +762,15 @@ mod tests {
     #[test]
     fn every_compiled_copy_of_host_attention_gives_the_same_bits() {
         // Two KV heads of three query heads each, a head size that leaves a tail after the
-        // 8-lane dot product, 40 cached positions and 5 new queries.
-        let (nh, nkv, hd, first, t) = (6, 2, 12, 40, 5);
+        // 8-lane dot product (herd's arithmetic; llama.cpp's takes whole lanes), 40 cached
+        // positions and 5 new queries.
+        for (hd, llama_cpp) in [(12, false), (16, true)] {
+            attention_copies_agree(hd, llama_cpp);
+        }
+    }
+
+    fn attention_copies_agree(hd: usize, llama_cpp: bool) {
+        let (nh, nkv, first, t) = (6, 2, 40, 5);
         let rand = |n: usize| Tensor::randn(0f32, 1.0, n, &Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
         let q = rand(t * nh * hd);
         let caches: Vec<Vec<_>> = vec![(0..nkv).map(|_| (rand((first + t) * hd), rand((first + t) * hd))).collect()];
@@ -688,6 +786,7 @@ mod tests {
                 heads: (nh, nkv, hd),
                 scale: 0.3,
                 out,
+                llama_cpp,
             };
             (0..a.units.len()).for_each(|u| f(&a, u));
             a.out.to_f32_vec().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
@@ -695,7 +794,7 @@ mod tests {
         let portable = run(1, &|a, u| a.unit_portable(u));
         assert_eq!(run(1, &|a, u| a.unit(u)), portable, "the CPU's widest copy");
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             // SAFETY: checked just above.
             assert_eq!(run(1, &|a, u| unsafe { a.unit_avx2(u) }), portable, "AVX2");
         }
@@ -711,10 +810,11 @@ mod tests {
 
     #[test]
     fn linear_scaling_divides_positions() {
-        let plain = Rope { head_dim: 4, theta: 10_000.0, scaling: RopeScaling::None, interleaved: false };
-        let linear = Rope { scaling: RopeScaling::Linear { factor: 4.0 }, ..plain.clone() };
-        let (c1, _) = plain.cos_sin(1, 1, &Device::Cpu, DType::F32).unwrap();
-        let (c4, _) = linear.cos_sin(4, 1, &Device::Cpu, DType::F32).unwrap();
-        assert_eq!(c1.to_vec2::<f32>().unwrap(), c4.to_vec2::<f32>().unwrap());
+        for llama_cpp in [false, true] {
+            let plain =
+                Rope { head_dim: 4, theta: 10_000.0, scaling: RopeScaling::None, interleaved: llama_cpp, llama_cpp };
+            let linear = Rope { scaling: RopeScaling::Linear { factor: 4.0 }, ..plain.clone() };
+            assert_eq!(plain.tables(1, 1), linear.tables(4, 1), "llama.cpp's arithmetic: {llama_cpp}");
+        }
     }
 }

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::error::{EngineError, Result, candle_message};
 use super::pool::ComputePool;
-use super::quant::{Kernels, QuantMatrix};
+use super::quant::{Kernels, QuantMatrix, Sums};
 
 /// A weight matrix applied as `x @ W^T`, kept quantized or dense.
 #[derive(Debug)]
@@ -22,8 +22,9 @@ pub enum Linear {
     Dense(Tensor),
     /// A GGUF block-quantized matrix on a GPU: candle's quantized matmul.
     Quant(QMatMul),
-    /// A GGUF block-quantized matrix on the CPU: herd's kernels. `summed` layers (split by input
-    /// columns over ranks) answer in f64, so that the ranks' sums add up exactly.
+    /// A GGUF block-quantized matrix on the CPU: herd's kernels, summing rows in llama.cpp's
+    /// order, except `summed` layers (split by input columns over ranks), which sum exactly and
+    /// answer in f64, so that the ranks' sums add up to the same result whatever the split.
     Blocks { m: QuantMatrix, summed: bool },
 }
 
@@ -276,6 +277,15 @@ impl Weights {
         matches!(self.store, Store::Gguf { .. })
     }
 
+    /// Whether `w` stays block-quantized (a GGUF file under `--dtype auto`, in a block format).
+    pub fn block_quantized(&self, w: WeightName) -> bool {
+        let Store::Gguf { content, mode: GgufMode::Quantized, .. } = &self.store else { return false };
+        content
+            .tensor_infos
+            .get(&w.gguf())
+            .is_some_and(|i| !matches!(i.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16))
+    }
+
     /// The dtype dense tensors are converted to.
     pub fn dtype(&self) -> DType {
         self.dtype
@@ -465,8 +475,8 @@ impl Weights {
 
     /// Like [`Weights::linear`], for a layer whose outputs ranks add up (split by input
     /// columns): block-quantized weights on the CPU sum exactly, so that any split over ranks
-    /// gives the unsplit layer's result to the bit. A rank holding the whole layer has nothing
-    /// to add: it rounds as it goes, to the same bits.
+    /// gives the same result. A rank holding the whole layer has nothing to add: it sums in
+    /// llama.cpp's order like every other layer.
     pub fn summed_linear(&self, w: WeightName, shape: [usize; 2], part: Part, device: &Device) -> Result<Linear> {
         let summed = part != Part::Whole;
         self.matrix(w, shape, part, device, summed)
@@ -503,7 +513,7 @@ impl Weights {
             outs.push(part.shape(shape)[0]);
         }
         let inp = inputs[0];
-        let m = QuantMatrix::from_gguf(dtype, &bytes, outs.iter().sum(), inp, Kernels::detect());
+        let m = QuantMatrix::from_gguf(dtype, &bytes, [outs.iter().sum(), inp], Kernels::detect(), Sums::Llama);
         Ok(m.map(|m| (Linear::Blocks { m, summed: false }, outs)))
     }
 
@@ -519,7 +529,8 @@ impl Weights {
         }
         if device.is_cpu() {
             let [out, inp] = part.shape(&shape)[..] else { unreachable!("matrices are 2-D") };
-            if let Some(m) = QuantMatrix::from_gguf(dtype, &bytes, out, inp, Kernels::detect()) {
+            let sums = if summed { Sums::Exact } else { Sums::Llama };
+            if let Some(m) = QuantMatrix::from_gguf(dtype, &bytes, [out, inp], Kernels::detect(), sums) {
                 return Ok(Linear::Blocks { m, summed });
             }
         }

@@ -239,3 +239,43 @@ pub unsafe fn quantize(x: &[f32], qs: &mut [[i8; QK]], d: &mut [f64], s: &mut [f
         (d[b], s[b]) = scales(amax, total);
     }
 }
+
+/// llama.cpp's horizontal sum of eight f32 lanes (`hsum_float_8`): the halves added, then
+/// pairs, then the last two.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub fn hsum8(v: __m256) -> f32 {
+    let r = _mm_add_ps(_mm256_extractf128_ps::<1>(v), _mm256_castps256_ps128(v));
+    let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
+}
+
+/// A weight row's dot products with `R` activation rows, each summed in llama.cpp's order
+/// (see [`super::scalar::lane_dot`], to whose results these are equal). The weights are
+/// unpacked once for all rows.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C ([`available`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn lane_dot<Q: Avx2Quants, const R: usize>(w: &WeightRow<'_, Q>, xs: [&ActRow<'_>; R]) -> [f32; R] {
+    let n = w.qs.len();
+    assert!(w.d.len() == n && (!Q::HAS_MIN || w.m.len() == n));
+    assert!(xs.iter().all(|x| x.qs.len() == n && x.d.len() == n && (!Q::HAS_MIN || x.s.len() == n)));
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut offsets = [0f32; R];
+    for b in 0..n {
+        // SAFETY: AVX2 is enabled in this function.
+        let wq = unsafe { w.qs[b].load() };
+        let dw = w.d[b].to_f32();
+        for k in 0..R {
+            let x = xs[k];
+            // SAFETY: as above.
+            let lanes = _mm256_cvtepi32_ps(unsafe { Q::mul(wq, load32(&x.qs[b])) });
+            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x.d[b] as f32), lanes, acc[k]);
+            if Q::HAS_MIN {
+                offsets[k] = w.m[b].to_f32().mul_add(x.s[b] as f32, offsets[k]);
+            }
+        }
+    }
+    std::array::from_fn(|k| hsum8(acc[k]) + offsets[k])
+}

@@ -2,10 +2,11 @@
 //!
 //! Q4_0, Q4_1 and Q8_0 (the formats of the usual GGUF files) run on SIMD kernels chosen at run
 //! time ([`vnni`] where the CPU has AVX-512 VNNI, else [`avx2`], else the portable [`scalar`]
-//! ones); the other GGUF formats use candle's per-block dot products. Either way each row's
-//! blocks are summed in f64, where their values are exact, so a row-parallel layer split over
-//! ranks adds up to the unsplit layer's result to the bit: a quantized row-parallel layer (o_proj, down_proj)
-//! returns those f64 sums, the ranks all-reduce them, and the model rounds once.
+//! ones); the other GGUF formats use candle's dot products. A row is summed one of two ways
+//! ([`Sums`]): in llama.cpp's order, so that a quantized model computes what llama.cpp computes,
+//! or exactly, each block's value added in f64, so that a row-parallel layer split over ranks
+//! (o_proj, down_proj) adds up to the same result whatever the split: those layers return the
+//! f64 sums, the ranks all-reduce them, and the model rounds once.
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
@@ -88,6 +89,16 @@ impl Kernels {
         }
     }
 
+    /// Like [`Kernels::dot`], summed in llama.cpp's order ([`scalar::lane_dot`]).
+    pub fn lane_dot<Q: NativeQuants, const R: usize>(self, w: &WeightRow<'_, Q>, xs: [&ActRow<'_>; R]) -> [f32; R] {
+        match self {
+            // SAFETY: as in `dot`.
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 | Self::Vnni if avx2::available() => unsafe { avx2::lane_dot(w, xs) },
+            _ => xs.map(|x| scalar::lane_dot(w, x)),
+        }
+    }
+
     /// Quantizes the `m` rows of `x`, `per_row` blocks each.
     fn quantize_rows(self, x: &[f32], m: usize, per_row: usize) -> ActRows {
         let mut acts = ActRows::zeros(m, per_row);
@@ -104,6 +115,15 @@ impl Kernels {
             _ => scalar::quantize(x, qs, d, s),
         }
     }
+}
+
+/// How a row's block products are added up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sums {
+    /// In f32, in the order of llama.cpp's CPU kernels ([`scalar::lane_dot`]).
+    Llama,
+    /// Exactly, in f64, so that sums over parts of a row add up to the whole row's.
+    Exact,
 }
 
 /// Weight rows of one format, and the quantized activations they multiply.
@@ -138,6 +158,7 @@ fn blocks_from_bytes<T>(bytes: &[u8], n: usize) -> Option<Vec<T>> {
 struct Native<Q> {
     rows: WeightRows<Q>,
     kernels: Kernels,
+    sums: Sums,
 }
 
 impl<Q: NativeQuants> Rows for Native<Q> {
@@ -151,7 +172,14 @@ impl<Q: NativeQuants> Rows for Native<Q> {
     fn dots<const N: usize>(&self, cols: Range<usize>, acts: &ActRows, r: usize, mut put: impl FnMut(usize, [f64; N])) {
         let x: [ActRow<'_>; N] = std::array::from_fn(|k| acts.row(r + k));
         for col in cols {
-            put(col, self.kernels.dot(&self.rows.row(col), std::array::from_fn(|k| &x[k])));
+            let (w, xs) = (self.rows.row(col), std::array::from_fn(|k| &x[k]));
+            put(
+                col,
+                match self.sums {
+                    Sums::Llama => self.kernels.lane_dot(&w, xs).map(f64::from),
+                    Sums::Exact => self.kernels.dot(&w, xs),
+                },
+            );
         }
     }
 }
@@ -177,10 +205,12 @@ impl<Q: NativeQuants> Rows for Interleaved<Q> {
     }
 }
 
-/// Rows in another GGUF format, through candle's per-block dot products.
+/// Rows in another GGUF format, through candle's dot products: over whole rows (candle's own
+/// order, which follows llama.cpp's for most formats) or summed exactly per block or pair.
 struct Candle<T: GgmlType> {
     data: Vec<T>,
     per_row: usize,
+    sums: Sums,
 }
 
 /// Blocks per `vec_dot` call: candle's Q4_1, Q5_0 and Q5_1 kernels take blocks in pairs.
@@ -215,6 +245,9 @@ impl<T: GgmlType + 'static> Rows for Candle<T> {
                 col,
                 std::array::from_fn(|k| {
                     let x = &acts[(r + k) * self.per_row..][..self.per_row];
+                    if self.sums == Sums::Llama {
+                        return f64::from(T::vec_dot(self.per_row * T::BLCK_SIZE, w, x));
+                    }
                     w.chunks_exact(g)
                         .zip(x.chunks_exact(g))
                         .map(|(w, x)| f64::from(T::vec_dot(g * T::BLCK_SIZE, w, x)))
@@ -305,40 +338,52 @@ impl std::fmt::Debug for QuantMatrix {
     }
 }
 
-fn native<Q: NativeQuants>(bytes: &[u8], out: usize, per_row: usize, kernels: Kernels) -> Option<Arc<dyn MatMul>> {
+fn native<Q: NativeQuants>(
+    bytes: &[u8],
+    out: usize,
+    per_row: usize,
+    kernels: Kernels,
+    sums: Sums,
+) -> Option<Arc<dyn MatMul>> {
     let rows = WeightRows::<Q>::from_gguf(bytes, per_row).filter(|_| bytes.len() == out * per_row * Q::GGUF_BYTES)?;
     #[cfg(target_arch = "x86_64")]
-    if kernels == Kernels::Vnni && vnni::available() {
+    if kernels == Kernels::Vnni && vnni::available() && sums == Sums::Exact {
         return Some(Arc::new(Interleaved { rows: vnni::VnniRows::new(&rows) }));
     }
-    Some(Arc::new(Native { rows, kernels }))
+    Some(Arc::new(Native { rows, kernels, sums }))
 }
 
-fn candle<T: GgmlType + 'static>(bytes: &[u8], out: usize, inp: usize) -> Option<Arc<dyn MatMul>> {
+fn candle<T: GgmlType + 'static>(bytes: &[u8], out: usize, inp: usize, sums: Sums) -> Option<Arc<dyn MatMul>> {
     if !inp.is_multiple_of(T::BLCK_SIZE * candle_group::<T>()) {
         return None;
     }
     let per_row = inp / T::BLCK_SIZE;
-    Some(Arc::new(Candle::<T> { data: blocks_from_bytes(bytes, out * per_row)?, per_row }))
+    Some(Arc::new(Candle::<T> { data: blocks_from_bytes(bytes, out * per_row)?, per_row, sums }))
 }
 
 impl QuantMatrix {
-    /// Wraps raw GGUF blocks of an `(out, in)` matrix, for `kernels`; `None` for encodings or
-    /// shapes it does not cover.
-    pub fn from_gguf(dtype: GgmlDType, bytes: &[u8], out: usize, inp: usize, kernels: Kernels) -> Option<Self> {
+    /// Wraps raw GGUF blocks of an `(out, in)` matrix, for `kernels`, its rows summed as `sums`
+    /// says; `None` for encodings or shapes it does not cover.
+    pub fn from_gguf(
+        dtype: GgmlDType,
+        bytes: &[u8],
+        [out, inp]: [usize; 2],
+        kernels: Kernels,
+        sums: Sums,
+    ) -> Option<Self> {
         let per_row = inp / scalar::QK;
         let native_shape = inp.is_multiple_of(scalar::QK);
         let rows = match dtype {
-            GgmlDType::Q4_0 if native_shape => native::<Q4_0>(bytes, out, per_row, kernels),
-            GgmlDType::Q4_1 if native_shape => native::<Q4_1>(bytes, out, per_row, kernels),
-            GgmlDType::Q8_0 if native_shape => native::<Q8_0>(bytes, out, per_row, kernels),
-            GgmlDType::Q5_0 => candle::<BlockQ5_0>(bytes, out, inp),
-            GgmlDType::Q5_1 => candle::<BlockQ5_1>(bytes, out, inp),
-            GgmlDType::Q2K => candle::<BlockQ2K>(bytes, out, inp),
-            GgmlDType::Q3K => candle::<BlockQ3K>(bytes, out, inp),
-            GgmlDType::Q4K => candle::<BlockQ4K>(bytes, out, inp),
-            GgmlDType::Q5K => candle::<BlockQ5K>(bytes, out, inp),
-            GgmlDType::Q6K => candle::<BlockQ6K>(bytes, out, inp),
+            GgmlDType::Q4_0 if native_shape => native::<Q4_0>(bytes, out, per_row, kernels, sums),
+            GgmlDType::Q4_1 if native_shape => native::<Q4_1>(bytes, out, per_row, kernels, sums),
+            GgmlDType::Q8_0 if native_shape => native::<Q8_0>(bytes, out, per_row, kernels, sums),
+            GgmlDType::Q5_0 => candle::<BlockQ5_0>(bytes, out, inp, sums),
+            GgmlDType::Q5_1 => candle::<BlockQ5_1>(bytes, out, inp, sums),
+            GgmlDType::Q2K => candle::<BlockQ2K>(bytes, out, inp, sums),
+            GgmlDType::Q3K => candle::<BlockQ3K>(bytes, out, inp, sums),
+            GgmlDType::Q4K => candle::<BlockQ4K>(bytes, out, inp, sums),
+            GgmlDType::Q5K => candle::<BlockQ5K>(bytes, out, inp, sums),
+            GgmlDType::Q6K => candle::<BlockQ6K>(bytes, out, inp, sums),
             _ => None,
         }?;
         Some(Self { rows, out, inp })

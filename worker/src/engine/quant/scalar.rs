@@ -25,6 +25,8 @@ pub trait Quants: Copy + Send + Sync + 'static {
     fn from_gguf(bytes: &[u8]) -> Self;
     /// The exact integer dot product with an activation block's quants.
     fn int_dot(&self, x: &[i8; QK]) -> i32;
+    /// Element `e`'s quant (before scale and offset).
+    fn quant(&self, e: usize) -> i32;
 }
 
 /// Q4_0: weights `d * (q - 8)`; element `j` is the low nibble of byte `j`, `j + 16` the high.
@@ -38,6 +40,11 @@ pub struct Q4_1(pub [u8; QK / 2]);
 /// Q8_0: weights `d * q`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Q8_0(pub [i8; QK]);
+
+/// Element `e` of 32 nibbles: the low nibble of byte `e`, or the high one of byte `e - 16`.
+pub(super) fn nibble(qs: &[u8; QK / 2], e: usize) -> u8 {
+    if e < QK / 2 { qs[e] & 0x0f } else { qs[e - QK / 2] >> 4 }
+}
 
 fn nibble_dot(qs: &[u8; QK / 2], x: &[i8; QK], bias: i32) -> i32 {
     qs.iter()
@@ -57,6 +64,9 @@ impl Quants for Q4_0 {
     fn int_dot(&self, x: &[i8; QK]) -> i32 {
         nibble_dot(&self.0, x, 8)
     }
+    fn quant(&self, e: usize) -> i32 {
+        i32::from(nibble(&self.0, e)) - 8
+    }
 }
 
 impl Quants for Q4_1 {
@@ -68,6 +78,9 @@ impl Quants for Q4_1 {
     fn int_dot(&self, x: &[i8; QK]) -> i32 {
         nibble_dot(&self.0, x, 0)
     }
+    fn quant(&self, e: usize) -> i32 {
+        i32::from(nibble(&self.0, e))
+    }
 }
 
 impl Quants for Q8_0 {
@@ -78,6 +91,9 @@ impl Quants for Q8_0 {
     }
     fn int_dot(&self, x: &[i8; QK]) -> i32 {
         self.0.iter().zip(x).map(|(&a, &b)| i32::from(a) * i32::from(b)).sum()
+    }
+    fn quant(&self, e: usize) -> i32 {
+        i32::from(self.0[e])
     }
 }
 
@@ -183,6 +199,32 @@ pub fn dot<Q: Quants>(w: &WeightRow<'_, Q>, x: &ActRow<'_>) -> f64 {
             if Q::HAS_MIN { v + w.m[b].to_f64() * x.s[b] } else { v }
         })
         .sum()
+}
+
+/// A row's dot product summed as llama.cpp's AVX2 kernels (`ggml_vec_dot_q4_1_q8_1` and kin)
+/// do, in f32: per block, eight lanes of four products each, scaled by `d_w * d_x` and added to
+/// the lane with a fused multiply-add; the lanes reduced as [`hsum8`]; plus the offsets'
+/// `m_w * s_x`, summed with fused multiply-adds. Unlike [`dot`], splitting the blocks changes it.
+pub fn lane_dot<Q: Quants>(w: &WeightRow<'_, Q>, x: &ActRow<'_>) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut offsets = 0f32;
+    for b in 0..w.qs.len() {
+        let d = w.d[b].to_f32() * x.d[b] as f32;
+        for (l, acc) in acc.iter_mut().enumerate() {
+            let ints: i32 = (4 * l..4 * l + 4).map(|e| w.qs[b].quant(e) * i32::from(x.qs[b][e])).sum();
+            *acc = d.mul_add(ints as f32, *acc);
+        }
+        if Q::HAS_MIN {
+            offsets = w.m[b].to_f32().mul_add(x.s[b] as f32, offsets);
+        }
+    }
+    hsum8(acc) + offsets
+}
+
+/// llama.cpp's horizontal sum of eight lanes: lane `i` plus lane `i + 4`, then those in pairs.
+pub fn hsum8(a: [f32; 8]) -> f32 {
+    let r: [f32; 4] = std::array::from_fn(|i| a[i + 4] + a[i]);
+    (r[0] + r[2]) + (r[1] + r[3])
 }
 
 /// Quantizes `x` (`qs.len() * 32` values) into the blocks `qs`, `d`, `s`.

@@ -197,8 +197,8 @@ fn matrices_agree_with_candle_for_every_format() {
     for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K] {
         let q = QTensor::quantize(&w, dtype).unwrap();
         let reference = QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap().to_vec2::<f32>().unwrap();
-        for k in kernels() {
-            let m = QuantMatrix::from_gguf(dtype, &gguf_bytes(&w, dtype), out, inp, k).unwrap();
+        for (k, sums) in kernels().into_iter().flat_map(|k| [(k, Sums::Llama), (k, Sums::Exact)]) {
+            let m = QuantMatrix::from_gguf(dtype, &gguf_bytes(&w, dtype), [out, inp], k, sums).unwrap();
             for threads in [1, 3] {
                 let pool = ComputePool::new(threads).unwrap();
                 let y = m.forward(&x, &pool, DType::F32).unwrap().to_vec2::<f32>().unwrap();
@@ -226,7 +226,8 @@ fn matrices_agree_with_candle_for_every_format() {
 }
 
 /// Rows whose blocks end in tail groups (7 = 4 + 2 + 1 and 19 = 8 + 8 + 2 + 1 blocks) give every
-/// kernel the portable kernel's sums, in every row of a tiled batch.
+/// kernel the portable kernel's sums, in every row of a tiled batch: the exact sums up to the
+/// order of f64 additions, llama.cpp's order to the bit.
 #[test]
 fn every_kernel_matches_the_portable_one_on_rows_with_tails() {
     let pool = ComputePool::new(2).unwrap();
@@ -235,13 +236,15 @@ fn every_kernel_matches_the_portable_one_on_rows_with_tails() {
         let x = random_matrix(70, inp, 9);
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let bytes = gguf_bytes(&w, dtype);
-            let forward = |k: Kernels| {
-                let m = QuantMatrix::from_gguf(dtype, &bytes, 37, inp, k).unwrap();
+            let forward = |k: Kernels, sums| {
+                let m = QuantMatrix::from_gguf(dtype, &bytes, [37, inp], k, sums).unwrap();
                 m.forward(&x, &pool, DType::F64).unwrap().to_vec2::<f64>().unwrap()
             };
-            let reference = forward(Kernels::Portable);
+            let reference = forward(Kernels::Portable, Sums::Exact);
+            let llama = forward(Kernels::Portable, Sums::Llama);
             for k in kernels() {
-                for (r, (a, b)) in forward(k).iter().zip(&reference).enumerate() {
+                assert_eq!(forward(k, Sums::Llama), llama, "{dtype:?} {k:?} {inp} in llama.cpp's order");
+                for (r, (a, b)) in forward(k, Sums::Exact).iter().zip(&reference).enumerate() {
                     for (c, (a, b)) in a.iter().zip(b).enumerate() {
                         assert!(
                             (a - b).abs() <= 1e-12 * (1.0 + b.abs()),
@@ -264,12 +267,12 @@ fn split_partial_sums_add_up_to_the_whole() {
     let pool = ComputePool::new(2).unwrap();
     for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K] {
         let k = Kernels::detect();
-        let whole = QuantMatrix::from_gguf(dtype, &gguf_bytes(&w, dtype), out, inp, k).unwrap();
+        let whole = QuantMatrix::from_gguf(dtype, &gguf_bytes(&w, dtype), [out, inp], k, Sums::Exact).unwrap();
         let y = whole.forward(&x, &pool, DType::F64).unwrap().to_vec2::<f64>().unwrap();
         // Halves of 256 columns: a whole number of blocks for every format here.
         let half = |i: usize| {
             let w = w.narrow(1, i * 256, 256).unwrap().contiguous().unwrap();
-            let part = QuantMatrix::from_gguf(dtype, &gguf_bytes(&w, dtype), out, 256, k).unwrap();
+            let part = QuantMatrix::from_gguf(dtype, &gguf_bytes(&w, dtype), [out, 256], k, Sums::Exact).unwrap();
             let x = x.narrow(1, i * 256, 256).unwrap().contiguous().unwrap();
             part.forward(&x, &pool, DType::F64).unwrap().to_vec2::<f64>().unwrap()
         };

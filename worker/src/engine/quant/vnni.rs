@@ -16,7 +16,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::scalar::{ActRows, Q4_0, Q4_1, Q8_0, QK, Quants, WeightRows};
+use super::scalar::{ActRows, Q4_0, Q4_1, Q8_0, QK, Quants, WeightRows, nibble};
 
 /// Whether this CPU runs the kernels of this module.
 pub fn available() -> bool {
@@ -76,10 +76,6 @@ pub trait VnniQuants: Quants {
     const NIBBLES: bool;
     /// Element `e`'s quant plus `OFFSET`.
     fn unsigned(&self, e: usize) -> u8;
-}
-
-fn nibble(qs: &[u8; QK / 2], e: usize) -> u8 {
-    if e < QK / 2 { qs[e] & 0x0f } else { qs[e - QK / 2] >> 4 }
 }
 
 impl VnniQuants for Q4_0 {
