@@ -10,6 +10,8 @@
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub mod panels;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod vnni;
@@ -136,6 +138,10 @@ trait Rows: Send + Sync + 'static {
     /// Weight rows `cols` times activation rows `r..r + N`, passed to `put` a weight row at a
     /// time; each value is the same whatever `N` is.
     fn dots<const N: usize>(&self, cols: Range<usize>, acts: &Self::Acts, r: usize, put: impl FnMut(usize, [f64; N]));
+    /// Weight rows the kernels compute together: chunks of a matmul start at multiples of it.
+    fn align(&self) -> usize {
+        1
+    }
 }
 
 /// Copies GGUF's packed blocks into a vector of `T`; `None` when the sizes disagree.
@@ -202,6 +208,31 @@ impl<Q: NativeQuants> Rows for Interleaved<Q> {
     fn dots<const N: usize>(&self, cols: Range<usize>, acts: &Self::Acts, r: usize, put: impl FnMut(usize, [f64; N])) {
         // SAFETY: `Interleaved` is only built when the CPU has VNNI (`native`).
         unsafe { vnni::dots::<Q, N>(&self.rows, cols, acts, r, put) }
+    }
+}
+
+/// Rows in a format with herd's kernels, in panels for the VNNI kernels that sum in llama.cpp's
+/// order.
+#[cfg(target_arch = "x86_64")]
+struct Panels<Q> {
+    rows: panels::PanelRows<Q>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<Q: NativeQuants> Rows for Panels<Q> {
+    type Acts = panels::PanelActs;
+    fn per_row(&self) -> usize {
+        self.rows.per_row()
+    }
+    fn quantize(&self, x: &[f32], m: usize) -> Self::Acts {
+        panels::PanelActs::new(Kernels::Vnni.quantize_rows(x, m, self.per_row()))
+    }
+    fn dots<const N: usize>(&self, cols: Range<usize>, acts: &Self::Acts, r: usize, put: impl FnMut(usize, [f64; N])) {
+        // SAFETY: `Panels` is only built when the CPU has VNNI (`native`).
+        unsafe { panels::dots::<Q, N>(&self.rows, cols, acts, r, put) }
+    }
+    fn align(&self) -> usize {
+        panels::PANEL
     }
 }
 
@@ -302,7 +333,8 @@ impl<R: Rows> MatMul for R {
         let per_col = tile * self.per_row();
         let cols_per_chunk = (CHUNK_BLOCKS / per_col.max(1))
             .max(if tile == ROW_TILE { MIN_COLS } else { 1 })
-            .clamp(1, (out / (pool.threads() * 4)).max(1));
+            .clamp(1, (out / (pool.threads() * 4)).max(1))
+            .next_multiple_of(self.align());
         let col_chunks = out.div_ceil(cols_per_chunk);
         // The job owns what it reads and writes: a helper may finish a chunk after `run` returns.
         pool.run(
@@ -347,8 +379,11 @@ fn native<Q: NativeQuants>(
 ) -> Option<Arc<dyn MatMul>> {
     let rows = WeightRows::<Q>::from_gguf(bytes, per_row).filter(|_| bytes.len() == out * per_row * Q::GGUF_BYTES)?;
     #[cfg(target_arch = "x86_64")]
-    if kernels == Kernels::Vnni && vnni::available() && sums == Sums::Exact {
-        return Some(Arc::new(Interleaved { rows: vnni::VnniRows::new(&rows) }));
+    if kernels == Kernels::Vnni && vnni::available() {
+        return Some(match sums {
+            Sums::Exact => Arc::new(Interleaved { rows: vnni::VnniRows::new(&rows) }),
+            Sums::Llama => Arc::new(Panels { rows: panels::PanelRows::new(&rows) }),
+        });
     }
     Some(Arc::new(Native { rows, kernels, sums }))
 }
