@@ -42,13 +42,13 @@ pub fn rotate(x0: f32, x1: f32, cos: f32, sin: f32) -> (f32, f32) {
 }
 
 /// A value as the f16 KV cache and f16 matmul inputs hold it.
-#[inline]
+#[inline(always)]
 pub fn half(x: f32) -> f32 {
     f16::from_f32(x).to_f32()
 }
 
 /// ggml's horizontal sum of eight lanes (`hsum_float_8`).
-#[inline]
+#[inline(always)]
 pub fn hsum8(a: [f32; 8]) -> f32 {
     super::quant::scalar::hsum8(a)
 }
@@ -60,6 +60,7 @@ pub fn hsum8(a: [f32; 8]) -> f32 {
 pub fn dot8(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        let (x, y): (&[f32; 8], &[f32; 8]) = (x.try_into().expect("8 lanes"), y.try_into().expect("8 lanes"));
         for l in 0..8 {
             acc[l] = x[l].mul_add(y[l], acc[l]);
         }
@@ -99,37 +100,77 @@ pub fn swiglu(x: f32, g: f32) -> f32 {
     x / (1.0 + expf(0.0 - x)) * g
 }
 
+/// [`swiglu`] over slices, with the CPU's fused multiply-add instruction where it has one
+/// (`mul_add` is a slow library call otherwise).
+pub fn swiglu_slice(g: &[f32], u: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has FMA.
+        return unsafe { swiglu_fma(g, u, out) };
+    }
+    swiglu_each(g, u, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn swiglu_fma(g: &[f32], u: &[f32], out: &mut [f32]) {
+    swiglu_each(g, u, out)
+}
+
+#[inline(always)]
+fn swiglu_each(g: &[f32], u: &[f32], out: &mut [f32]) {
+    for ((o, &x), &y) in out.iter_mut().zip(g).zip(u) {
+        *o = swiglu(x, y);
+    }
+}
+
+/// Scratch space for [`attend`], reused from call to call.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    scores: Vec<f32>,
+    lanes: Vec<f32>,
+}
+
 /// Attention for one query head over `seen` cached positions, as llama.cpp's non-flash path
 /// computes it (`kq` matmul, `ggml_compute_forward_soft_max_f32`, `kqv` matmul): `q`, `k`, `v`
 /// already f16 values; scores scaled, exponentiated with [`expf`], summed eight positions at a
 /// time into f64, normalized, rounded to f16, then the values summed in eight lanes by position.
-/// `scores` is scratch space; `out` receives the head's `hd` values.
-pub fn attend(q: &[f32], k: &[f32], v: &[f32], seen: usize, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+/// `out` receives the head's `hd` values. Inlined into callers compiled with FMA, so that
+/// `mul_add` is one instruction; plain loops, as iterator adapters may be compiled apart.
+#[inline(always)]
+pub fn attend(q: &[f32], k: &[f32], v: &[f32], seen: usize, scale: f32, scratch: &mut Scratch, out: &mut [f32]) {
     let hd = q.len();
+    let Scratch { scores, lanes } = scratch;
     scores.clear();
-    scores.extend((0..seen).map(|j| dot8(q, &k[j * hd..][..hd]) * scale));
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    for s in scores.iter_mut() {
-        *s = expf(*s - max);
+    let mut max = f32::NEG_INFINITY;
+    for kj in k[..seen * hd].chunks_exact(hd) {
+        let s = dot8(q, kj) * scale;
+        max = max.max(s);
+        scores.push(s);
     }
-    let sum: f64 =
-        scores.chunks(8).map(|c| f64::from(hsum8(std::array::from_fn(|l| c.get(l).copied().unwrap_or(0.0))))).sum();
+    let mut sum = 0f64;
+    for c in scores.chunks_mut(8) {
+        let mut group = [0f32; 8];
+        for (g, s) in group.iter_mut().zip(c.iter_mut()) {
+            *s = expf(*s - max);
+            *g = *s;
+        }
+        sum += f64::from(hsum8(group));
+    }
     let inv = (1.0 / sum) as f32;
-    for s in scores.iter_mut() {
-        *s = half(*s * inv);
-    }
     // Lane l takes positions l, l + 8, ..; a zero probability leaves a lane as it is.
-    let mut acc = [const { Vec::new() }; 8];
-    acc.iter_mut().for_each(|a| a.resize(hd, 0f32));
-    for (j, &p) in scores.iter().enumerate() {
+    lanes.clear();
+    lanes.resize(8 * hd, 0.0);
+    for (j, (&e, vj)) in scores.iter().zip(v.chunks_exact(hd)).enumerate() {
+        let p = half(e * inv);
         if p != 0.0 {
-            for (a, &x) in acc[j % 8].iter_mut().zip(&v[j * hd..][..hd]) {
+            for (a, &x) in lanes[(j % 8) * hd..][..hd].iter_mut().zip(vj) {
                 *a = p.mul_add(x, *a);
             }
         }
     }
     for (d, o) in out.iter_mut().enumerate() {
-        *o = hsum8(std::array::from_fn(|l| acc[l][d]));
+        *o = hsum8(std::array::from_fn(|l| lanes[l * hd + d]));
     }
 }
 
@@ -167,7 +208,7 @@ mod tests {
         k[8..].fill(3f32.ln() / 8.0);
         let v: Vec<f32> = (0..16).map(|i| if i < 8 { 4.0 } else { 8.0 }).collect();
         let mut out = [0f32; 8];
-        attend(&q, &k, &v, 2, 1.0, &mut Vec::new(), &mut out);
+        attend(&q, &k, &v, 2, 1.0, &mut Scratch::default(), &mut out);
         for o in out {
             assert!((o - 7.0).abs() < 1e-2, "{o}");
         }

@@ -628,11 +628,11 @@ impl Attention {
         let (nh, nkv, hd) = self.heads;
         let (kc, vc) = &self.caches[seg][heads.start / (nh / nkv)];
         if self.llama_cpp {
-            let (mut scores, mut o) = (Vec::with_capacity(first + rows.end), vec![0f32; hd]);
+            let (mut scratch, mut o) = (llamacpp::Scratch::default(), vec![0f32; hd]);
             for i in rows.clone() {
                 for h in heads.clone() {
                     let at = ((offset + i) * nh + h) * hd;
-                    llamacpp::attend(&self.q[at..][..hd], kc, vc, first + i + 1, self.scale, &mut scores, &mut o);
+                    llamacpp::attend(&self.q[at..][..hd], kc, vc, first + i + 1, self.scale, &mut scratch, &mut o);
                     o.iter().enumerate().for_each(|(d, &x)| self.out.set(at + d, f64::from(x)));
                 }
             }
@@ -698,10 +698,16 @@ fn swiglu(pool: &ComputePool, gate: &Tensor, up: &Tensor, llama_cpp: bool) -> Re
         n.div_ceil(chunk),
         Arc::new(move |c| {
             let (g, u) = &*inputs;
-            for i in c * chunk..(n.min((c + 1) * chunk)) {
+            let span = c * chunk..n.min((c + 1) * chunk);
+            if llama_cpp {
+                let mut y = vec![0f32; span.len()];
+                llamacpp::swiglu_slice(&g[span.clone()], &u[span.clone()], &mut y);
+                y.iter().zip(span).for_each(|(&y, i)| job_out.set(i, f64::from(y)));
+                return;
+            }
+            for i in span {
                 let x = g[i];
-                let y = if llama_cpp { llamacpp::swiglu(x, u[i]) } else { x / (1.0 + (-x).exp()) * u[i] };
-                job_out.set(i, f64::from(y));
+                job_out.set(i, f64::from(x / (1.0 + (-x).exp()) * u[i]));
             }
         }),
     );

@@ -222,6 +222,7 @@ pub fn lane_dot<Q: Quants>(w: &WeightRow<'_, Q>, x: &ActRow<'_>) -> f32 {
 }
 
 /// llama.cpp's horizontal sum of eight lanes: lane `i` plus lane `i + 4`, then those in pairs.
+#[inline(always)]
 pub fn hsum8(a: [f32; 8]) -> f32 {
     let r: [f32; 4] = std::array::from_fn(|i| a[i + 4] + a[i]);
     (r[0] + r[2]) + (r[1] + r[3])
