@@ -47,6 +47,43 @@ pub fn half(x: f32) -> f32 {
     f16::from_f32(x).to_f32()
 }
 
+/// Rounds `x` to f16 values in place ([`half`] of each). `SIMD` callers must run on a CPU with
+/// F16C.
+#[inline(always)]
+pub fn round_half<const SIMD: bool>(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if SIMD {
+        // SAFETY: as documented, the caller checked that the CPU has F16C.
+        return unsafe { round_half_f16c(x) };
+    }
+    x.iter_mut().for_each(|v| *v = half(*v));
+}
+
+/// [`round_half`] for callers that do not know the CPU: F16C when it has it.
+pub fn round_half_any(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("f16c") {
+        return round_half::<true>(x);
+    }
+    round_half::<false>(x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn round_half_f16c(x: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let mut chunks = x.chunks_exact_mut(8);
+    for c in &mut chunks {
+        // SAFETY: 8 floats; the accesses are unaligned.
+        unsafe {
+            let h = _mm256_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(_mm256_loadu_ps(c.as_ptr()));
+            _mm256_storeu_ps(c.as_mut_ptr(), _mm256_cvtph_ps(h));
+        }
+    }
+    chunks.into_remainder().iter_mut().for_each(|v| *v = half(*v));
+}
+
 /// ggml's horizontal sum of eight lanes (`hsum_float_8`).
 #[inline(always)]
 pub fn hsum8(a: [f32; 8]) -> f32 {
@@ -55,9 +92,14 @@ pub fn hsum8(a: [f32; 8]) -> f32 {
 
 /// The dot product of an f16 matmul (llamafile's `tinyBLAS` with 8 lanes): lane `l` adds the
 /// products of elements `l, l + 8, ..` with fused multiply-adds, then [`hsum8`]. `a.len()` is
-/// a multiple of 8.
+/// a multiple of 8. `SIMD` callers must run on a CPU with AVX2, FMA and F16C (same bits).
 #[inline(always)]
-pub fn dot8(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot8<const SIMD: bool>(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if SIMD {
+        // SAFETY: as documented, the caller checked that the CPU has AVX2 and FMA.
+        return unsafe { dot8_avx2(a, b) };
+    }
     let mut acc = [0f32; 8];
     for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
         let (x, y): (&[f32; 8], &[f32; 8]) = (x.try_into().expect("8 lanes"), y.try_into().expect("8 lanes"));
@@ -66,6 +108,20 @@ pub fn dot8(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     hsum8(acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn dot8_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = _mm256_setzero_ps();
+    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        // SAFETY: 8 floats each; the loads are unaligned.
+        let (x, y) = unsafe { (_mm256_loadu_ps(x.as_ptr()), _mm256_loadu_ps(y.as_ptr())) };
+        acc = _mm256_fmadd_ps(x, y, acc);
+    }
+    super::quant::avx2::hsum8(acc)
 }
 
 /// `ggml_v_expf` (AVX2): exp with a degree-5 polynomial after range reduction, within 1.5 ulp.
@@ -114,7 +170,63 @@ pub fn swiglu_slice(g: &[f32], u: &[f32], out: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn swiglu_fma(g: &[f32], u: &[f32], out: &mut [f32]) {
-    swiglu_each(g, u, out)
+    use std::arch::x86_64::*;
+    let n = g.len().min(u.len()).min(out.len()) / 8 * 8;
+    for i in (0..n).step_by(8) {
+        // SAFETY: i + 8 <= n, within all three slices; the accesses are unaligned.
+        unsafe {
+            let x = _mm256_loadu_ps(g.as_ptr().add(i));
+            let e = expf8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+            let silu = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0), e));
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(silu, _mm256_loadu_ps(u.as_ptr().add(i))));
+        }
+    }
+    swiglu_each(&g[n..], &u[n..], &mut out[n..])
+}
+
+/// [`expf`] on eight lanes at once, as ggml writes it (the same value in every lane).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn expf8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let c = |bits: u32| _mm256_set1_ps(f32::from_bits(bits));
+    let r = c(0x4b40_0000);
+    let z = _mm256_fmadd_ps(x, c(0x3fb8_aa3b), r);
+    let n = _mm256_sub_ps(z, r);
+    let b = _mm256_fnmadd_ps(n, c(0x35bf_be8e), _mm256_fnmadd_ps(n, c(0x3f31_7200), x));
+    let e = _mm256_slli_epi32::<23>(_mm256_castps_si256(z));
+    let k = _mm256_castsi256_ps(_mm256_add_epi32(e, _mm256_castps_si256(_mm256_set1_ps(1.0))));
+    let abs = _mm256_andnot_ps(_mm256_set1_ps(-0.0), n);
+    let far = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(abs, _mm256_set1_ps(126.0)));
+    let u = _mm256_mul_ps(b, b);
+    let j = _mm256_fmadd_ps(
+        _mm256_fmadd_ps(
+            _mm256_fmadd_ps(c(0x3c07_2010), b, c(0x3d2b_9f17)),
+            u,
+            _mm256_fmadd_ps(c(0x3e2a_af33), b, c(0x3eff_fedb)),
+        ),
+        u,
+        _mm256_mul_ps(c(0x3f7f_fff6), b),
+    );
+    let near = _mm256_fmadd_ps(j, k, k);
+    if _mm256_movemask_ps(_mm256_castsi256_ps(far)) == 0 {
+        return near;
+    }
+    let g = _mm256_and_si256(
+        _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LE_OQ>(n, _mm256_setzero_ps())),
+        _mm256_set1_epi32(0x8200_0000u32 as i32),
+    );
+    let s1 = _mm256_castsi256_ps(_mm256_add_epi32(g, _mm256_set1_epi32(0x7f00_0000)));
+    let s2 = _mm256_castsi256_ps(_mm256_sub_epi32(e, g));
+    let huge = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(abs, _mm256_set1_ps(192.0)));
+    let mid = _mm256_mul_ps(_mm256_fmadd_ps(s2, j, s2), s1);
+    let inner =
+        _mm256_or_ps(_mm256_and_ps(_mm256_castsi256_ps(far), mid), _mm256_andnot_ps(_mm256_castsi256_ps(far), near));
+    _mm256_or_ps(
+        _mm256_and_ps(_mm256_castsi256_ps(huge), _mm256_mul_ps(s1, s1)),
+        _mm256_andnot_ps(_mm256_castsi256_ps(huge), inner),
+    )
 }
 
 #[inline(always)]
@@ -137,14 +249,23 @@ pub struct Scratch {
 /// time into f64, normalized, rounded to f16, then the values summed in eight lanes by position.
 /// `out` receives the head's `hd` values. Inlined into callers compiled with FMA, so that
 /// `mul_add` is one instruction; plain loops, as iterator adapters may be compiled apart.
+/// `SIMD` as for [`dot8`].
 #[inline(always)]
-pub fn attend(q: &[f32], k: &[f32], v: &[f32], seen: usize, scale: f32, scratch: &mut Scratch, out: &mut [f32]) {
+pub fn attend<const SIMD: bool>(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    seen: usize,
+    scale: f32,
+    scratch: &mut Scratch,
+    out: &mut [f32],
+) {
     let hd = q.len();
     let Scratch { scores, lanes } = scratch;
     scores.clear();
     let mut max = f32::NEG_INFINITY;
     for kj in k[..seen * hd].chunks_exact(hd) {
-        let s = dot8(q, kj) * scale;
+        let s = dot8::<SIMD>(q, kj) * scale;
         max = max.max(s);
         scores.push(s);
     }
@@ -158,11 +279,14 @@ pub fn attend(q: &[f32], k: &[f32], v: &[f32], seen: usize, scale: f32, scratch:
         sum += f64::from(hsum8(group));
     }
     let inv = (1.0 / sum) as f32;
+    for s in scores.iter_mut() {
+        *s *= inv;
+    }
+    round_half::<SIMD>(scores);
     // Lane l takes positions l, l + 8, ..; a zero probability leaves a lane as it is.
     lanes.clear();
     lanes.resize(8 * hd, 0.0);
-    for (j, (&e, vj)) in scores.iter().zip(v.chunks_exact(hd)).enumerate() {
-        let p = half(e * inv);
+    for (j, (&p, vj)) in scores.iter().zip(v.chunks_exact(hd)).enumerate() {
         if p != 0.0 {
             for (a, &x) in lanes[(j % 8) * hd..][..hd].iter_mut().zip(vj) {
                 *a = p.mul_add(x, *a);
@@ -192,6 +316,19 @@ mod tests {
     }
 
     #[test]
+    fn swiglu_gives_the_same_bits_on_every_path() {
+        // Values that reach every range of the exponential, and a tail shorter than 8.
+        let g: Vec<f32> = (0..1003).map(|i| (i as f32 - 500.0) * 0.47).collect();
+        let u: Vec<f32> = (0..1003).map(|i| 1.0 + i as f32 * 1e-3).collect();
+        let mut fast = vec![0f32; g.len()];
+        swiglu_slice(&g, &u, &mut fast);
+        let mut each = vec![0f32; g.len()];
+        swiglu_each(&g, &u, &mut each);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&fast), bits(&each));
+    }
+
+    #[test]
     fn rms_norm_scales_each_row_to_unit_mean_square() {
         let x = [3.0, 4.0, -3.0, -4.0, 1.0, 1.0, 1.0, 1.0];
         let y = rms_norm(&x, &[1.0, 2.0, 1.0, 2.0], 0.0);
@@ -208,7 +345,7 @@ mod tests {
         k[8..].fill(3f32.ln() / 8.0);
         let v: Vec<f32> = (0..16).map(|i| if i < 8 { 4.0 } else { 8.0 }).collect();
         let mut out = [0f32; 8];
-        attend(&q, &k, &v, 2, 1.0, &mut Scratch::default(), &mut out);
+        attend::<false>(&q, &k, &v, 2, 1.0, &mut Scratch::default(), &mut out);
         for o in out {
             assert!((o - 7.0).abs() < 1e-2, "{o}");
         }

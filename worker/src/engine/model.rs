@@ -492,10 +492,9 @@ impl Llama {
             }
             if self.llama_cpp {
                 // llama.cpp's KV cache holds f16, and its attention matmuls take queries in f16.
-                for x in [&mut q[offset * nh * hd..][..t * nh * hd], &mut k[offset * nkv * hd..][..t * nkv * hd]] {
-                    x.iter_mut().for_each(|x| *x = llamacpp::half(*x));
-                }
-                v[offset * nkv * hd..][..t * nkv * hd].iter_mut().for_each(|x| *x = llamacpp::half(*x));
+                llamacpp::round_half_any(&mut q[offset * nh * hd..][..t * nh * hd]);
+                llamacpp::round_half_any(&mut k[offset * nkv * hd..][..t * nkv * hd]);
+                llamacpp::round_half_any(&mut v[offset * nkv * hd..][..t * nkv * hd]);
             }
             let heads = &mut seg.cache.host[layer];
             heads.resize_with(nkv, Default::default);
@@ -598,8 +597,8 @@ impl Attention {
                 // SAFETY: the CPU has AVX-512F.
                 return unsafe { self.unit_avx512(u) };
             }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU has AVX2 and FMA.
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+                // SAFETY: the CPU has AVX2, FMA and F16C.
                 return unsafe { self.unit_avx2(u) };
             }
         }
@@ -609,21 +608,26 @@ impl Attention {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     fn unit_avx512(&self, u: usize) {
-        self.unit_portable(u)
+        self.unit_with::<true>(u)
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn unit_avx2(&self, u: usize) {
-        self.unit_portable(u)
+        self.unit_with::<true>(u)
     }
 
-    /// [`Self::unit`] in the baseline instruction set; inlined into the wider versions.
+    /// [`Self::unit`] in the baseline instruction set.
+    fn unit_portable(&self, u: usize) {
+        self.unit_with::<false>(u)
+    }
+
+    /// [`Self::unit`], inlined into each compiled copy; `SIMD` copies have AVX2, FMA and F16C.
     ///
     /// The unit's heads (of one KV group) go through its keys and values together, reading them
     /// once instead of once per head. Each head's arithmetic is the same as alone.
     #[inline(always)]
-    fn unit_portable(&self, u: usize) {
+    fn unit_with<const SIMD: bool>(&self, u: usize) {
         let Unit { seg, offset, ref rows, first, ref heads } = self.units[u];
         let (nh, nkv, hd) = self.heads;
         let (kc, vc) = &self.caches[seg][heads.start / (nh / nkv)];
@@ -632,7 +636,15 @@ impl Attention {
             for i in rows.clone() {
                 for h in heads.clone() {
                     let at = ((offset + i) * nh + h) * hd;
-                    llamacpp::attend(&self.q[at..][..hd], kc, vc, first + i + 1, self.scale, &mut scratch, &mut o);
+                    llamacpp::attend::<SIMD>(
+                        &self.q[at..][..hd],
+                        kc,
+                        vc,
+                        first + i + 1,
+                        self.scale,
+                        &mut scratch,
+                        &mut o,
+                    );
                     o.iter().enumerate().for_each(|(d, &x)| self.out.set(at + d, f64::from(x)));
                 }
             }
@@ -800,7 +812,7 @@ mod tests {
         let portable = run(1, &|a, u| a.unit_portable(u));
         assert_eq!(run(1, &|a, u| a.unit(u)), portable, "the CPU's widest copy");
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
             // SAFETY: checked just above.
             assert_eq!(run(1, &|a, u| unsafe { a.unit_avx2(u) }), portable, "AVX2");
         }
