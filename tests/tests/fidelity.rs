@@ -102,3 +102,31 @@ fn quantized_path_matches_llama_cpp() {
     assert!(rate >= 0.97, "quantized path agrees with llama.cpp at {good}/{total} positions, need >= 97%");
     assert!(worst <= 1e-4, "top-1 logits differ from llama.cpp's by up to {worst}");
 }
+
+#[derive(Deserialize)]
+struct LlamaCppLogits {
+    ids: Vec<u32>,
+    /// Per position, llama.cpp's 8 highest logits as (token id, f32 bits).
+    top8_bits: Vec<Vec<(u32, u32)>>,
+}
+
+/// Beyond top-1: on a whole forced sequence, herd's quantized path gives llama.cpp's logits bit
+/// for bit (the fixture's "how" says how they were made).
+#[test]
+fn quantized_logits_are_llama_cpps_to_the_bit() {
+    let text = std::fs::read_to_string(fixture("llama-cpp-avx2-logits.json")).expect("llama.cpp logits fixture");
+    let reference: LlamaCppLogits = serde_json::from_str(&text).expect("llama.cpp logits JSON");
+    let logits = engine(DTypeChoice::Auto).logits(&reference.ids).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(logits.len(), reference.top8_bits.len());
+    for (p, (row, top)) in logits.iter().zip(&reference.top8_bits).enumerate() {
+        for &(id, bits) in top {
+            let ours = row[id as usize];
+            assert_eq!(
+                ours.to_bits(),
+                bits,
+                "position {p}, token {id}: {ours} against llama.cpp's {}",
+                f32::from_bits(bits)
+            );
+        }
+    }
+}

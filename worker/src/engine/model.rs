@@ -589,7 +589,7 @@ impl Attention {
     /// Computes unit `u`'s outputs the same way whatever else the step holds, with the widest
     /// vectors the CPU has: the Rust below is compiled again for AVX-512 and AVX2, which changes
     /// how many lanes each instruction holds but no result (Rust never fuses a multiply and an
-    /// add on its own).
+    /// add on its own; llama.cpp's arithmetic fuses them explicitly, alike in every copy).
     fn unit(&self, u: usize) {
         #[cfg(target_arch = "x86_64")]
         {
