@@ -36,9 +36,33 @@ pub fn rope_cache(p: usize, dims: usize, base: f32, freq_scale: f32) -> impl Ite
 }
 
 /// ggml's `rotate_pairs` on one pair, as GCC compiles it (each first product fused).
-#[inline]
+#[inline(always)]
 pub fn rotate(x0: f32, x1: f32, cos: f32, sin: f32) -> (f32, f32) {
     (x0.mul_add(cos, -(x1 * sin)), x0.mul_add(sin, x1 * cos))
+}
+
+/// [`rotate`] on each adjacent pair of one head `x`, by one position's `cos` and `sin`, with the
+/// CPU's fused multiply-add instruction where it has one.
+pub fn rotate_head(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has FMA.
+        return unsafe { rotate_head_fma(x, cos, sin) };
+    }
+    rotate_pairs(x, cos, sin)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+fn rotate_head_fma(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    rotate_pairs(x, cos, sin)
+}
+
+#[inline(always)]
+fn rotate_pairs(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    for ((pair, &c), &s) in x.chunks_exact_mut(2).zip(cos).zip(sin) {
+        (pair[0], pair[1]) = rotate(pair[0], pair[1], c, s);
+    }
 }
 
 /// A value as the f16 KV cache and f16 matmul inputs hold it.

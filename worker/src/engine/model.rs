@@ -79,13 +79,16 @@ impl Rope {
 
     /// Rotates one head's vector `x` in place by one position's `cos` and `sin`.
     fn rotate(&self, x: &mut [f32], cos: &[f32], sin: &[f32]) {
+        if self.llama_cpp {
+            return llamacpp::rotate_head(x, cos, sin);
+        }
         let half = self.head_dim / 2;
         for (i, (&c, &s)) in cos.iter().zip(sin).enumerate() {
             // Interleaved layouts pair neighbours; HF's pairs each value with the one half a head on.
             let (a, b) = if self.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
             let (x0, x1) = (x[a], x[b]);
-            (x[a], x[b]) =
-                if self.llama_cpp { llamacpp::rotate(x0, x1, c, s) } else { (x0 * c - x1 * s, x0 * s + x1 * c) };
+            x[a] = x0 * c - x1 * s;
+            x[b] = x0 * s + x1 * c;
         }
     }
 
