@@ -72,12 +72,12 @@ pub fn half(x: f32) -> f32 {
 }
 
 /// Rounds `x` to f16 values in place ([`half`] of each). `SIMD` callers must run on a CPU with
-/// F16C.
+/// AVX2 and F16C.
 #[inline(always)]
 pub fn round_half<const SIMD: bool>(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if SIMD {
-        // SAFETY: as documented, the caller checked that the CPU has F16C.
+        // SAFETY: as documented, the caller checked that the CPU has AVX2 and F16C.
         return unsafe { round_half_f16c(x) };
     }
     x.iter_mut().for_each(|v| *v = half(*v));
@@ -86,7 +86,7 @@ pub fn round_half<const SIMD: bool>(x: &mut [f32]) {
 /// [`round_half`] for callers that do not know the CPU: F16C when it has it.
 pub fn round_half_any(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("f16c") {
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
         return round_half::<true>(x);
     }
     round_half::<false>(x)
@@ -184,8 +184,8 @@ pub fn swiglu(x: f32, g: f32) -> f32 {
 /// (`mul_add` is a slow library call otherwise).
 pub fn swiglu_slice(g: &[f32], u: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has FMA.
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA.
         return unsafe { swiglu_fma(g, u, out) };
     }
     swiglu_each(g, u, out)

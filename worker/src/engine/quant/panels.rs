@@ -94,7 +94,7 @@ impl PanelActs {
 /// Two rows' 16 nibble bytes (32 bytes at `p`) unpacked to [low nibbles, high nibbles] per
 /// row: each row's 32 quants in element order.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f")]
 unsafe fn nibbles2(p: *const u8) -> __m512i {
     // SAFETY: the caller passes 32 readable bytes; the load is unaligned.
     let pair = _mm512_castsi256_si512(unsafe { _mm256_loadu_si256(p.cast()) });
@@ -105,7 +105,7 @@ unsafe fn nibbles2(p: *const u8) -> __m512i {
 
 /// Two rows of a panel (`2k`, `2k + 1`) of block data at `p`, as unsigned bytes in element order.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f")]
 unsafe fn pair<Q: VnniQuants>(p: *const u8, k: usize) -> __m512i {
     // SAFETY: the caller passes a panel's block (8 rows).
     unsafe { if Q::NIBBLES { nibbles2(p.add(k * QK)) } else { _mm512_loadu_si512(p.add(k * 2 * QK).cast()) } }
@@ -125,7 +125,7 @@ fn halves(v: __m512) -> [f32; 2] {
 ///
 /// # Safety
 /// The CPU must support AVX-512 VNNI ([`super::vnni::available`]).
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
 pub unsafe fn dots<Q: VnniQuants, const R: usize>(
     w: &PanelRows<Q>,
     cols: std::ops::Range<usize>,
