@@ -267,13 +267,14 @@ pub unsafe fn lane_dot<Q: Avx2Quants, const R: usize>(w: &WeightRow<'_, Q>, xs: 
         // SAFETY: AVX2 is enabled in this function.
         let wq = unsafe { w.qs[b].load() };
         let dw = w.d[b].to_f32();
+        let mw = if Q::HAS_MIN { w.m[b].to_f32() } else { 0.0 };
         for k in 0..R {
             let x = xs[k];
             // SAFETY: as above.
             let lanes = _mm256_cvtepi32_ps(unsafe { Q::mul(wq, load32(&x.qs[b])) });
             acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x.d[b] as f32), lanes, acc[k]);
             if Q::HAS_MIN {
-                offsets[k] = w.m[b].to_f32().mul_add(x.s[b] as f32, offsets[k]);
+                offsets[k] = mw.mul_add(x.s[b] as f32, offsets[k]);
             }
         }
     }
