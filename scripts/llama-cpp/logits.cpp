@@ -4,12 +4,16 @@
 //
 // usage: logits MODEL.gguf IDS.txt OUT.bin [DUMP_DIR]
 //   IDS.txt: token ids, whitespace-separated. OUT.bin: n_tokens x n_vocab float32.
+//   With HERD_ONE_TOKEN_AT_A_TIME=1 in the environment, the tokens are decoded one per call, as
+//   llama.cpp decodes a generated token: its matmuls then take their one-row paths (some K-quant
+//   kernels sum in another order for a batch of rows).
 //   DUMP_DIR: also write every f32/f16 tensor of the graph there as NAME.bin (a header of 9
 //   int64: ggml type, ne[4], nb[4]; then the bytes), to compare herd's steps with llama.cpp's.
 #include "ggml.h"
 #include "llama.h"
 
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <map>
 #include <string>
@@ -67,23 +71,32 @@ int main(int argc, char ** argv) {
         cp.cb_eval = dump;
     }
     llama_context * ctx = llama_init_from_model(model, cp);
-    llama_batch b = llama_batch_init(toks.size(), 0, 1);
-    for (size_t i = 0; i < toks.size(); i++) {
-        b.token[i] = toks[i];
-        b.pos[i] = i;
-        b.n_seq_id[i] = 1;
-        b.seq_id[i][0] = 0;
-        b.logits[i] = 1;
-    }
-    b.n_tokens = toks.size();
-    if (llama_decode(ctx, b)) {
-        fprintf(stderr, "llama_decode failed\n");
-        return 1;
-    }
     const int n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
+    const char * one = getenv("HERD_ONE_TOKEN_AT_A_TIME");
+    const bool single = one && one[0] == '1';
+    std::vector<float> out;
+    llama_batch b = llama_batch_init(toks.size(), 0, 1);
+    for (size_t start = 0; start < toks.size();) {
+        const size_t n = single ? 1 : toks.size();
+        for (size_t i = 0; i < n; i++) {
+            b.token[i] = toks[start + i];
+            b.pos[i] = start + i;
+            b.n_seq_id[i] = 1;
+            b.seq_id[i][0] = 0;
+            b.logits[i] = 1;
+        }
+        b.n_tokens = n;
+        if (llama_decode(ctx, b)) {
+            fprintf(stderr, "llama_decode failed\n");
+            return 1;
+        }
+        const float * l = llama_get_logits(ctx);
+        out.insert(out.end(), l, l + (size_t) n_vocab * n);
+        start += n;
+    }
     FILE * f = fopen(argv[3], "wb");
     if (!f) return 1;
-    fwrite(llama_get_logits(ctx), sizeof(float), (size_t) n_vocab * toks.size(), f);
+    fwrite(out.data(), sizeof(float), out.size(), f);
     fclose(f);
     llama_batch_free(b);
     llama_free(ctx);
