@@ -130,3 +130,48 @@ fn quantized_logits_are_llama_cpps_to_the_bit() {
         }
     }
 }
+
+#[derive(Deserialize)]
+struct KQuantLogits {
+    ids: Vec<u32>,
+    models: std::collections::BTreeMap<String, KQuantModel>,
+}
+
+#[derive(Deserialize)]
+struct KQuantModel {
+    top8_bits: Vec<Vec<(u32, u32)>>,
+    single_top1: Vec<u32>,
+}
+
+/// Small random LLaMA models quantized by llama.cpp's llama-quantize to Q4_K_M, Q5_K_M and Q6_K
+/// (Q4_K, Q5_K and Q6_K weights; `scripts/llama-cpp/kquant-fixture.sh` made them): herd's logits
+/// are llama.cpp's bit for bit on a prompt (its multi-row kernels, whose order herd follows for
+/// every row), and agree on the top token with its one-row kernels, which decode a token.
+#[test]
+fn k_quant_logits_are_llama_cpps_to_the_bit() {
+    let text = std::fs::read_to_string(fixture("kquant/llama-cpp-logits.json")).expect("K-quant logits fixture");
+    let reference: KQuantLogits = serde_json::from_str(&text).expect("K-quant logits JSON");
+    assert_eq!(reference.models.len(), 3);
+    for (name, want) in &reference.models {
+        let opts = LoadOptions::new(fixture(&format!("kquant/{name}")));
+        let engine = Engine::load(&opts, &mut |_, _| {}).expect("load the K-quant fixture");
+        let logits = engine.logits(&reference.ids).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(logits.len(), want.top8_bits.len());
+        let mut agree = 0;
+        for (p, (row, top)) in logits.iter().zip(&want.top8_bits).enumerate() {
+            for &(id, bits) in top {
+                let ours = row[id as usize];
+                assert_eq!(
+                    ours.to_bits(),
+                    bits,
+                    "{name}, position {p}, token {id}: {ours} against llama.cpp's {}",
+                    f32::from_bits(bits)
+                );
+            }
+            agree += usize::from(herd_worker::engine::sampler::argmax(row) == want.single_top1[p]);
+        }
+        let rate = agree as f64 / logits.len() as f64;
+        eprintln!("{name}: top-1 as llama.cpp's one-row kernels at {agree}/{} positions", logits.len());
+        assert!(rate >= 0.97, "{name}: top-1 agrees with llama.cpp's one-row kernels at {agree}/{}", logits.len());
+    }
+}

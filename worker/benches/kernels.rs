@@ -1,6 +1,7 @@
 //! Throughput of the CPU matrix kernels on one thread: every implementation this CPU runs, the
 //! formats with herd's own kernels, both ways of summing rows, 1 to 16 activation rows (decode
-//! batches) and 64 and 512 (prompts), on a SmolLM2-sized MLP matrix.
+//! batches) and 64 and 512 (prompts), on a SmolLM2-sized MLP matrix (1024 columns for the
+//! K-quants, whose 256-value super-blocks do not divide SmolLM2's 576).
 //! `cargo bench -p herd-worker --bench kernels`.
 
 use std::time::Instant;
@@ -15,15 +16,16 @@ const WORK: usize = 600_000_000;
 const RUNS: usize = 7;
 
 fn main() -> candle_core::Result<()> {
-    let (out, inp) = (1536, 576);
-    let w = Tensor::randn(0f32, 0.3, (out, inp), &Device::Cpu)?;
+    let out = 1536;
     let pool = ComputePool::new(1).map_err(candle_core::Error::wrap)?;
-    println!("{out}x{inp} matrix, 1 thread, GMAC/s (best of {RUNS})");
+    println!("{out}x576 (K-quants {out}x1024) matrix, 1 thread, GMAC/s (best of {RUNS})");
     println!(
         "{:<8} {:<9} {:<6} {:>8} {:>8} {:>8} {:>8} {:>8}",
         "format", "kernels", "sums", "1 row", "4 rows", "16 rows", "64 rows", "512 rows"
     );
-    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+        let inp = if dtype.block_size() == 256 { 1024 } else { 576 };
+        let w = Tensor::randn(0f32, 0.3, (out, inp), &Device::Cpu)?;
         let bytes = QTensor::quantize(&w, dtype)?.data()?.into_owned();
         for (kernels, sums) in Kernels::available().into_iter().flat_map(|k| [(k, Sums::Llama), (k, Sums::Exact)]) {
             let m = QuantMatrix::from_gguf(dtype, &bytes, [out, inp], kernels, sums).expect("a supported matrix");

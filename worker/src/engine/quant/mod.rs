@@ -1,8 +1,9 @@
 //! Block-quantized matrices multiplied on the CPU by herd's own kernels and threads.
 //!
-//! Q4_0, Q4_1 and Q8_0 (the formats of the usual GGUF files) run on SIMD kernels chosen at run
-//! time ([`vnni`] where the CPU has AVX-512 VNNI, else [`avx2`], else the portable [`scalar`]
-//! ones); the other GGUF formats use candle's dot products. A row is summed one of two ways
+//! Q4_0, Q4_1 and Q8_0 run on SIMD kernels chosen at run time ([`vnni`] where the CPU has
+//! AVX-512 VNNI, else [`avx2`], else the portable [`scalar`] ones), and so do the K-quants of
+//! Q4_K_M and Q5_K_M files: Q4_K, Q5_K and Q6_K ([`kquants`], [`ksimd`]); the other GGUF formats
+//! use candle's dot products. A row is summed one of two ways
 //! ([`Sums`]): in llama.cpp's order, so that a quantized model computes what llama.cpp computes,
 //! or exactly, each block's value added in f64, so that a row-parallel layer split over ranks
 //! (o_proj, down_proj) adds up to the same result whatever the split: those layers return the
@@ -10,6 +11,9 @@
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
+pub mod kquants;
+#[cfg(target_arch = "x86_64")]
+pub mod ksimd;
 #[cfg(target_arch = "x86_64")]
 pub mod panels;
 pub mod scalar;
@@ -236,6 +240,79 @@ impl<Q: NativeQuants> Rows for Panels<Q> {
     }
 }
 
+/// A K-quant format herd has its own kernels for.
+#[cfg(target_arch = "x86_64")]
+pub trait NativeKQuants: ksimd::KSimd {}
+#[cfg(target_arch = "x86_64")]
+impl<T: ksimd::KSimd> NativeKQuants for T {}
+/// A K-quant format herd has its own kernels for.
+#[cfg(not(target_arch = "x86_64"))]
+pub trait NativeKQuants: kquants::KQuants {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T: kquants::KQuants> NativeKQuants for T {}
+
+impl Kernels {
+    /// A K-quant weight row's dot products with `R` activation rows, summed in llama.cpp's
+    /// order ([`kquants::lane_dot`]); every implementation gives the same bits.
+    pub fn k_lane_dot<K: NativeKQuants, const R: usize>(self, w: &[K], xs: [&[kquants::Q8K]; R]) -> [f32; R] {
+        match self {
+            // SAFETY: the guards check the CPU's features.
+            #[cfg(target_arch = "x86_64")]
+            Self::Vnni if vnni::available() => unsafe { ksimd::lane_dots_vnni(w, xs) },
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 | Self::Vnni if avx2::available() => unsafe { ksimd::lane_dots_avx2(w, xs) },
+            _ => xs.map(|x| kquants::lane_dot(w, x)),
+        }
+    }
+}
+
+/// Rows in a K-quant format with herd's kernels.
+struct KNative<K> {
+    rows: kquants::KRows<K>,
+    kernels: Kernels,
+    sums: Sums,
+}
+
+impl<K: NativeKQuants> Rows for KNative<K> {
+    type Acts = kquants::KActs;
+    fn per_row(&self) -> usize {
+        self.rows.per_row()
+    }
+    fn quantize(&self, x: &[f32], m: usize) -> Self::Acts {
+        kquants::KActs::new(x, m, self.per_row())
+    }
+    fn dots<const N: usize>(
+        &self,
+        cols: Range<usize>,
+        acts: &Self::Acts,
+        r: usize,
+        mut put: impl FnMut(usize, [f64; N]),
+    ) {
+        let xs: [&[kquants::Q8K]; N] = std::array::from_fn(|k| acts.row(r + k));
+        for col in cols {
+            let w = self.rows.row(col);
+            put(
+                col,
+                match self.sums {
+                    Sums::Llama => self.kernels.k_lane_dot(w, xs).map(f64::from),
+                    Sums::Exact => xs.map(|x| kquants::dot(w, x)),
+                },
+            );
+        }
+    }
+}
+
+fn k_native<K: NativeKQuants>(
+    bytes: &[u8],
+    out: usize,
+    per_row: usize,
+    kernels: Kernels,
+    sums: Sums,
+) -> Option<Arc<dyn MatMul>> {
+    let rows = kquants::KRows::<K>::from_gguf(bytes, per_row).filter(|r| r.rows() == out)?;
+    Some(Arc::new(KNative { rows, kernels, sums }))
+}
+
 /// Rows in another GGUF format, through candle's dot products: over whole rows (candle's own
 /// order, which follows llama.cpp's for most formats) or summed exactly per block or pair.
 struct Candle<T: GgmlType> {
@@ -408,6 +485,7 @@ impl QuantMatrix {
     ) -> Option<Self> {
         let per_row = inp / scalar::QK;
         let native_shape = inp.is_multiple_of(scalar::QK);
+        let (k_per_row, k_shape) = (inp / kquants::QK_K, inp.is_multiple_of(kquants::QK_K));
         let rows = match dtype {
             GgmlDType::Q4_0 if native_shape => native::<Q4_0>(bytes, out, per_row, kernels, sums),
             GgmlDType::Q4_1 if native_shape => native::<Q4_1>(bytes, out, per_row, kernels, sums),
@@ -416,6 +494,9 @@ impl QuantMatrix {
             GgmlDType::Q5_1 => candle::<BlockQ5_1>(bytes, out, inp, sums),
             GgmlDType::Q2K => candle::<BlockQ2K>(bytes, out, inp, sums),
             GgmlDType::Q3K => candle::<BlockQ3K>(bytes, out, inp, sums),
+            GgmlDType::Q4K if k_shape => k_native::<kquants::Q4K>(bytes, out, k_per_row, kernels, sums),
+            GgmlDType::Q5K if k_shape => k_native::<kquants::Q5K>(bytes, out, k_per_row, kernels, sums),
+            GgmlDType::Q6K if k_shape => k_native::<kquants::Q6K>(bytes, out, k_per_row, kernels, sums),
             GgmlDType::Q4K => candle::<BlockQ4K>(bytes, out, inp, sums),
             GgmlDType::Q5K => candle::<BlockQ5K>(bytes, out, inp, sums),
             GgmlDType::Q6K => candle::<BlockQ6K>(bytes, out, inp, sums),

@@ -194,7 +194,15 @@ fn matrices_agree_with_candle_for_every_format() {
     let w = random_matrix(out, inp, 3);
     // Seventy rows: a full tile of 64, then one group of four and two single rows.
     let x = random_matrix(70, inp, 4);
-    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+    for dtype in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q5_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ] {
         let q = QTensor::quantize(&w, dtype).unwrap();
         let reference = QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap().to_vec2::<f32>().unwrap();
         for (k, sums) in kernels().into_iter().flat_map(|k| [(k, Sums::Llama), (k, Sums::Exact)]) {
