@@ -31,6 +31,9 @@ pub struct BenchArgs {
     /// With --engine: weight dtype (auto, f32, f16, bf16).
     #[arg(long, requires = "engine", default_value = "auto")]
     dtype: herd_worker::engine::DTypeChoice,
+    /// With --engine: quantize an HF checkpoint's matrices as they are read (q8_0, q4_0, q4_k).
+    #[arg(long, requires = "engine")]
+    quantize: Option<herd_worker::engine::QuantizeChoice>,
     /// With --engine: measured runs per batch size (after one warm-up run); the median is reported.
     #[arg(long, requires = "engine", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     runs: u32,
@@ -221,6 +224,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let report = crate::bench_engine::bench(&crate::bench_engine::EngineBench {
             model: std::path::Path::new(model),
             dtype: args.dtype,
+            quantize: args.quantize,
             threads: args.threads().unwrap_or_else(herd_worker::engine::default_threads),
             prompt_tokens: args.prompt_tokens as usize,
             max_tokens: args.max_tokens as usize,

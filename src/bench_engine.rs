@@ -17,6 +17,7 @@ const PROSE: &str = "The lighthouse keeper climbed the spiral stairs every eveni
 pub struct EngineBench<'a> {
     pub model: &'a Path,
     pub dtype: herd_worker::engine::DTypeChoice,
+    pub quantize: Option<herd_worker::engine::QuantizeChoice>,
     pub threads: usize,
     pub prompt_tokens: usize,
     pub max_tokens: usize,
@@ -63,8 +64,11 @@ pub fn bench(b: &EngineBench) -> anyhow::Result<Value> {
     if !b.model.exists() {
         bail!("--model {}: no such file or directory", b.model.display());
     }
-    let opts = LoadOptions { dtype: b.dtype, threads: b.threads, ..LoadOptions::new(b.model) };
+    let opts = LoadOptions { dtype: b.dtype, quantize: b.quantize, threads: b.threads, ..LoadOptions::new(b.model) };
+    let load_start = Instant::now();
     let engine = Engine::load(&opts, &mut |_, _| {}).with_context(|| format!("loading {}", b.model.display()))?;
+    let load_s = load_start.elapsed().as_secs_f64();
+    let loaded_rss = peak_rss_mb();
     let ids = prompt(&engine, b.prompt_tokens)?;
     let params = GenerationParams {
         sampling: SamplingParams::greedy(),
@@ -98,7 +102,16 @@ pub fn bench(b: &EngineBench) -> anyhow::Result<Value> {
     Ok(json!({
         "model": b.model.display().to_string(), "threads": b.threads, "tp": engine.tp_size(),
         "prompt_tokens": ids.len(), "max_tokens": b.max_tokens, "runs": b.runs, "results": rows,
+        "load_s": load_s, "peak_rss_mb_after_load": loaded_rss, "peak_rss_mb": peak_rss_mb(),
     }))
+}
+
+/// This process's peak resident memory in MB (`VmHWM`), where the OS reports it.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 =
+        status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb / 1024.0)
 }
 
 /// The report as a table.
@@ -110,6 +123,13 @@ pub fn print_text(r: &Value) {
         r["prompt_tokens"],
         r["max_tokens"],
         r["runs"]
+    );
+    let mb = |k: &str| r[k].as_f64().map_or_else(|| "unknown".to_owned(), |v| format!("{v:.0} MB"));
+    println!(
+        "loaded in {:.1} s; peak RSS {} after loading, {} in all",
+        r["load_s"].as_f64().unwrap_or(f64::NAN),
+        mb("peak_rss_mb_after_load"),
+        mb("peak_rss_mb")
     );
     println!("{:>6} {:>16} {:>16}", "batch", "prompt tok/s", "decode tok/s");
     for row in r["results"].as_array().into_iter().flatten() {

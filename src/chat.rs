@@ -49,6 +49,10 @@ pub struct ChatArgs {
     /// Weight dtype: auto, f32, f16, bf16.
     #[arg(long, env = "HERD_DTYPE", default_value = "auto")]
     dtype: DTypeChoice,
+    /// Quantize an HF checkpoint's matrices as they are read: q8_0, q4_0 or q4_k (CPU only; GGUF
+    /// files are used as they are quantized).
+    #[arg(long, env = "HERD_QUANTIZE")]
+    quantize: Option<herd_worker::engine::QuantizeChoice>,
     /// Tensor-parallel ranks to split the model over (default: one per device listed).
     #[arg(long, env = "HERD_TP")]
     tp: Option<usize>,
@@ -61,6 +65,7 @@ fn load(args: &ChatArgs, model: &Path) -> anyhow::Result<Engine> {
     let opts = LoadOptions {
         model: model.to_path_buf(),
         dtype: args.dtype,
+        quantize: args.quantize,
         devices: parse_devices(&args.devices, args.tp)?,
         chat_template: args.chat_template.clone(),
         threads: herd_worker::engine::default_threads(),

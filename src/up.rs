@@ -36,6 +36,10 @@ pub struct UpArgs {
     /// Weight dtype: auto, f32, f16, bf16.
     #[arg(long, env = "HERD_DTYPE", default_value = "auto")]
     dtype: String,
+    /// Quantize an HF checkpoint's matrices as they are read: q8_0, q4_0 or q4_k (CPU only; GGUF
+    /// files are used as they are quantized).
+    #[arg(long, env = "HERD_QUANTIZE")]
+    quantize: Option<herd_worker::engine::QuantizeChoice>,
     /// Chat template: vicuna_v1.1, one_shot, or a Jinja file.
     #[arg(long, env = "HERD_CHAT_TEMPLATE")]
     chat_template: Option<String>,
@@ -104,6 +108,9 @@ fn spawn_worker(args: &UpArgs, controller: &str, threads: usize, index: usize, d
         .args(["--controller", controller, "--listen", "127.0.0.1:0", "--dtype", &args.dtype])
         .args(["--threads", &threads.to_string(), "--worker-id", &format!("up-worker-{index}")])
         .args(["--tp", &args.tp.to_string(), "--devices", devices]);
+    if let Some(q) = args.quantize {
+        cmd.args(["--quantize", q.name()]);
+    }
     for name in &args.model_names {
         cmd.args(["--model-name", name]);
     }

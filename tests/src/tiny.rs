@@ -25,6 +25,8 @@ impl Dims {
     /// 64 columns split into 32-value quantization blocks at `--tp 2` (but not at 4), and the
     /// vocabulary splits unevenly at `--tp 4`.
     pub const TP: Dims = Dims { hidden: 64, inter: 128, layers: 2, heads: 8, kv_heads: 4, vocab: 402 };
+    /// Widths that are multiples of 256, for the K-quants' super-blocks.
+    pub const K: Dims = Dims { hidden: 256, inter: 512, layers: 2, heads: 4, kv_heads: 2, vocab: VOCAB };
 }
 
 /// The sentencepiece fixture's vocabulary size.

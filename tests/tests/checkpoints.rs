@@ -7,10 +7,14 @@ use candle_core::{DType, Device, Tensor};
 use herd_tests::{fixture, tiny};
 use herd_worker::engine::pool::ComputePool;
 use herd_worker::engine::weights::{GgufMode, LayerPart, Part, WeightName, Weights};
-use herd_worker::engine::{DTypeChoice, Engine, LoadOptions, Message};
+use herd_worker::engine::{DTypeChoice, Engine, EngineError, LoadOptions, Message, QuantizeChoice};
 
 fn logits(path: &Path, dtype: DTypeChoice, ids: &[u32]) -> Vec<Vec<f32>> {
-    let opts = LoadOptions { dtype, ..LoadOptions::new(path) };
+    quantized_logits(path, dtype, None, ids)
+}
+
+fn quantized_logits(path: &Path, dtype: DTypeChoice, quantize: Option<QuantizeChoice>, ids: &[u32]) -> Vec<Vec<f32>> {
+    let opts = LoadOptions { dtype, quantize, ..LoadOptions::new(path) };
     let engine = Engine::load(&opts, &mut |_, _| {}).unwrap_or_else(|e| panic!("load {}: {e}", path.display()));
     engine.logits(ids).unwrap().to_vec2::<f32>().unwrap()
 }
@@ -131,6 +135,56 @@ fn pytorch_bin_fixture_matches_its_safetensors_twin() {
     let st = logits(&dir.path().join("st"), DTypeChoice::Auto, &ids);
     assert_eq!(bin[0].len(), 64);
     assert!(max_diff(&bin, &st) < 1e-5, "pytorch .bin and safetensors twins disagree");
+}
+
+/// `--quantize` turns an HF checkpoint's matrices into blocks as they are read: Q4_K from sharded
+/// safetensors answers exactly like the GGUF file of the same weights in Q4_K (q/k rows permuted
+/// alike), and the .bin and safetensors twins quantize to the same bits.
+#[test]
+fn quantize_flag_reads_hf_checkpoints_into_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = tiny::tensors(tiny::Dims::K, 11);
+    let hf = dir.path().join("hf");
+    let gguf = dir.path().join("tiny-q4k.gguf");
+    tiny::write_hf(&hf, tiny::Dims::K, &weights, 3);
+    tiny::write_gguf(&gguf, tiny::Dims::K, &weights, GgmlDType::Q4K);
+    let quantized = quantized_logits(&hf, DTypeChoice::Auto, Some(QuantizeChoice::Q4K), &IDS);
+    let from_gguf = logits(&gguf, DTypeChoice::Auto, &IDS);
+    let f32 = logits(&hf, DTypeChoice::Auto, &IDS);
+    assert_eq!(quantized, from_gguf, "--quantize q4_k and the Q4_K GGUF differ");
+    assert!(max_diff(&quantized, &f32) > 1e-4, "--quantize q4_k left the weights in f32");
+
+    // The .bin fixture and its safetensors twin, 32 wide: Q8_0 blocks (and Q8_0 where q4_k's
+    // super-blocks do not fit).
+    let src = fixture("tiny-llama-bin");
+    for (name, file) in [("bin", "pytorch_model.bin"), ("st", "model.safetensors")] {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(src.join("config.json"), d.join("config.json")).unwrap();
+        std::fs::copy(src.join(file), d.join(file)).unwrap();
+        std::fs::copy(fixture("sentencepiece/tokenizer.model"), d.join("tokenizer.model")).unwrap();
+    }
+    let ids = [1, 5, 9, 33, 63, 2, 17];
+    for q in [QuantizeChoice::Q8_0, QuantizeChoice::Q4K] {
+        let bin = quantized_logits(&dir.path().join("bin"), DTypeChoice::Auto, Some(q), &ids);
+        let st = quantized_logits(&dir.path().join("st"), DTypeChoice::Auto, Some(q), &ids);
+        assert_eq!(bin, st, "{q:?}: the .bin and safetensors twins quantize alike");
+        let plain = logits(&dir.path().join("st"), DTypeChoice::Auto, &ids);
+        let d = max_diff(&bin, &plain);
+        assert!(d > 0.0 && d < 0.05, "{q:?}: quantized logits differ from f32 by {d}");
+    }
+
+    // Clear refusals: GGUF files are already quantized; the kernels run on the CPU in f32.
+    let refuse = |path: &Path, dtype| {
+        let opts = LoadOptions { dtype, quantize: Some(QuantizeChoice::Q4_0), ..LoadOptions::new(path) };
+        match Engine::load(&opts, &mut |_, _| {}) {
+            Err(EngineError::InvalidArgument(m)) => m,
+            Err(e) => panic!("{}: unexpected error {e}", path.display()),
+            Ok(_) => panic!("{}: --quantize was accepted", path.display()),
+        }
+    };
+    assert!(refuse(&gguf, DTypeChoice::Auto).contains("applies to HF checkpoint directories"));
+    assert!(refuse(&hf, DTypeChoice::F16).contains("--dtype auto or f32"));
 }
 
 #[test]

@@ -204,3 +204,20 @@ fn indivisible_or_impossible_splits_fail_at_start_naming_the_numbers() {
     assert!(!out.status.success());
     assert!(err.contains("--tp 2 needs 2 devices, but --devices cuda:0 names 1"), "{err}");
 }
+
+/// The K-quant fixtures (Q4_K, Q5_K and Q6_K matrices from llama.cpp's quantizer) split over two
+/// ranks give the whole model's logits to the bit: each rank sums its rows in the same order.
+#[test]
+fn k_quant_models_over_two_ranks_match_one_to_the_bit() {
+    let ids: Vec<u32> = (0..40).map(|i| 17 + (i * 37) % 1000).collect();
+    for name in ["tiny-k-q4_k_m.gguf", "tiny-k-q5_k_m.gguf", "tiny-k-q6_k.gguf"] {
+        let path = fixture(&format!("kquant/{name}"));
+        let one = load(&path, DTypeChoice::Auto, 1).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let two = load(&path, DTypeChoice::Auto, 2).unwrap_or_else(|e| panic!("{name} --tp 2: {e}"));
+        assert_eq!(two.tp_size(), 2);
+        let a = one.logits(&ids).unwrap().to_vec2::<f32>().unwrap();
+        let b = two.logits(&ids).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(a, b, "{name}: --tp 2 logits differ from --tp 1");
+        assert_eq!(decode_both(&one, &two, &ids, 8), 0.0, "{name}: decoding differs");
+    }
+}

@@ -48,6 +48,10 @@ pub struct WorkerArgs {
     /// Weight dtype: auto, f32, f16, bf16.
     #[arg(long, env = "HERD_DTYPE", default_value = "auto")]
     pub dtype: DTypeChoice,
+    /// Quantize an HF checkpoint's matrices as they are read: q8_0, q4_0 or q4_k (CPU only; GGUF
+    /// files are used as they are quantized).
+    #[arg(long, env = "HERD_QUANTIZE")]
+    pub quantize: Option<engine::QuantizeChoice>,
     /// Tensor-parallel ranks to split the model over (default: one per device listed).
     #[arg(long, env = "HERD_TP")]
     pub tp: Option<usize>,
@@ -206,6 +210,7 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
     let opts = LoadOptions {
         model: args.model.clone(),
         dtype: args.dtype,
+        quantize: args.quantize,
         devices,
         chat_template: args.chat_template.clone(),
         threads: args.threads.unwrap_or_else(engine::default_threads),

@@ -238,6 +238,14 @@ impl ModelConfig {
     }
 
     /// Checks that the numbers make a consistent model (heads divide, nothing is zero).
+    /// The number of weights the config implies (embedding, layers, norms and head).
+    pub fn parameter_count(&self) -> u64 {
+        let (h, q, kv) = (self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
+        let layer = 2 * h * q + 2 * h * kv + 3 * h * self.intermediate_size + 2 * h;
+        let heads = if self.tie_word_embeddings { 1 } else { 2 };
+        (heads * self.vocab_size * h + self.num_layers * layer + h) as u64
+    }
+
     pub fn validate(&self) -> std::result::Result<(), String> {
         let fields = [
             ("hidden_size", self.hidden_size),

@@ -70,12 +70,56 @@ impl FromStr for DTypeChoice {
     }
 }
 
+/// The `--quantize` choice: the block format HF checkpoints' matrices are quantized to as
+/// they are read, for herd's CPU kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantizeChoice {
+    Q8_0,
+    Q4_0,
+    Q4K,
+}
+
+impl QuantizeChoice {
+    /// The GGUF block format.
+    pub fn ggml_dtype(self) -> candle_core::quantized::GgmlDType {
+        use candle_core::quantized::GgmlDType;
+        match self {
+            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q4_0 => GgmlDType::Q4_0,
+            Self::Q4K => GgmlDType::Q4K,
+        }
+    }
+
+    /// The flag's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Q8_0 => "q8_0",
+            Self::Q4_0 => "q4_0",
+            Self::Q4K => "q4_k",
+        }
+    }
+}
+
+impl FromStr for QuantizeChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "q8_0" => Ok(Self::Q8_0),
+            "q4_0" => Ok(Self::Q4_0),
+            "q4_k" | "q4k" => Ok(Self::Q4K),
+            _ => Err(format!("unknown quantization {s:?} (expected q8_0, q4_0 or q4_k)")),
+        }
+    }
+}
+
 /// What to load and how.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// An HF checkpoint directory or a `.gguf` file.
     pub model: PathBuf,
     pub dtype: DTypeChoice,
+    /// `--quantize`: HF checkpoints' matrices quantized as they are read (CPU only).
+    pub quantize: Option<QuantizeChoice>,
     /// One device per tensor-parallel rank.
     pub devices: Vec<Device>,
     /// `--chat-template NAME|FILE`.
@@ -93,6 +137,7 @@ impl LoadOptions {
         Self {
             model: model.into(),
             dtype: DTypeChoice::Auto,
+            quantize: None,
             devices: vec![Device::Cpu],
             chat_template: None,
             threads: default_threads(),
@@ -217,7 +262,7 @@ struct Loaded {
     eos_token: String,
 }
 
-fn open_hf(dir: &Path, dtype: DType) -> Result<Loaded> {
+fn open_hf(dir: &Path, dtype: DType, quantize: Option<QuantizeChoice>) -> Result<Loaded> {
     let config_path = dir.join("config.json");
     if !config_path.is_file() {
         return Err(EngineError::checkpoint(&config_path, "missing: not an HF checkpoint directory"));
@@ -225,7 +270,11 @@ fn open_hf(dir: &Path, dtype: DType) -> Result<Loaded> {
     let cfg = ModelConfig::from_hf_file(&config_path)?;
     let tcfg = TokenizerConfig::from_dir(dir)?;
     let tokenizer = Tokenizer::from_hf_dir(dir, &tcfg, cfg.bos_token_id)?;
-    let weights = Weights::open_hf(dir, dtype)?;
+    if quantize.is_none() && dtype == DType::F32 {
+        check_f32_fits(&cfg, dir)?;
+    }
+    let quantize = quantize.map(|q| weights::HfQuantize { dtype: q.ggml_dtype(), head_dim: cfg.head_dim });
+    let weights = Weights::open_hf(dir, dtype, quantize)?;
     let mut eos_ids = cfg.eos_token_ids.clone();
     eos_ids.extend(generation_eos(dir)?);
     eos_ids.extend(tcfg.eos_token().and_then(|t| tokenizer.token_id(t)));
@@ -235,6 +284,40 @@ fn open_hf(dir: &Path, dtype: DType) -> Result<Loaded> {
     let bos_token = text_of(tcfg.bos_token(), tokenizer.bos_id());
     let eos_token = text_of(tcfg.eos_token(), eos_ids.first().copied());
     Ok(Loaded { model_template: tcfg.chat_template(), cfg, weights, tokenizer, eos_ids, bos_token, eos_token })
+}
+
+/// Refuses an HF checkpoint whose f32 weights would not fit in the memory available, naming
+/// what they need and the flag that makes them fit.
+fn check_f32_fits(cfg: &ModelConfig, dir: &Path) -> Result<()> {
+    let (Some(available), need) = (available_memory_bytes(), cfg.parameter_count() * 4) else { return Ok(()) };
+    if need <= available {
+        return Ok(());
+    }
+    let gb = |b: u64| b as f64 / 1e9;
+    Err(EngineError::InvalidArgument(format!(
+        "{}: its {:.1}B parameters need about {:.1} GB as f32 on the CPU, and {:.1} GB of memory is available; \
+         pass --quantize q8_0 (about {:.1} GB), q4_k or q4_0 (about {:.1} GB) to quantize the weights as they are read",
+        dir.display(),
+        cfg.parameter_count() as f64 / 1e9,
+        gb(need),
+        gb(available),
+        gb(cfg.parameter_count() * 34 / 32),
+        gb(cfg.parameter_count() * 18 / 32),
+    )))
+}
+
+/// `MemAvailable` from /proc/meminfo, where the OS reports it.
+fn available_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
 }
 
 fn open_gguf(path: &Path, choice: DTypeChoice, device: &Device) -> Result<Loaded> {
@@ -263,8 +346,24 @@ impl Engine {
             return Err(EngineError::checkpoint(path, "no such file or directory"));
         }
         let device = opts.devices.first().ok_or_else(|| EngineError::InvalidArgument("no device to load on".into()))?;
+        if let Some(q) = opts.quantize {
+            if !path.is_dir() {
+                return Err(EngineError::InvalidArgument(format!(
+                    "--quantize {} applies to HF checkpoint directories; {} is a file (GGUF files are used as quantized)",
+                    q.name(),
+                    path.display()
+                )));
+            }
+            if opts.devices.iter().any(|d| !d.is_cpu()) || !matches!(opts.dtype, DTypeChoice::Auto | DTypeChoice::F32) {
+                return Err(EngineError::InvalidArgument(format!(
+                    "--quantize {} runs herd's CPU kernels: use it with --devices cpu and --dtype auto or f32",
+                    q.name()
+                )));
+            }
+        }
+        let started = std::time::Instant::now();
         let loaded = if path.is_dir() {
-            open_hf(path, resolve_dtype(opts.dtype, device)?)?
+            open_hf(path, resolve_dtype(opts.dtype, device)?, opts.quantize)?
         } else {
             open_gguf(path, opts.dtype, device)?
         };
@@ -287,6 +386,7 @@ impl Engine {
             context = cfg.context_length,
             tp = opts.devices.len(),
             template = template.name(),
+            load_seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
             "model loaded"
         );
         let prefixes = Mutex::new(PrefixCache::new(0));

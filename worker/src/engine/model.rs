@@ -12,7 +12,7 @@ use super::host;
 use super::llamacpp;
 use super::pool::{ComputePool, Results};
 use super::tp::{Communicator, Shard};
-use super::weights::{LayerPart, Linear, Part, WeightName, Weights};
+use super::weights::{Embedding, LayerPart, Linear, Part, WeightName, Weights};
 
 /// Rotary position embedding tables, computed for the positions a step needs.
 #[derive(Debug, Clone)]
@@ -194,7 +194,7 @@ pub struct Llama {
     /// Attention heads and KV heads on this rank.
     heads: usize,
     kv_heads: usize,
-    embed: Tensor,
+    embed: Embedding,
     /// Vocabulary rows this rank holds of the embedding and lm_head.
     vocab: Range<usize>,
     blocks: Vec<Block>,
@@ -255,7 +255,7 @@ impl Llama {
         };
         // Progress counts the embedding, each layer, and the head.
         let total = cfg.num_layers + 2;
-        let embed = w.dense(WeightName::Embed, &[cfg.vocab_size, h], rows(vocab.clone()), device)?;
+        let embed = w.embedding([cfg.vocab_size, h], rows(vocab.clone()), device)?;
         progress(1, total);
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
@@ -293,7 +293,7 @@ impl Llama {
             head_dim: hd,
             theta: cfg.rope_theta,
             scaling: cfg.rope_scaling,
-            interleaved: w.is_gguf(),
+            interleaved: w.interleaved_rope(),
             llama_cpp,
         };
         Ok(Self {
@@ -320,14 +320,13 @@ impl Llama {
     /// zero rows for the rest, and sum: exactly one rank contributes each row.
     fn embed(&self, comm: &dyn Communicator, tokens: &[u32]) -> Result<Tensor> {
         if self.shard.world == 1 {
-            let ids = Tensor::new(tokens, &self.device)?;
-            return Ok(self.embed.index_select(&ids, 0)?.unsqueeze(0)?);
+            return Ok(self.embed.lookup(tokens, &self.device)?.unsqueeze(0)?);
         }
         let range = self.vocab.start as u32..self.vocab.end as u32;
         let local: Vec<u32> = tokens.iter().map(|&t| if range.contains(&t) { t - range.start } else { 0 }).collect();
         let keep: Vec<f32> = tokens.iter().map(|t| if range.contains(t) { 1.0 } else { 0.0 }).collect();
         let keep = Tensor::from_vec(keep, (tokens.len(), 1), &self.device)?.to_dtype(self.dtype)?;
-        let rows = self.embed.index_select(&Tensor::new(local, &self.device)?, 0)?.broadcast_mul(&keep)?;
+        let rows = self.embed.lookup(&local, &self.device)?.broadcast_mul(&keep)?;
         Ok(comm.all_reduce_sum(&rows)?.unsqueeze(0)?)
     }
 

@@ -40,6 +40,38 @@ impl Linear {
     }
 }
 
+/// The token embedding table: dense, or kept in the file's block encoding on the CPU, where
+/// only the rows a step looks up are dequantized (a 7B model's f32 table would add about a
+/// fifth to its quantized size).
+#[derive(Debug)]
+pub enum Embedding {
+    /// A dense `(vocab, hidden)` table in the engine dtype.
+    Dense(Tensor),
+    /// GGUF blocks, `row_bytes` per vocabulary row of `cols` values.
+    Blocks { dtype: GgmlDType, bytes: Vec<u8>, row_bytes: usize, cols: usize, out: DType },
+}
+
+impl Embedding {
+    /// The rows of `ids`, `(ids.len(), hidden)`; ids must be below the table's row count.
+    pub fn lookup(&self, ids: &[u32], device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(t) => t.index_select(&Tensor::new(ids, device)?, 0),
+            Self::Blocks { dtype, bytes, row_bytes, cols, out } => {
+                let mut picked = Vec::with_capacity(ids.len() * row_bytes);
+                for &id in ids {
+                    let at = id as usize * row_bytes;
+                    let row = bytes.get(at..at + row_bytes).ok_or_else(|| {
+                        candle_core::Error::Msg(format!("token id {id} is outside the embedding table"))
+                    })?;
+                    picked.extend_from_slice(row);
+                }
+                let q = ggml_file::qtensor_from_ggml(*dtype, &picked, vec![ids.len(), *cols], device)?;
+                q.dequantize(device)?.to_dtype(*out)
+            }
+        }
+    }
+}
+
 /// One of a LLaMA layer's tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerPart {
@@ -165,6 +197,80 @@ pub struct Weights {
     /// The file or directory the user named, for error messages.
     path: PathBuf,
     dtype: DType,
+    /// `--quantize`: HF matrices become blocks as they are read, on the CPU.
+    quantize: Option<HfQuantize>,
+}
+
+/// How `--quantize` reads an HF checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HfQuantize {
+    /// The block format asked for.
+    pub dtype: GgmlDType,
+    /// The model's head size: q and k rows are permuted per head into GGUF's layout, so that
+    /// the model runs exactly as from a GGUF file (llama.cpp's interleaved RoPE).
+    pub head_dim: usize,
+}
+
+/// Rows of a q or k projection, whole heads of `head_dim`, permuted as llama.cpp's converter
+/// permutes them for its interleaved RoPE: each head's two halves interleaved.
+fn permute_for_interleaved_rope(t: &Tensor, head_dim: usize) -> candle_core::Result<Tensor> {
+    let (rows, cols) = t.dims2()?;
+    t.reshape((rows / head_dim, 2, head_dim / 2, cols))?.transpose(1, 2)?.reshape((rows, cols))
+}
+
+/// Quantizes an f32 `(rows, cols)` matrix to GGUF blocks of `dtype`, rows spread over the
+/// cores; `None` when its rows do not fill the format's blocks.
+fn quantize_blocks(t: &Tensor, dtype: GgmlDType) -> candle_core::Result<Option<Vec<u8>>> {
+    let (rows, cols) = t.dims2()?;
+    if !cols.is_multiple_of(dtype.block_size()) {
+        return Ok(None);
+    }
+    // One copy of the values, cut into row ranges: candle quantizes a tensor's whole storage, so
+    // each range gets a tensor of its own.
+    let values = t.flatten_all()?.to_vec1::<f32>()?;
+    let threads = std::thread::available_parallelism().map_or(1, usize::from).min(rows.max(1));
+    let per = rows.div_ceil(threads).max(1);
+    let parts = std::thread::scope(|s| {
+        let handles: Vec<_> = values
+            .chunks(per * cols)
+            .map(|chunk| {
+                s.spawn(move || -> candle_core::Result<Vec<u8>> {
+                    let t = Tensor::from_slice(chunk, (chunk.len() / cols, cols), &Device::Cpu)?;
+                    Ok(QTensor::quantize(&t, dtype)?.data()?.into_owned())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(candle_core::Error::Msg("a quantizing thread panicked".into()))))
+            .collect::<Vec<_>>()
+    });
+    let mut bytes = Vec::with_capacity(rows * cols / dtype.block_size() * dtype.type_size());
+    for part in parts {
+        bytes.extend_from_slice(&part?);
+    }
+    Ok(Some(bytes))
+}
+
+/// The format `--quantize` gives a matrix of `cols` columns: the one asked for, or Q8_0 where a
+/// K-quant's 256-value super-blocks do not fit the rows (as llama.cpp's quantizer falls back).
+fn quantize_format(asked: GgmlDType, cols: usize) -> GgmlDType {
+    if cols.is_multiple_of(asked.block_size()) { asked } else { GgmlDType::Q8_0 }
+}
+
+/// Drops a mapped byte range's pages from this process's memory once it has been copied (the
+/// kernel reads them from the file again if they are touched), so that quantizing a checkpoint
+/// as it is read never holds the whole file in memory.
+fn release_pages(bytes: &[u8]) {
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
+    let start = (bytes.as_ptr() as usize).next_multiple_of(page);
+    let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
+    if end > start {
+        // SAFETY: the range lies inside a read-only file mapping that herd never writes; dropping
+        // its pages only makes later reads fault them in from the file again, unchanged.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+    }
 }
 
 /// The weight files of an HF checkpoint directory.
@@ -226,8 +332,9 @@ fn find_hf_files(dir: &Path) -> Result<HfFiles> {
 }
 
 impl Weights {
-    /// Opens the weight files of an HF checkpoint directory.
-    pub fn open_hf(dir: &Path, dtype: DType) -> Result<Self> {
+    /// Opens the weight files of an HF checkpoint directory; with `quantize`, matrices read on
+    /// the CPU are quantized to that block format.
+    pub fn open_hf(dir: &Path, dtype: DType, quantize: Option<HfQuantize>) -> Result<Self> {
         let store = match find_hf_files(dir)? {
             HfFiles::Safetensors(files) => {
                 let mut file_of = HashMap::new();
@@ -263,13 +370,13 @@ impl Weights {
                 Store::Pth { files: opened, file_of }
             }
         };
-        Ok(Self { store, path: dir.to_path_buf(), dtype })
+        Ok(Self { store, path: dir.to_path_buf(), dtype, quantize })
     }
 
     /// Opens a GGUF file whose metadata has already been read.
     pub fn open_gguf(path: &Path, content: gguf_file::Content, mode: GgufMode, dtype: DType) -> Result<Self> {
         let file = File::open(path).map_err(|e| EngineError::checkpoint(path, e))?;
-        Ok(Self { store: Store::Gguf { content, file, mode }, path: path.to_path_buf(), dtype })
+        Ok(Self { store: Store::Gguf { content, file, mode }, path: path.to_path_buf(), dtype, quantize: None })
     }
 
     /// True for GGUF files, whose q/k rows are permuted for interleaved RoPE.
@@ -277,8 +384,40 @@ impl Weights {
         matches!(self.store, Store::Gguf { .. })
     }
 
-    /// Whether `w` stays block-quantized (a GGUF file under `--dtype auto`, in a block format).
+    /// Whether q/k rows come in GGUF's layout, for interleaved RoPE: GGUF files, and HF
+    /// checkpoints quantized as they are read.
+    pub fn interleaved_rope(&self) -> bool {
+        self.is_gguf() || self.quantize.is_some()
+    }
+
+    /// Under `--quantize`, a matrix read from an HF checkpoint as f32, q/k rows permuted into
+    /// GGUF's layout; and the block format it gets (Q8_0 where K-quant super-blocks do not fit).
+    fn hf_matrix(
+        &self,
+        q: HfQuantize,
+        w: WeightName,
+        shape: &[usize],
+        part: Part,
+        device: &Device,
+    ) -> Result<(Tensor, GgmlDType)> {
+        let t = self.dense(w, shape, part, device)?;
+        let t = match w {
+            WeightName::Layer(_, LayerPart::Q | LayerPart::K) => permute_for_interleaved_rope(&t, q.head_dim)?,
+            _ => t,
+        };
+        let dtype = quantize_format(q.dtype, t.dims().last().copied().unwrap_or(0));
+        Ok((t, dtype))
+    }
+
+    /// Whether `w` stays block-quantized (a GGUF file under `--dtype auto`, in a block format, or
+    /// an HF matrix under `--quantize`).
     pub fn block_quantized(&self, w: WeightName) -> bool {
+        if self.quantize.is_some() {
+            return !matches!(
+                w,
+                WeightName::FinalNorm | WeightName::Layer(_, LayerPart::AttnNorm | LayerPart::FfnNorm)
+            );
+        }
         let Store::Gguf { content, mode: GgufMode::Quantized, .. } = &self.store else { return false };
         content
             .tensor_infos
@@ -421,8 +560,12 @@ impl Weights {
                 data.chunks_exact(cols * es).flat_map(|row| &row[c.start * es..c.end * es]).copied().collect(),
             ),
         };
-        Tensor::from_raw_buffer(&bytes, dtype, &part.shape(want), device)
-            .map_err(|e| self.read_error(name, candle_message(&e)))
+        let t = Tensor::from_raw_buffer(&bytes, dtype, &part.shape(want), device)
+            .map_err(|e| self.read_error(name, candle_message(&e)))?;
+        if self.quantize.is_some() {
+            release_pages(data);
+        }
+        Ok(t)
     }
 
     /// A dense tensor (or `part` of one) of full shape `shape`, in the engine dtype.
@@ -467,6 +610,25 @@ impl Weights {
         Ok(t.to_dtype(self.dtype)?)
     }
 
+    /// The embedding table of full shape `[vocab, hidden]` (or a rank's rows of it): kept
+    /// block-quantized on the CPU when the file and mode allow it, else dense.
+    pub fn embedding(&self, shape: [usize; 2], part: Part, device: &Device) -> Result<Embedding> {
+        if let (Some(q), true, false) = (self.quantize, device.is_cpu(), self.is_gguf()) {
+            let (t, dtype) = self.hf_matrix(q, WeightName::Embed, &shape, part, device)?;
+            if let Some(bytes) = quantize_blocks(&t, dtype)? {
+                let row_bytes = shape[1] / dtype.block_size() * dtype.type_size();
+                return Ok(Embedding::Blocks { dtype, bytes, row_bytes, cols: shape[1], out: self.dtype });
+            }
+            return Ok(Embedding::Dense(t));
+        }
+        if device.is_cpu() && self.block_quantized(WeightName::Embed) && matches!(part, Part::Whole | Part::Rows(_)) {
+            let (dtype, bytes) = self.gguf_bytes(&WeightName::Embed.gguf(), &shape, &part)?;
+            let row_bytes = shape[1] / dtype.block_size() * dtype.type_size();
+            return Ok(Embedding::Blocks { dtype, bytes, row_bytes, cols: shape[1], out: self.dtype });
+        }
+        Ok(Embedding::Dense(self.dense(WeightName::Embed, &shape, part, device)?))
+    }
+
     /// A weight matrix of full shape `[out, in]` (or `part` of it): quantized when the file and
     /// mode allow it, else dense.
     pub fn linear(&self, w: WeightName, shape: [usize; 2], part: Part, device: &Device) -> Result<Linear> {
@@ -491,6 +653,19 @@ impl Weights {
         layers: &[(WeightName, [usize; 2], Part)],
         device: &Device,
     ) -> Result<Option<(Linear, Vec<usize>)>> {
+        if let (Some(q), true, false) = (self.quantize, device.is_cpu(), self.is_gguf()) {
+            let inp = layers[0].2.shape(&layers[0].1)[1];
+            let dtype = quantize_format(q.dtype, inp);
+            let (mut bytes, mut outs) = (Vec::new(), Vec::new());
+            for (w, shape, part) in layers {
+                let (t, _) = self.hf_matrix(q, *w, shape, part.clone(), device)?;
+                let Some(b) = quantize_blocks(&t, dtype)? else { return Ok(None) };
+                bytes.extend_from_slice(&b);
+                outs.push(part.shape(shape)[0]);
+            }
+            let m = QuantMatrix::from_gguf(dtype, &bytes, [outs.iter().sum(), inp], Kernels::detect(), Sums::Llama);
+            return Ok(m.map(|m| (Linear::Blocks { m, summed: false }, outs)));
+        }
         let Store::Gguf { content, mode: GgufMode::Quantized, .. } = &self.store else { return Ok(None) };
         // One block-quantized format throughout, known before reading anything (else each layer
         // loads apart, and reports a missing tensor itself).
@@ -518,6 +693,17 @@ impl Weights {
     }
 
     fn matrix(&self, w: WeightName, shape: [usize; 2], part: Part, device: &Device, summed: bool) -> Result<Linear> {
+        if let (Some(q), true, false) = (self.quantize, device.is_cpu(), self.is_gguf()) {
+            let [out, inp] = part.shape(&shape)[..] else { unreachable!("matrices are 2-D") };
+            let (t, dtype) = self.hf_matrix(q, w, &shape, part, device)?;
+            let sums = if summed { Sums::Exact } else { Sums::Llama };
+            if let Some(bytes) = quantize_blocks(&t, dtype)?
+                && let Some(m) = QuantMatrix::from_gguf(dtype, &bytes, [out, inp], Kernels::detect(), sums)
+            {
+                return Ok(Linear::Blocks { m, summed });
+            }
+            return Ok(Linear::Dense(t));
+        }
         let Store::Gguf { mode: GgufMode::Quantized, .. } = &self.store else {
             return Ok(Linear::Dense(self.dense(w, &shape, part, device)?));
         };
