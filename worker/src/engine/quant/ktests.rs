@@ -152,3 +152,37 @@ fn q5_k_kernels_match_the_reference() {
 fn q6_k_kernels_match_the_reference() {
     check_kernels::<Q6K>(|b, e| f64::from(b.d) * f64::from(b.scale(e) * (b.quant(e) - 32)));
 }
+
+/// Whole matrices (rows that do not fill the last panel, prompts cut into tiles and groups of
+/// four rows) give every kernel the portable kernel's bits, in llama.cpp's order.
+fn check_matrices<K: KQuants>(dtype: candle_core::quantized::GgmlDType) {
+    use crate::engine::pool::ComputePool;
+    use crate::engine::quant::{QuantMatrix, Sums};
+    use candle_core::{DType, Device, Tensor};
+    let mut rng = StdRng::seed_from_u64(4);
+    let pool = ComputePool::new(2).unwrap();
+    for (out, blocks) in [(13, 3), (24, 1)] {
+        let bytes: Vec<u8> = (0..out * blocks).flat_map(|i| random_block::<K>(&mut rng, i % 7 == 0)).collect();
+        for m in [1, 5, 70] {
+            let x =
+                Tensor::from_vec(activations(&mut rng, m * blocks, false), (m, blocks * QK_K), &Device::Cpu).unwrap();
+            let forward = |k: Kernels| {
+                let w = QuantMatrix::from_gguf(dtype, &bytes, [out, blocks * QK_K], k, Sums::Llama).unwrap();
+                let y = w.forward(&x, &pool, DType::F32).unwrap().to_vec2::<f32>().unwrap();
+                y.into_iter().flatten().map(f32::to_bits).collect::<Vec<_>>()
+            };
+            let want = forward(Kernels::Portable);
+            for k in Kernels::available() {
+                assert_eq!(forward(k), want, "{dtype:?} {k:?}: {out}x{blocks} blocks, {m} rows");
+            }
+        }
+    }
+}
+
+#[test]
+fn k_quant_matrices_match_the_portable_kernels() {
+    use candle_core::quantized::GgmlDType;
+    check_matrices::<Q4K>(GgmlDType::Q4K);
+    check_matrices::<Q5K>(GgmlDType::Q5K);
+    check_matrices::<Q6K>(GgmlDType::Q6K);
+}

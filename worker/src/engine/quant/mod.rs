@@ -11,6 +11,8 @@
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub mod kpanels;
 pub mod kquants;
 #[cfg(target_arch = "x86_64")]
 pub mod ksimd;
@@ -302,6 +304,54 @@ impl<K: NativeKQuants> Rows for KNative<K> {
     }
 }
 
+/// K-quant rows in panels for the VNNI kernels.
+#[cfg(target_arch = "x86_64")]
+struct KPanels<K> {
+    rows: kpanels::KPanelRows<K>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<K: kpanels::PanelStep> Rows for KPanels<K> {
+    type Acts = kpanels::KPanelActs;
+    fn per_row(&self) -> usize {
+        self.rows.per_row()
+    }
+    fn quantize(&self, x: &[f32], m: usize) -> Self::Acts {
+        let acts = kquants::KActs::new(x, m, self.per_row());
+        // SAFETY: `KPanels` is only built when the CPU has the kernels' features (`k_panels`).
+        unsafe { kpanels::KPanelActs::new::<K>(&acts, m, self.per_row()) }
+    }
+    fn dots<const N: usize>(&self, cols: Range<usize>, acts: &Self::Acts, r: usize, put: impl FnMut(usize, [f64; N])) {
+        // SAFETY: as above.
+        unsafe { kpanels::dots::<K, N>(&self.rows, cols, acts, r, put) }
+    }
+    fn align(&self) -> usize {
+        kpanels::PANEL
+    }
+}
+
+/// Q4_K or Q6_K rows in panels, where the CPU has VNNI and rows sum in llama.cpp's order.
+#[cfg(target_arch = "x86_64")]
+fn k_panels<K: kpanels::PanelStep>(
+    bytes: &[u8],
+    out: usize,
+    per_row: usize,
+    kernels: Kernels,
+    sums: Sums,
+) -> Option<Arc<dyn MatMul>> {
+    if kernels != Kernels::Vnni || sums != Sums::Llama || !kpanels::available() {
+        return None;
+    }
+    let rows = kquants::KRows::<K>::from_gguf(bytes, per_row).filter(|r| r.rows() == out)?;
+    Some(Arc::new(KPanels { rows: kpanels::KPanelRows::new(&rows) }))
+}
+
+/// No panels off x86.
+#[cfg(not(target_arch = "x86_64"))]
+fn k_panels<K>(_: &[u8], _: usize, _: usize, _: Kernels, _: Sums) -> Option<Arc<dyn MatMul>> {
+    None
+}
+
 fn k_native<K: NativeKQuants>(
     bytes: &[u8],
     out: usize,
@@ -494,9 +544,11 @@ impl QuantMatrix {
             GgmlDType::Q5_1 => candle::<BlockQ5_1>(bytes, out, inp, sums),
             GgmlDType::Q2K => candle::<BlockQ2K>(bytes, out, inp, sums),
             GgmlDType::Q3K => candle::<BlockQ3K>(bytes, out, inp, sums),
-            GgmlDType::Q4K if k_shape => k_native::<kquants::Q4K>(bytes, out, k_per_row, kernels, sums),
+            GgmlDType::Q4K if k_shape => k_panels::<kquants::Q4K>(bytes, out, k_per_row, kernels, sums)
+                .or_else(|| k_native::<kquants::Q4K>(bytes, out, k_per_row, kernels, sums)),
             GgmlDType::Q5K if k_shape => k_native::<kquants::Q5K>(bytes, out, k_per_row, kernels, sums),
-            GgmlDType::Q6K if k_shape => k_native::<kquants::Q6K>(bytes, out, k_per_row, kernels, sums),
+            GgmlDType::Q6K if k_shape => k_panels::<kquants::Q6K>(bytes, out, k_per_row, kernels, sums)
+                .or_else(|| k_native::<kquants::Q6K>(bytes, out, k_per_row, kernels, sums)),
             GgmlDType::Q4K => candle::<BlockQ4K>(bytes, out, inp, sums),
             GgmlDType::Q5K => candle::<BlockQ5K>(bytes, out, inp, sums),
             GgmlDType::Q6K => candle::<BlockQ6K>(bytes, out, inp, sums),

@@ -1,0 +1,403 @@
+//! AVX-512 VNNI kernels for Q4_K and Q6_K with weight rows in panels of eight, for CPUs with
+//! them: the formats of most of a Q4_K_M file.
+//!
+//! The per-row kernels ([`super::ksimd`]) reduce each super-block's integer lanes to a few
+//! totals per row, which costs more than the products themselves. Here each 32-bit lane of a
+//! `vpdpbusd` belongs to one weight row of the panel (lanes 0-7 to four elements of the rows,
+//! lanes 8-15 to the next four), the activations' four bytes broadcast to match, so that the
+//! totals come out one row per lane and the f32 steps of [`KQuants::accumulate`] run on eight
+//! rows at once, in the same order: the portable kernel's bits.
+
+use std::arch::x86_64::*;
+
+use super::kquants::{KQuants, Q4K, Q6K, Q8K};
+
+/// Weight rows per panel.
+pub const PANEL: usize = 8;
+/// 64-byte vectors of activations per super-block: one per weight vector.
+const VECTORS: usize = 32;
+
+/// A K format laid out in panels.
+pub trait KPanel: KQuants {
+    /// Panel bytes per super-block (all eight rows).
+    const BYTES: usize;
+    /// The first of the two activation dwords (element / 4) weight vector `v` multiplies.
+    fn order(v: usize) -> usize;
+    /// Writes row `r`'s part of a panel super-block into `out`.
+    fn place(&self, r: usize, out: &mut PanelBlock);
+    /// The activation sums the format's offsets or bias multiply, two 16-bit values per lane.
+    fn act_sums(x: &Q8K) -> [i32; 8];
+}
+
+/// One panel super-block's parts, before they are stored.
+#[derive(Debug, Clone)]
+pub struct PanelBlock {
+    quants: Vec<u8>,
+    /// Per scale unit (sub-block or group of 16), the eight rows' scales.
+    scales: Vec<u8>,
+    /// Q4_K: per pair of sub-blocks, the eight rows' two offsets.
+    mins: Vec<u8>,
+    d: [f32; PANEL],
+    dmin: [f32; PANEL],
+}
+
+impl PanelBlock {
+    fn new<K: KPanel>() -> Self {
+        Self { quants: vec![0; K::BYTES], scales: vec![0; 128], mins: vec![0; 64], d: [0.0; PANEL], dmin: [0.0; PANEL] }
+    }
+}
+
+/// Weight rows of `K` in panels of [`PANEL`] (the last padded with zero rows).
+#[derive(Debug, Clone)]
+pub struct KPanelRows<K> {
+    quants: Vec<u8>,
+    scales: Vec<u8>,
+    mins: Vec<u8>,
+    d: Vec<f32>,
+    dmin: Vec<f32>,
+    per_row: usize,
+    rows: usize,
+    _format: std::marker::PhantomData<K>,
+}
+
+impl<K: KPanel> KPanelRows<K> {
+    /// Arranges `rows` in panels.
+    pub fn new(rows: &super::kquants::KRows<K>) -> Self {
+        let (n, per_row) = (rows.rows(), rows.per_row());
+        let blocks = n.div_ceil(PANEL) * per_row;
+        let mut out = Self {
+            quants: Vec::with_capacity(blocks * K::BYTES),
+            scales: Vec::with_capacity(blocks * 128),
+            mins: Vec::with_capacity(blocks * 64),
+            d: Vec::with_capacity(blocks * PANEL),
+            dmin: Vec::with_capacity(blocks * PANEL),
+            per_row,
+            rows: n,
+            _format: std::marker::PhantomData,
+        };
+        let mut block = PanelBlock::new::<K>();
+        for p in 0..n.div_ceil(PANEL) {
+            for b in 0..per_row {
+                block.quants.fill(0);
+                block.scales.fill(0);
+                block.mins.fill(0);
+                (block.d, block.dmin) = ([0.0; PANEL], [0.0; PANEL]);
+                for r in 0..PANEL {
+                    if p * PANEL + r < n {
+                        rows.row(p * PANEL + r)[b].place(r, &mut block);
+                    }
+                }
+                out.quants.extend_from_slice(&block.quants);
+                out.scales.extend_from_slice(&block.scales);
+                out.mins.extend_from_slice(&block.mins);
+                out.d.extend_from_slice(&block.d);
+                out.dmin.extend_from_slice(&block.dmin);
+            }
+        }
+        out
+    }
+
+    /// Super-blocks per row.
+    pub fn per_row(&self) -> usize {
+        self.per_row
+    }
+}
+
+/// Byte `k` of the four at group `g` (elements `4g..4g + 4`) of vector `v`, row `r`.
+fn at(v: usize, g: usize, r: usize, k: usize) -> usize {
+    64 * v + 32 * g + 4 * r + k
+}
+
+impl KPanel for Q4K {
+    const BYTES: usize = 128 * PANEL;
+    fn order(v: usize) -> usize {
+        // v = 8j + 2gp + hi: chunk j's group pair gp, low nibbles (sub-block 2j) or high (2j + 1).
+        let (j, gp, hi) = (v / 8, v % 8 / 2, v % 2);
+        16 * j + 8 * hi + 2 * gp
+    }
+    fn place(&self, r: usize, out: &mut PanelBlock) {
+        // Vector 4j + gp holds qs bytes 32j + 8gp..32j + 8gp + 8: both nibbles, split at run time.
+        for j in 0..4 {
+            for gp in 0..4 {
+                for g in 0..2 {
+                    for k in 0..4 {
+                        out.quants[at(4 * j + gp, g, r, k)] = self.qs[32 * j + 8 * gp + 4 * g + k];
+                    }
+                }
+            }
+        }
+        for s in 0..8 {
+            out.scales[8 * s + r] = self.sc[s];
+        }
+        for p in 0..4 {
+            out.mins[16 * p + 2 * r] = self.m[2 * p];
+            out.mins[16 * p + 2 * r + 1] = self.m[2 * p + 1];
+        }
+        (out.d[r], out.dmin[r]) = (self.d, self.dmin);
+    }
+    fn act_sums(x: &Q8K) -> [i32; 8] {
+        // The sub-block pairs' 32-value sums.
+        let s = x.sums32();
+        std::array::from_fn(|p| if p < 4 { pack16(s[2 * p], s[2 * p + 1]) } else { 0 })
+    }
+}
+
+impl KPanel for Q6K {
+    const BYTES: usize = 192 * PANEL;
+    fn order(v: usize) -> usize {
+        // v = 16n + 4gp + q: half n's group pair gp in quarter q.
+        let (n, gp, q) = (v / 16, v % 16 / 4, v % 4);
+        32 * n + 8 * q + 2 * gp
+    }
+    fn place(&self, r: usize, out: &mut PanelBlock) {
+        // Per (half n, group pair gp), three vectors: low-nibble bytes of quarters 0/2, of 1/3,
+        // and the high bits of all four.
+        for n in 0..2 {
+            for gp in 0..4 {
+                let base = 3 * (4 * n + gp);
+                for g in 0..2 {
+                    for k in 0..4 {
+                        let e = 8 * gp + 4 * g + k;
+                        out.quants[at(base, g, r, k)] = self.ql[64 * n + e];
+                        out.quants[at(base + 1, g, r, k)] = self.ql[64 * n + 32 + e];
+                        out.quants[at(base + 2, g, r, k)] = self.qh[32 * n + e];
+                    }
+                }
+            }
+        }
+        for g in 0..16 {
+            out.scales[8 * g + r] = self.sc[g] as u8;
+        }
+        out.d[r] = self.d;
+    }
+    fn act_sums(x: &Q8K) -> [i32; 8] {
+        // The groups' 16-value sums, in pairs.
+        std::array::from_fn(|k| pack16(i32::from(x.bsums[2 * k]), i32::from(x.bsums[2 * k + 1])))
+    }
+}
+
+/// Activations for [`dots`]: per row and super-block, the 32 vectors of broadcast activation
+/// dwords in the format's order, `d`, and the sums the offsets or bias need.
+#[derive(Debug, Clone)]
+pub struct KPanelActs {
+    vectors: Vec<__m512i>,
+    d: Vec<f32>,
+    /// Per super-block: Q4_K's four sub-block pair sums `s(2p) | s(2p + 1) << 16` (32-value sums),
+    /// or Q6_K's eight `b(2k) | b(2k + 1) << 16` (16-value sums).
+    sums: Vec<[i32; 8]>,
+    per_row: usize,
+}
+
+// SAFETY: plain integer vectors.
+unsafe impl Send for KPanelActs {}
+// SAFETY: as above; never mutated after construction.
+unsafe impl Sync for KPanelActs {}
+
+fn pack16(a: i32, b: i32) -> i32 {
+    (a & 0xffff) | (b << 16)
+}
+
+impl KPanelActs {
+    /// Expands quantized activation rows for format `K`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 ([`super::vnni::available`]).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn new<K: KPanel>(acts: &super::kquants::KActs, m: usize, per_row: usize) -> Self {
+        let mut out = Self {
+            vectors: Vec::with_capacity(m * per_row * VECTORS),
+            d: Vec::with_capacity(m * per_row),
+            sums: Vec::with_capacity(m * per_row),
+            per_row,
+        };
+        for r in 0..m {
+            for x in acts.row(r) {
+                let dword = |i: usize| i32::from_le_bytes(std::array::from_fn(|k| x.qs[4 * i + k] as u8));
+                for v in 0..VECTORS {
+                    let i = K::order(v);
+                    let (a, b) = (_mm512_set1_epi32(dword(i)), _mm512_set1_epi32(dword(i + 1)));
+                    out.vectors.push(_mm512_mask_blend_epi32(0xff00, a, b));
+                }
+                out.d.push(x.d);
+                out.sums.push(K::act_sums(x));
+            }
+        }
+        out
+    }
+}
+
+/// Eight i32 lanes: lanes 0-7 plus lanes 8-15.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn fold(v: __m512i) -> __m256i {
+    _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v))
+}
+
+/// Eight rows' scales (bytes at `p`) as 16 lanes, each a zero-extended 16-bit value, for
+/// `vpdpwssd`; `signed` scales are sign-extended to 16 bits first.
+#[inline]
+#[target_feature(enable = "avx2,avx512f,avx512bw")]
+unsafe fn scale_lanes(p: *const u8, signed: bool) -> __m512i {
+    // SAFETY: the caller passes 8 readable bytes.
+    let eight = _mm_set1_epi64x(unsafe { p.cast::<i64>().read_unaligned() });
+    let wide = if signed { _mm256_cvtepi8_epi16(eight) } else { _mm256_cvtepu8_epi16(eight) };
+    _mm512_cvtepu16_epi32(wide)
+}
+
+/// A K format with panel kernels: per panel, the rows' values of one super-block against one activation row,
+/// added to the f32 accumulators (`sum`, `off`) as [`KQuants::accumulate`] does per row.
+pub trait PanelStep: KPanel {
+    /// # Safety
+    /// The CPU must support AVX-512 VNNI; `w` is a panel super-block's quants, `x` its 32
+    /// activation vectors.
+    unsafe fn step(w: &KPanelRows<Self>, at: usize, x: &[__m512i], xd: f32, sums: &[i32; 8], acc: &mut [__m256; 2])
+    where
+        Self: Sized;
+    /// The rows' results from the accumulators.
+    ///
+    /// # Safety
+    /// The CPU must support AVX.
+    unsafe fn finish(acc: [__m256; 2]) -> __m256;
+}
+
+impl PanelStep for Q4K {
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni")]
+    unsafe fn step(w: &KPanelRows<Self>, at: usize, x: &[__m512i], xd: f32, sums: &[i32; 8], acc: &mut [__m256; 2]) {
+        let m4 = _mm512_set1_epi8(0x0f);
+        // SAFETY: `at` indexes a whole panel super-block in each part.
+        let (q, sc, mins) = unsafe {
+            (w.quants.as_ptr().add(at * Q4K::BYTES), w.scales.as_ptr().add(at * 128), w.mins.as_ptr().add(at * 64))
+        };
+        // SAFETY: 8 f32 each.
+        let (d, dmin) = unsafe {
+            (_mm256_loadu_ps(w.d.as_ptr().add(at * PANEL)), _mm256_loadu_ps(w.dmin.as_ptr().add(at * PANEL)))
+        };
+        let xd = _mm256_set1_ps(xd);
+        let (ds, dm) = (_mm256_mul_ps(d, xd), _mm256_mul_ps(dmin, xd));
+        for j in 0..4 {
+            let (mut lo, mut hi) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+            for gp in 0..4 {
+                // SAFETY: vector 4j + gp of the block's 16.
+                let v = unsafe { _mm512_loadu_si512(q.add(64 * (4 * j + gp)).cast()) };
+                let (wl, wh) = (_mm512_and_si512(v, m4), _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4));
+                // A lane's sum over a sub-block's four vectors stays below 16 * 15 * 127: 16 bits.
+                lo = _mm512_dpbusd_epi32(lo, wl, x[8 * j + 2 * gp]);
+                hi = _mm512_dpbusd_epi32(hi, wh, x[8 * j + 2 * gp + 1]);
+            }
+            // SAFETY: 8 scale bytes per sub-block.
+            let (sl, sh) = unsafe { (scale_lanes(sc.add(16 * j), false), scale_lanes(sc.add(16 * j + 8), false)) };
+            let pair = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), lo, sl), hi, sh);
+            // SAFETY: 16 offset bytes per pair.
+            let m = _mm256_cvtepu8_epi16(unsafe { _mm_loadu_si128(mins.add(16 * j).cast()) });
+            let imin = _mm256_madd_epi16(m, _mm256_set1_epi32(sums[j]));
+            acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fold(pair)), ds, acc[0]);
+            acc[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), dm, acc[1]);
+        }
+    }
+    #[inline]
+    #[target_feature(enable = "avx")]
+    unsafe fn finish(acc: [__m256; 2]) -> __m256 {
+        _mm256_sub_ps(acc[0], acc[1])
+    }
+}
+
+impl PanelStep for Q6K {
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni")]
+    unsafe fn step(w: &KPanelRows<Self>, at: usize, x: &[__m512i], xd: f32, sums: &[i32; 8], acc: &mut [__m256; 2]) {
+        let (m4, m3) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(3));
+        // SAFETY: `at` indexes a whole panel super-block in each part.
+        let (q, sc) = unsafe { (w.quants.as_ptr().add(at * Q6K::BYTES), w.scales.as_ptr().add(at * 128)) };
+        let mut total = _mm512_setzero_si512();
+        for n in 0..2 {
+            for gp in 0..4 {
+                let base = 3 * (4 * n + gp);
+                // SAFETY: vectors base..base + 3 of the block's 24.
+                let (a, b, h) = unsafe {
+                    (
+                        _mm512_loadu_si512(q.add(64 * base).cast()),
+                        _mm512_loadu_si512(q.add(64 * (base + 1)).cast()),
+                        _mm512_loadu_si512(q.add(64 * (base + 2)).cast()),
+                    )
+                };
+                let high = |s: u32| {
+                    _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi16(h, _mm512_set1_epi16(s as i16)), m3))
+                };
+                let quarters = [
+                    _mm512_or_si512(_mm512_and_si512(a, m4), high(0)),
+                    _mm512_or_si512(_mm512_and_si512(b, m4), high(2)),
+                    _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(a), m4), high(4)),
+                    _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(b), m4), high(6)),
+                ];
+                for (qi, wq) in quarters.into_iter().enumerate() {
+                    // A lane's four products stay below 4 * 63 * 127: 16 bits.
+                    let fours = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, x[16 * n + 4 * gp + qi]);
+                    let group = 8 * n + 2 * qi + gp / 2;
+                    // SAFETY: 8 scale bytes per group of 16.
+                    total = _mm512_dpwssd_epi32(total, fours, unsafe { scale_lanes(sc.add(8 * group), true) });
+                }
+            }
+        }
+        // The bias of 32: 32 * sum(sc_g * b_g), groups in pairs.
+        let mut bias = _mm256_setzero_si256();
+        for k in 0..8 {
+            // SAFETY: groups 2k and 2k + 1, 8 bytes each.
+            let (a, b) =
+                unsafe { (_mm_loadl_epi64(sc.add(16 * k).cast()), _mm_loadl_epi64(sc.add(16 * k + 8).cast())) };
+            let pairs = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(a, b));
+            bias = _mm256_add_epi32(bias, _mm256_madd_epi16(pairs, _mm256_set1_epi32(sums[k])));
+        }
+        let s = _mm256_sub_epi32(fold(total), _mm256_slli_epi32::<5>(bias));
+        // SAFETY: 8 f32.
+        let d = unsafe { _mm256_loadu_ps(w.d.as_ptr().add(at * PANEL)) };
+        acc[0] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(s)), _mm256_set1_ps(xd), acc[0]);
+    }
+    #[inline]
+    #[target_feature(enable = "avx")]
+    unsafe fn finish(acc: [__m256; 2]) -> __m256 {
+        acc[0]
+    }
+}
+
+/// Weight rows `cols` times activation rows `r..r + R`, each summed as
+/// [`super::kquants::lane_dot`] sums it, passed to `put` a row at a time.
+///
+/// # Safety
+/// The CPU must support AVX-512 VNNI ([`super::vnni::available`]).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn dots<K: PanelStep, const R: usize>(
+    w: &KPanelRows<K>,
+    cols: std::ops::Range<usize>,
+    acts: &KPanelActs,
+    r: usize,
+    mut put: impl FnMut(usize, [f64; R]),
+) {
+    let nb = w.per_row;
+    assert!(acts.per_row == nb && (r + R) * nb <= acts.d.len() && cols.end <= w.rows);
+    for p in cols.start / PANEL..cols.end.div_ceil(PANEL) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for b in 0..nb {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                let xb = (r + k) * nb + b;
+                let x = &acts.vectors[xb * VECTORS..(xb + 1) * VECTORS];
+                // SAFETY: the caller's CPU has AVX-512 VNNI; block p * nb + b exists.
+                unsafe { K::step(w, p * nb + b, x, acts.d[xb], &acts.sums[xb], acc) };
+            }
+        }
+        let rows: [[f32; PANEL]; R] = std::array::from_fn(|k| {
+            let mut out = [0f32; PANEL];
+            // SAFETY: 8 f32; unaligned store.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), <K as PanelStep>::finish(acc[k])) };
+            out
+        });
+        for col in (p * PANEL).max(cols.start)..((p + 1) * PANEL).min(cols.end) {
+            put(col, std::array::from_fn(|k| f64::from(rows[k][col % PANEL])));
+        }
+    }
+}
+
+/// Whether this CPU runs the kernels of this module.
+pub fn available() -> bool {
+    super::vnni::available() && is_x86_feature_detected!("avx512bw")
+}
