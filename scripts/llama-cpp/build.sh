@@ -4,7 +4,8 @@
 #
 # usage: scripts/llama-cpp/build.sh [avx2|native] [TARGET...]
 #   avx2 (default): ggml for AVX2 + FMA + F16C, no AVX-512, as the fixtures' llama.cpp was built.
-#   native: built for this CPU (-march=native, llama-cpp-python's default), for speed comparisons.
+#   native: built for this CPU (-march=native, llama-cpp-python's default), for speed comparisons;
+#     AMX is left out, as virtual machines that hide it from their guests make its kernels fault.
 #   TARGETs are ninja targets (default: llama llama-quantize); also llama-bench, llama-server.
 # Needs a C++ compiler and python3 (cmake and ninja come from PyPI). The library alone takes about
 # 15 minutes on 2 cores; builds are kept in $HERD_LLAMA_CPP_DIR (default /var/tmp/herd-llama-cpp).
@@ -16,7 +17,8 @@ targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(llama llama-quantize)
 case "$flavor" in
   avx2) flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON) ;;
-  native) flags=(-DGGML_NATIVE=ON) ;;
+  native) flags=(-DGGML_NATIVE=ON "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+                 "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16") ;;
   *) echo "usage: $0 [avx2|native] [TARGET...]" >&2; exit 2 ;;
 esac
 work=${HERD_LLAMA_CPP_DIR:-/var/tmp/herd-llama-cpp}

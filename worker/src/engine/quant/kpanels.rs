@@ -4,7 +4,8 @@
 //! The per-row kernels ([`super::ksimd`]) reduce each super-block's integer lanes to a few
 //! totals per row, which costs more than the products themselves. Here each 32-bit lane of a
 //! `vpdpbusd` belongs to one weight row of the panel (lanes 0-7 to four elements of the rows,
-//! lanes 8-15 to the next four), the activations' four bytes broadcast to match, so that the
+//! lanes 8-15 to the next four), the activations' four bytes broadcast to match by a
+//! `vpermd` of the 64 bytes they lie in (the other port's work), so that the
 //! totals come out one row per lane and the f32 steps of [`KQuants::accumulate`] run on eight
 //! rows at once, in the same order: the portable kernel's bits.
 
@@ -14,15 +15,13 @@ use super::kquants::{KQuants, Q4K, Q6K, Q8K};
 
 /// Weight rows per panel.
 pub const PANEL: usize = 8;
-/// 64-byte vectors of activations per super-block: one per weight vector.
-const VECTORS: usize = 32;
+/// 64-element chunks of activations per super-block.
+const CHUNKS: usize = 4;
 
 /// A K format laid out in panels.
 pub trait KPanel: KQuants {
     /// Panel bytes per super-block (all eight rows).
     const BYTES: usize;
-    /// The first of the two activation dwords (element / 4) weight vector `v` multiplies.
-    fn order(v: usize) -> usize;
     /// Writes row `r`'s part of a panel super-block into `out`.
     fn place(&self, r: usize, out: &mut PanelBlock);
     /// The activation sums the format's offsets or bias multiply, two 16-bit values per lane.
@@ -66,11 +65,11 @@ impl<K: KPanel> KPanelRows<K> {
         let (n, per_row) = (rows.rows(), rows.per_row());
         let blocks = n.div_ceil(PANEL) * per_row;
         let mut out = Self {
-            quants: Vec::with_capacity(blocks * K::BYTES),
-            scales: Vec::with_capacity(blocks * 128),
-            mins: Vec::with_capacity(blocks * 64),
-            d: Vec::with_capacity(blocks * PANEL),
-            dmin: Vec::with_capacity(blocks * PANEL),
+            quants: super::weight_vec(blocks * K::BYTES),
+            scales: super::weight_vec(blocks * 128),
+            mins: super::weight_vec(blocks * 64),
+            d: super::weight_vec(blocks * PANEL),
+            dmin: super::weight_vec(blocks * PANEL),
             per_row,
             rows: n,
             _format: std::marker::PhantomData,
@@ -110,11 +109,6 @@ fn at(v: usize, g: usize, r: usize, k: usize) -> usize {
 
 impl KPanel for Q4K {
     const BYTES: usize = 128 * PANEL;
-    fn order(v: usize) -> usize {
-        // v = 8j + 2gp + hi: chunk j's group pair gp, low nibbles (sub-block 2j) or high (2j + 1).
-        let (j, gp, hi) = (v / 8, v % 8 / 2, v % 2);
-        16 * j + 8 * hi + 2 * gp
-    }
     fn place(&self, r: usize, out: &mut PanelBlock) {
         // Vector 4j + gp holds qs bytes 32j + 8gp..32j + 8gp + 8: both nibbles, split at run time.
         for j in 0..4 {
@@ -144,11 +138,6 @@ impl KPanel for Q4K {
 
 impl KPanel for Q6K {
     const BYTES: usize = 192 * PANEL;
-    fn order(v: usize) -> usize {
-        // v = 16n + 4gp + q: half n's group pair gp in quarter q.
-        let (n, gp, q) = (v / 16, v % 16 / 4, v % 4);
-        32 * n + 8 * q + 2 * gp
-    }
     fn place(&self, r: usize, out: &mut PanelBlock) {
         // Per (half n, group pair gp), three vectors: low-nibble bytes of quarters 0/2, of 1/3,
         // and the high bits of all four.
@@ -176,11 +165,11 @@ impl KPanel for Q6K {
     }
 }
 
-/// Activations for [`dots`]: per row and super-block, the 32 vectors of broadcast activation
-/// dwords in the format's order, `d`, and the sums the offsets or bias need.
+/// Activations for [`dots`]: per row and super-block, the quants in four 64-byte chunks, `d`,
+/// and the sums the offsets or bias need.
 #[derive(Debug, Clone)]
 pub struct KPanelActs {
-    vectors: Vec<__m512i>,
+    chunks: Vec<__m512i>,
     d: Vec<f32>,
     /// Per super-block: Q4_K's four sub-block pair sums `s(2p) | s(2p + 1) << 16` (32-value sums),
     /// or Q6_K's eight `b(2k) | b(2k + 1) << 16` (16-value sums).
@@ -205,18 +194,16 @@ impl KPanelActs {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn new<K: KPanel>(acts: &super::kquants::KActs, m: usize, per_row: usize) -> Self {
         let mut out = Self {
-            vectors: Vec::with_capacity(m * per_row * VECTORS),
+            chunks: Vec::with_capacity(m * per_row * CHUNKS),
             d: Vec::with_capacity(m * per_row),
             sums: Vec::with_capacity(m * per_row),
             per_row,
         };
         for r in 0..m {
             for x in acts.row(r) {
-                let dword = |i: usize| i32::from_le_bytes(std::array::from_fn(|k| x.qs[4 * i + k] as u8));
-                for v in 0..VECTORS {
-                    let i = K::order(v);
-                    let (a, b) = (_mm512_set1_epi32(dword(i)), _mm512_set1_epi32(dword(i + 1)));
-                    out.vectors.push(_mm512_mask_blend_epi32(0xff00, a, b));
+                for c in 0..CHUNKS {
+                    // SAFETY: 64 bytes at 64c of 256; unaligned load.
+                    out.chunks.push(unsafe { _mm512_loadu_si512(x.qs.as_ptr().add(64 * c).cast()) });
                 }
                 out.d.push(x.d);
                 out.sums.push(K::act_sums(x));
@@ -224,6 +211,15 @@ impl KPanelActs {
         }
         out
     }
+}
+
+/// Dword `i` of a 64-byte chunk in lanes 0-7 and dword `i + 1` in lanes 8-15: the activations
+/// that lanes of a weight vector multiply.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn pick(chunk: __m512i, i: usize) -> __m512i {
+    let idx = _mm512_mask_blend_epi32(0xff00, _mm512_set1_epi32(i as i32), _mm512_set1_epi32(i as i32 + 1));
+    _mm512_permutexvar_epi32(idx, chunk)
 }
 
 /// Eight i32 lanes: lanes 0-7 plus lanes 8-15.
@@ -244,13 +240,21 @@ unsafe fn scale_lanes(p: *const u8, signed: bool) -> __m512i {
     _mm512_cvtepu16_epi32(wide)
 }
 
+/// One activation row's super-block, for [`PanelStep::step`].
+#[derive(Clone, Copy)]
+pub struct Act<'a> {
+    chunks: &'a [__m512i],
+    d: f32,
+    sums: &'a [i32; 8],
+}
+
 /// A K format with panel kernels: per panel, the rows' values of one super-block against one activation row,
 /// added to the f32 accumulators (`sum`, `off`) as [`KQuants::accumulate`] does per row.
 pub trait PanelStep: KPanel {
     /// # Safety
-    /// The CPU must support AVX-512 VNNI; `w` is a panel super-block's quants, `x` its 32
-    /// activation vectors.
-    unsafe fn step(w: &KPanelRows<Self>, at: usize, x: &[__m512i], xd: f32, sums: &[i32; 8], acc: &mut [__m256; 2])
+    /// The CPU must support AVX-512 VNNI; `at` indexes a panel super-block, `xs` are the
+    /// activation rows' blocks, each unpacked weight vector serving all of them.
+    unsafe fn step<const R: usize>(w: &KPanelRows<Self>, at: usize, xs: [Act<'_>; R], acc: &mut [[__m256; 2]; R])
     where
         Self: Sized;
     /// The rows' results from the accumulators.
@@ -263,7 +267,7 @@ pub trait PanelStep: KPanel {
 impl PanelStep for Q4K {
     #[inline]
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni")]
-    unsafe fn step(w: &KPanelRows<Self>, at: usize, x: &[__m512i], xd: f32, sums: &[i32; 8], acc: &mut [__m256; 2]) {
+    unsafe fn step<const R: usize>(w: &KPanelRows<Self>, at: usize, xs: [Act<'_>; R], acc: &mut [[__m256; 2]; R]) {
         let m4 = _mm512_set1_epi8(0x0f);
         // SAFETY: `at` indexes a whole panel super-block in each part.
         let (q, sc, mins) = unsafe {
@@ -273,26 +277,33 @@ impl PanelStep for Q4K {
         let (d, dmin) = unsafe {
             (_mm256_loadu_ps(w.d.as_ptr().add(at * PANEL)), _mm256_loadu_ps(w.dmin.as_ptr().add(at * PANEL)))
         };
-        let xd = _mm256_set1_ps(xd);
-        let (ds, dm) = (_mm256_mul_ps(d, xd), _mm256_mul_ps(dmin, xd));
         for j in 0..4 {
-            let (mut lo, mut hi) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+            let (mut lo, mut hi) = ([_mm512_setzero_si512(); R], [_mm512_setzero_si512(); R]);
             for gp in 0..4 {
                 // SAFETY: vector 4j + gp of the block's 16.
                 let v = unsafe { _mm512_loadu_si512(q.add(64 * (4 * j + gp)).cast()) };
                 let (wl, wh) = (_mm512_and_si512(v, m4), _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4));
-                // A lane's sum over a sub-block's four vectors stays below 16 * 15 * 127: 16 bits.
-                lo = _mm512_dpbusd_epi32(lo, wl, x[8 * j + 2 * gp]);
-                hi = _mm512_dpbusd_epi32(hi, wh, x[8 * j + 2 * gp + 1]);
+                for k in 0..R {
+                    // A lane's sum over a sub-block's four vectors stays below 16 * 15 * 127: 16 bits.
+                    lo[k] = _mm512_dpbusd_epi32(lo[k], wl, pick(xs[k].chunks[j], 2 * gp));
+                    hi[k] = _mm512_dpbusd_epi32(hi[k], wh, pick(xs[k].chunks[j], 8 + 2 * gp));
+                }
             }
-            // SAFETY: 8 scale bytes per sub-block.
-            let (sl, sh) = unsafe { (scale_lanes(sc.add(16 * j), false), scale_lanes(sc.add(16 * j + 8), false)) };
-            let pair = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), lo, sl), hi, sh);
-            // SAFETY: 16 offset bytes per pair.
-            let m = _mm256_cvtepu8_epi16(unsafe { _mm_loadu_si128(mins.add(16 * j).cast()) });
-            let imin = _mm256_madd_epi16(m, _mm256_set1_epi32(sums[j]));
-            acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fold(pair)), ds, acc[0]);
-            acc[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), dm, acc[1]);
+            // SAFETY: 8 scale bytes per sub-block, 16 offset bytes per pair.
+            let (sl, sh, m) = unsafe {
+                (
+                    scale_lanes(sc.add(16 * j), false),
+                    scale_lanes(sc.add(16 * j + 8), false),
+                    _mm256_cvtepu8_epi16(_mm_loadu_si128(mins.add(16 * j).cast())),
+                )
+            };
+            for k in 0..R {
+                let xd = _mm256_set1_ps(xs[k].d);
+                let pair = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), lo[k], sl), hi[k], sh);
+                let imin = _mm256_madd_epi16(m, _mm256_set1_epi32(xs[k].sums[j]));
+                acc[k][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fold(pair)), _mm256_mul_ps(d, xd), acc[k][0]);
+                acc[k][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), _mm256_mul_ps(dmin, xd), acc[k][1]);
+            }
         }
     }
     #[inline]
@@ -305,11 +316,11 @@ impl PanelStep for Q4K {
 impl PanelStep for Q6K {
     #[inline]
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni")]
-    unsafe fn step(w: &KPanelRows<Self>, at: usize, x: &[__m512i], xd: f32, sums: &[i32; 8], acc: &mut [__m256; 2]) {
+    unsafe fn step<const R: usize>(w: &KPanelRows<Self>, at: usize, xs: [Act<'_>; R], acc: &mut [[__m256; 2]; R]) {
         let (m4, m3) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(3));
         // SAFETY: `at` indexes a whole panel super-block in each part.
         let (q, sc) = unsafe { (w.quants.as_ptr().add(at * Q6K::BYTES), w.scales.as_ptr().add(at * 128)) };
-        let mut total = _mm512_setzero_si512();
+        let mut total = [_mm512_setzero_si512(); R];
         for n in 0..2 {
             for gp in 0..4 {
                 let base = 3 * (4 * n + gp);
@@ -331,27 +342,32 @@ impl PanelStep for Q6K {
                     _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(b), m4), high(6)),
                 ];
                 for (qi, wq) in quarters.into_iter().enumerate() {
-                    // A lane's four products stay below 4 * 63 * 127: 16 bits.
-                    let fours = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, x[16 * n + 4 * gp + qi]);
-                    let group = 8 * n + 2 * qi + gp / 2;
                     // SAFETY: 8 scale bytes per group of 16.
-                    total = _mm512_dpwssd_epi32(total, fours, unsafe { scale_lanes(sc.add(8 * group), true) });
+                    let scale = unsafe { scale_lanes(sc.add(8 * (8 * n + 2 * qi + gp / 2)), true) };
+                    for k in 0..R {
+                        // A lane's four products stay below 4 * 63 * 127: 16 bits.
+                        let xq = pick(xs[k].chunks[2 * n + qi / 2], 8 * (qi % 2) + 2 * gp);
+                        let fours = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xq);
+                        total[k] = _mm512_dpwssd_epi32(total[k], fours, scale);
+                    }
                 }
             }
         }
-        // The bias of 32: 32 * sum(sc_g * b_g), groups in pairs.
-        let mut bias = _mm256_setzero_si256();
-        for k in 0..8 {
-            // SAFETY: groups 2k and 2k + 1, 8 bytes each.
-            let (a, b) =
-                unsafe { (_mm_loadl_epi64(sc.add(16 * k).cast()), _mm_loadl_epi64(sc.add(16 * k + 8).cast())) };
-            let pairs = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(a, b));
-            bias = _mm256_add_epi32(bias, _mm256_madd_epi16(pairs, _mm256_set1_epi32(sums[k])));
-        }
-        let s = _mm256_sub_epi32(fold(total), _mm256_slli_epi32::<5>(bias));
         // SAFETY: 8 f32.
         let d = unsafe { _mm256_loadu_ps(w.d.as_ptr().add(at * PANEL)) };
-        acc[0] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(s)), _mm256_set1_ps(xd), acc[0]);
+        for k in 0..R {
+            // The bias of 32: 32 * sum(sc_g * b_g), groups in pairs.
+            let mut bias = _mm256_setzero_si256();
+            for g in 0..8 {
+                // SAFETY: groups 2g and 2g + 1, 8 bytes each.
+                let (a, b) =
+                    unsafe { (_mm_loadl_epi64(sc.add(16 * g).cast()), _mm_loadl_epi64(sc.add(16 * g + 8).cast())) };
+                let pairs = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(a, b));
+                bias = _mm256_add_epi32(bias, _mm256_madd_epi16(pairs, _mm256_set1_epi32(xs[k].sums[g])));
+            }
+            let s = _mm256_sub_epi32(fold(total[k]), _mm256_slli_epi32::<5>(bias));
+            acc[k][0] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(s)), _mm256_set1_ps(xs[k].d), acc[k][0]);
+        }
     }
     #[inline]
     #[target_feature(enable = "avx")]
@@ -375,15 +391,21 @@ pub unsafe fn dots<K: PanelStep, const R: usize>(
 ) {
     let nb = w.per_row;
     assert!(acts.per_row == nb && (r + R) * nb <= acts.d.len() && cols.end <= w.rows);
+    let blocks = w.d.len() / PANEL;
     for p in cols.start / PANEL..cols.end.div_ceil(PANEL) {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for b in 0..nb {
-            for (k, acc) in acc.iter_mut().enumerate() {
+            // Weights stream from memory once per matmul: ask for them a few blocks ahead, as
+            // the hardware's prefetchers alone leave the kernels waiting on DRAM.
+            let ahead = (p * nb + b + PREFETCH).min(blocks - 1);
+            // SAFETY: in bounds (block `ahead` exists); prefetches never fault.
+            unsafe { prefetch(w, ahead) };
+            let xs: [Act<'_>; R] = std::array::from_fn(|k| {
                 let xb = (r + k) * nb + b;
-                let x = &acts.vectors[xb * VECTORS..(xb + 1) * VECTORS];
-                // SAFETY: the caller's CPU has AVX-512 VNNI; block p * nb + b exists.
-                unsafe { K::step(w, p * nb + b, x, acts.d[xb], &acts.sums[xb], acc) };
-            }
+                Act { chunks: &acts.chunks[xb * CHUNKS..(xb + 1) * CHUNKS], d: acts.d[xb], sums: &acts.sums[xb] }
+            });
+            // SAFETY: the caller's CPU has AVX-512 VNNI; block p * nb + b exists.
+            unsafe { K::step(w, p * nb + b, xs, &mut acc) };
         }
         let rows: [[f32; PANEL]; R] = std::array::from_fn(|k| {
             let mut out = [0f32; PANEL];
@@ -394,6 +416,30 @@ pub unsafe fn dots<K: PanelStep, const R: usize>(
         for col in (p * PANEL).max(cols.start)..((p + 1) * PANEL).min(cols.end) {
             put(col, std::array::from_fn(|k| f64::from(rows[k][col % PANEL])));
         }
+    }
+}
+
+/// Panel super-blocks between the one computed and the one prefetched.
+const PREFETCH: usize = 4;
+
+/// Asks for panel super-block `at`'s weights to be brought into cache.
+///
+/// # Safety
+/// `at` must be a panel super-block of `w`.
+#[inline]
+#[target_feature(enable = "sse")]
+unsafe fn prefetch<K: KPanel>(w: &KPanelRows<K>, at: usize) {
+    // SAFETY: the caller's block exists, so these addresses lie inside the vectors.
+    unsafe {
+        let q = w.quants.as_ptr().add(at * K::BYTES);
+        for line in (0..K::BYTES).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(q.add(line).cast());
+        }
+        _mm_prefetch::<_MM_HINT_T0>(w.scales.as_ptr().add(at * 128).cast());
+        _mm_prefetch::<_MM_HINT_T0>(w.scales.as_ptr().add(at * 128 + 64).cast());
+        _mm_prefetch::<_MM_HINT_T0>(w.mins.as_ptr().add(at * 64).cast());
+        _mm_prefetch::<_MM_HINT_T0>(w.d.as_ptr().add(at * PANEL).cast());
+        _mm_prefetch::<_MM_HINT_T0>(w.dmin.as_ptr().add(at * PANEL).cast());
     }
 }
 

@@ -316,7 +316,9 @@ impl<K: KQuants> KRows<K> {
         if per_row == 0 || !bytes.len().is_multiple_of(K::GGUF_BYTES * per_row) {
             return None;
         }
-        Some(Self { blocks: bytes.chunks_exact(K::GGUF_BYTES).map(K::from_gguf).collect(), per_row })
+        let mut blocks = super::weight_vec(bytes.len() / K::GGUF_BYTES);
+        blocks.extend(bytes.chunks_exact(K::GGUF_BYTES).map(K::from_gguf));
+        Some(Self { blocks, per_row })
     }
 
     /// Super-blocks per row.

@@ -150,6 +150,27 @@ trait Rows: Send + Sync + 'static {
     }
 }
 
+/// An empty vector with room for `n` values, whose memory the OS is asked to back with huge
+/// pages: weights are streamed from memory at every step, and with 4 KiB pages the TLB misses
+/// (costly in virtual machines) held decoding of a 7B model to about half its memory's speed.
+pub(crate) fn weight_vec<T>(n: usize) -> Vec<T> {
+    let v: Vec<T> = Vec::with_capacity(n);
+    let bytes = n * size_of::<T>();
+    #[cfg(target_os = "linux")]
+    if bytes >= 1 << 21 {
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
+        let start = (v.as_ptr() as usize).next_multiple_of(page);
+        let end = (v.as_ptr() as usize + bytes) / page * page;
+        if end > start {
+            // SAFETY: the range lies inside the vector's own, still unused allocation; the
+            // advice changes only how the kernel backs it.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    v
+}
+
 /// Copies GGUF's packed blocks into a vector of `T`; `None` when the sizes disagree.
 fn blocks_from_bytes<T>(bytes: &[u8], n: usize) -> Option<Vec<T>> {
     if bytes.len() != n * size_of::<T>() {

@@ -38,9 +38,9 @@ impl<Q: VnniQuants> PanelRows<Q> {
         let (n, per_row) = (rows.rows(), rows.per_row());
         let panels = n.div_ceil(PANEL);
         let mut out = Self {
-            qs: Vec::with_capacity(panels * PANEL * per_row * Self::BLOCK_BYTES),
-            d: Vec::with_capacity(panels * PANEL * per_row),
-            m: Vec::with_capacity(if Q::HAS_MIN { panels * PANEL * per_row } else { 0 }),
+            qs: super::weight_vec(panels * PANEL * per_row * Self::BLOCK_BYTES),
+            d: super::weight_vec(panels * PANEL * per_row),
+            m: super::weight_vec(if Q::HAS_MIN { panels * PANEL * per_row } else { 0 }),
             per_row,
             rows: n,
             _format: std::marker::PhantomData,

@@ -133,9 +133,9 @@ impl<Q: VnniQuants> VnniRows<Q> {
         let count = groups(per_row).count();
         let n = rows.rows();
         let mut out = Self {
-            qs: Vec::with_capacity(n * per_row * Self::BLOCK_BYTES),
-            d: Vec::with_capacity(n * count * LANES),
-            m: Vec::with_capacity(if Q::HAS_MIN { n * count * LANES } else { 0 }),
+            qs: super::weight_vec(n * per_row * Self::BLOCK_BYTES),
+            d: super::weight_vec(n * count * LANES),
+            m: super::weight_vec(if Q::HAS_MIN { n * count * LANES } else { 0 }),
             per_row,
             groups: count,
             _format: std::marker::PhantomData,
