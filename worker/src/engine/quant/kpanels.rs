@@ -20,8 +20,12 @@ const CHUNKS: usize = 4;
 
 /// A K format laid out in panels.
 pub trait KPanel: KQuants {
-    /// Panel bytes per super-block (all eight rows).
+    /// Panel bytes per super-block (all eight rows): quants, scales and offsets.
     const BYTES: usize;
+    const SCALE_BYTES: usize;
+    const MIN_BYTES: usize;
+    /// Whether the format has offsets (`dmin`).
+    const HAS_MIN: bool;
     /// Writes row `r`'s part of a panel super-block into `out`.
     fn place(&self, r: usize, out: &mut PanelBlock);
     /// The activation sums the format's offsets or bias multiply, two 16-bit values per lane.
@@ -34,7 +38,7 @@ pub struct PanelBlock {
     quants: Vec<u8>,
     /// Per scale unit (sub-block or group of 16), the eight rows' scales.
     scales: Vec<u8>,
-    /// Q4_K: per pair of sub-blocks, the eight rows' two offsets.
+    /// Q4_K: per pair of sub-blocks, the eight rows' two offsets (empty for Q6_K).
     mins: Vec<u8>,
     d: [f32; PANEL],
     dmin: [f32; PANEL],
@@ -42,7 +46,13 @@ pub struct PanelBlock {
 
 impl PanelBlock {
     fn new<K: KPanel>() -> Self {
-        Self { quants: vec![0; K::BYTES], scales: vec![0; 128], mins: vec![0; 64], d: [0.0; PANEL], dmin: [0.0; PANEL] }
+        Self {
+            quants: vec![0; K::BYTES],
+            scales: vec![0; K::SCALE_BYTES],
+            mins: vec![0; K::MIN_BYTES],
+            d: [0.0; PANEL],
+            dmin: [0.0; PANEL],
+        }
     }
 }
 
@@ -60,16 +70,20 @@ pub struct KPanelRows<K> {
 }
 
 impl<K: KPanel> KPanelRows<K> {
-    /// Arranges `rows` in panels.
-    pub fn new(rows: &super::kquants::KRows<K>) -> Self {
-        let (n, per_row) = (rows.rows(), rows.per_row());
+    /// Arranges GGUF super-blocks (`per_row` per row) in panels, reading them straight from
+    /// the file's bytes; `None` when the byte count does not match.
+    pub fn from_gguf(bytes: &[u8], per_row: usize) -> Option<Self> {
+        if per_row == 0 || !bytes.len().is_multiple_of(K::GGUF_BYTES * per_row) {
+            return None;
+        }
+        let n = bytes.len() / (K::GGUF_BYTES * per_row);
         let blocks = n.div_ceil(PANEL) * per_row;
         let mut out = Self {
             quants: super::weight_vec(blocks * K::BYTES),
-            scales: super::weight_vec(blocks * 128),
-            mins: super::weight_vec(blocks * 64),
+            scales: super::weight_vec(blocks * K::SCALE_BYTES),
+            mins: super::weight_vec(blocks * K::MIN_BYTES),
             d: super::weight_vec(blocks * PANEL),
-            dmin: super::weight_vec(blocks * PANEL),
+            dmin: super::weight_vec(if K::HAS_MIN { blocks * PANEL } else { 0 }),
             per_row,
             rows: n,
             _format: std::marker::PhantomData,
@@ -83,22 +97,30 @@ impl<K: KPanel> KPanelRows<K> {
                 (block.d, block.dmin) = ([0.0; PANEL], [0.0; PANEL]);
                 for r in 0..PANEL {
                     if p * PANEL + r < n {
-                        rows.row(p * PANEL + r)[b].place(r, &mut block);
+                        let at = ((p * PANEL + r) * per_row + b) * K::GGUF_BYTES;
+                        K::from_gguf(&bytes[at..at + K::GGUF_BYTES]).place(r, &mut block);
                     }
                 }
                 out.quants.extend_from_slice(&block.quants);
                 out.scales.extend_from_slice(&block.scales);
                 out.mins.extend_from_slice(&block.mins);
                 out.d.extend_from_slice(&block.d);
-                out.dmin.extend_from_slice(&block.dmin);
+                if K::HAS_MIN {
+                    out.dmin.extend_from_slice(&block.dmin);
+                }
             }
         }
-        out
+        Some(out)
     }
 
     /// Super-blocks per row.
     pub fn per_row(&self) -> usize {
         self.per_row
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
     }
 }
 
@@ -109,6 +131,9 @@ fn at(v: usize, g: usize, r: usize, k: usize) -> usize {
 
 impl KPanel for Q4K {
     const BYTES: usize = 128 * PANEL;
+    const SCALE_BYTES: usize = 8 * PANEL;
+    const MIN_BYTES: usize = 8 * PANEL;
+    const HAS_MIN: bool = true;
     fn place(&self, r: usize, out: &mut PanelBlock) {
         // Vector 4j + gp holds qs bytes 32j + 8gp..32j + 8gp + 8: both nibbles, split at run time.
         for j in 0..4 {
@@ -138,6 +163,9 @@ impl KPanel for Q4K {
 
 impl KPanel for Q6K {
     const BYTES: usize = 192 * PANEL;
+    const SCALE_BYTES: usize = 16 * PANEL;
+    const MIN_BYTES: usize = 0;
+    const HAS_MIN: bool = false;
     fn place(&self, r: usize, out: &mut PanelBlock) {
         // Per (half n, group pair gp), three vectors: low-nibble bytes of quarters 0/2, of 1/3,
         // and the high bits of all four.
@@ -271,7 +299,11 @@ impl PanelStep for Q4K {
         let m4 = _mm512_set1_epi8(0x0f);
         // SAFETY: `at` indexes a whole panel super-block in each part.
         let (q, sc, mins) = unsafe {
-            (w.quants.as_ptr().add(at * Q4K::BYTES), w.scales.as_ptr().add(at * 128), w.mins.as_ptr().add(at * 64))
+            (
+                w.quants.as_ptr().add(at * Q4K::BYTES),
+                w.scales.as_ptr().add(at * Q4K::SCALE_BYTES),
+                w.mins.as_ptr().add(at * Q4K::MIN_BYTES),
+            )
         };
         // SAFETY: 8 f32 each.
         let (d, dmin) = unsafe {
@@ -319,7 +351,7 @@ impl PanelStep for Q6K {
     unsafe fn step<const R: usize>(w: &KPanelRows<Self>, at: usize, xs: [Act<'_>; R], acc: &mut [[__m256; 2]; R]) {
         let (m4, m3) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(3));
         // SAFETY: `at` indexes a whole panel super-block in each part.
-        let (q, sc) = unsafe { (w.quants.as_ptr().add(at * Q6K::BYTES), w.scales.as_ptr().add(at * 128)) };
+        let (q, sc) = unsafe { (w.quants.as_ptr().add(at * Q6K::BYTES), w.scales.as_ptr().add(at * Q6K::SCALE_BYTES)) };
         let mut total = [_mm512_setzero_si512(); R];
         for n in 0..2 {
             for gp in 0..4 {
@@ -435,11 +467,15 @@ unsafe fn prefetch<K: KPanel>(w: &KPanelRows<K>, at: usize) {
         for line in (0..K::BYTES).step_by(64) {
             _mm_prefetch::<_MM_HINT_T0>(q.add(line).cast());
         }
-        _mm_prefetch::<_MM_HINT_T0>(w.scales.as_ptr().add(at * 128).cast());
-        _mm_prefetch::<_MM_HINT_T0>(w.scales.as_ptr().add(at * 128 + 64).cast());
-        _mm_prefetch::<_MM_HINT_T0>(w.mins.as_ptr().add(at * 64).cast());
+        let sc = w.scales.as_ptr().add(at * K::SCALE_BYTES);
+        for line in (0..K::SCALE_BYTES).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(sc.add(line).cast());
+        }
         _mm_prefetch::<_MM_HINT_T0>(w.d.as_ptr().add(at * PANEL).cast());
-        _mm_prefetch::<_MM_HINT_T0>(w.dmin.as_ptr().add(at * PANEL).cast());
+        if K::HAS_MIN {
+            _mm_prefetch::<_MM_HINT_T0>(w.mins.as_ptr().add(at * K::MIN_BYTES).cast());
+            _mm_prefetch::<_MM_HINT_T0>(w.dmin.as_ptr().add(at * PANEL).cast());
+        }
     }
 }
 

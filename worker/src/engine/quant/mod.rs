@@ -363,8 +363,8 @@ fn k_panels<K: kpanels::PanelStep>(
     if kernels != Kernels::Vnni || sums != Sums::Llama || !kpanels::available() {
         return None;
     }
-    let rows = kquants::KRows::<K>::from_gguf(bytes, per_row).filter(|r| r.rows() == out)?;
-    Some(Arc::new(KPanels { rows: kpanels::KPanelRows::new(&rows) }))
+    let rows = kpanels::KPanelRows::<K>::from_gguf(bytes, per_row).filter(|r| r.rows() == out)?;
+    Some(Arc::new(KPanels { rows }))
 }
 
 /// No panels off x86.
