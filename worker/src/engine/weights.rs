@@ -218,38 +218,36 @@ fn permute_for_interleaved_rope(t: &Tensor, head_dim: usize) -> candle_core::Res
     t.reshape((rows / head_dim, 2, head_dim / 2, cols))?.transpose(1, 2)?.reshape((rows, cols))
 }
 
-/// Quantizes an f32 `(rows, cols)` matrix to GGUF blocks of `dtype`, rows spread over the
-/// cores; `None` when its rows do not fill the format's blocks.
+/// Quantizes an f32 `(rows, cols)` matrix to GGUF blocks of `dtype` (Q8_0, Q4_0 or Q4_K), rows
+/// spread over the cores and read in place; `None` when its rows do not fill the format's blocks.
 fn quantize_blocks(t: &Tensor, dtype: GgmlDType) -> candle_core::Result<Option<Vec<u8>>> {
+    use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ4K, BlockQ8_0};
     let (rows, cols) = t.dims2()?;
     if !cols.is_multiple_of(dtype.block_size()) {
         return Ok(None);
     }
-    // One copy of the values, cut into row ranges: candle quantizes a tensor's whole storage, so
-    // each range gets a tensor of its own.
-    let values = t.flatten_all()?.to_vec1::<f32>()?;
+    super::host::with_values(t, |values| match dtype {
+        GgmlDType::Q8_0 => Ok(Some(quantize_rows::<BlockQ8_0>(values, rows, cols))),
+        GgmlDType::Q4_0 => Ok(Some(quantize_rows::<BlockQ4_0>(values, rows, cols))),
+        GgmlDType::Q4K => Ok(Some(quantize_rows::<BlockQ4K>(values, rows, cols))),
+        other => Err(candle_core::Error::Msg(format!("--quantize does not make {other:?}"))),
+    })?
+}
+
+/// `rows` rows of `cols` values quantized to blocks of `T` on all cores, as GGUF's bytes.
+fn quantize_rows<T: candle_core::quantized::k_quants::GgmlType>(values: &[f32], rows: usize, cols: usize) -> Vec<u8> {
+    let per_row = cols / T::BLCK_SIZE;
+    let mut blocks = vec![T::zeros(); rows * per_row];
     let threads = std::thread::available_parallelism().map_or(1, usize::from).min(rows.max(1));
     let per = rows.div_ceil(threads).max(1);
-    let parts = std::thread::scope(|s| {
-        let handles: Vec<_> = values
-            .chunks(per * cols)
-            .map(|chunk| {
-                s.spawn(move || -> candle_core::Result<Vec<u8>> {
-                    let t = Tensor::from_slice(chunk, (chunk.len() / cols, cols), &Device::Cpu)?;
-                    Ok(QTensor::quantize(&t, dtype)?.data()?.into_owned())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(candle_core::Error::Msg("a quantizing thread panicked".into()))))
-            .collect::<Vec<_>>()
+    std::thread::scope(|s| {
+        for (x, out) in values.chunks(per * cols).zip(blocks.chunks_mut(per * per_row)) {
+            s.spawn(move || T::from_float(x, out));
+        }
     });
-    let mut bytes = Vec::with_capacity(rows * cols / dtype.block_size() * dtype.type_size());
-    for part in parts {
-        bytes.extend_from_slice(&part?);
-    }
-    Ok(Some(bytes))
+    // SAFETY: candle's block types are #[repr(C)] plain data laid out as GGUF's blocks; the
+    // bytes are copied out while `blocks` is alive.
+    unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), blocks.len() * size_of::<T>()) }.to_vec()
 }
 
 /// The format `--quantize` gives a matrix of `cols` columns: the one asked for, or Q8_0 where a
