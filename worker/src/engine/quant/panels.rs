@@ -17,13 +17,15 @@ use super::vnni::VnniQuants;
 pub const PANEL: usize = 8;
 
 /// Weight rows in panels of [`PANEL`]: per panel and block, the rows' unsigned quants (two rows
-/// per 512-bit load once unpacked), their scales and offsets as f32. Rows past the last pad the
+/// per 512-bit load once unpacked), their scales and offsets as f16. Rows past the last pad the
 /// last panel with zeros.
 #[derive(Debug, Clone)]
 pub struct PanelRows<Q> {
     qs: Vec<u8>,
-    d: Vec<f32>,
-    m: Vec<f32>,
+    /// Scales and offsets as the file's f16 (converted when loaded into registers): the panels
+    /// take no more memory than the file.
+    d: Vec<half::f16>,
+    m: Vec<half::f16>,
     per_row: usize,
     rows: usize,
     _format: std::marker::PhantomData<Q>,
@@ -57,9 +59,9 @@ impl<Q: VnniQuants> PanelRows<Q> {
                     } else {
                         out.qs.extend((0..QK).map(u));
                     }
-                    out.d.push(row.map_or(0.0, |w| w.d[b].to_f32()));
+                    out.d.push(row.map_or(half::f16::ZERO, |w| w.d[b]));
                     if Q::HAS_MIN {
-                        out.m.push(row.map_or(0.0, |w| w.m[b].to_f32()));
+                        out.m.push(row.map_or(half::f16::ZERO, |w| w.m[b]));
                     }
                 }
             }
@@ -150,8 +152,9 @@ pub unsafe fn dots<Q: VnniQuants, const R: usize>(
             // SAFETY: the panel's block holds 8 rows' bytes at `at * bytes`.
             let wq: [__m512i; 4] = std::array::from_fn(|k| unsafe { pair::<Q>(w.qs.as_ptr().add(at * bytes), k) });
             // SAFETY: 8 scales (and offsets) per panel block.
-            let dw = unsafe { _mm256_loadu_ps(w.d.as_ptr().add(at)) };
-            let mw = if Q::HAS_MIN { unsafe { _mm256_loadu_ps(w.m.as_ptr().add(at)) } } else { dw };
+            let dw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(w.d.as_ptr().add(at).cast()) });
+            let mw =
+                if Q::HAS_MIN { _mm256_cvtph_ps(unsafe { _mm_loadu_si128(w.m.as_ptr().add(at).cast()) }) } else { dw };
             for (k, (acc, offsets)) in acc.iter_mut().zip(&mut offsets).enumerate() {
                 let xb = (r + k) * nb + b;
                 // SAFETY: block `xb` of the activations is 32 bytes.
