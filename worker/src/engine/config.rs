@@ -312,6 +312,16 @@ mod tests {
         "num_hidden_layers":2,"num_attention_heads":4,"vocab_size":100,"max_position_embeddings":4096"#;
 
     #[test]
+    fn parameter_count_is_vicuna_7bs() {
+        let (_d, p) = write(
+            r#"{"architectures":["LlamaForCausalLM"],"hidden_size":4096,"intermediate_size":11008,
+            "num_hidden_layers":32,"num_attention_heads":32,"vocab_size":32000,"max_position_embeddings":4096}"#,
+        );
+        // LLaMA-7B's published count, embedding, norms and head included.
+        assert_eq!(ModelConfig::from_hf_file(&p).unwrap().parameter_count(), 6_738_415_616);
+    }
+
+    #[test]
     fn vicuna_16k_linear_scaling_quadruples_context() {
         let (_d, p) = write(&format!(r#"{{{BASE},"rope_scaling":{{"type":"linear","factor":4.0}}}}"#));
         let c = ModelConfig::from_hf_file(&p).unwrap();
