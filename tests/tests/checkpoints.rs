@@ -119,17 +119,22 @@ fn tensor_attention_agrees_with_the_cpu_loops() {
     assert_eq!(step.token, Some(herd_worker::engine::sampler::argmax(full.last().unwrap())));
 }
 
-#[test]
-fn pytorch_bin_fixture_matches_its_safetensors_twin() {
+/// The `.bin` fixture and its safetensors twin as two HF directories, `bin` and `st`, in `dir`.
+fn bin_twins(dir: &Path) {
     let src = fixture("tiny-llama-bin");
-    let dir = tempfile::tempdir().unwrap();
     for (name, weights) in [("bin", "pytorch_model.bin"), ("st", "model.safetensors")] {
-        let d = dir.path().join(name);
+        let d = dir.join(name);
         std::fs::create_dir_all(&d).unwrap();
         std::fs::copy(src.join("config.json"), d.join("config.json")).unwrap();
         std::fs::copy(src.join(weights), d.join(weights)).unwrap();
         std::fs::copy(fixture("sentencepiece/tokenizer.model"), d.join("tokenizer.model")).unwrap();
     }
+}
+
+#[test]
+fn pytorch_bin_fixture_matches_its_safetensors_twin() {
+    let dir = tempfile::tempdir().unwrap();
+    bin_twins(dir.path());
     let ids = [1, 5, 9, 33, 63, 2, 17];
     let bin = logits(&dir.path().join("bin"), DTypeChoice::Auto, &ids);
     let st = logits(&dir.path().join("st"), DTypeChoice::Auto, &ids);
@@ -156,14 +161,7 @@ fn quantize_flag_reads_hf_checkpoints_into_blocks() {
 
     // The .bin fixture and its safetensors twin, 32 wide: Q8_0 blocks (and Q8_0 where q4_k's
     // super-blocks do not fit).
-    let src = fixture("tiny-llama-bin");
-    for (name, file) in [("bin", "pytorch_model.bin"), ("st", "model.safetensors")] {
-        let d = dir.path().join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::copy(src.join("config.json"), d.join("config.json")).unwrap();
-        std::fs::copy(src.join(file), d.join(file)).unwrap();
-        std::fs::copy(fixture("sentencepiece/tokenizer.model"), d.join("tokenizer.model")).unwrap();
-    }
+    bin_twins(dir.path());
     let ids = [1, 5, 9, 33, 63, 2, 17];
     for q in [QuantizeChoice::Q8_0, QuantizeChoice::Q4K] {
         let bin = quantized_logits(&dir.path().join("bin"), DTypeChoice::Auto, Some(q), &ids);
