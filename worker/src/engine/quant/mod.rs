@@ -151,8 +151,8 @@ trait Rows: Send + Sync + 'static {
 }
 
 /// An empty vector with room for `n` values, whose memory the OS is asked to back with huge
-/// pages: weights are streamed from memory at every step, and with 4 KiB pages the TLB misses
-/// (costly in virtual machines) held decoding of a 7B model to about half its memory's speed.
+/// pages: weights are streamed from memory at every step, and 4 KiB pages cost a TLB miss every
+/// 4 KiB (dearer in virtual machines). The OS may not find huge pages; nothing depends on it.
 pub(crate) fn weight_vec<T>(n: usize) -> Vec<T> {
     let v: Vec<T> = Vec::with_capacity(n);
     let bytes = n * size_of::<T>();
