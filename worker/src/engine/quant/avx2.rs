@@ -280,3 +280,29 @@ pub unsafe fn lane_dot<Q: Avx2Quants, const R: usize>(w: &WeightRow<'_, Q>, xs: 
     }
     std::array::from_fn(|k| hsum8(acc[k]) + offsets[k])
 }
+
+/// A weight row's dot products with `R` activation rows, each summed per block as
+/// [`super::scalar::block_dot`] sums it (to whose results these are equal).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C ([`available`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn block_dot<Q: Avx2Quants, const R: usize>(w: &WeightRow<'_, Q>, xs: [&ActRow<'_>; R]) -> [f32; R] {
+    let n = w.qs.len();
+    assert!(w.d.len() == n && !Q::HAS_MIN && xs.iter().all(|x| x.qs.len() == n && x.d.len() == n));
+    let mut acc = [0f32; R];
+    for b in 0..n {
+        // SAFETY: AVX2 is enabled in this function.
+        let wq = unsafe { w.qs[b].load() };
+        let dw = w.d[b].to_f32();
+        for k in 0..R {
+            // SAFETY: as above.
+            let lanes = unsafe { Q::mul(wq, load32(&xs[k].qs[b])) };
+            let pair = _mm_add_epi32(_mm256_castsi256_si128(lanes), _mm256_extracti128_si256::<1>(lanes));
+            let pair = _mm_add_epi32(pair, _mm_unpackhi_epi64(pair, pair));
+            let ints = _mm_cvtsi128_si32(_mm_add_epi32(pair, _mm_shuffle_epi32::<1>(pair)));
+            acc[k] = (ints as f32).mul_add(dw * xs[k].d[b] as f32, acc[k]);
+        }
+    }
+    acc
+}

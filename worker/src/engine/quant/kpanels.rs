@@ -1,22 +1,19 @@
-//! AVX-512 VNNI kernels for Q4_K and Q6_K with weight rows in panels of eight, for CPUs with
+//! AVX-512 VNNI kernels for Q4_K and Q6_K with weight rows in panels of sixteen, for CPUs with
 //! them: the formats of most of a Q4_K_M file.
 //!
 //! The per-row kernels ([`super::ksimd`]) reduce each super-block's integer lanes to a few
 //! totals per row, which costs more than the products themselves. Here each 32-bit lane of a
-//! `vpdpbusd` belongs to one weight row of the panel (lanes 0-7 to four elements of the rows,
-//! lanes 8-15 to the next four), the activations' four bytes broadcast to match by a
-//! `vpermd` of the 64 bytes they lie in (the other port's work), so that the
-//! totals come out one row per lane and the f32 steps of [`KQuants::accumulate`] run on eight
-//! rows at once, in the same order: the portable kernel's bits.
+//! `vpdpbusd` belongs to one weight row of the panel and holds four of its elements, the same four
+//! in every lane, so the activations' four bytes are one broadcast from memory (a load, no
+//! shuffle); the totals come out one row per lane, and the f32 steps of [`KQuants::accumulate`]
+//! run on sixteen rows at once, in the same order: the portable kernel's bits.
 
 use std::arch::x86_64::*;
 
-use super::kquants::{KQuants, Q4K, Q6K, Q8K};
+use super::kquants::{KActs, KQuants, Q4K, Q6K, Q8K, QK_K};
 
-/// Weight rows per panel.
-pub const PANEL: usize = 8;
-/// 64-element chunks of activations per super-block.
-const CHUNKS: usize = 4;
+/// Weight rows per panel: one per 32-bit lane of a 512-bit vector.
+pub const PANEL: usize = 16;
 
 /// A K format laid out in panels.
 pub trait KPanel: KQuants {
@@ -124,9 +121,9 @@ impl<K: KPanel> KPanelRows<K> {
     }
 }
 
-/// Byte `k` of the four at group `g` (elements `4g..4g + 4`) of vector `v`, row `r`.
-fn at(v: usize, g: usize, r: usize, k: usize) -> usize {
-    64 * v + 32 * g + 4 * r + k
+/// Byte `k` of row `r`'s four in vector `v`.
+fn at(v: usize, r: usize, k: usize) -> usize {
+    64 * v + 4 * r + k
 }
 
 impl KPanel for Q4K {
@@ -135,22 +132,22 @@ impl KPanel for Q4K {
     const MIN_BYTES: usize = 8 * PANEL;
     const HAS_MIN: bool = true;
     fn place(&self, r: usize, out: &mut PanelBlock) {
-        // Vector 4j + gp holds qs bytes 32j + 8gp..32j + 8gp + 8: both nibbles, split at run time.
+        // Vector 8j + g holds qs bytes 32j + 4g..32j + 4g + 4: elements 64j + 4g.. in the low
+        // nibbles, 64j + 32 + 4g.. in the high ones, split at run time.
         for j in 0..4 {
-            for gp in 0..4 {
-                for g in 0..2 {
-                    for k in 0..4 {
-                        out.quants[at(4 * j + gp, g, r, k)] = self.qs[32 * j + 8 * gp + 4 * g + k];
-                    }
+            for g in 0..8 {
+                for k in 0..4 {
+                    out.quants[at(8 * j + g, r, k)] = self.qs[32 * j + 4 * g + k];
                 }
             }
         }
         for s in 0..8 {
-            out.scales[8 * s + r] = self.sc[s];
+            out.scales[PANEL * s + r] = self.sc[s];
         }
+        // Per sub-block pair, the rows' two offsets side by side (16-bit pairs once widened).
         for p in 0..4 {
-            out.mins[16 * p + 2 * r] = self.m[2 * p];
-            out.mins[16 * p + 2 * r + 1] = self.m[2 * p + 1];
+            out.mins[2 * PANEL * p + 2 * r] = self.m[2 * p];
+            out.mins[2 * PANEL * p + 2 * r + 1] = self.m[2 * p + 1];
         }
         (out.d[r], out.dmin[r]) = (self.d, self.dmin);
     }
@@ -167,23 +164,23 @@ impl KPanel for Q6K {
     const MIN_BYTES: usize = 0;
     const HAS_MIN: bool = false;
     fn place(&self, r: usize, out: &mut PanelBlock) {
-        // Per (half n, group pair gp), three vectors: low-nibble bytes of quarters 0/2, of 1/3,
-        // and the high bits of all four.
+        // Per (half n, group g of four), three vectors: the low-nibble bytes of quarters 0/2,
+        // of quarters 1/3, and the high bits of all four.
         for n in 0..2 {
-            for gp in 0..4 {
-                let base = 3 * (4 * n + gp);
-                for g in 0..2 {
-                    for k in 0..4 {
-                        let e = 8 * gp + 4 * g + k;
-                        out.quants[at(base, g, r, k)] = self.ql[64 * n + e];
-                        out.quants[at(base + 1, g, r, k)] = self.ql[64 * n + 32 + e];
-                        out.quants[at(base + 2, g, r, k)] = self.qh[32 * n + e];
-                    }
+            for g in 0..8 {
+                let base = 3 * (8 * n + g);
+                for k in 0..4 {
+                    let e = 4 * g + k;
+                    out.quants[at(base, r, k)] = self.ql[64 * n + e];
+                    out.quants[at(base + 1, r, k)] = self.ql[64 * n + 32 + e];
+                    out.quants[at(base + 2, r, k)] = self.qh[32 * n + e];
                 }
             }
         }
-        for g in 0..16 {
-            out.scales[8 * g + r] = self.sc[g] as u8;
+        // Per pair of 16-value groups, the rows' two scales side by side.
+        for p in 0..8 {
+            out.scales[2 * PANEL * p + 2 * r] = self.sc[2 * p] as u8;
+            out.scales[2 * PANEL * p + 2 * r + 1] = self.sc[2 * p + 1] as u8;
         }
         out.d[r] = self.d;
     }
@@ -193,85 +190,43 @@ impl KPanel for Q6K {
     }
 }
 
-/// Activations for [`dots`]: per row and super-block, the quants in four 64-byte chunks, `d`,
-/// and the sums the offsets or bias need.
+/// Activations for [`dots`]: the quantized rows, and per super-block the sums the offsets or
+/// bias need.
 #[derive(Debug, Clone)]
 pub struct KPanelActs {
-    chunks: Vec<__m512i>,
-    d: Vec<f32>,
+    acts: KActs,
     /// Per super-block: Q4_K's four sub-block pair sums `s(2p) | s(2p + 1) << 16` (32-value sums),
     /// or Q6_K's eight `b(2k) | b(2k + 1) << 16` (16-value sums).
     sums: Vec<[i32; 8]>,
-    per_row: usize,
 }
-
-// SAFETY: plain integer vectors.
-unsafe impl Send for KPanelActs {}
-// SAFETY: as above; never mutated after construction.
-unsafe impl Sync for KPanelActs {}
 
 fn pack16(a: i32, b: i32) -> i32 {
     (a & 0xffff) | (b << 16)
 }
 
 impl KPanelActs {
-    /// Expands quantized activation rows for format `K`.
-    ///
-    /// # Safety
-    /// The CPU must support AVX-512 ([`super::vnni::available`]).
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn new<K: KPanel>(acts: &super::kquants::KActs, m: usize, per_row: usize) -> Self {
-        let mut out = Self {
-            chunks: Vec::with_capacity(m * per_row * CHUNKS),
-            d: Vec::with_capacity(m * per_row),
-            sums: Vec::with_capacity(m * per_row),
-            per_row,
-        };
-        for r in 0..m {
-            for x in acts.row(r) {
-                for c in 0..CHUNKS {
-                    // SAFETY: 64 bytes at 64c of 256; unaligned load.
-                    out.chunks.push(unsafe { _mm512_loadu_si512(x.qs.as_ptr().add(64 * c).cast()) });
-                }
-                out.d.push(x.d);
-                out.sums.push(K::act_sums(x));
-            }
-        }
-        out
+    /// Adds the sums format `K` needs to quantized activation rows.
+    pub fn new<K: KPanel>(acts: KActs) -> Self {
+        let sums = (0..acts.rows()).flat_map(|r| acts.row(r)).map(K::act_sums).collect();
+        Self { acts, sums }
     }
 }
 
-/// Dword `i` of a 64-byte chunk in lanes 0-7 and dword `i + 1` in lanes 8-15: the activations
-/// that lanes of a weight vector multiply.
+/// The four activation bytes at `p` in every 32-bit lane.
+///
+/// # Safety
+/// `p` must have four readable bytes.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn pick(chunk: __m512i, i: usize) -> __m512i {
-    let idx = _mm512_mask_blend_epi32(0xff00, _mm512_set1_epi32(i as i32), _mm512_set1_epi32(i as i32 + 1));
-    _mm512_permutexvar_epi32(idx, chunk)
-}
-
-/// Eight i32 lanes: lanes 0-7 plus lanes 8-15.
-#[inline]
-#[target_feature(enable = "avx512f")]
-fn fold(v: __m512i) -> __m256i {
-    _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v))
-}
-
-/// Eight rows' scales (bytes at `p`) as 16 lanes, each a zero-extended 16-bit value, for
-/// `vpdpwssd`; `signed` scales are sign-extended to 16 bits first.
-#[inline]
-#[target_feature(enable = "avx2,avx512f,avx512bw")]
-unsafe fn scale_lanes(p: *const u8, signed: bool) -> __m512i {
-    // SAFETY: the caller passes 8 readable bytes.
-    let eight = _mm_set1_epi64x(unsafe { p.cast::<i64>().read_unaligned() });
-    let wide = if signed { _mm256_cvtepi8_epi16(eight) } else { _mm256_cvtepu8_epi16(eight) };
-    _mm512_cvtepu16_epi32(wide)
+unsafe fn broadcast(p: *const i8) -> __m512i {
+    // SAFETY: as the caller promises; unaligned read.
+    _mm512_set1_epi32(unsafe { p.cast::<i32>().read_unaligned() })
 }
 
 /// One activation row's super-block, for [`PanelStep::step`].
 #[derive(Clone, Copy)]
 pub struct Act<'a> {
-    chunks: &'a [__m512i],
+    qs: &'a [i8; QK_K],
     d: f32,
     sums: &'a [i32; 8],
 }
@@ -282,20 +237,20 @@ pub trait PanelStep: KPanel {
     /// # Safety
     /// The CPU must support AVX-512 VNNI; `at` indexes a panel super-block, `xs` are the
     /// activation rows' blocks, each unpacked weight vector serving all of them.
-    unsafe fn step<const R: usize>(w: &KPanelRows<Self>, at: usize, xs: [Act<'_>; R], acc: &mut [[__m256; 2]; R])
+    unsafe fn step<const R: usize>(w: &KPanelRows<Self>, at: usize, xs: [Act<'_>; R], acc: &mut [[__m512; 2]; R])
     where
         Self: Sized;
     /// The rows' results from the accumulators.
     ///
     /// # Safety
-    /// The CPU must support AVX.
-    unsafe fn finish(acc: [__m256; 2]) -> __m256;
+    /// The CPU must support AVX-512.
+    unsafe fn finish(acc: [__m512; 2]) -> __m512;
 }
 
 impl PanelStep for Q4K {
     #[inline]
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni")]
-    unsafe fn step<const R: usize>(w: &KPanelRows<Self>, at: usize, xs: [Act<'_>; R], acc: &mut [[__m256; 2]; R]) {
+    unsafe fn step<const R: usize>(w: &KPanelRows<Self>, at: usize, xs: [Act<'_>; R], acc: &mut [[__m512; 2]; R]) {
         let m4 = _mm512_set1_epi8(0x0f);
         // SAFETY: `at` indexes a whole panel super-block in each part.
         let (q, sc, mins) = unsafe {
@@ -305,58 +260,81 @@ impl PanelStep for Q4K {
                 w.mins.as_ptr().add(at * Q4K::MIN_BYTES),
             )
         };
-        // SAFETY: 8 f32 each.
+        // SAFETY: 16 f32 each.
         let (d, dmin) = unsafe {
-            (_mm256_loadu_ps(w.d.as_ptr().add(at * PANEL)), _mm256_loadu_ps(w.dmin.as_ptr().add(at * PANEL)))
+            (_mm512_loadu_ps(w.d.as_ptr().add(at * PANEL)), _mm512_loadu_ps(w.dmin.as_ptr().add(at * PANEL)))
         };
         for j in 0..4 {
-            let (mut lo, mut hi) = ([_mm512_setzero_si512(); R], [_mm512_setzero_si512(); R]);
-            for gp in 0..4 {
-                // SAFETY: vector 4j + gp of the block's 16.
-                let v = unsafe { _mm512_loadu_si512(q.add(64 * (4 * j + gp)).cast()) };
-                let (wl, wh) = (_mm512_and_si512(v, m4), _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4));
-                for k in 0..R {
-                    // A lane's sum over a sub-block's four vectors stays below 16 * 15 * 127: 16 bits.
-                    lo[k] = _mm512_dpbusd_epi32(lo[k], wl, pick(xs[k].chunks[j], 2 * gp));
-                    hi[k] = _mm512_dpbusd_epi32(hi[k], wh, pick(xs[k].chunks[j], 8 + 2 * gp));
+            // Per activation row, sub-blocks 2j (low nibbles) and 2j + 1 (high), even and odd
+            // groups of four apart: a lane's sum of 16 products stays below 16 * 15 * 127, within
+            // the 16 bits `vpdpwssd` multiplies.
+            let mut lo = [[_mm512_setzero_si512(); 2]; R];
+            let mut hi = [[_mm512_setzero_si512(); 2]; R];
+            for pair in 0..4 {
+                // Even and odd groups by constant index, so that the sums stay in registers.
+                for (odd, g) in [(0, 2 * pair), (1, 2 * pair + 1)] {
+                    // SAFETY: vector 8j + g of the block's 32.
+                    let v = unsafe { _mm512_loadu_si512(q.add(64 * (8 * j + g)).cast()) };
+                    let (wl, wh) = (_mm512_and_si512(v, m4), _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4));
+                    for k in 0..R {
+                        // SAFETY: elements 64j + 4g.. and 64j + 32 + 4g.. of 256.
+                        let (xl, xh) = unsafe {
+                            let x = xs[k].qs.as_ptr().add(64 * j + 4 * g);
+                            (broadcast(x), broadcast(x.add(32)))
+                        };
+                        lo[k][odd] = _mm512_dpbusd_epi32(lo[k][odd], wl, xl);
+                        hi[k][odd] = _mm512_dpbusd_epi32(hi[k][odd], wh, xh);
+                    }
                 }
             }
-            // SAFETY: 8 scale bytes per sub-block, 16 offset bytes per pair.
+            // SAFETY: 16 scale bytes per sub-block, 32 offset bytes per pair.
             let (sl, sh, m) = unsafe {
                 (
-                    scale_lanes(sc.add(16 * j), false),
-                    scale_lanes(sc.add(16 * j + 8), false),
-                    _mm256_cvtepu8_epi16(_mm_loadu_si128(mins.add(16 * j).cast())),
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128(sc.add(PANEL * 2 * j).cast())),
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128(sc.add(PANEL * (2 * j + 1)).cast())),
+                    _mm512_cvtepu8_epi16(_mm256_loadu_si256(mins.add(2 * PANEL * j).cast())),
                 )
             };
             for k in 0..R {
-                let xd = _mm256_set1_ps(xs[k].d);
-                let pair = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), lo[k], sl), hi[k], sh);
-                let imin = _mm256_madd_epi16(m, _mm256_set1_epi32(xs[k].sums[j]));
-                acc[k][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fold(pair)), _mm256_mul_ps(d, xd), acc[k][0]);
-                acc[k][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), _mm256_mul_ps(dmin, xd), acc[k][1]);
+                let xd = _mm512_set1_ps(xs[k].d);
+                let mut pair = _mm512_dpwssd_epi32(_mm512_setzero_si512(), lo[k][0], sl);
+                pair = _mm512_dpwssd_epi32(pair, lo[k][1], sl);
+                pair = _mm512_dpwssd_epi32(pair, hi[k][0], sh);
+                pair = _mm512_dpwssd_epi32(pair, hi[k][1], sh);
+                let imin = _mm512_madd_epi16(m, _mm512_set1_epi32(xs[k].sums[j]));
+                acc[k][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pair), _mm512_mul_ps(d, xd), acc[k][0]);
+                acc[k][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(imin), _mm512_mul_ps(dmin, xd), acc[k][1]);
             }
         }
     }
     #[inline]
-    #[target_feature(enable = "avx")]
-    unsafe fn finish(acc: [__m256; 2]) -> __m256 {
-        _mm256_sub_ps(acc[0], acc[1])
+    #[target_feature(enable = "avx512f")]
+    unsafe fn finish(acc: [__m512; 2]) -> __m512 {
+        _mm512_sub_ps(acc[0], acc[1])
     }
 }
 
 impl PanelStep for Q6K {
     #[inline]
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni")]
-    unsafe fn step<const R: usize>(w: &KPanelRows<Self>, at: usize, xs: [Act<'_>; R], acc: &mut [[__m256; 2]; R]) {
+    unsafe fn step<const R: usize>(w: &KPanelRows<Self>, at: usize, xs: [Act<'_>; R], acc: &mut [[__m512; 2]; R]) {
         let (m4, m3) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(3));
+        let low16 = _mm512_set1_epi32(0xffff);
         // SAFETY: `at` indexes a whole panel super-block in each part.
         let (q, sc) = unsafe { (w.quants.as_ptr().add(at * Q6K::BYTES), w.scales.as_ptr().add(at * Q6K::SCALE_BYTES)) };
         let mut total = [_mm512_setzero_si512(); R];
+        let mut bias = [_mm512_setzero_si512(); R];
         for n in 0..2 {
-            for gp in 0..4 {
-                let base = 3 * (4 * n + gp);
-                // SAFETY: vectors base..base + 3 of the block's 24.
+            // Per quarter, its two groups' scales as 16-bit pairs (sign-extended), and each
+            // group's alone in the low half of a lane, for `vpdpwssd`.
+            // SAFETY: 32 bytes per pair of groups.
+            let pairs: [__m512i; 4] =
+                std::array::from_fn(|qi| unsafe { _mm512_cvtepi8_epi16(_mm256_loadu_si256(sc.add(2 * PANEL * (4 * n + qi)).cast())) });
+            let scales: [[__m512i; 2]; 4] =
+                std::array::from_fn(|qi| [_mm512_and_si512(pairs[qi], low16), _mm512_srli_epi32::<16>(pairs[qi])]);
+            for g in 0..8 {
+                let base = 3 * (8 * n + g);
+                // SAFETY: vectors base..base + 3 of the block's 48.
                 let (a, b, h) = unsafe {
                     (
                         _mm512_loadu_si512(q.add(64 * base).cast()),
@@ -374,36 +352,32 @@ impl PanelStep for Q6K {
                     _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(b), m4), high(6)),
                 ];
                 for (qi, wq) in quarters.into_iter().enumerate() {
-                    // SAFETY: 8 scale bytes per group of 16.
-                    let scale = unsafe { scale_lanes(sc.add(8 * (8 * n + 2 * qi + gp / 2)), true) };
                     for k in 0..R {
                         // A lane's four products stay below 4 * 63 * 127: 16 bits.
-                        let xq = pick(xs[k].chunks[2 * n + qi / 2], 8 * (qi % 2) + 2 * gp);
-                        let fours = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xq);
-                        total[k] = _mm512_dpwssd_epi32(total[k], fours, scale);
+                        // SAFETY: element 128n + 32qi + 4g of 256.
+                        let x = unsafe { broadcast(xs[k].qs.as_ptr().add(128 * n + 32 * qi + 4 * g)) };
+                        let fours = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, x);
+                        total[k] = _mm512_dpwssd_epi32(total[k], fours, scales[qi][g / 4]);
                     }
                 }
             }
-        }
-        // SAFETY: 8 f32.
-        let d = unsafe { _mm256_loadu_ps(w.d.as_ptr().add(at * PANEL)) };
-        for k in 0..R {
-            // The bias of 32: 32 * sum(sc_g * b_g), groups in pairs.
-            let mut bias = _mm256_setzero_si256();
-            for g in 0..8 {
-                // SAFETY: groups 2g and 2g + 1, 8 bytes each.
-                let (a, b) =
-                    unsafe { (_mm_loadl_epi64(sc.add(16 * g).cast()), _mm_loadl_epi64(sc.add(16 * g + 8).cast())) };
-                let pairs = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(a, b));
-                bias = _mm256_add_epi32(bias, _mm256_madd_epi16(pairs, _mm256_set1_epi32(xs[k].sums[g])));
+            for k in 0..R {
+                // The bias of 32: 32 * sum(sc_g * b_g), groups in pairs.
+                for (qi, pair) in pairs.iter().enumerate() {
+                    bias[k] = _mm512_dpwssd_epi32(bias[k], *pair, _mm512_set1_epi32(xs[k].sums[4 * n + qi]));
+                }
             }
-            let s = _mm256_sub_epi32(fold(total[k]), _mm256_slli_epi32::<5>(bias));
-            acc[k][0] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(s)), _mm256_set1_ps(xs[k].d), acc[k][0]);
+        }
+        // SAFETY: 16 f32.
+        let d = unsafe { _mm512_loadu_ps(w.d.as_ptr().add(at * PANEL)) };
+        for k in 0..R {
+            let s = _mm512_sub_epi32(total[k], _mm512_slli_epi32::<5>(bias[k]));
+            acc[k][0] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(s)), _mm512_set1_ps(xs[k].d), acc[k][0]);
         }
     }
     #[inline]
-    #[target_feature(enable = "avx")]
-    unsafe fn finish(acc: [__m256; 2]) -> __m256 {
+    #[target_feature(enable = "avx512f")]
+    unsafe fn finish(acc: [__m512; 2]) -> __m512 {
         acc[0]
     }
 }
@@ -422,10 +396,10 @@ pub unsafe fn dots<K: PanelStep, const R: usize>(
     mut put: impl FnMut(usize, [f64; R]),
 ) {
     let nb = w.per_row;
-    assert!(acts.per_row == nb && (r + R) * nb <= acts.d.len() && cols.end <= w.rows);
+    assert!(acts.acts.per_row() == nb && r + R <= acts.acts.rows() && cols.end <= w.rows);
     let blocks = w.d.len() / PANEL;
     for p in cols.start / PANEL..cols.end.div_ceil(PANEL) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
         for b in 0..nb {
             // Weights stream from memory once per matmul: ask for them a few blocks ahead, as
             // the hardware's prefetchers alone leave the kernels waiting on DRAM.
@@ -433,16 +407,16 @@ pub unsafe fn dots<K: PanelStep, const R: usize>(
             // SAFETY: in bounds (block `ahead` exists); prefetches never fault.
             unsafe { prefetch(w, ahead) };
             let xs: [Act<'_>; R] = std::array::from_fn(|k| {
-                let xb = (r + k) * nb + b;
-                Act { chunks: &acts.chunks[xb * CHUNKS..(xb + 1) * CHUNKS], d: acts.d[xb], sums: &acts.sums[xb] }
+                let x = &acts.acts.row(r + k)[b];
+                Act { qs: &x.qs, d: x.d, sums: &acts.sums[(r + k) * nb + b] }
             });
             // SAFETY: the caller's CPU has AVX-512 VNNI; block p * nb + b exists.
             unsafe { K::step(w, p * nb + b, xs, &mut acc) };
         }
         let rows: [[f32; PANEL]; R] = std::array::from_fn(|k| {
             let mut out = [0f32; PANEL];
-            // SAFETY: 8 f32; unaligned store.
-            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), <K as PanelStep>::finish(acc[k])) };
+            // SAFETY: 16 f32; unaligned store.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), <K as PanelStep>::finish(acc[k])) };
             out
         });
         for col in (p * PANEL).max(cols.start)..((p + 1) * PANEL).min(cols.end) {

@@ -348,8 +348,25 @@ impl KActs {
     /// Quantizes the `m` rows of `x`, `per_row` super-blocks each.
     pub fn new(x: &[f32], m: usize, per_row: usize) -> Self {
         let mut blocks = vec![Q8K::ZERO; m * per_row];
-        quantize_q8k(&x[..blocks.len() * QK_K], &mut blocks);
+        let x = &x[..blocks.len() * QK_K];
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            unsafe { super::ksimd::quantize_q8k(x, &mut blocks) };
+            return Self { blocks, per_row };
+        }
+        quantize_q8k(x, &mut blocks);
         Self { blocks, per_row }
+    }
+
+    /// Super-blocks per row.
+    pub fn per_row(&self) -> usize {
+        self.per_row
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.blocks.len().checked_div(self.per_row).unwrap_or(0)
     }
 
     /// Row `r`'s blocks.

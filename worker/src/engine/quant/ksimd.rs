@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::kquants::{Acc, KQuants, Q4K, Q5K, Q6K, Q8K};
+use super::kquants::{Acc, KQuants, Q4K, Q5K, Q6K, Q8K, QK_K};
 
 /// A K-quant format with SIMD unpacking.
 pub trait KSimd: KQuants {
@@ -212,4 +212,54 @@ pub unsafe fn lane_dots_vnni<K: KSimd, const R: usize>(w: &[K], xs: [&[Q8K]; R])
         }
     }
     acc.map(|a| K::finish(&a))
+}
+
+/// [`super::kquants::quantize_q8k`] on AVX2, to the same bits: the rounding is the vector
+/// conversion's (half to even, the default mode), the products are the same f32 products.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub unsafe fn quantize_q8k(x: &[f32], out: &mut [Q8K]) {
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    for (x, y) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+        // SAFETY (loads): 8 floats at 8i of 256; unaligned.
+        let v: [__m256; QK_K / 8] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * i)) });
+        // NaN lanes lose against the running maximum, as the portable loop skips them.
+        let amax = v.iter().fold(_mm256_setzero_ps(), |m, &v| _mm256_max_ps(_mm256_and_ps(v, abs_mask), m));
+        let amax = {
+            let m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps::<1>(amax));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)))
+        };
+        if amax == 0.0 {
+            *y = Q8K::ZERO;
+            continue;
+        }
+        // The first value of that magnitude, with its sign.
+        let max = x[x.iter().position(|v| v.abs() == amax).expect("amax is one of the values")];
+        let iscale = -127.0 / max;
+        let scale = _mm256_set1_ps(iscale);
+        let cap = _mm256_set1_epi32(127);
+        for (c, chunk) in v.chunks_exact(4).enumerate() {
+            let q: [__m256i; 4] = std::array::from_fn(|i| {
+                let v = _mm256_mul_ps(chunk[i], scale);
+                // NaN quantizes to 0, as in the portable code and ggml's `nearest_int`.
+                let v = _mm256_and_ps(v, _mm256_cmp_ps::<_CMP_ORD_Q>(v, v));
+                _mm256_min_epi32(_mm256_cvtps_epi32(v), cap)
+            });
+            // Packing interleaves 128-bit lanes; the permute puts the 32 bytes back in order.
+            let words = [_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])];
+            let bytes = _mm256_permutevar8x32_epi32(
+                _mm256_packs_epi16(words[0], words[1]),
+                _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+            );
+            // SAFETY: 32 bytes at 32c of 256; unaligned store.
+            unsafe { _mm256_storeu_si256(y.qs.as_mut_ptr().add(32 * c).cast(), bytes) };
+        }
+        for (s, q) in y.bsums.iter_mut().zip(y.qs.chunks_exact(16)) {
+            *s = q.iter().map(|&v| i16::from(v)).sum();
+        }
+        y.d = 1.0 / iscale;
+    }
 }

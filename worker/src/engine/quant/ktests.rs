@@ -71,6 +71,33 @@ fn activations_quantize_as_llama_cpp() {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn the_avx2_quantizer_gives_the_portable_bits() {
+    if !is_x86_feature_detected!("avx2") {
+        eprintln!("no AVX2 on this CPU: nothing to compare");
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut x = activations(&mut rng, 16, false);
+    x.extend(activations(&mut rng, 4, true));
+    // Ties at every half step, a largest magnitude that appears twice with both signs, NaN.
+    x.extend((0..QK_K).map(|i| (i as f32 - 128.0) * 0.5));
+    x.extend((0..QK_K).map(|i| match i {
+        7 => -3.0,
+        9 => 3.0,
+        11 => f32::NAN,
+        _ => (i % 5) as f32 * 0.25,
+    }));
+    let want = acts(&x);
+    let mut got = vec![Q8K::ZERO; want.len()];
+    // SAFETY: checked above.
+    unsafe { crate::engine::quant::ksimd::quantize_q8k(&x, &mut got) };
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!((g.qs, g.d.to_bits(), g.bsums), (w.qs, w.d.to_bits(), w.bsums), "block {i}");
+    }
+}
+
 /// The decoded quants and scales give candle's dequantized weights: GGUF's layout is read right.
 fn check_decoding<K: KQuants, C: GgmlType>(value: impl Fn(&K, usize) -> f32) {
     let mut rng = StdRng::seed_from_u64(2);

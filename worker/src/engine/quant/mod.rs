@@ -107,6 +107,17 @@ impl Kernels {
         }
     }
 
+    /// Like [`Kernels::dot`], summed per block as llama.cpp's repacked kernels do
+    /// ([`scalar::block_dot`]).
+    pub fn block_dot<Q: NativeQuants, const R: usize>(self, w: &WeightRow<'_, Q>, xs: [&ActRow<'_>; R]) -> [f32; R] {
+        match self {
+            // SAFETY: as in `dot`.
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 | Self::Vnni if avx2::available() => unsafe { avx2::block_dot(w, xs) },
+            _ => xs.map(|x| scalar::block_dot(w, x)),
+        }
+    }
+
     /// Quantizes the `m` rows of `x`, `per_row` blocks each.
     fn quantize_rows(self, x: &[f32], m: usize, per_row: usize) -> ActRows {
         let mut acts = ActRows::zeros(m, per_row);
@@ -128,7 +139,8 @@ impl Kernels {
 /// How a row's block products are added up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sums {
-    /// In f32, in the order of llama.cpp's CPU kernels ([`scalar::lane_dot`]).
+    /// In f32, in the order of llama.cpp's CPU kernels on x86: per block where llama.cpp
+    /// repacks the matrix ([`scalar::block_dot`]), else in lanes ([`scalar::lane_dot`]).
     Llama,
     /// Exactly, in f64, so that sums over parts of a row add up to the whole row's.
     Exact,
@@ -192,6 +204,8 @@ struct Native<Q> {
     rows: WeightRows<Q>,
     kernels: Kernels,
     sums: Sums,
+    /// Whether llama.cpp's order is per block ([`scalar::Quants::REPACKED`]).
+    blocks: bool,
 }
 
 impl<Q: NativeQuants> Rows for Native<Q> {
@@ -209,6 +223,7 @@ impl<Q: NativeQuants> Rows for Native<Q> {
             put(
                 col,
                 match self.sums {
+                    Sums::Llama if self.blocks => self.kernels.block_dot(&w, xs).map(f64::from),
                     Sums::Llama => self.kernels.lane_dot(&w, xs).map(f64::from),
                     Sums::Exact => self.kernels.dot(&w, xs),
                 },
@@ -260,6 +275,31 @@ impl<Q: NativeQuants> Rows for Panels<Q> {
     }
     fn align(&self) -> usize {
         panels::PANEL
+    }
+}
+
+/// Rows of a repacked format ([`scalar::Quants::REPACKED`]) in panels for the VNNI kernels that sum per
+/// block.
+#[cfg(target_arch = "x86_64")]
+struct BlockPanels<Q> {
+    rows: panels::BlockPanelRows<Q>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<Q: NativeQuants> Rows for BlockPanels<Q> {
+    type Acts = panels::BlockPanelActs;
+    fn per_row(&self) -> usize {
+        self.rows.per_row()
+    }
+    fn quantize(&self, x: &[f32], m: usize) -> Self::Acts {
+        panels::BlockPanelActs::new::<Q>(Kernels::Vnni.quantize_rows(x, m, self.per_row()))
+    }
+    fn dots<const N: usize>(&self, cols: Range<usize>, acts: &Self::Acts, r: usize, put: impl FnMut(usize, [f64; N])) {
+        // SAFETY: `BlockPanels` is only built when the CPU has VNNI (`native`).
+        unsafe { panels::block_dots::<Q, N>(&self.rows, cols, acts, r, put) }
+    }
+    fn align(&self) -> usize {
+        panels::BLOCK_PANEL
     }
 }
 
@@ -338,12 +378,10 @@ impl<K: kpanels::PanelStep> Rows for KPanels<K> {
         self.rows.per_row()
     }
     fn quantize(&self, x: &[f32], m: usize) -> Self::Acts {
-        let acts = kquants::KActs::new(x, m, self.per_row());
-        // SAFETY: `KPanels` is only built when the CPU has the kernels' features (`k_panels`).
-        unsafe { kpanels::KPanelActs::new::<K>(&acts, m, self.per_row()) }
+        kpanels::KPanelActs::new::<K>(kquants::KActs::new(x, m, self.per_row()))
     }
     fn dots<const N: usize>(&self, cols: Range<usize>, acts: &Self::Acts, r: usize, put: impl FnMut(usize, [f64; N])) {
-        // SAFETY: as above.
+        // SAFETY: `KPanels` is only built when the CPU has the kernels' features (`k_panels`).
         unsafe { kpanels::dots::<K, N>(&self.rows, cols, acts, r, put) }
     }
     fn align(&self) -> usize {
@@ -526,14 +564,16 @@ fn native<Q: NativeQuants>(
     sums: Sums,
 ) -> Option<Arc<dyn MatMul>> {
     let rows = WeightRows::<Q>::from_gguf(bytes, per_row).filter(|_| bytes.len() == out * per_row * Q::GGUF_BYTES)?;
+    let blocks = Q::REPACKED && out.is_multiple_of(8);
     #[cfg(target_arch = "x86_64")]
     if kernels == Kernels::Vnni && vnni::available() {
         return Some(match sums {
             Sums::Exact => Arc::new(Interleaved { rows: vnni::VnniRows::new(&rows) }),
+            Sums::Llama if blocks => Arc::new(BlockPanels { rows: panels::BlockPanelRows::new(&rows) }),
             Sums::Llama => Arc::new(Panels { rows: panels::PanelRows::new(&rows) }),
         });
     }
-    Some(Arc::new(Native { rows, kernels, sums }))
+    Some(Arc::new(Native { rows, kernels, sums, blocks }))
 }
 
 fn candle<T: GgmlType + 'static>(bytes: &[u8], out: usize, inp: usize, sums: Sums) -> Option<Arc<dyn MatMul>> {

@@ -192,3 +192,131 @@ pub unsafe fn dots<Q: VnniQuants, const R: usize>(
         }
     }
 }
+
+/// Weight rows per panel of the per-block kernels: one per 32-bit lane of a 512-bit vector.
+pub const BLOCK_PANEL: usize = 16;
+
+/// Rows of a nibble format without offsets (Q4_0) in panels of [`BLOCK_PANEL`] for
+/// [`block_dots`]: per panel and block, four vectors whose lane `r` holds row `r`'s bytes
+/// `4v..4v + 4` (elements `4v..` in the low nibbles, `16 + 4v..` in the high ones), and the
+/// rows' f16 scales. Rows past the last pad the last panel with zeros.
+#[derive(Debug, Clone)]
+pub struct BlockPanelRows<Q> {
+    qs: Vec<u8>,
+    d: Vec<half::f16>,
+    per_row: usize,
+    rows: usize,
+    _format: std::marker::PhantomData<Q>,
+}
+
+impl<Q: VnniQuants> BlockPanelRows<Q> {
+    /// Arranges `rows` in panels.
+    pub fn new(rows: &super::scalar::WeightRows<Q>) -> Self {
+        assert!(Q::NIBBLES && !Q::HAS_MIN, "per-block panels take nibble formats without offsets");
+        let (n, per_row) = (rows.rows(), rows.per_row());
+        let panels = n.div_ceil(BLOCK_PANEL);
+        let mut out = Self {
+            qs: super::weight_vec(panels * BLOCK_PANEL * per_row * QK / 2),
+            d: super::weight_vec(panels * BLOCK_PANEL * per_row),
+            per_row,
+            rows: n,
+            _format: std::marker::PhantomData,
+        };
+        for p in 0..panels {
+            for b in 0..per_row {
+                let row = |j: usize| (p * BLOCK_PANEL + j < n).then(|| rows.row(p * BLOCK_PANEL + j));
+                // Element e's unsigned quant; nibbles keep GGUF's packing (e and e + 16 share a byte).
+                let u = |j: usize, e: usize| row(j).map_or(0, |w| w.qs[b].unsigned(e));
+                for v in 0..4 {
+                    for j in 0..BLOCK_PANEL {
+                        out.qs.extend((4 * v..4 * v + 4).map(|e| u(j, e) | u(j, e + QK / 2) << 4));
+                    }
+                }
+                out.d.extend((0..BLOCK_PANEL).map(|j| row(j).map_or(half::f16::ZERO, |w| w.d[b])));
+            }
+        }
+        out
+    }
+
+    /// Blocks per row.
+    pub fn per_row(&self) -> usize {
+        self.per_row
+    }
+}
+
+/// Activations for [`block_dots`]: the blocks, their scales as f32, and what the weights'
+/// offset adds to each block's integer sum (`-OFFSET * sum(q)`).
+#[derive(Debug, Clone, Default)]
+pub struct BlockPanelActs {
+    rows: ActRows,
+    d: Vec<f32>,
+    bias: Vec<i32>,
+}
+
+impl BlockPanelActs {
+    /// Wraps quantized activations for format `Q`.
+    pub fn new<Q: VnniQuants>(rows: ActRows) -> Self {
+        // The f16-rounded values convert exactly.
+        let d = rows.d.iter().map(|&v| v as f32).collect();
+        let bias = rows.qs.iter().map(|q| -Q::OFFSET * q.iter().map(|&v| i32::from(v)).sum::<i32>()).collect();
+        Self { rows, d, bias }
+    }
+}
+
+/// Weight rows `cols` times activation rows `r..r + R`, each summed per block as
+/// [`super::scalar::block_dot`] sums it, passed to `put` a row at a time: each lane of a
+/// `vpdpbusd` is one weight row's four elements, the activations' four bytes broadcast to all.
+///
+/// # Safety
+/// The CPU must support AVX-512 VNNI ([`super::vnni::available`]).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+pub unsafe fn block_dots<Q: VnniQuants, const R: usize>(
+    w: &BlockPanelRows<Q>,
+    cols: std::ops::Range<usize>,
+    acts: &BlockPanelActs,
+    r: usize,
+    mut put: impl FnMut(usize, [f64; R]),
+) {
+    let nb = w.per_row;
+    assert!(acts.rows.per_row() == nb && (r + R) * nb <= acts.d.len() && cols.end <= w.rows);
+    let m4 = _mm512_set1_epi8(0x0f);
+    for p in cols.start / BLOCK_PANEL..cols.end.div_ceil(BLOCK_PANEL) {
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..nb {
+            let at = (p * nb + b) * BLOCK_PANEL;
+            // SAFETY: the panel's block holds 16 rows' 16 bytes at `at * 16`, and 16 scales at `at`.
+            let (v, dw): ([__m512i; 4], __m512) = unsafe {
+                let q = w.qs.as_ptr().add(at * QK / 2);
+                (
+                    std::array::from_fn(|v| _mm512_loadu_si512(q.add(64 * v).cast())),
+                    _mm512_cvtph_ps(_mm256_loadu_si256(w.d.as_ptr().add(at).cast())),
+                )
+            };
+            let lo = v.map(|v| _mm512_and_si512(v, m4));
+            let hi = v.map(|v| _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4));
+            for (k, acc) in acc.iter_mut().enumerate() {
+                let xb = (r + k) * nb + b;
+                let x = acts.rows.qs[xb].as_ptr();
+                let mut ints = _mm512_set1_epi32(acts.bias[xb]);
+                for v in 0..4 {
+                    // SAFETY: bytes 4v.. and 16 + 4v.. of the block's 32; unaligned reads.
+                    let (xl, xh) = unsafe {
+                        (x.add(4 * v).cast::<i32>().read_unaligned(), x.add(16 + 4 * v).cast::<i32>().read_unaligned())
+                    };
+                    ints = _mm512_dpbusd_epi32(ints, lo[v], _mm512_set1_epi32(xl));
+                    ints = _mm512_dpbusd_epi32(ints, hi[v], _mm512_set1_epi32(xh));
+                }
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints), _mm512_mul_ps(dw, _mm512_set1_ps(acts.d[xb])), *acc);
+            }
+        }
+        let sums: [[f32; BLOCK_PANEL]; R] = std::array::from_fn(|k| {
+            let mut out = [0f32; BLOCK_PANEL];
+            // SAFETY: 16 floats; unaligned store.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc[k]) };
+            out
+        });
+        for col in (p * BLOCK_PANEL).max(cols.start)..((p + 1) * BLOCK_PANEL).min(cols.end) {
+            put(col, std::array::from_fn(|k| f64::from(sums[k][col % BLOCK_PANEL])));
+        }
+    }
+}

@@ -27,6 +27,9 @@ pub trait Quants: Copy + Send + Sync + 'static {
     fn int_dot(&self, x: &[i8; QK]) -> i32;
     /// Element `e`'s quant (before scale and offset).
     fn quant(&self, e: usize) -> i32;
+    /// Whether llama.cpp's x86 builds (AVX2 and up) repack matrices of this format whose row
+    /// count is a multiple of 8 into GEMM tiles that sum per block ([`block_dot`]).
+    const REPACKED: bool = false;
 }
 
 /// Q4_0: weights `d * (q - 8)`; element `j` is the low nibble of byte `j`, `j + 16` the high.
@@ -58,6 +61,7 @@ fn nibble_dot(qs: &[u8; QK / 2], x: &[i8; QK], bias: i32) -> i32 {
 impl Quants for Q4_0 {
     const GGUF_BYTES: usize = 18;
     const HAS_MIN: bool = false;
+    const REPACKED: bool = true;
     fn from_gguf(bytes: &[u8]) -> Self {
         Self(bytes[2..18].try_into().expect("18-byte block"))
     }
@@ -219,6 +223,16 @@ pub fn lane_dot<Q: Quants>(w: &WeightRow<'_, Q>, x: &ActRow<'_>) -> f32 {
         }
     }
     hsum8(acc) + offsets
+}
+
+/// A row's dot product summed as llama.cpp's repacked kernels (`ggml_gemm_q4_0_8x8_q8_0` and
+/// its GEMV) do, in f32: per block, the exact integer dot product, converted and added with a
+/// fused multiply-add by `d_w * d_x`.
+pub fn block_dot<Q: Quants>(w: &WeightRow<'_, Q>, x: &ActRow<'_>) -> f32 {
+    debug_assert!(!Q::HAS_MIN);
+    (0..w.qs.len()).fold(0f32, |acc, b| {
+        (w.qs[b].int_dot(&x.qs[b]) as f32).mul_add(w.d[b].to_f32() * x.d[b] as f32, acc)
+    })
 }
 
 /// llama.cpp's horizontal sum of eight lanes: lane `i` plus lane `i + 4`, then those in pairs.

@@ -2,7 +2,7 @@ use half::f16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::scalar::{ActRows, Q4_0, Q4_1, Q8_0, QK, WeightRows};
+use super::scalar::{ActRows, Q4_0, Q4_1, Q8_0, QK, Quants, WeightRows};
 use super::*;
 use candle_core::Module;
 use candle_core::quantized::{QMatMul, QTensor};
@@ -239,13 +239,14 @@ fn matrices_agree_with_candle_for_every_format() {
 #[test]
 fn every_kernel_matches_the_portable_one_on_rows_with_tails() {
     let pool = ComputePool::new(2).unwrap();
-    for inp in [7 * QK, 19 * QK] {
-        let w = random_matrix(37, inp, 8);
+    // 40 rows: Q4_0 sums per block (llama.cpp repacks it), in a panel the rows do not fill.
+    for (out, inp) in [(37, 7 * QK), (37, 19 * QK), (40, 19 * QK)] {
+        let w = random_matrix(out, inp, 8);
         let x = random_matrix(70, inp, 9);
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let bytes = gguf_bytes(&w, dtype);
             let forward = |k: Kernels, sums| {
-                let m = QuantMatrix::from_gguf(dtype, &bytes, [37, inp], k, sums).unwrap();
+                let m = QuantMatrix::from_gguf(dtype, &bytes, [out, inp], k, sums).unwrap();
                 m.forward(&x, &pool, DType::F64).unwrap().to_vec2::<f64>().unwrap()
             };
             let reference = forward(Kernels::Portable, Sums::Exact);
@@ -288,6 +289,41 @@ fn split_partial_sums_add_up_to_the_whole() {
         for r in 0..2 {
             for c in 0..out {
                 assert_eq!((a[r][c] + b[r][c]) as f32, y[r][c] as f32, "{dtype:?} [{r},{c}]");
+            }
+        }
+    }
+}
+
+/// Q4_0 matrices whose row count is a multiple of 8 sum per block, as llama.cpp's repacked
+/// kernels do; others in lanes, as its `vec_dot`.
+#[test]
+fn q4_0_sums_per_block_where_llama_cpp_repacks() {
+    let pool = ComputePool::new(1).unwrap();
+    let inp = 9 * QK;
+    let x = random_matrix(5, inp, 11);
+    let mut acts = ActRows::zeros(5, 9);
+    Kernels::Portable.quantize(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &mut acts.qs, &mut acts.d, &mut acts.s);
+    for (out, repacked) in [(16, true), (13, false)] {
+        let bytes = gguf_bytes(&random_matrix(out, inp, 10), GgmlDType::Q4_0);
+        let rows = WeightRows::<Q4_0>::from_gguf(&bytes, 9).unwrap();
+        let got = QuantMatrix::from_gguf(GgmlDType::Q4_0, &bytes, [out, inp], Kernels::Portable, Sums::Llama)
+            .unwrap()
+            .forward(&x, &pool, DType::F32)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (r, got) in got.iter().enumerate() {
+            for (c, &got) in got.iter().enumerate() {
+                let (w, a) = (rows.row(c), acts.row(r));
+                // The plain definition of the per-block order.
+                let mut blocks = 0f32;
+                for b in 0..9 {
+                    let ints: i32 = (0..QK).map(|e| w.qs[b].quant(e) * i32::from(a.qs[b][e])).sum();
+                    blocks = (ints as f32).mul_add(w.d[b].to_f32() * a.d[b] as f32, blocks);
+                }
+                assert_eq!(scalar::block_dot(&w, &a).to_bits(), blocks.to_bits());
+                let want = if repacked { blocks } else { scalar::lane_dot(&w, &a) };
+                assert_eq!(got.to_bits(), want.to_bits(), "{out} rows: [{r}, {c}]");
             }
         }
     }
