@@ -7,6 +7,10 @@
 //! rows are stored in panels of eight, and one 512-bit `vpdpbusd` computes one block's lanes for
 //! two rows of a panel at once, its conversion and multiply-add likewise, with the scales of all
 //! eight rows multiplied in one instruction. Each value is the portable kernel's, bit for bit.
+//!
+//! Where llama.cpp repacks the matrix (Q4_0, [`super::scalar::Quants::REPACKED`]) it sums per
+//! block instead ([`super::scalar::block_dot`]): one f32 step per 32 products. [`block_dots`]
+//! does that with panels of sixteen rows, one per 32-bit lane, the activations broadcast.
 
 use std::arch::x86_64::*;
 
