@@ -328,8 +328,9 @@ impl PanelStep for Q6K {
             // Per quarter, its two groups' scales as 16-bit pairs (sign-extended), and each
             // group's alone in the low half of a lane, for `vpdpwssd`.
             // SAFETY: 32 bytes per pair of groups.
-            let pairs: [__m512i; 4] =
-                std::array::from_fn(|qi| unsafe { _mm512_cvtepi8_epi16(_mm256_loadu_si256(sc.add(2 * PANEL * (4 * n + qi)).cast())) });
+            let pairs: [__m512i; 4] = std::array::from_fn(|qi| unsafe {
+                _mm512_cvtepi8_epi16(_mm256_loadu_si256(sc.add(2 * PANEL * (4 * n + qi)).cast()))
+            });
             let scales: [[__m512i; 2]; 4] =
                 std::array::from_fn(|qi| [_mm512_and_si512(pairs[qi], low16), _mm512_srli_epi32::<16>(pairs[qi])]);
             for g in 0..8 {

@@ -230,9 +230,8 @@ pub fn lane_dot<Q: Quants>(w: &WeightRow<'_, Q>, x: &ActRow<'_>) -> f32 {
 /// fused multiply-add by `d_w * d_x`.
 pub fn block_dot<Q: Quants>(w: &WeightRow<'_, Q>, x: &ActRow<'_>) -> f32 {
     debug_assert!(!Q::HAS_MIN);
-    (0..w.qs.len()).fold(0f32, |acc, b| {
-        (w.qs[b].int_dot(&x.qs[b]) as f32).mul_add(w.d[b].to_f32() * x.d[b] as f32, acc)
-    })
+    (0..w.qs.len())
+        .fold(0f32, |acc, b| (w.qs[b].int_dot(&x.qs[b]) as f32).mul_add(w.d[b].to_f32() * x.d[b] as f32, acc))
 }
 
 /// llama.cpp's horizontal sum of eight lanes: lane `i` plus lane `i + 4`, then those in pairs.

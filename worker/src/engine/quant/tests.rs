@@ -302,7 +302,12 @@ fn q4_0_sums_per_block_where_llama_cpp_repacks() {
     let inp = 9 * QK;
     let x = random_matrix(5, inp, 11);
     let mut acts = ActRows::zeros(5, 9);
-    Kernels::Portable.quantize(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &mut acts.qs, &mut acts.d, &mut acts.s);
+    Kernels::Portable.quantize(
+        &x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        &mut acts.qs,
+        &mut acts.d,
+        &mut acts.s,
+    );
     for (out, repacked) in [(16, true), (13, false)] {
         let bytes = gguf_bytes(&random_matrix(out, inp, 10), GgmlDType::Q4_0);
         let rows = WeightRows::<Q4_0>::from_gguf(&bytes, 9).unwrap();
