@@ -4,6 +4,7 @@
 pub mod config;
 pub mod detok;
 pub mod error;
+pub mod heap;
 pub mod host;
 pub mod llamacpp;
 pub mod model;

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::{ModelConfig, RopeScaling};
 use super::error::Result;
+use super::heap;
 use super::host;
 use super::llamacpp;
 use super::pool::{ComputePool, Results};
@@ -182,8 +183,24 @@ impl ShardCache {
 
     /// Drops every cached token and frees their memory (a preempted sequence waits without it).
     pub fn clear(&mut self) {
+        heap::freed(self.bytes());
         self.layers.iter_mut().for_each(|l| *l = None);
         self.host.iter_mut().for_each(Vec::clear);
+    }
+
+    /// Bytes it holds on the host.
+    fn bytes(&self) -> usize {
+        let tensors = self.layers.iter().flatten().filter(|(k, _)| k.device().is_cpu());
+        let tensor_bytes: usize =
+            tensors.map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum();
+        let host_floats: usize = self.host.iter().flatten().map(|(k, v)| k.capacity() + v.capacity()).sum();
+        tensor_bytes + host_floats * size_of::<f32>()
+    }
+}
+
+impl Drop for ShardCache {
+    fn drop(&mut self) {
+        heap::freed(self.bytes());
     }
 }
 
