@@ -554,6 +554,10 @@ impl Engine {
             return Err(EngineError::InvalidArgument(format!("sequence {done} of the step has already finished")));
         }
         self.reuse_prefixes(seqs);
+        for seq in seqs.iter_mut() {
+            let positions = seq.max_kv_tokens();
+            seq.cache.expect(positions);
+        }
         let pending: Vec<usize> = seqs.iter().map(|s| s.context.len() - s.cache.len()).collect();
         let waits = self.waiting_for_prefixes(seqs, &pending, max_tokens);
         let mut take = vec![0; seqs.len()];

@@ -154,12 +154,25 @@ impl Fused {
 pub struct ShardCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     host: Vec<Vec<(Vec<f32>, Vec<f32>)>>,
+    /// Positions its sequence may come to (0: unknown), so that the host vectors are allocated
+    /// once at their final size instead of doubling: each doubling left the old block behind as
+    /// a hole that the heap reused only in part.
+    expect: usize,
 }
+
+/// Positions reserved at most beyond those a step needs, so that a sequence allowed a long
+/// answer does not hold address space for all of it from the start.
+const RESERVE_AHEAD: usize = 1024;
 
 impl ShardCache {
     /// An empty cache for a model of `layers` layers.
     pub fn new(layers: usize) -> Self {
-        Self { layers: vec![None; layers], host: vec![Vec::new(); layers] }
+        Self { layers: vec![None; layers], host: vec![Vec::new(); layers], expect: 0 }
+    }
+
+    /// Notes that its sequence may come to `positions`.
+    pub fn expect(&mut self, positions: usize) {
+        self.expect = positions;
     }
 
     /// A copy of the first `n` of the `len` positions it holds.
@@ -178,7 +191,7 @@ impl ShardCache {
                 heads.iter().map(|(k, v)| (keep(k), keep(v))).collect()
             })
             .collect();
-        Ok(Self { layers, host })
+        Ok(Self { layers, host, expect: self.expect })
     }
 
     /// Drops every cached token and frees their memory (a preempted sequence waits without it).
@@ -201,6 +214,22 @@ impl ShardCache {
 impl Drop for ShardCache {
     fn drop(&mut self) {
         heap::freed(self.bytes());
+    }
+}
+
+/// Makes room in one head's cache vector for `more` values, `per` values a position: exactly up
+/// to the `expect`ed positions (within [`RESERVE_AHEAD`]) while the sequence stays within them,
+/// else growing by doubling.
+fn reserve(v: &mut Vec<f32>, more: usize, per: usize, expect: usize) {
+    let needed = v.len() + more;
+    if v.capacity() >= needed {
+        return;
+    }
+    let positions = needed.div_ceil(per);
+    if expect >= positions {
+        v.reserve_exact(expect.min(positions + RESERVE_AHEAD) * per - v.len());
+    } else {
+        v.reserve(more);
     }
 }
 
@@ -515,9 +544,12 @@ impl Llama {
                 llamacpp::round_half_any(&mut k[offset * nkv * hd..][..t * nkv * hd]);
                 llamacpp::round_half_any(&mut v[offset * nkv * hd..][..t * nkv * hd]);
             }
+            let expect = seg.cache.expect;
             let heads = &mut seg.cache.host[layer];
             heads.resize_with(nkv, Default::default);
             for (g, (kc, vc)) in heads.iter_mut().enumerate() {
+                reserve(kc, t * hd, hd, expect);
+                reserve(vc, t * hd, hd, expect);
                 for row in offset..offset + t {
                     let at = (row * nkv + g) * hd..(row * nkv + g + 1) * hd;
                     kc.extend_from_slice(&k[at.clone()]);
@@ -780,6 +812,29 @@ fn causal_mask(start: usize, t: usize, device: &Device, dtype: DType) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_vectors_are_sized_once_for_the_expected_positions() {
+        let per = 4;
+        // A prompt of 3 positions in a sequence expected to reach 10: room for all 10 at once.
+        let mut v = Vec::new();
+        reserve(&mut v, 3 * per, per, 10);
+        assert_eq!(v.capacity(), 10 * per);
+        v.resize(3 * per, 0.0);
+        let block = v.as_ptr();
+        for _ in 3..10 {
+            reserve(&mut v, per, per, 10);
+            v.extend([0.0; 4]);
+        }
+        assert_eq!((v.as_ptr(), v.capacity()), (block, 10 * per), "never moved nor grown");
+        // Past the expectation (or with none), it grows by doubling, not one position at a time.
+        reserve(&mut v, per, per, 10);
+        assert!(v.capacity() >= 20 * per, "{}", v.capacity());
+        // A long expectation reserves only so far ahead.
+        let mut long = Vec::new();
+        reserve(&mut long, 2 * per, per, 1 << 20);
+        assert_eq!(long.capacity(), (2 + RESERVE_AHEAD) * per);
+    }
 
     #[test]
     fn swiglu_on_the_pool_gives_candles_bits() {

@@ -38,6 +38,13 @@ impl SeqCache {
         Ok(Self { shards, len: n })
     }
 
+    /// Notes that its sequence may come to `positions`, so that memory for them is set aside once.
+    pub fn expect(&mut self, positions: usize) {
+        for shard in &mut self.shards {
+            shard.expect(positions);
+        }
+    }
+
     /// Drops every cached token.
     pub fn clear(&mut self) {
         for shard in &mut self.shards {
