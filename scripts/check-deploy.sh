@@ -69,7 +69,7 @@ K8S_VERSION, VALIDATOR, SM_SCHEMA = os.environ["K8S_VERSION"], os.environ["VALID
 HERD_IMAGE = "ghcr.io/herd-project/herd"
 UID = 10001
 # Secrets the operator creates; everything else an object refers to must be in the render.
-EXTERNAL_SECRETS = {"herd-tls", "herd-gateway-tls"}
+EXTERNAL_SECRETS = {"herd-tls", "herd-gateway-tls", "herd-cluster-token"}
 
 
 def load(path):
@@ -233,6 +233,10 @@ def policy(render, name):
             for ref in c.get("envFrom", []):
                 if "configMapRef" in ref and ref["configMapRef"]["name"] not in configmaps:
                     errs.append(f"{cname}: envFrom: no ConfigMap {ref['configMapRef']['name']}")
+            for e in c.get("env", []):
+                secret = e.get("valueFrom", {}).get("secretKeyRef", {}).get("name")
+                if secret and secret not in secrets | dict.fromkeys(EXTERNAL_SECRETS):
+                    errs.append(f"{cname}: env {e['name']}: no Secret {secret}")
             if image.startswith(HERD_IMAGE + ":"):
                 herd_containers.append((w, c))
             elif c in pod["containers"] and c["name"] in ("controller", "worker", "gateway"):
@@ -260,6 +264,9 @@ def policy(render, name):
                     errs.append(f"{cname}: {probe} is a gRPC probe, which cannot pass mutual TLS")
         else:
             errs += [f"{cname}: {u} is not http:// without TLS" for u in urls if not u.startswith("http://")]
+            token = any(e["name"] == "HERD_CLUSTER_TOKEN" and "secretKeyRef" in e.get("valueFrom", {}) for e in c.get("env", []))
+            if not token and "--insecure-no-auth" not in args:
+                errs.append(f"{cname}: neither mutual TLS nor HERD_CLUSTER_TOKEN from a Secret: its gRPC calls carry no credential")
         if role == "worker":
             if "HERD_MODEL" not in env and not flag(args, "--model"):
                 errs.append(f"{cname}: no model (HERD_MODEL or --model)")
@@ -335,7 +342,9 @@ def herd_accepts(herd, args, env_names, where):
     helptext = subprocess.run([herd, role, "--help"], capture_output=True, text=True).stdout
     for name in sorted(env_names):
         # HERD_LOG is read by the log filter, not by a flag.
-        if name.startswith("HERD_") and name != "HERD_LOG" and f"[env: {name}=" not in helptext:
+        # A secret's value is hidden in help: `[env: NAME]` rather than `[env: NAME=value]`.
+        known = f"[env: {name}=" in helptext or f"[env: {name}]" in helptext
+        if name.startswith("HERD_") and name != "HERD_LOG" and not known:
             errs.append(f"{where}: herd {role} reads no {name}")
     return errs
 

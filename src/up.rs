@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use herd_controller::{ControllerArgs, StoreKind};
+use herd_ops::ClusterToken;
 use herd_proto::v1 as pb;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
@@ -99,9 +100,17 @@ fn worker_devices(devices: &[String], tp: usize, workers: usize) -> anyhow::Resu
     }
 }
 
-fn spawn_worker(args: &UpArgs, controller: &str, threads: usize, index: usize, devices: &str) -> anyhow::Result<Child> {
+fn spawn_worker(
+    args: &UpArgs,
+    (controller, token): (&str, &ClusterToken),
+    threads: usize,
+    index: usize,
+    devices: &str,
+) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("locating the herd binary")?;
     let mut cmd = Command::new(exe);
+    // The token goes in the environment, which only this user can read, not on the command line.
+    cmd.env(herd_ops::auth::TOKEN_ENV, token.secret()).env_remove("HERD_CLUSTER_TOKEN_FILE");
     cmd.arg("worker")
         .arg("--model")
         .arg(&args.model)
@@ -144,8 +153,13 @@ fn spawn_worker(args: &UpArgs, controller: &str, threads: usize, index: usize, d
 }
 
 /// Waits until `n` workers are registered, failing if a worker process exits first.
-async fn wait_for_workers(controller: &str, n: usize, children: &mut [Child]) -> anyhow::Result<()> {
-    let mut client = pb::controller_client::ControllerClient::connect(controller.to_string()).await?;
+async fn wait_for_workers(
+    (controller, token): (&str, &ClusterToken),
+    n: usize,
+    children: &mut [Child],
+) -> anyhow::Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(controller.to_string())?.connect().await?;
+    let mut client = pb::controller_client::ControllerClient::new(herd_ops::auth::present(channel, Some(token)));
     loop {
         for (i, child) in children.iter_mut().enumerate() {
             if let Some(status) = child.try_wait()? {
@@ -176,6 +190,8 @@ pub async fn run(args: UpArgs, mut stop: Pin<Box<dyn Future<Output = ()> + Send>
     };
     // A bad key file must stop `herd up` before it loads any model.
     with_keys(herd_gateway::GatewayArgs::new(Vec::new(), String::new())).auth()?;
+    // Every gRPC call between the roles carries this run's token.
+    let token = ClusterToken::generate();
     let controller_listener = TcpListener::bind("127.0.0.1:0").await.context("binding the controller")?;
     let controller = format!("http://{}", controller_listener.local_addr()?);
     let (stop_controller, controller_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -191,24 +207,27 @@ pub async fn run(args: UpArgs, mut stop: Pin<Box<dyn Future<Output = ()> + Send>
         etcd_cert: None,
         etcd_key: None,
         tls: Default::default(),
+        auth: Default::default(),
         metrics: Default::default(),
     })
     .await?;
-    let controller_task =
-        tokio::spawn(herd_controller::serve_store(controller_listener, store, Default::default(), async {
-            let _ = controller_stopped.await;
-        }));
+    let exposure = herd_controller::Exposure { token: Some(token.clone()), ..Default::default() };
+    let controller_task = tokio::spawn(herd_controller::serve_store(controller_listener, store, exposure, async {
+        let _ = controller_stopped.await;
+    }));
 
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let threads = (cores / args.workers).max(1);
     let mut children = (0..args.workers)
-        .map(|i| spawn_worker(&args, &controller, threads, i, &devices[i]))
+        .map(|i| spawn_worker(&args, (&controller, &token), threads, i, &devices[i]))
         .collect::<anyhow::Result<Vec<_>>>()?;
 
     let bind = format!("{}:{}", args.host, args.port);
     let gateway_listener = TcpListener::bind(&bind).await.with_context(|| format!("--port: cannot bind {bind}"))?;
     let gateway_addr = gateway_listener.local_addr()?;
-    let gateway_args = with_keys(herd_gateway::GatewayArgs::new(vec![controller.clone()], gateway_addr.to_string()));
+    let mut gateway_args =
+        with_keys(herd_gateway::GatewayArgs::new(vec![controller.clone()], gateway_addr.to_string()));
+    gateway_args.cluster_token.given = Some(token.clone());
     let (stop_gateway, gateway_stopped) = tokio::sync::oneshot::channel::<()>();
     let gateway_task = tokio::spawn(herd_gateway::serve(gateway_listener, gateway_args, async {
         let _ = gateway_stopped.await;
@@ -217,7 +236,7 @@ pub async fn run(args: UpArgs, mut stop: Pin<Box<dyn Future<Output = ()> + Send>
     eprintln!("herd up: loading {} worker(s) of {} …", args.workers, args.model.display());
     // Ok(false): stopped by the user before the workers were ready, which is no error.
     let ready = tokio::select! {
-        r = wait_for_workers(&controller, args.workers, &mut children) => r.map(|()| true),
+        r = wait_for_workers((&controller, &token), args.workers, &mut children) => r.map(|()| true),
         _ = &mut stop => Ok(false),
     };
     if matches!(ready, Ok(true)) {

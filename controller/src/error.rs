@@ -11,9 +11,15 @@ pub enum ControllerError {
     /// Heartbeat or deregister named a worker the registry does not hold (never registered, or expired).
     #[error("unknown worker {0:?}: register again")]
     UnknownWorker(String),
-    /// A live worker already holds this id (etcd store).
+    /// A live worker already holds this id.
     #[error("worker id {0:?} is already registered by a live worker; pick another --worker-id or wait for its TTL")]
     DuplicateWorker(String),
+    /// A heartbeat or deregistration for a live worker without that registration's lease: it
+    /// comes from someone else.
+    #[error(
+        "worker {0:?} is registered under another lease; only the worker that registered it may heartbeat or deregister it"
+    )]
+    WrongLease(String),
     /// No registered worker serves the requested model.
     #[error("no worker serves model {0:?}")]
     NoWorkerForModel(String),
@@ -51,6 +57,7 @@ impl From<ControllerError> for Status {
         let code = match &err {
             ControllerError::InvalidRecord(_) => Code::InvalidArgument,
             ControllerError::DuplicateWorker(_) => Code::AlreadyExists,
+            ControllerError::WrongLease(_) => Code::PermissionDenied,
             // Workers react to NotFound on Heartbeat by registering again.
             ControllerError::UnknownWorker(_) | ControllerError::NoWorkerForModel(_) => Code::NotFound,
             // Unavailable tells watchers to reconnect, which is what both store trouble and lag need.
@@ -73,6 +80,8 @@ mod tests {
     fn codes() {
         assert_eq!(Status::from(ControllerError::InvalidRecord("x".into())).code(), Code::InvalidArgument);
         assert_eq!(Status::from(ControllerError::UnknownWorker("w".into())).code(), Code::NotFound);
+        assert_eq!(Status::from(ControllerError::DuplicateWorker("w".into())).code(), Code::AlreadyExists);
+        assert_eq!(Status::from(ControllerError::WrongLease("w".into())).code(), Code::PermissionDenied);
         let status = Status::from(ControllerError::NoWorkerForModel("vicuna-7b".into()));
         assert_eq!(status.code(), Code::NotFound);
         assert!(status.message().contains("vicuna-7b"), "{}", status.message());

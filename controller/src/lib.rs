@@ -14,15 +14,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, TryStreamExt};
-use herd_ops::{AbortOnDrop, ClusterTls, Health, MetricsArgs, TlsArgs};
+use herd_ops::{AbortOnDrop, AuthArgs, ClusterTls, ClusterToken, Health, MetricsArgs, RequireToken, TlsArgs};
 use herd_proto::v1::controller_server::ControllerServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::server::NamedService;
+use tonic::service::interceptor::InterceptedService;
 
 pub use error::ControllerError;
 use metrics::ControllerMetrics;
-pub use registry::{ChangeStream, EtcdOptions, EtcdStore, EtcdTls, MemoryStore, Store, StoreStats, WorkerChange};
+pub use registry::{
+    ChangeStream, EtcdOptions, EtcdStore, EtcdTls, Lease, MemoryStore, Store, StoreStats, WorkerChange,
+};
 pub use service::ControllerService;
 
 /// Which registry store backs the controller.
@@ -71,6 +74,9 @@ pub struct ControllerArgs {
     /// Mutual TLS with workers and gateways.
     #[command(flatten)]
     pub tls: TlsArgs,
+    /// The cluster token callers must present.
+    #[command(flatten)]
+    pub auth: AuthArgs,
     /// The metrics endpoint.
     #[command(flatten)]
     pub metrics: MetricsArgs,
@@ -81,6 +87,8 @@ pub struct ControllerArgs {
 pub struct Exposure {
     /// Mutual TLS on the gRPC listener.
     pub tls: Option<ClusterTls>,
+    /// The token every gRPC call must carry (`None`: no token is checked).
+    pub token: Option<ClusterToken>,
     /// Where `/metrics`, `/health` and `/ready` are served.
     pub metrics: MetricsArgs,
 }
@@ -197,7 +205,7 @@ pub async fn serve_store(
     }
     server
         .add_service(health_service)
-        .add_service(ControllerServer::new(service))
+        .add_service(InterceptedService::new(ControllerServer::new(service), RequireToken(exposure.token)))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
@@ -210,11 +218,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControllerError> {
     check_heartbeat_ttl(args.heartbeat_ttl)?;
-    let exposure = Exposure { tls: args.tls.load()?, metrics: args.metrics.clone() };
-    let store = open_store(&args).await?;
+    let tls = args.tls.load()?;
     let bind_error = |source| ControllerError::Bind { addr: args.listen.clone(), source };
     let listener = TcpListener::bind(&args.listen).await.map_err(bind_error)?;
     let local_addr = listener.local_addr().map_err(bind_error)?;
+    let token = args.auth.for_server(local_addr, tls.is_some())?;
+    let exposure = Exposure { tls, token, metrics: args.metrics.clone() };
+    let store = open_store(&args).await?;
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "herd controller listening on {local_addr}")
         .and_then(|()| stdout.flush())
@@ -224,6 +234,8 @@ pub async fn run(
         listen = %local_addr,
         store = ?args.store,
         heartbeat_ttl = %humantime::format_duration(args.heartbeat_ttl),
+        cluster_token = exposure.token.is_some(),
+        mutual_tls = exposure.tls.is_some(),
         "controller started"
     );
     serve_store(listener, store, exposure, shutdown).await
@@ -317,7 +329,10 @@ mod tests {
         let first = tokio::time::timeout(PATIENCE, watch.next()).await.unwrap().unwrap().unwrap();
         assert!(matches!(first.event, Some(Event::Snapshot(ref s)) if s.workers == vec![state.clone()]), "{first:?}");
 
-        let err = client.heartbeat(HeartbeatRequest { worker_id: "ghost".into(), load: None }).await.unwrap_err();
+        let err = client
+            .heartbeat(HeartbeatRequest { worker_id: "ghost".into(), load: None, lease: "x".into() })
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Code::NotFound);
 
         stop_tx.send(()).unwrap();

@@ -14,6 +14,9 @@ use std::time::Duration;
 
 use futures::Stream;
 use herd_proto::v1::{WorkerLoad, WorkerState};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::error::ControllerError;
@@ -25,6 +28,44 @@ pub enum WorkerChange {
     Upsert(WorkerState),
     /// A worker deregistered or expired; carries its id.
     Removed(String),
+}
+
+/// A registration's lease as stores keep it: the SHA-256 of the secret only its worker holds, so
+/// that a store's contents cannot be replayed as a lease.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Lease([u8; 32]);
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Lease(..)")
+    }
+}
+
+impl Lease {
+    /// A fresh lease: the secret to give the registering worker (256 random bits, hex), and the
+    /// lease to store.
+    pub fn issue() -> (String, Lease) {
+        let mut bytes = [0u8; 32];
+        rand::rng().fill_bytes(&mut bytes);
+        let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let lease = Lease::of(&secret);
+        (secret, lease)
+    }
+
+    /// The lease a presented secret stands for.
+    pub fn of(secret: &str) -> Lease {
+        Lease(Sha256::digest(secret.as_bytes()).into())
+    }
+
+    /// Whether two leases are the same, in time independent of where they differ.
+    pub fn matches(&self, other: &Lease) -> bool {
+        bool::from(self.0.ct_eq(&other.0))
+    }
+
+    /// Its bytes, as a store writes them.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 /// What a store counted since it started.
@@ -46,18 +87,19 @@ pub trait Store: Send + Sync + 'static {
     /// How long a record lives without a heartbeat (workers are told this when they register).
     fn ttl(&self) -> Duration;
 
-    /// Creates the record for `state.info.worker_id`, starts its TTL afresh, and emits an upsert.
-    /// The memory store replaces a live record of the same id; the etcd store refuses it
-    /// (`DuplicateWorker`), since two workers may then be claiming one id.
-    async fn register(&self, state: WorkerState) -> Result<(), ControllerError>;
+    /// Creates the record for `state.info.worker_id` under `lease`, starts its TTL, and emits an
+    /// upsert; `DuplicateWorker` while a live record holds the id (two workers would then be
+    /// claiming one id, or someone is trying to take a worker's traffic).
+    async fn register(&self, state: WorkerState, lease: Lease) -> Result<(), ControllerError>;
 
     /// Refreshes a worker's TTL and records its load, emitting an upsert (gateways route on load);
-    /// `UnknownWorker` when the worker is not registered or has already expired.
-    async fn heartbeat(&self, worker_id: &str, load: WorkerLoad) -> Result<(), ControllerError>;
+    /// `UnknownWorker` when the worker is not registered or has already expired, `WrongLease`
+    /// when `lease` is not its registration's.
+    async fn heartbeat(&self, worker_id: &str, lease: &Lease, load: WorkerLoad) -> Result<(), ControllerError>;
 
     /// Removes a worker's record, emitting a removal, and returns the record it removed;
-    /// `UnknownWorker` when there was none.
-    async fn deregister(&self, worker_id: &str) -> Result<WorkerState, ControllerError>;
+    /// `UnknownWorker` when there was none, `WrongLease` when `lease` is not its registration's.
+    async fn deregister(&self, worker_id: &str, lease: &Lease) -> Result<WorkerState, ControllerError>;
 
     /// Every live record, ordered by worker id.
     async fn list(&self) -> Result<Vec<WorkerState>, ControllerError>;

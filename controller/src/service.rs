@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::ControllerError;
 use crate::metrics::ControllerMetrics;
-use crate::registry::{ChangeStream, Store, WorkerChange};
+use crate::registry::{ChangeStream, Lease, Store, WorkerChange};
 
 /// The stream `WatchWorkers` answers with: a snapshot, then one event per change.
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WorkerEvent, Status>> + Send>>;
@@ -74,11 +74,17 @@ fn validate_info(info: Option<WorkerInfo>) -> Result<WorkerInfo, ControllerError
     Ok(info)
 }
 
-fn require_worker_id(worker_id: &str) -> Result<(), ControllerError> {
+/// Checks the id and lease a heartbeat or deregistration names; returns the lease.
+fn require_lease(worker_id: &str, lease: &str) -> Result<Lease, ControllerError> {
     if worker_id.trim().is_empty() {
         return Err(ControllerError::InvalidRecord("worker_id is empty".into()));
     }
-    Ok(())
+    if lease.is_empty() {
+        return Err(ControllerError::InvalidRecord(format!(
+            "worker {worker_id:?}: lease is empty (send the one RegisterWorker returned)"
+        )));
+    }
+    Ok(Lease::of(lease))
 }
 
 fn serves(state: &WorkerState, model: &str) -> bool {
@@ -159,7 +165,8 @@ impl Controller for ControllerService {
         let request = request.into_inner();
         let info = validate_info(request.info)?;
         let state = WorkerState { info: Some(info.clone()), load: Some(request.load.unwrap_or_default()) };
-        let registered = self.store.register(state).await;
+        let (secret, lease) = Lease::issue();
+        let registered = self.store.register(state, lease).await;
         self.metrics.registrations.with_label_values(&[if registered.is_ok() { "ok" } else { "error" }]).inc();
         registered?;
         tracing::info!(
@@ -171,16 +178,17 @@ impl Controller for ControllerService {
             "worker registered"
         );
         let heartbeat_ttl_ms = ttl_ms(self.store.ttl());
-        Ok(Response::new(RegisterWorkerResponse { heartbeat_ttl_ms }))
+        Ok(Response::new(RegisterWorkerResponse { heartbeat_ttl_ms, lease: secret }))
     }
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
         let request = request.into_inner();
-        require_worker_id(&request.worker_id)?;
-        let beat = self.store.heartbeat(&request.worker_id, request.load.unwrap_or_default()).await;
+        let lease = require_lease(&request.worker_id, &request.lease)?;
+        let beat = self.store.heartbeat(&request.worker_id, &lease, request.load.unwrap_or_default()).await;
         let result = match &beat {
             Ok(()) => "ok",
             Err(ControllerError::UnknownWorker(_)) => "unknown",
+            Err(ControllerError::WrongLease(_)) => "refused",
             Err(_) => "error",
         };
         self.metrics.heartbeats.with_label_values(&[result]).inc();
@@ -190,8 +198,12 @@ impl Controller for ControllerService {
 
     async fn deregister(&self, request: Request<DeregisterRequest>) -> Result<Response<DeregisterResponse>, Status> {
         let request = request.into_inner();
-        require_worker_id(&request.worker_id)?;
-        let removed = self.store.deregister(&request.worker_id).await?;
+        let lease = require_lease(&request.worker_id, &request.lease)?;
+        let removed = self.store.deregister(&request.worker_id, &lease).await.inspect_err(|e| {
+            if matches!(e, ControllerError::WrongLease(_)) {
+                tracing::warn!(worker_id = %request.worker_id, "refused a deregistration without the worker's lease");
+            }
+        })?;
         self.metrics.deregistrations.inc();
         let info = removed.info.unwrap_or_default();
         tracing::info!(worker_id = %info.worker_id, address = %info.address, models = ?info.models, "worker deregistered");
@@ -261,9 +273,12 @@ mod tests {
         ControllerService::new(Arc::new(MemoryStore::new(Duration::from_secs(10))))
     }
 
-    async fn register(service: &ControllerService, state: WorkerState) {
+    /// Registers `state`; returns its lease.
+    async fn register(service: &ControllerService, state: WorkerState) -> String {
         let request = RegisterWorkerRequest { info: state.info, load: state.load };
-        service.register_worker(Request::new(request)).await.unwrap();
+        let lease = service.register_worker(Request::new(request)).await.unwrap().into_inner().lease;
+        assert_eq!(lease.len(), 64, "256 bits, hex");
+        lease
     }
 
     fn with_load(mut state: WorkerState, running: u32, waiting: u32) -> WorkerState {
@@ -305,18 +320,50 @@ mod tests {
         }
         let err = service.heartbeat(Request::new(HeartbeatRequest::default())).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
+        register(&service, worker("w1", &["m"])).await;
+        let no_lease = HeartbeatRequest { worker_id: "w1".into(), ..Default::default() };
+        let err = service.heartbeat(Request::new(no_lease)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains("lease"), "{}", err.message());
+    }
+
+    #[tokio::test]
+    async fn a_live_worker_cannot_be_hijacked() {
+        let service = service();
+        let lease = register(&service, worker("w1", &["m"])).await;
+        // Registering the live id again, with another address: refused, and the record stays.
+        let mut forged = worker("w1", &["m"]);
+        forged.info.as_mut().unwrap().address = "http://10.0.0.66:7001".into();
+        let request = RegisterWorkerRequest { info: forged.info, load: None };
+        let err = service.register_worker(Request::new(request)).await.unwrap_err();
+        assert_eq!(err.code(), Code::AlreadyExists, "{}", err.message());
+        // Someone else's heartbeat (with a huge load, to steer traffic) and deregistration.
+        for wrong in ["0".repeat(64), lease.to_uppercase()] {
+            let beat =
+                HeartbeatRequest { worker_id: "w1".into(), load: Some(load(0, 1_000_000)), lease: wrong.clone() };
+            assert_eq!(service.heartbeat(Request::new(beat)).await.unwrap_err().code(), Code::PermissionDenied);
+            let leave = DeregisterRequest { worker_id: "w1".into(), lease: wrong };
+            assert_eq!(service.deregister(Request::new(leave)).await.unwrap_err().code(), Code::PermissionDenied);
+        }
+        let listed = service.list_workers(Request::new(ListWorkersRequest::default())).await.unwrap().into_inner();
+        assert_eq!(listed.workers, vec![worker("w1", &["m"])]);
+        // The worker's own lease still works.
+        let beat = HeartbeatRequest { worker_id: "w1".into(), load: Some(load(1, 0)), lease: lease.clone() };
+        service.heartbeat(Request::new(beat)).await.unwrap();
+        service.deregister(Request::new(DeregisterRequest { worker_id: "w1".into(), lease })).await.unwrap();
     }
 
     #[tokio::test]
     async fn heartbeat_and_deregister_of_unknown_worker_are_not_found() {
         let service = service();
-        let request = HeartbeatRequest { worker_id: "ghost".into(), load: Some(load(1, 0)) };
+        let request = HeartbeatRequest { worker_id: "ghost".into(), load: Some(load(1, 0)), lease: "x".into() };
         let err = service.heartbeat(Request::new(request)).await.unwrap_err();
         assert_eq!(err.code(), Code::NotFound);
         assert!(err.message().contains("ghost"), "{}", err.message());
 
-        register(&service, worker("w1", &["m"])).await;
-        let deregister = || service.deregister(Request::new(DeregisterRequest { worker_id: "w1".into() }));
+        let lease = register(&service, worker("w1", &["m"])).await;
+        let deregister =
+            || service.deregister(Request::new(DeregisterRequest { worker_id: "w1".into(), lease: lease.clone() }));
         deregister().await.unwrap();
         assert_eq!(deregister().await.unwrap_err().code(), Code::NotFound);
     }
@@ -395,7 +442,7 @@ mod tests {
             ControllerService::new(Arc::new(MemoryStore::new(Duration::from_secs(10)))).end_watches_on(async move {
                 let _ = stop_rx.await;
             });
-        register(&service, worker("w1", &["m"])).await;
+        let lease = register(&service, worker("w1", &["m"])).await;
         let mut stream = service.watch_workers(Request::new(WatchWorkersRequest {})).await.unwrap().into_inner();
         match next_event(&mut stream).await.unwrap() {
             Event::Snapshot(snapshot) => assert_eq!(snapshot.workers, vec![worker("w1", &["m"])]),
@@ -403,11 +450,15 @@ mod tests {
         }
 
         service
-            .heartbeat(Request::new(HeartbeatRequest { worker_id: "w1".into(), load: Some(load(2, 3)) }))
+            .heartbeat(Request::new(HeartbeatRequest {
+                worker_id: "w1".into(),
+                load: Some(load(2, 3)),
+                lease: lease.clone(),
+            }))
             .await
             .unwrap();
         register(&service, worker("w2", &["m"])).await;
-        service.deregister(Request::new(DeregisterRequest { worker_id: "w1".into() })).await.unwrap();
+        service.deregister(Request::new(DeregisterRequest { worker_id: "w1".into(), lease })).await.unwrap();
 
         assert_eq!(next_event(&mut stream).await.unwrap(), Event::Upsert(with_load(worker("w1", &["m"]), 2, 3)));
         assert_eq!(next_event(&mut stream).await.unwrap(), Event::Upsert(worker("w2", &["m"])));

@@ -2,6 +2,13 @@
 
 use herd_proto::v1::{WorkerInfo, WorkerLoad, WorkerState};
 
+use crate::registry::Lease;
+
+/// The lease the unit tests register and heartbeat with.
+pub fn lease() -> Lease {
+    Lease::of("the test worker's lease")
+}
+
 /// A worker record as a worker would register it, with zero load.
 pub fn worker(id: &str, models: &[&str]) -> WorkerState {
     WorkerState {

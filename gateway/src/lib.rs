@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::{get, post};
-use herd_ops::{AbortOnDrop, TlsArgs};
+use herd_ops::{AbortOnDrop, TlsArgs, TokenArgs};
 use tokio::net::TcpListener;
 use tracing::info;
 
@@ -75,6 +75,9 @@ pub struct GatewayArgs {
     /// Mutual TLS towards the controller and workers.
     #[command(flatten)]
     pub tls: TlsArgs,
+    /// The cluster token its calls to the controller and workers carry.
+    #[command(flatten)]
+    pub cluster_token: TokenArgs,
 }
 
 impl GatewayArgs {
@@ -93,6 +96,7 @@ impl GatewayArgs {
             http_tls_cert: None,
             http_tls_key: None,
             tls: TlsArgs::default(),
+            cluster_token: TokenArgs::default(),
         }
     }
 
@@ -215,7 +219,8 @@ pub async fn serve(
         (Some(cert), Some(key)) => Some(https::config(cert, key)?),
         _ => None,
     };
-    let table = Arc::new(WorkerTable::with_tls(tls));
+    let token = args.cluster_token.load().map_err(|e| GatewayError::Config(e.to_string()))?;
+    let table = Arc::new(WorkerTable::with_credentials(tls, token));
     let _watcher = AbortOnDrop(tokio::spawn(watch::watch_controllers(args.controller.clone(), table.clone())));
     let api_keys = auth.as_ref().map_or(0, |a| a.keys.len());
     let addr = listener.local_addr().ok();

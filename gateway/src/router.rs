@@ -5,10 +5,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use herd_ops::ClusterTls;
+use herd_ops::{AuthChannel, ClusterTls, ClusterToken};
 use herd_proto::v1::{WorkerEvent, WorkerState, worker_event};
 use rand::Rng;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tracing::{debug, warn};
 
 /// How long dialing a worker or controller may take before the call fails over.
@@ -53,8 +53,8 @@ pub struct Picked {
     pub worker_id: String,
     /// Its gRPC address.
     pub address: String,
-    /// A lazily connected channel to it (shared by all calls).
-    pub channel: Channel,
+    /// A lazily connected channel to it (shared by all calls), carrying the cluster token.
+    pub channel: AuthChannel,
     /// Counts this call in the worker's in-flight total.
     pub guard: InflightGuard,
 }
@@ -107,7 +107,7 @@ pub enum Lookup {
 struct Entry {
     state: WorkerState,
     address: String,
-    channel: Channel,
+    channel: AuthChannel,
     inflight: Arc<AtomicUsize>,
     down_until: Option<Instant>,
     /// Set while the worker is missing from the latest snapshot: dropped after this instant.
@@ -122,11 +122,11 @@ struct Entry {
 }
 
 impl Entry {
-    fn new(state: WorkerState, tls: Option<&ClusterTls>) -> Option<Entry> {
+    fn new(state: WorkerState, (tls, token): (Option<&ClusterTls>, Option<&ClusterToken>)) -> Option<Entry> {
         let info = state.info.as_ref()?;
         let address = info.address.clone();
         let channel = match endpoint(&address, tls) {
-            Ok(endpoint) => endpoint.connect_lazy(),
+            Ok(endpoint) => herd_ops::auth::present(endpoint.connect_lazy(), token),
             Err(err) => {
                 warn!(worker = %info.worker_id, %address, error = %err, "ignoring worker with an invalid address");
                 return None;
@@ -204,6 +204,7 @@ struct Inner {
 pub struct WorkerTable {
     inner: Mutex<Inner>,
     tls: Option<ClusterTls>,
+    token: Option<ClusterToken>,
 }
 
 /// Seconds since the epoch, for OpenAI's `created` fields.
@@ -222,14 +223,19 @@ impl WorkerTable {
         Self::default()
     }
 
-    /// An empty table whose channels to workers use the cluster's mutual TLS.
-    pub fn with_tls(tls: Option<ClusterTls>) -> Self {
-        Self { tls, ..Self::default() }
+    /// An empty table whose channels to workers use the cluster's mutual TLS and carry its token.
+    pub fn with_credentials(tls: Option<ClusterTls>, token: Option<ClusterToken>) -> Self {
+        Self { tls, token, ..Self::default() }
     }
 
     /// The cluster TLS settings channels are made with.
     pub fn tls(&self) -> Option<&ClusterTls> {
         self.tls.as_ref()
+    }
+
+    /// The cluster token calls carry.
+    pub fn token(&self) -> Option<&ClusterToken> {
+        self.token.as_ref()
     }
 
     /// Locks the table, first dropping workers that stayed missing from a snapshot past their deadline.
@@ -285,7 +291,7 @@ impl WorkerTable {
                     inner.workers.insert(id, entry);
                 }
                 None => {
-                    if let Some(entry) = Entry::new(state, self.tls.as_ref()) {
+                    if let Some(entry) = Entry::new(state, (self.tls.as_ref(), self.token.as_ref())) {
                         inner.workers.insert(id, entry);
                     }
                 }
@@ -313,7 +319,7 @@ impl WorkerTable {
         match inner.workers.get_mut(&id) {
             Some(entry) if entry.address == address => entry.refresh(state),
             _ => {
-                if let Some(entry) = Entry::new(state, self.tls.as_ref()) {
+                if let Some(entry) = Entry::new(state, (self.tls.as_ref(), self.token.as_ref())) {
                     debug!(worker = %id, %address, "worker added");
                     inner.workers.insert(id, entry);
                 }

@@ -84,7 +84,7 @@ async fn watch_once(url: &str, table: &WorkerTable) -> (bool, String) {
         Ok(channel) => channel,
         Err(err) => return (false, format!("connect failed: {err}")),
     };
-    let mut client = ControllerClient::new(channel);
+    let mut client = ControllerClient::new(herd_ops::auth::present(channel, table.token()));
     let mut stream = match client.watch_workers(WatchWorkersRequest {}).await {
         Ok(response) => response.into_inner(),
         Err(status) => return (false, format!("WatchWorkers failed: {status}")),

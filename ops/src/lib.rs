@@ -1,11 +1,13 @@
-//! Operations plumbing every herd role shares: mutual TLS between the roles, the gRPC health
+//! Operations plumbing every herd role shares: the cluster token and mutual TLS between the roles, the gRPC health
 //! service that probes read, and the plain-HTTP metrics endpoint. It knows nothing of models,
 //! registries or HTTP APIs; the roles still talk to each other only through `herd-proto`.
 
+pub mod auth;
 pub mod health;
 pub mod metrics;
 pub mod tls;
 
+pub use auth::{AuthArgs, AuthChannel, ClusterToken, RequireToken, TokenArgs};
 pub use health::Health;
 pub use metrics::{Exporter, MetricsArgs};
 pub use tls::{ClusterTls, TlsArgs};
@@ -32,6 +34,9 @@ pub enum OpsError {
         /// What is wrong with it.
         msg: String,
     },
+    /// A cluster token that is missing where it is needed, or too weak.
+    #[error("{0}")]
+    Token(String),
     /// A URL that cannot be used with the TLS settings.
     #[error("{0}")]
     Url(String),

@@ -100,10 +100,20 @@ async fn a_duplicate_worker_id_is_refused() {
     let etcd = Etcd::start();
     let ctl = controller_on_etcd("127.0.0.1:0", "5s", &etcd.url());
     let mut c = client(&ctl).await;
-    c.register_worker(record("twin", "http://127.0.0.1:1001")).await.expect("the first one registers");
+    let lease = c.register_worker(record("twin", "http://127.0.0.1:1001")).await.expect("the first one registers");
+    let lease = lease.into_inner().lease;
     let err = c.register_worker(record("twin", "http://127.0.0.1:1002")).await.unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
     assert!(err.message().contains("twin"), "{}", err.message());
+    // Nor can anyone without the registration's lease heartbeat or deregister it.
+    let forged = "f".repeat(64);
+    let beat = pb::HeartbeatRequest { worker_id: "twin".into(), load: None, lease: forged.clone() };
+    assert_eq!(c.heartbeat(beat).await.unwrap_err().code(), Code::PermissionDenied);
+    let leave = pb::DeregisterRequest { worker_id: "twin".into(), lease: forged };
+    assert_eq!(c.deregister(leave).await.unwrap_err().code(), Code::PermissionDenied);
+    assert_eq!(worker_ids(&ctl).await, ["twin"]);
+    c.heartbeat(pb::HeartbeatRequest { worker_id: "twin".into(), load: None, lease: lease.clone() }).await.unwrap();
+    c.deregister(pb::DeregisterRequest { worker_id: "twin".into(), lease }).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -116,7 +126,8 @@ async fn replicas_share_registrations_and_expire_silent_workers() {
     let first = watch.next().await.unwrap().unwrap();
     assert!(matches!(first.event, Some(pb::worker_event::Event::Snapshot(_))));
 
-    client(&a).await.register_worker(record("shared", "http://127.0.0.1:1003")).await.unwrap();
+    let lease = client(&a).await.register_worker(record("shared", "http://127.0.0.1:1003")).await.unwrap();
+    let lease = lease.into_inner().lease;
     let seen = tokio::time::timeout(Duration::from_secs(1), watch.next()).await;
     let event = seen.expect("B sees A's registration within 1 s").unwrap().unwrap();
     assert!(
@@ -125,11 +136,11 @@ async fn replicas_share_registrations_and_expire_silent_workers() {
 
     // A heartbeat through either replica keeps the lease alive.
     let beat = |ctl: &Proc| {
-        let url = ctl.url();
+        let (url, lease) = (ctl.url(), lease.clone());
         async move {
             let load = pb::WorkerLoad { running: 1, ..Default::default() };
             let mut c = ControllerClient::connect(url).await.unwrap();
-            c.heartbeat(pb::HeartbeatRequest { worker_id: "shared".into(), load: Some(load) }).await
+            c.heartbeat(pb::HeartbeatRequest { worker_id: "shared".into(), load: Some(load), lease }).await
         }
     };
     for _ in 0..4 {
@@ -147,8 +158,9 @@ async fn replicas_share_registrations_and_expire_silent_workers() {
     assert_eq!(beat(&a).await.unwrap_err().code(), Code::NotFound, "an expired worker must register again");
 
     // B counts the expiry, though A granted the lease; a deregistration through A is no expiry.
-    client(&a).await.register_worker(record("leaving", "http://127.0.0.1:1004")).await.unwrap();
-    client(&a).await.deregister(pb::DeregisterRequest { worker_id: "leaving".into() }).await.unwrap();
+    let lease = client(&a).await.register_worker(record("leaving", "http://127.0.0.1:1004")).await.unwrap();
+    let leave = pb::DeregisterRequest { worker_id: "leaving".into(), lease: lease.into_inner().lease };
+    client(&a).await.deregister(leave).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let text = reqwest::get(format!("http://{metrics}/metrics")).await.unwrap().text().await.unwrap();
     assert_eq!(series(&text, "herd_controller_expiries_total"), Some(1.0), "{text}");
@@ -310,8 +322,8 @@ async fn changes_during_a_cut_watch(compact: bool) -> Vec<String> {
 
     proxy.cut();
     let mut c = client(&b).await;
-    c.register_worker(record("gone", "http://127.0.0.1:2002")).await.unwrap();
-    c.deregister(pb::DeregisterRequest { worker_id: "gone".into() }).await.unwrap();
+    let lease = c.register_worker(record("gone", "http://127.0.0.1:2002")).await.unwrap().into_inner().lease;
+    c.deregister(pb::DeregisterRequest { worker_id: "gone".into(), lease }).await.unwrap();
     c.register_worker(record("after", "http://127.0.0.1:2003")).await.unwrap();
     if compact {
         let mut etcd_client = etcd_client::Client::connect([etcd.url()], None).await.unwrap();

@@ -131,9 +131,9 @@ async fn the_controller_exports_registry_metrics() {
         ..Default::default()
     };
     let register = pb::RegisterWorkerRequest { info: Some(info), load: None };
-    client.register_worker(register).await.expect("registered");
-    client.heartbeat(pb::HeartbeatRequest { worker_id: "w1".into(), load: None }).await.expect("a heartbeat");
-    let unknown = pb::HeartbeatRequest { worker_id: "nobody".into(), load: None };
+    let lease = client.register_worker(register).await.expect("registered").into_inner().lease;
+    client.heartbeat(pb::HeartbeatRequest { worker_id: "w1".into(), load: None, lease }).await.expect("a heartbeat");
+    let unknown = pb::HeartbeatRequest { worker_id: "nobody".into(), load: None, lease: "x".into() };
     assert!(client.heartbeat(unknown).await.is_err());
     let url = format!("http://{metrics}/metrics");
     // No more heartbeats: the worker expires after its 1 s TTL.

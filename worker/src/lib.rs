@@ -19,10 +19,11 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use engine::{DTypeChoice, Engine, LoadOptions, parse_devices};
 pub use error::WorkerError;
-use herd_ops::{Health, MetricsArgs, TlsArgs};
+use herd_ops::{AuthArgs, Health, MetricsArgs, RequireToken, TlsArgs};
 use registration::Registration;
 use scheduler::{Scheduler, SchedulerConfig};
 use service::{Serving, WorkerCore, WorkerService};
+use tonic::service::interceptor::InterceptedService;
 
 /// Flags of `herd worker` (each also read from its `HERD_*` variable).
 #[derive(clap::Args, Debug, Clone)]
@@ -90,6 +91,9 @@ pub struct WorkerArgs {
     /// Mutual TLS with the controller and gateways.
     #[command(flatten)]
     pub tls: TlsArgs,
+    /// The cluster token: checked on gateways' calls, presented to the controller.
+    #[command(flatten)]
+    pub auth: AuthArgs,
     /// The metrics endpoint.
     #[command(flatten)]
     pub metrics: MetricsArgs,
@@ -179,6 +183,7 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
         .await
         .map_err(|e| WorkerError::Flag { flag: "--listen", msg: format!("cannot bind {}: {e}", args.listen) })?;
     let bound = listener.local_addr().map_err(|e| WorkerError::Server(e.to_string()))?;
+    let token = args.auth.for_server(bound, tls.is_some())?;
     println!("herd worker listening on {bound}");
     let _ = std::io::Write::flush(&mut std::io::stdout());
 
@@ -200,7 +205,10 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
     let server = tokio::spawn(
         builder
             .add_service(health_service)
-            .add_service(pb::worker_server::WorkerServer::new(WorkerService::new(core.clone())))
+            .add_service(InterceptedService::new(
+                pb::worker_server::WorkerServer::new(WorkerService::new(core.clone())),
+                RequireToken(token.clone()),
+            ))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = server_stopped.await;
             }),
@@ -261,7 +269,8 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
     health.set(true).await;
     tracing::info!(worker_id = %info.worker_id, address = %info.address, models = ?info.models, "worker ready");
 
-    let registration = Arc::new(Registration::new(&args.controller, info, load.clone(), tls.as_ref())?);
+    let registration =
+        Arc::new(Registration::new(&args.controller, info, load.clone(), (tls.as_ref(), token.as_ref()))?);
     let (stop_reg, stop_rx) = tokio::sync::watch::channel(false);
     let reg_task = tokio::spawn({
         let registration = registration.clone();

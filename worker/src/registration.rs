@@ -1,14 +1,14 @@
 //! Keeps the worker registered: register once loaded, heartbeat every TTL/3 with the load,
 //! register again when a controller answers that it does not know us (it restarted).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use herd_ops::ClusterTls;
+use herd_ops::{AuthChannel, ClusterTls, ClusterToken};
 use herd_proto::v1 as pb;
 use herd_proto::v1::controller_client::ControllerClient;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 
 use crate::error::WorkerError;
@@ -16,9 +16,11 @@ use crate::scheduler::Load;
 
 /// The controllers a worker reports to, and what it tells them.
 pub struct Registration {
-    controllers: Vec<(String, ControllerClient<Channel>)>,
+    controllers: Vec<(String, ControllerClient<AuthChannel>)>,
     info: pb::WorkerInfo,
     load: Arc<Load>,
+    /// The secret the last registration returned, which heartbeats and the deregistration present.
+    lease: Mutex<String>,
 }
 
 /// The wait after a failed registration grows to this.
@@ -37,7 +39,7 @@ impl Registration {
         urls: &[String],
         info: pb::WorkerInfo,
         load: Arc<Load>,
-        tls: Option<&ClusterTls>,
+        (tls, token): (Option<&ClusterTls>, Option<&ClusterToken>),
     ) -> Result<Self, WorkerError> {
         if urls.is_empty() {
             return Err(WorkerError::Flag {
@@ -58,10 +60,10 @@ impl Registration {
                     .timeout(CALL_TIMEOUT);
                 let endpoint = herd_ops::tls::secure(endpoint, tls)
                     .map_err(|e| WorkerError::Flag { flag: "--controller", msg: e.to_string() })?;
-                Ok((url.clone(), ControllerClient::new(endpoint.connect_lazy())))
+                Ok((url.clone(), ControllerClient::new(herd_ops::auth::present(endpoint.connect_lazy(), token))))
             })
             .collect::<Result<_, WorkerError>>()?;
-        Ok(Self { controllers, info, load })
+        Ok(Self { controllers, info, load, lease: Mutex::new(String::new()) })
     }
 
     fn current_load(&self) -> pb::WorkerLoad {
@@ -75,7 +77,9 @@ impl Registration {
             let req = pb::RegisterWorkerRequest { info: Some(self.info.clone()), load: Some(self.current_load()) };
             match client.clone().register_worker(req).await {
                 Ok(resp) => {
-                    let ttl = Duration::from_millis(resp.into_inner().heartbeat_ttl_ms);
+                    let resp = resp.into_inner();
+                    *self.lease.lock().unwrap_or_else(PoisonError::into_inner) = resp.lease;
+                    let ttl = Duration::from_millis(resp.heartbeat_ttl_ms);
                     tracing::info!(controller = %url, worker_id = %self.info.worker_id, ttl = ?ttl, "registered");
                     return Ok(ttl);
                 }
@@ -85,14 +89,24 @@ impl Registration {
         Err(last)
     }
 
-    /// Heartbeats the first controller that answers; NotFound means it forgot us.
+    /// The lease of the current registration.
+    fn lease(&self) -> String {
+        self.lease.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Heartbeats the first controller that answers; NotFound means it forgot us, PermissionDenied
+    /// that our registration expired and another took the id.
     async fn heartbeat(&self) -> Result<(), Status> {
         let mut last = Status::unavailable("no controller configured");
         for (_, client) in &self.controllers {
-            let req = pb::HeartbeatRequest { worker_id: self.info.worker_id.clone(), load: Some(self.current_load()) };
+            let req = pb::HeartbeatRequest {
+                worker_id: self.info.worker_id.clone(),
+                load: Some(self.current_load()),
+                lease: self.lease(),
+            };
             match client.clone().heartbeat(req).await {
                 Ok(_) => return Ok(()),
-                Err(e) if e.code() == Code::NotFound => return Err(e),
+                Err(e) if matches!(e.code(), Code::NotFound | Code::PermissionDenied) => return Err(e),
                 Err(e) => last = e,
             }
         }
@@ -102,7 +116,7 @@ impl Registration {
     /// Removes the registration (on drain); failures are only logged since expiry cleans up anyway.
     pub async fn deregister(&self) {
         for (url, client) in &self.controllers {
-            let req = pb::DeregisterRequest { worker_id: self.info.worker_id.clone() };
+            let req = pb::DeregisterRequest { worker_id: self.info.worker_id.clone(), lease: self.lease() };
             match client.clone().deregister(req).await {
                 Ok(_) => {
                     tracing::info!(controller = %url, "deregistered");
@@ -139,6 +153,14 @@ impl Registration {
                     Ok(()) => interval(t),
                     Err(e) if e.code() == Code::NotFound => {
                         tracing::info!("the controller does not know this worker; registering again");
+                        ttl = None;
+                        continue;
+                    }
+                    Err(e) if e.code() == Code::PermissionDenied => {
+                        tracing::warn!(
+                            worker_id = %self.info.worker_id,
+                            "another registration holds this worker id (ours expired); registering again"
+                        );
                         ttl = None;
                         continue;
                     }

@@ -15,7 +15,7 @@ use herd_proto::v1::{WorkerLoad, WorkerState};
 use prost::Message;
 use tokio::sync::broadcast;
 
-use super::{ChangeStream, Store, StoreStats, WorkerChange, changes};
+use super::{ChangeStream, Lease, Store, StoreStats, WorkerChange, changes};
 use crate::error::ControllerError;
 
 /// Changes buffered per watcher before a slow one is cut off (and re-reads a snapshot).
@@ -50,6 +50,9 @@ pub struct EtcdStore {
     client: Client,
     /// `{prefix}/v1/workers/`.
     dir: String,
+    /// `{prefix}/v1/leases/`: each record's lease digest, on the same etcd lease as the record and
+    /// outside what is watched, so that no reader of the registry sees it.
+    leases: String,
     ttl: Duration,
     view: Arc<View>,
 }
@@ -158,6 +161,7 @@ impl EtcdStore {
             .await
             .map_err(|e| ControllerError::Config(format!("--etcd-endpoints {:?}: {e}", options.endpoints)))?;
         let dir = format!("{}/v1/workers/", options.prefix.trim_end_matches('/'));
+        let leases = format!("{}/v1/leases/", options.prefix.trim_end_matches('/'));
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let view = Arc::new(View {
             table: Mutex::new(Table { workers: HashMap::new(), events }),
@@ -165,11 +169,25 @@ impl EtcdStore {
             expiries: AtomicU64::new(0),
         });
         tokio::spawn(follow(client.clone(), dir.clone(), Arc::downgrade(&view)));
-        Ok(Self { client, dir, ttl, view })
+        Ok(Self { client, dir, leases, ttl, view })
     }
 
     fn key(&self, id: &str) -> String {
         format!("{}{id}", self.dir)
+    }
+
+    fn lease_key(&self, id: &str) -> String {
+        format!("{}{id}", self.leases)
+    }
+
+    /// Why a transaction conditioned on `id`'s lease failed: its record is gone, or the lease is
+    /// not the registration's.
+    async fn refusal(&self, id: &str) -> ControllerError {
+        match self.client.clone().get(self.lease_key(id), None).await {
+            Ok(resp) if resp.kvs().is_empty() => ControllerError::UnknownWorker(id.to_owned()),
+            Ok(_) => ControllerError::WrongLease(id.to_owned()),
+            Err(e) => store_err(e),
+        }
     }
 
     /// A worker's record and lease: from the view, else from etcd (the view may still be loading).
@@ -287,7 +305,7 @@ impl Store for EtcdStore {
         self.ttl
     }
 
-    async fn register(&self, mut state: WorkerState) -> Result<(), ControllerError> {
+    async fn register(&self, mut state: WorkerState, secret: Lease) -> Result<(), ControllerError> {
         let id = worker_id(&state).to_owned();
         if id.is_empty() {
             return Err(ControllerError::InvalidRecord("worker_id is empty".into()));
@@ -298,11 +316,11 @@ impl Store for EtcdStore {
         let ttl_secs = i64::try_from(self.ttl.as_millis().div_ceil(1000)).unwrap_or(i64::MAX).max(1);
         let lease = client.lease_grant(ttl_secs, None).await.map_err(store_err)?.id();
         let key = self.key(&id);
-        let txn = Txn::new().when([Compare::version(key.clone(), CompareOp::Equal, 0)]).and_then([TxnOp::put(
-            key,
-            state.encode_to_vec(),
-            Some(PutOptions::new().with_lease(lease)),
-        )]);
+        let on_lease = || Some(PutOptions::new().with_lease(lease));
+        let txn = Txn::new().when([Compare::version(key.clone(), CompareOp::Equal, 0)]).and_then([
+            TxnOp::put(key, state.encode_to_vec(), on_lease()),
+            TxnOp::put(self.lease_key(&id), secret.as_bytes(), on_lease()),
+        ]);
         let created = client.txn(txn).await.map_err(store_err)?.succeeded();
         if !created {
             let _ = client.lease_revoke(lease).await;
@@ -312,9 +330,23 @@ impl Store for EtcdStore {
         Ok(())
     }
 
-    async fn heartbeat(&self, worker_id: &str, load: WorkerLoad) -> Result<(), ControllerError> {
+    async fn heartbeat(&self, worker_id: &str, secret: &Lease, load: WorkerLoad) -> Result<(), ControllerError> {
         let (mut state, lease) = self.lookup(worker_id).await?;
         let mut client = self.client.clone();
+        state.load = Some(load);
+        // Put only if the record is still on this lease, so a late heartbeat cannot resurrect a
+        // worker whose lease expired in between, and only for the worker that registered it.
+        // The etcd lease is kept alive after that check, never for a caller who failed it.
+        let key = self.key(worker_id);
+        let txn = Txn::new()
+            .when([
+                Compare::lease(key.clone(), CompareOp::Equal, lease),
+                Compare::value(self.lease_key(worker_id), CompareOp::Equal, secret.as_bytes()),
+            ])
+            .and_then([TxnOp::put(key, state.encode_to_vec(), Some(PutOptions::new().with_lease(lease)))]);
+        if !client.txn(txn).await.map_err(store_err)?.succeeded() {
+            return Err(self.refusal(worker_id).await);
+        }
         let (mut keeper, mut answers) = client.lease_keep_alive(lease).await.map_err(store_err)?;
         keeper.keep_alive().await.map_err(store_err)?;
         let alive = answers.message().await.map_err(store_err)?.is_some_and(|a| a.ttl() > 0);
@@ -322,28 +354,22 @@ impl Store for EtcdStore {
             self.view.delete(worker_id);
             return Err(ControllerError::UnknownWorker(worker_id.to_owned()));
         }
-        state.load = Some(load);
-        // Put only if the record is still on this lease, so a late heartbeat cannot resurrect a
-        // worker whose lease expired in between.
-        let key = self.key(worker_id);
-        let txn = Txn::new().when([Compare::lease(key.clone(), CompareOp::Equal, lease)]).and_then([TxnOp::put(
-            key,
-            state.encode_to_vec(),
-            Some(PutOptions::new().with_lease(lease)),
-        )]);
-        if !client.txn(txn).await.map_err(store_err)?.succeeded() {
-            return Err(ControllerError::UnknownWorker(worker_id.to_owned()));
-        }
         self.view.put(state, lease);
         Ok(())
     }
 
-    async fn deregister(&self, worker_id: &str) -> Result<WorkerState, ControllerError> {
+    async fn deregister(&self, worker_id: &str, secret: &Lease) -> Result<WorkerState, ControllerError> {
         let (state, _) = self.lookup(worker_id).await?;
         // Deleting the key drops the worker from every replica's watch. Its lease is left to run
         // out unused, so that a replica seeing the deletion can tell it from an expiry: a
         // deregistered worker's lease is still alive then, an expired worker's is gone.
-        self.client.clone().delete(self.key(worker_id), None).await.map_err(store_err)?;
+        let lease_key = self.lease_key(worker_id);
+        let txn = Txn::new()
+            .when([Compare::value(lease_key.clone(), CompareOp::Equal, secret.as_bytes())])
+            .and_then([TxnOp::delete(self.key(worker_id), None), TxnOp::delete(lease_key, None)]);
+        if !self.client.clone().txn(txn).await.map_err(store_err)?.succeeded() {
+            return Err(self.refusal(worker_id).await);
+        }
         self.view.delete(worker_id);
         Ok(state)
     }

@@ -1,6 +1,7 @@
 //! The in-process registry store: for `herd up`, single-replica controllers and tests.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry as Slot;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
@@ -9,7 +10,7 @@ use herd_proto::v1::{WorkerLoad, WorkerState};
 use tokio::sync::broadcast;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::{ChangeStream, Store, StoreStats, WorkerChange, changes};
+use super::{ChangeStream, Lease, Store, StoreStats, WorkerChange, changes};
 use crate::error::ControllerError;
 
 /// Changes buffered per watcher before a slow one is cut off (and re-reads a snapshot).
@@ -40,6 +41,7 @@ struct Table {
 
 struct Entry {
     state: WorkerState,
+    lease: Lease,
     expires_at: Instant,
 }
 
@@ -140,7 +142,7 @@ impl Store for MemoryStore {
         StoreStats { expiries: self.shared.expiries.load(Ordering::Relaxed), errors: 0 }
     }
 
-    async fn register(&self, mut state: WorkerState) -> Result<(), ControllerError> {
+    async fn register(&self, mut state: WorkerState, lease: Lease) -> Result<(), ControllerError> {
         let id = worker_id(&state).to_owned();
         if id.is_empty() {
             return Err(ControllerError::InvalidRecord("worker_id is empty".into()));
@@ -149,19 +151,26 @@ impl Store for MemoryStore {
         let now = Instant::now();
         let mut table = self.shared.lock();
         let expired = table.expire(now);
-        table.workers.insert(id, Entry { state: state.clone(), expires_at: now + self.shared.ttl });
-        table.publish(WorkerChange::Upsert(state));
+        let result = match table.workers.entry(id) {
+            Slot::Occupied(taken) => Err(ControllerError::DuplicateWorker(taken.key().clone())),
+            Slot::Vacant(free) => {
+                free.insert(Entry { state: state.clone(), lease, expires_at: now + self.shared.ttl });
+                table.publish(WorkerChange::Upsert(state));
+                Ok(())
+            }
+        };
         drop(table);
         self.shared.note_expired(&expired);
-        Ok(())
+        result
     }
 
-    async fn heartbeat(&self, worker_id: &str, load: WorkerLoad) -> Result<(), ControllerError> {
+    async fn heartbeat(&self, worker_id: &str, lease: &Lease, load: WorkerLoad) -> Result<(), ControllerError> {
         let now = Instant::now();
         let mut guard = self.shared.lock();
         let expired = guard.expire(now);
         let table = &mut *guard;
         let result = match table.workers.get_mut(worker_id) {
+            Some(entry) if !entry.lease.matches(lease) => Err(ControllerError::WrongLease(worker_id.to_owned())),
             Some(entry) => {
                 entry.state.load = Some(load);
                 entry.expires_at = now + self.shared.ttl;
@@ -175,11 +184,13 @@ impl Store for MemoryStore {
         result
     }
 
-    async fn deregister(&self, worker_id: &str) -> Result<WorkerState, ControllerError> {
+    async fn deregister(&self, worker_id: &str, lease: &Lease) -> Result<WorkerState, ControllerError> {
         let mut table = self.shared.lock();
         let expired = table.expire(Instant::now());
-        let result = match table.workers.remove(worker_id) {
-            Some(entry) => {
+        let result = match table.workers.get(worker_id) {
+            Some(entry) if !entry.lease.matches(lease) => Err(ControllerError::WrongLease(worker_id.to_owned())),
+            Some(_) => {
+                let entry = table.workers.remove(worker_id).expect("the entry just found");
                 table.publish(WorkerChange::Removed(worker_id.to_owned()));
                 Ok(entry.state)
             }
@@ -214,7 +225,7 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{load, worker};
+    use crate::testing::{lease, load, worker};
     use futures::StreamExt;
 
     /// Generous: the machine running the tests may be busy.
@@ -234,12 +245,12 @@ mod tests {
         assert_eq!(store.ttl(), Duration::from_millis(200));
         let (snapshot, mut changes) = store.watch().await.unwrap();
         assert!(snapshot.is_empty());
-        store.register(worker("w1", &["vicuna-7b"])).await.unwrap();
+        store.register(worker("w1", &["vicuna-7b"]), lease()).await.unwrap();
         assert!(matches!(next_change(&mut changes).await, WorkerChange::Upsert(_)));
         // No heartbeats: the sweep removes it on its own.
         assert_eq!(next_change(&mut changes).await, WorkerChange::Removed("w1".into()));
         assert!(store.list().await.unwrap().is_empty());
-        let err = store.heartbeat("w1", load(0, 0)).await.unwrap_err();
+        let err = store.heartbeat("w1", &lease(), load(0, 0)).await.unwrap_err();
         assert!(matches!(err, ControllerError::UnknownWorker(id) if id == "w1"));
         assert_eq!(store.stats(), StoreStats { expiries: 1, errors: 0 });
     }
@@ -248,13 +259,13 @@ mod tests {
     async fn heartbeat_refreshes_ttl_and_publishes_load() {
         let ttl = Duration::from_millis(500);
         let store = MemoryStore::new(ttl);
-        store.register(worker("w1", &["m"])).await.unwrap();
+        store.register(worker("w1", &["m"]), lease()).await.unwrap();
         let (_, mut changes) = store.watch().await.unwrap();
         // Heartbeat for three TTLs: without the refresh it would have expired.
         let start = std::time::Instant::now();
         let mut beats = 0u32;
         while start.elapsed() < 3 * ttl {
-            store.heartbeat("w1", load(beats, 1)).await.unwrap();
+            store.heartbeat("w1", &lease(), load(beats, 1)).await.unwrap();
             beats += 1;
             tokio::time::sleep(ttl / 10).await;
         }
@@ -275,22 +286,22 @@ mod tests {
     #[tokio::test]
     async fn heartbeat_of_unknown_worker_is_unknown() {
         let store = MemoryStore::new(Duration::from_secs(10));
-        let err = store.heartbeat("ghost", load(1, 2)).await.unwrap_err();
+        let err = store.heartbeat("ghost", &lease(), load(1, 2)).await.unwrap_err();
         assert!(matches!(err, ControllerError::UnknownWorker(id) if id == "ghost"));
     }
 
     #[tokio::test]
     async fn watch_gives_snapshot_then_changes() {
         let store = MemoryStore::new(Duration::from_secs(10));
-        store.register(worker("b", &["m"])).await.unwrap();
-        store.register(worker("a", &["m"])).await.unwrap();
+        store.register(worker("b", &["m"]), lease()).await.unwrap();
+        store.register(worker("a", &["m"]), lease()).await.unwrap();
         let (snapshot, mut changes) = store.watch().await.unwrap();
         let ids: Vec<_> = snapshot.iter().map(|s| s.info.as_ref().unwrap().worker_id.as_str()).collect();
         assert_eq!(ids, ["a", "b"]);
 
-        store.heartbeat("a", load(3, 4)).await.unwrap();
-        store.deregister("b").await.unwrap();
-        store.register(worker("c", &["n"])).await.unwrap();
+        store.heartbeat("a", &lease(), load(3, 4)).await.unwrap();
+        store.deregister("b", &lease()).await.unwrap();
+        store.register(worker("c", &["n"]), lease()).await.unwrap();
 
         let mut expected_a = worker("a", &["m"]);
         expected_a.load = Some(load(3, 4));
@@ -302,30 +313,42 @@ mod tests {
     #[tokio::test]
     async fn deregister_removes_and_returns_the_record() {
         let store = MemoryStore::new(Duration::from_secs(10));
-        store.register(worker("w1", &["m"])).await.unwrap();
-        let removed = store.deregister("w1").await.unwrap();
+        store.register(worker("w1", &["m"]), lease()).await.unwrap();
+        let removed = store.deregister("w1", &lease()).await.unwrap();
         assert_eq!(removed, worker("w1", &["m"]));
         assert!(store.list().await.unwrap().is_empty());
-        assert!(matches!(store.deregister("w1").await, Err(ControllerError::UnknownWorker(_))));
-        assert!(matches!(store.heartbeat("w1", load(0, 0)).await, Err(ControllerError::UnknownWorker(_))));
+        assert!(matches!(store.deregister("w1", &lease()).await, Err(ControllerError::UnknownWorker(_))));
+        assert!(matches!(store.heartbeat("w1", &lease(), load(0, 0)).await, Err(ControllerError::UnknownWorker(_))));
         assert_eq!(store.stats().expiries, 0, "a deregistration is not an expiry");
     }
 
     #[tokio::test]
-    async fn register_replaces_the_record() {
-        let store = MemoryStore::new(Duration::from_secs(10));
-        store.register(worker("w1", &["old"])).await.unwrap();
-        store.register(worker("w1", &["new"])).await.unwrap();
-        assert_eq!(store.list().await.unwrap(), vec![worker("w1", &["new"])]);
+    async fn only_the_registration_holds_its_id() {
+        let store = MemoryStore::new(Duration::from_millis(300));
+        store.register(worker("w1", &["real"]), lease()).await.unwrap();
+        // Another registration of the live id, a heartbeat and a deregistration without its lease:
+        // all refused, and the record is untouched.
+        let (_, other) = Lease::issue();
+        let err = store.register(worker("w1", &["forged"]), other.clone()).await.unwrap_err();
+        assert!(matches!(err, ControllerError::DuplicateWorker(ref id) if id == "w1"), "{err:?}");
+        let err = store.heartbeat("w1", &other, load(0, 1000)).await.unwrap_err();
+        assert!(matches!(err, ControllerError::WrongLease(ref id) if id == "w1"), "{err:?}");
+        let err = store.deregister("w1", &other).await.unwrap_err();
+        assert!(matches!(err, ControllerError::WrongLease(_)), "{err:?}");
+        assert_eq!(store.list().await.unwrap(), vec![worker("w1", &["real"])]);
+        // Once the record expires, the id is free again.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        store.register(worker("w1", &["next"]), other).await.unwrap();
+        assert_eq!(store.list().await.unwrap(), vec![worker("w1", &["next"])]);
     }
 
     #[tokio::test]
     async fn lagging_watcher_ends_with_an_error() {
         let store = MemoryStore::with_event_capacity(Duration::from_secs(10), 4);
-        store.register(worker("w1", &["m"])).await.unwrap();
+        store.register(worker("w1", &["m"]), lease()).await.unwrap();
         let (_, mut changes) = store.watch().await.unwrap();
         for beat in 0..10 {
-            store.heartbeat("w1", load(beat, 0)).await.unwrap();
+            store.heartbeat("w1", &lease(), load(beat, 0)).await.unwrap();
         }
         let first = tokio::time::timeout(PATIENCE, changes.next()).await.unwrap();
         assert!(matches!(first, Some(Err(ControllerError::WatchLagged(_)))), "{first:?}");

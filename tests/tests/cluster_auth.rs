@@ -1,0 +1,195 @@
+//! Attacks on the control plane, on real processes: calls without the cluster token, and a
+//! caller holding the token (a compromised gateway) trying to take over a live worker's id.
+
+use std::process::Command;
+use std::time::Duration;
+
+use herd_proto::v1 as pb;
+use herd_proto::v1::controller_client::ControllerClient;
+use herd_proto::v1::worker_client::WorkerClient;
+use herd_tests::cluster::{MODEL, Proc, wait_for_workers};
+use herd_tests::{herd_bin, test_model};
+use serde_json::json;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+/// A token file, and the flag that names it.
+fn token_file(dir: &tempfile::TempDir) -> [String; 2] {
+    let path = dir.path().join("cluster-token");
+    std::fs::write(&path, format!("{TOKEN}\n")).unwrap();
+    ["--cluster-token-file".into(), path.display().to_string()]
+}
+
+type Bearer = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
+
+/// A channel to `url` whose calls carry `authorization: Bearer <token>` (nothing for `None`).
+async fn channel(url: &str, token: Option<&str>) -> InterceptedService<Channel, Bearer> {
+    let channel = Channel::from_shared(url.to_string()).unwrap().connect().await.expect("the server answers");
+    let header: Option<tonic::metadata::AsciiMetadataValue> = token.map(|t| format!("Bearer {t}").parse().unwrap());
+    let bearer: Bearer = Box::new(move |mut request: Request<()>| {
+        if let Some(h) = &header {
+            request.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(request)
+    });
+    InterceptedService::new(channel, bearer)
+}
+
+fn record(id: &str, address: &str) -> pb::RegisterWorkerRequest {
+    let info = pb::WorkerInfo {
+        worker_id: id.into(),
+        address: address.into(),
+        models: vec![MODEL.into()],
+        context_length: 2048,
+        max_batch_size: 1,
+        ..Default::default()
+    };
+    pb::RegisterWorkerRequest { info: Some(info), load: None }
+}
+
+async fn chat(gateway_url: &str) -> u16 {
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+    let url = format!("{gateway_url}/v1/chat/completions");
+    reqwest::Client::new().post(url).json(&body).send().await.expect("gateway answers").status().as_u16()
+}
+
+/// Every controller rpc, called with `token`: the codes they answered.
+async fn controller_codes(url: &str, token: Option<&str>) -> Vec<(&'static str, Code)> {
+    let mut c = ControllerClient::new(channel(url, token).await);
+    let code = |r: Result<(), Status>| r.err().map_or(Code::Ok, |s| s.code());
+    let lease = "f".repeat(64);
+    vec![
+        ("RegisterWorker", code(c.register_worker(record("intruder", "http://127.0.0.1:9")).await.map(drop))),
+        (
+            "Heartbeat",
+            code(
+                c.heartbeat(pb::HeartbeatRequest { worker_id: "w".into(), load: None, lease: lease.clone() })
+                    .await
+                    .map(drop),
+            ),
+        ),
+        ("Deregister", code(c.deregister(pb::DeregisterRequest { worker_id: "w".into(), lease }).await.map(drop))),
+        ("ListModels", code(c.list_models(pb::ListModelsRequest {}).await.map(drop))),
+        ("ListWorkers", code(c.list_workers(pb::ListWorkersRequest::default()).await.map(drop))),
+        ("WatchWorkers", code(c.watch_workers(pb::WatchWorkersRequest {}).await.map(drop))),
+        ("PickWorker", code(c.pick_worker(pb::PickWorkerRequest { model: MODEL.into() }).await.map(drop))),
+        ("Health", code(c.health(pb::ControllerHealthRequest {}).await.map(drop))),
+    ]
+}
+
+/// Every worker rpc, called with `token`: the codes they answered.
+async fn worker_codes(url: &str, token: Option<&str>) -> Vec<(&'static str, Code)> {
+    let mut w = WorkerClient::new(channel(url, token).await);
+    let code = |r: Result<(), Status>| r.err().map_or(Code::Ok, |s| s.code());
+    let generate = pb::GenerateRequest {
+        model: MODEL.into(),
+        input: Some(pb::generate_request::Input::Text("Hello".into())),
+        max_tokens: Some(2),
+        ..Default::default()
+    };
+    let count = pb::CountTokensRequest {
+        model: MODEL.into(),
+        input: Some(pb::count_tokens_request::Input::Text("Hello".into())),
+    };
+    vec![
+        ("Generate", code(w.generate(generate).await.map(drop))),
+        ("CountTokens", code(w.count_tokens(count).await.map(drop))),
+        ("ModelInfo", code(w.model_info(pb::ModelInfoRequest {}).await.map(drop))),
+        ("Health", code(w.health(pb::HealthRequest {}).await.map(drop))),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_rpc_needs_the_cluster_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let flag = token_file(&dir);
+    let mut args: Vec<String> = ["controller", "--listen", "127.0.0.1:0"].map(String::from).to_vec();
+    args.extend(flag.clone());
+    let controller = Proc::start(&args);
+    let mut args: Vec<String> =
+        ["worker", "--listen", "127.0.0.1:0", "--threads", "1", "--model-name", MODEL].map(String::from).to_vec();
+    args.extend(["--model".into(), test_model().display().to_string(), "--controller".into(), controller.url()]);
+    args.extend(flag.clone());
+    let worker = Proc::start(&args);
+    let mut args: Vec<String> =
+        ["gateway", "--listen", "127.0.0.1:0", "--controller", &controller.url()].map(String::from).to_vec();
+    args.extend(flag);
+    let gateway = Proc::start(&args);
+    // With the token everywhere, the cluster works.
+    wait_for_workers(&gateway, 1, Duration::from_secs(120)).await;
+    assert_eq!(chat(&gateway.url()).await, 200);
+
+    for token in [None, Some("0123456789abcdef0123456789abcdeX"), Some("")] {
+        for (rpc, code) in controller_codes(&controller.url(), token).await {
+            assert_eq!(code, Code::Unauthenticated, "controller {rpc} with token {token:?}");
+        }
+        for (rpc, code) in worker_codes(&worker.url(), token).await {
+            assert_eq!(code, Code::Unauthenticated, "worker {rpc} with token {token:?}");
+        }
+    }
+    // The right token gets through (the calls answer on their merits).
+    let codes = controller_codes(&controller.url(), Some(TOKEN)).await;
+    assert!(codes.iter().all(|(_, code)| *code != Code::Unauthenticated), "{codes:?}");
+    let codes = worker_codes(&worker.url(), Some(TOKEN)).await;
+    assert!(codes.iter().all(|(_, code)| *code != Code::Unauthenticated), "{codes:?}");
+    assert_eq!(chat(&gateway.url()).await, 200, "the refused calls changed nothing");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_worker_id_cannot_be_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let flag = token_file(&dir);
+    let mut args: Vec<String> = ["controller", "--listen", "127.0.0.1:0"].map(String::from).to_vec();
+    args.extend(flag.clone());
+    let controller = Proc::start(&args);
+    let mut args: Vec<String> =
+        ["worker", "--listen", "127.0.0.1:0", "--threads", "1", "--model-name", MODEL].map(String::from).to_vec();
+    args.extend(["--model".into(), test_model().display().to_string(), "--controller".into(), controller.url()]);
+    args.extend(["--worker-id".into(), "victim".into()]);
+    args.extend(flag.clone());
+    let _worker = Proc::start(&args);
+    let mut args: Vec<String> =
+        ["gateway", "--listen", "127.0.0.1:0", "--controller", &controller.url()].map(String::from).to_vec();
+    args.extend(flag);
+    let gateway = Proc::start(&args);
+    wait_for_workers(&gateway, 1, Duration::from_secs(120)).await;
+
+    // The attacker holds the cluster token, but not the worker's lease.
+    let mut c = ControllerClient::new(channel(&controller.url(), Some(TOKEN)).await);
+    let err = c.register_worker(record("victim", "http://127.0.0.1:9")).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    let lease = "0".repeat(64);
+    let steer = pb::WorkerLoad { waiting: 1_000_000, ..Default::default() };
+    let beat = pb::HeartbeatRequest { worker_id: "victim".into(), load: Some(steer), lease: lease.clone() };
+    assert_eq!(c.heartbeat(beat).await.unwrap_err().code(), Code::PermissionDenied);
+    let leave = pb::DeregisterRequest { worker_id: "victim".into(), lease };
+    assert_eq!(c.deregister(leave).await.unwrap_err().code(), Code::PermissionDenied);
+
+    let workers = c.list_workers(pb::ListWorkersRequest::default()).await.unwrap().into_inner().workers;
+    assert_eq!(workers.len(), 1);
+    let info = workers[0].info.clone().unwrap();
+    assert_ne!(info.address, "http://127.0.0.1:9", "the record still points at the real worker");
+    assert!(workers[0].load.as_ref().is_none_or(|l| l.waiting < 1_000_000), "the forged load was not stored");
+    assert_eq!(chat(&gateway.url()).await, 200, "the gateway still reaches the real worker");
+}
+
+#[test]
+fn a_reachable_role_without_a_credential_refuses_to_start() {
+    let model = test_model().display().to_string();
+    let roles: [&[&str]; 2] = [
+        &["controller", "--listen", "0.0.0.0:0"],
+        &["worker", "--listen", "0.0.0.0:0", "--model", &model, "--controller", "http://127.0.0.1:9"],
+    ];
+    for role in roles {
+        let out = Command::new(herd_bin()).args(role).env_remove("HERD_CLUSTER_TOKEN").output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{role:?} started without a credential");
+        assert!(stderr.contains("--cluster-token-file") && stderr.contains("--insecure-no-auth"), "{role:?}: {stderr}");
+    }
+    // Said loudly, it may.
+    let controller = Proc::start(&["controller", "--listen", "0.0.0.0:0", "--insecure-no-auth"].map(String::from));
+    assert!(controller.addr.starts_with("0.0.0.0:"), "{}", controller.addr);
+}
