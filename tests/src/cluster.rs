@@ -103,6 +103,21 @@ pub fn series(text: &str, prefix: &str) -> Option<f64> {
 /// The model name workers register in these tests.
 pub const MODEL: &str = "smollm2";
 
+/// A worker's registration for `id` at `address`, serving [`MODEL`], as a test sends it by hand.
+pub fn registration(id: &str, address: &str) -> herd_proto::v1::RegisterWorkerRequest {
+    let info = herd_proto::v1::WorkerInfo {
+        worker_id: id.into(),
+        address: address.into(),
+        models: vec![MODEL.into()],
+        context_length: 2048,
+        max_batch_size: 1,
+        max_queue: 1,
+        tp_size: 1,
+        devices: vec!["cpu".into()],
+    };
+    herd_proto::v1::RegisterWorkerRequest { info: Some(info), load: None }
+}
+
 /// `herd controller` on an OS-chosen port (or `listen`), with a short TTL.
 pub fn controller(listen: &str, ttl: &str) -> Proc {
     Proc::start(&["controller", "--listen", listen, "--heartbeat-ttl", ttl].map(String::from))

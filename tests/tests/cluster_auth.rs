@@ -7,7 +7,7 @@ use std::time::Duration;
 use herd_proto::v1 as pb;
 use herd_proto::v1::controller_client::ControllerClient;
 use herd_proto::v1::worker_client::WorkerClient;
-use herd_tests::cluster::{MODEL, Proc, wait_for_workers};
+use herd_tests::cluster::{MODEL, Proc, registration, wait_for_workers};
 use herd_tests::{herd_bin, test_model};
 use serde_json::json;
 use tonic::service::interceptor::InterceptedService;
@@ -21,6 +21,25 @@ fn token_file(dir: &tempfile::TempDir) -> [String; 2] {
     let path = dir.path().join("cluster-token");
     std::fs::write(&path, format!("{TOKEN}\n")).unwrap();
     ["--cluster-token-file".into(), path.display().to_string()]
+}
+
+/// A controller, a worker (with `worker_extra` flags) and a gateway, all given the token file,
+/// with the worker in the gateway's table; the directory holding the file goes with them.
+async fn cluster_with_token(worker_extra: &[&str]) -> (tempfile::TempDir, Proc, Proc, Proc) {
+    let dir = tempfile::tempdir().unwrap();
+    let flag = token_file(&dir);
+    let with_token = |args: &[&str]| args.iter().map(|a| a.to_string()).chain(flag.clone()).collect::<Vec<_>>();
+    let controller = Proc::start(&with_token(&["controller", "--listen", "127.0.0.1:0"]));
+    let model = test_model().display().to_string();
+    let ctl = controller.url();
+    let mut worker_args =
+        vec!["worker", "--listen", "127.0.0.1:0", "--threads", "1", "--model-name", MODEL, "--model", &model];
+    worker_args.extend(["--controller", &ctl]);
+    worker_args.extend(worker_extra);
+    let worker = Proc::start(&with_token(&worker_args));
+    let gateway = Proc::start(&with_token(&["gateway", "--listen", "127.0.0.1:0", "--controller", &ctl]));
+    wait_for_workers(&gateway, 1, Duration::from_secs(120)).await;
+    (dir, controller, worker, gateway)
 }
 
 type Bearer = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
@@ -38,18 +57,6 @@ async fn channel(url: &str, token: Option<&str>) -> InterceptedService<Channel, 
     InterceptedService::new(channel, bearer)
 }
 
-fn record(id: &str, address: &str) -> pb::RegisterWorkerRequest {
-    let info = pb::WorkerInfo {
-        worker_id: id.into(),
-        address: address.into(),
-        models: vec![MODEL.into()],
-        context_length: 2048,
-        max_batch_size: 1,
-        ..Default::default()
-    };
-    pb::RegisterWorkerRequest { info: Some(info), load: None }
-}
-
 async fn chat(gateway_url: &str) -> u16 {
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
     let url = format!("{gateway_url}/v1/chat/completions");
@@ -62,7 +69,7 @@ async fn controller_codes(url: &str, token: Option<&str>) -> Vec<(&'static str, 
     let code = |r: Result<(), Status>| r.err().map_or(Code::Ok, |s| s.code());
     let lease = "f".repeat(64);
     vec![
-        ("RegisterWorker", code(c.register_worker(record("intruder", "http://127.0.0.1:9")).await.map(drop))),
+        ("RegisterWorker", code(c.register_worker(registration("intruder", "http://127.0.0.1:9")).await.map(drop))),
         (
             "Heartbeat",
             code(
@@ -104,22 +111,8 @@ async fn worker_codes(url: &str, token: Option<&str>) -> Vec<(&'static str, Code
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_rpc_needs_the_cluster_token() {
-    let dir = tempfile::tempdir().unwrap();
-    let flag = token_file(&dir);
-    let mut args: Vec<String> = ["controller", "--listen", "127.0.0.1:0"].map(String::from).to_vec();
-    args.extend(flag.clone());
-    let controller = Proc::start(&args);
-    let mut args: Vec<String> =
-        ["worker", "--listen", "127.0.0.1:0", "--threads", "1", "--model-name", MODEL].map(String::from).to_vec();
-    args.extend(["--model".into(), test_model().display().to_string(), "--controller".into(), controller.url()]);
-    args.extend(flag.clone());
-    let worker = Proc::start(&args);
-    let mut args: Vec<String> =
-        ["gateway", "--listen", "127.0.0.1:0", "--controller", &controller.url()].map(String::from).to_vec();
-    args.extend(flag);
-    let gateway = Proc::start(&args);
+    let (_dir, controller, worker, gateway) = cluster_with_token(&[]).await;
     // With the token everywhere, the cluster works.
-    wait_for_workers(&gateway, 1, Duration::from_secs(120)).await;
     assert_eq!(chat(&gateway.url()).await, 200);
 
     for token in [None, Some("0123456789abcdef0123456789abcdeX"), Some("")] {
@@ -140,26 +133,10 @@ async fn every_rpc_needs_the_cluster_token() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_live_worker_id_cannot_be_taken_over() {
-    let dir = tempfile::tempdir().unwrap();
-    let flag = token_file(&dir);
-    let mut args: Vec<String> = ["controller", "--listen", "127.0.0.1:0"].map(String::from).to_vec();
-    args.extend(flag.clone());
-    let controller = Proc::start(&args);
-    let mut args: Vec<String> =
-        ["worker", "--listen", "127.0.0.1:0", "--threads", "1", "--model-name", MODEL].map(String::from).to_vec();
-    args.extend(["--model".into(), test_model().display().to_string(), "--controller".into(), controller.url()]);
-    args.extend(["--worker-id".into(), "victim".into()]);
-    args.extend(flag.clone());
-    let _worker = Proc::start(&args);
-    let mut args: Vec<String> =
-        ["gateway", "--listen", "127.0.0.1:0", "--controller", &controller.url()].map(String::from).to_vec();
-    args.extend(flag);
-    let gateway = Proc::start(&args);
-    wait_for_workers(&gateway, 1, Duration::from_secs(120)).await;
-
+    let (_dir, controller, _worker, gateway) = cluster_with_token(&["--worker-id", "victim"]).await;
     // The attacker holds the cluster token, but not the worker's lease.
     let mut c = ControllerClient::new(channel(&controller.url(), Some(TOKEN)).await);
-    let err = c.register_worker(record("victim", "http://127.0.0.1:9")).await.unwrap_err();
+    let err = c.register_worker(registration("victim", "http://127.0.0.1:9")).await.unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
     let lease = "0".repeat(64);
     let steer = pb::WorkerLoad { waiting: 1_000_000, ..Default::default() };

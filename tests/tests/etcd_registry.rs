@@ -9,8 +9,8 @@ use futures::StreamExt;
 use herd_proto::v1 as pb;
 use herd_proto::v1::controller_client::ControllerClient;
 use herd_tests::cluster::{
-    MODEL, Proc, controller_on_etcd, controller_on_etcd_with, free_addr, gateway, gateway_of, series, wait_for_workers,
-    worker, worker_of,
+    MODEL, Proc, controller_on_etcd, controller_on_etcd_with, free_addr, gateway, gateway_of, registration, series,
+    wait_for_workers, worker, worker_of,
 };
 use herd_tests::etcd::Etcd;
 use serde_json::json;
@@ -22,20 +22,6 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 async fn client(controller: &Proc) -> ControllerClient<Channel> {
     ControllerClient::connect(controller.url()).await.expect("controller answers")
-}
-
-fn record(id: &str, address: &str) -> pb::RegisterWorkerRequest {
-    let info = pb::WorkerInfo {
-        worker_id: id.into(),
-        address: address.into(),
-        models: vec![MODEL.into()],
-        context_length: 2048,
-        max_batch_size: 1,
-        max_queue: 1,
-        tp_size: 1,
-        devices: vec!["cpu".into()],
-    };
-    pb::RegisterWorkerRequest { info: Some(info), load: None }
 }
 
 async fn health(controller: &Proc) -> pb::ControllerHealthResponse {
@@ -100,9 +86,10 @@ async fn a_duplicate_worker_id_is_refused() {
     let etcd = Etcd::start();
     let ctl = controller_on_etcd("127.0.0.1:0", "5s", &etcd.url());
     let mut c = client(&ctl).await;
-    let lease = c.register_worker(record("twin", "http://127.0.0.1:1001")).await.expect("the first one registers");
+    let lease =
+        c.register_worker(registration("twin", "http://127.0.0.1:1001")).await.expect("the first one registers");
     let lease = lease.into_inner().lease;
-    let err = c.register_worker(record("twin", "http://127.0.0.1:1002")).await.unwrap_err();
+    let err = c.register_worker(registration("twin", "http://127.0.0.1:1002")).await.unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
     assert!(err.message().contains("twin"), "{}", err.message());
     // Nor can anyone without the registration's lease heartbeat or deregister it.
@@ -126,7 +113,7 @@ async fn replicas_share_registrations_and_expire_silent_workers() {
     let first = watch.next().await.unwrap().unwrap();
     assert!(matches!(first.event, Some(pb::worker_event::Event::Snapshot(_))));
 
-    let lease = client(&a).await.register_worker(record("shared", "http://127.0.0.1:1003")).await.unwrap();
+    let lease = client(&a).await.register_worker(registration("shared", "http://127.0.0.1:1003")).await.unwrap();
     let lease = lease.into_inner().lease;
     let seen = tokio::time::timeout(Duration::from_secs(1), watch.next()).await;
     let event = seen.expect("B sees A's registration within 1 s").unwrap().unwrap();
@@ -158,7 +145,7 @@ async fn replicas_share_registrations_and_expire_silent_workers() {
     assert_eq!(beat(&a).await.unwrap_err().code(), Code::NotFound, "an expired worker must register again");
 
     // B counts the expiry, though A granted the lease; a deregistration through A is no expiry.
-    let lease = client(&a).await.register_worker(record("leaving", "http://127.0.0.1:1004")).await.unwrap();
+    let lease = client(&a).await.register_worker(registration("leaving", "http://127.0.0.1:1004")).await.unwrap();
     let leave = pb::DeregisterRequest { worker_id: "leaving".into(), lease: lease.into_inner().lease };
     client(&a).await.deregister(leave).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -317,14 +304,14 @@ async fn changes_during_a_cut_watch(compact: bool) -> Vec<String> {
     let b = controller_on_etcd("127.0.0.1:0", "20s", &etcd.url());
     let mut watch = client(&a).await.watch_workers(pb::WatchWorkersRequest {}).await.unwrap().into_inner();
     assert_eq!(next_event(&mut watch).await, "snapshot of 0");
-    client(&b).await.register_worker(record("before", "http://127.0.0.1:2001")).await.unwrap();
+    client(&b).await.register_worker(registration("before", "http://127.0.0.1:2001")).await.unwrap();
     assert_eq!(next_event(&mut watch).await, "+before");
 
     proxy.cut();
     let mut c = client(&b).await;
-    let lease = c.register_worker(record("gone", "http://127.0.0.1:2002")).await.unwrap().into_inner().lease;
+    let lease = c.register_worker(registration("gone", "http://127.0.0.1:2002")).await.unwrap().into_inner().lease;
     c.deregister(pb::DeregisterRequest { worker_id: "gone".into(), lease }).await.unwrap();
-    c.register_worker(record("after", "http://127.0.0.1:2003")).await.unwrap();
+    c.register_worker(registration("after", "http://127.0.0.1:2003")).await.unwrap();
     if compact {
         let mut etcd_client = etcd_client::Client::connect([etcd.url()], None).await.unwrap();
         let revision = etcd_client.get("/", None).await.unwrap().header().unwrap().revision();
@@ -360,7 +347,11 @@ async fn the_controller_reaches_etcd_over_tls_with_a_client_certificate() {
         .map(String::from)
         .collect::<Vec<_>>();
     let ctl = Proc::start(&args);
-    client(&ctl).await.register_worker(record("secure", "http://127.0.0.1:3001")).await.expect("registers over TLS");
+    client(&ctl)
+        .await
+        .register_worker(registration("secure", "http://127.0.0.1:3001"))
+        .await
+        .expect("registers over TLS");
     assert_eq!(worker_ids(&ctl).await, ["secure"]);
     assert!(health(&ctl).await.ready);
 }
