@@ -309,6 +309,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn metrics_can_be_put_behind_the_keys() {
+        let (open, _worker) = app(UNLIMITED).await;
+        assert_eq!(send(&open, "GET", "/metrics", &[], "").await.0, 200, "open by default");
+        let table = Arc::new(WorkerTable::new());
+        let settings = Settings { max_body_bytes: 1 << 20, worker_down_for: Duration::from_secs(10), retry_after: 1 };
+        let auth = Auth::new(Keys::new(["sk-right"]).unwrap(), UNLIMITED);
+        let private = router(AppState::new(table, settings).with_auth(Some(auth)).with_private_metrics(true));
+        assert_eq!(send(&private, "GET", "/metrics", &[], "").await.0, 401);
+        assert_eq!(send(&private, "GET", "/metrics", &[("authorization", "Bearer sk-wrong")], "").await.0, 401);
+        let (status, _, text) = send(&private, "GET", "/metrics", &[("authorization", "Bearer sk-right")], "").await;
+        assert_eq!(status, 200);
+        assert!(text.contains("herd_gateway"), "{text}");
+        let mut args = crate::GatewayArgs::new(vec![], String::new());
+        args.metrics_require_key = true;
+        assert!(args.auth().err().unwrap().to_string().contains("--metrics-require-key"));
+    }
+
+    #[tokio::test]
     async fn every_v1_route_needs_a_right_key() {
         let (app, _worker) = app(UNLIMITED).await;
         for (method, uri, body) in routes() {

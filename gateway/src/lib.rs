@@ -72,6 +72,9 @@ pub struct GatewayArgs {
     /// PEM private key of --http-tls-cert.
     #[arg(long, env = "HERD_HTTP_TLS_KEY", requires = "http_tls_cert")]
     pub http_tls_key: Option<PathBuf>,
+    /// Serve `/metrics` only to callers with an API key (the key's allowance is not spent).
+    #[arg(long, env = "HERD_METRICS_REQUIRE_KEY")]
+    pub metrics_require_key: bool,
     /// Mutual TLS towards the controller and workers.
     #[command(flatten)]
     pub tls: TlsArgs,
@@ -95,6 +98,7 @@ impl GatewayArgs {
             rate_limit_tpm: None,
             http_tls_cert: None,
             http_tls_key: None,
+            metrics_require_key: false,
             tls: TlsArgs::default(),
             cluster_token: TokenArgs::default(),
         }
@@ -108,6 +112,11 @@ impl GatewayArgs {
         };
         keys.extend(self.api_key_list.iter().cloned());
         let Some(keys) = Keys::new(keys.iter().map(String::as_str)) else {
+            if self.metrics_require_key {
+                return Err(GatewayError::Config(
+                    "--metrics-require-key needs API keys: give them with --api-keys or HERD_API_KEYS".into(),
+                ));
+            }
             if self.rate_limit_rpm.is_some() || self.rate_limit_tpm.is_some() {
                 return Err(GatewayError::Config(
                     "--rate-limit-rpm and --rate-limit-tpm are per API key: give keys with --api-keys or HERD_API_KEYS"
@@ -159,18 +168,33 @@ pub struct AppState {
     pub auth: Option<Arc<Auth>>,
     /// The gateway's metrics.
     pub metrics: Arc<GatewayMetrics>,
+    /// Whether `/metrics` needs an API key too.
+    pub private_metrics: bool,
 }
 
 impl AppState {
     /// Builds the state from a table (filled by [`watch::watch_controllers`] or by hand in tests).
     pub fn new(table: Arc<WorkerTable>, settings: Settings) -> Self {
-        AppState { table, settings: Arc::new(settings), auth: None, metrics: Arc::new(GatewayMetrics::new()) }
+        AppState {
+            table,
+            settings: Arc::new(settings),
+            auth: None,
+            metrics: Arc::new(GatewayMetrics::new()),
+            private_metrics: false,
+        }
     }
 
     /// Requires API keys (and their limits) on `/v1`.
     #[must_use]
     pub fn with_auth(mut self, auth: Option<Auth>) -> Self {
         self.auth = auth.map(Arc::new);
+        self
+    }
+
+    /// Puts `/metrics` behind the API keys (when there are keys).
+    #[must_use]
+    pub fn with_private_metrics(mut self, private: bool) -> Self {
+        self.private_metrics = private;
         self
     }
 }
@@ -185,19 +209,25 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions));
     let mut admin = Router::new().route("/admin/cluster", get(ui::cluster));
+    let mut open = Router::new();
+    if state.private_metrics && state.auth.is_some() {
+        admin = admin.route("/metrics", get(handlers::metrics));
+    } else {
+        open = open.route("/metrics", get(handlers::metrics));
+    }
     if let Some(auth) = state.auth.clone() {
         // Route layers: unknown paths still answer 404, not 401.
         api = api.route_layer(axum::middleware::from_fn_with_state(auth.clone(), auth::require_key));
         admin = admin.route_layer(axum::middleware::from_fn_with_state(auth, auth::require_key_only));
     }
     api.merge(admin)
+        .merge(open)
         .route("/", get(ui::chat_page))
         .route("/dashboard", get(ui::dashboard_page))
         .route("/ui/config", get(ui::config))
         .route("/ui/{file}", get(ui::asset))
         .route("/health", get(handlers::health))
         .route("/ready", get(handlers::ready))
-        .route("/metrics", get(handlers::metrics))
         // Must come after the routes: it only applies to those already added.
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .fallback(handlers::not_found)
@@ -225,7 +255,9 @@ pub async fn serve(
     let api_keys = auth.as_ref().map_or(0, |a| a.keys.len());
     let addr = listener.local_addr().ok();
     info!(?addr, controllers = ?args.controller, api_keys, https = https.is_some(), "gateway serving");
-    let app = router(AppState::new(table, Settings::from(&args)).with_auth(auth));
+    let app = router(
+        AppState::new(table, Settings::from(&args)).with_auth(auth).with_private_metrics(args.metrics_require_key),
+    );
     match https {
         Some(config) => {
             axum::serve(https::TlsListener::new(listener, config)?, app).with_graceful_shutdown(shutdown).await?

@@ -24,7 +24,11 @@ pub async fn call(
     headers: &[(&str, &str)],
     body: impl Into<axum::body::Body>,
 ) -> axum::response::Response {
-    let mut req = axum::http::Request::builder().method(method).uri(uri).header("content-type", "application/json");
+    let mut req = axum::http::Request::builder().method(method).uri(uri);
+    // JSON unless the test says otherwise.
+    if !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("content-type")) {
+        req = req.header("content-type", "application/json");
+    }
     for (name, value) in headers {
         req = req.header(*name, *value);
     }

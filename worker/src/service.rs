@@ -347,7 +347,6 @@ impl pb::worker_server::Worker for WorkerService {
             models: self.core.names.clone(),
             context_length: engine.context_length() as u32,
             chat_template: engine.template().0.name().to_string(),
-            path: engine.path().display().to_string(),
         }))
     }
 

@@ -26,6 +26,13 @@ pub enum GatewayError {
         /// The limit, in bytes.
         limit: usize,
     },
+    /// The body is not declared as JSON (415): a form or `text/plain` POST, which a web page can
+    /// send from a visitor's browser without a CORS preflight.
+    #[error("the request body must be JSON, sent with `Content-Type: application/json` (got {got})")]
+    UnsupportedMediaType {
+        /// The content type sent, or "none".
+        got: String,
+    },
     /// No route has this path (404).
     #[error("Invalid URL ({method} {path})")]
     UnknownRoute {
@@ -174,6 +181,7 @@ impl GatewayError {
         match self {
             GatewayError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             GatewayError::UnknownRoute { .. } | GatewayError::ModelNotFound { .. } => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
@@ -193,6 +201,9 @@ impl GatewayError {
         let (kind, param, code): (&str, Option<String>, Option<&str>) = match self {
             GatewayError::InvalidRequest { param, code, .. } => ("invalid_request_error", param.clone(), *code),
             GatewayError::BodyTooLarge { .. } => ("invalid_request_error", None, Some("request_too_large")),
+            GatewayError::UnsupportedMediaType { .. } => {
+                ("invalid_request_error", None, Some("unsupported_media_type"))
+            }
             GatewayError::UnknownRoute { .. } => ("invalid_request_error", None, Some("unknown_url")),
             GatewayError::MethodNotAllowed { .. } => ("invalid_request_error", None, Some("method_not_allowed")),
             GatewayError::ModelNotFound { .. } => {

@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -64,20 +64,39 @@ async fn body_bytes(state: &AppState, body: Body) -> Result<Vec<u8>, GatewayErro
 /// The caller's API-key account, when keys are on.
 type Caller = Option<Extension<Account>>;
 
+/// Refuses a body not declared as `application/json` (parameters such as `charset` allowed).
+fn require_json(headers: &HeaderMap) -> Result<(), GatewayError> {
+    let sent =
+        headers.get(axum::http::header::CONTENT_TYPE).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let media = sent.as_deref().map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+    if media.as_deref() == Some("application/json") {
+        return Ok(());
+    }
+    Err(GatewayError::UnsupportedMediaType { got: sent.map_or_else(|| "none".into(), |v| format!("{v:?}")) })
+}
+
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(
     State(state): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, GatewayError> {
     let started = Instant::now();
+    require_json(&headers)?;
     let plan = parse_chat(&body_bytes(&state, body).await?)?;
     Ok(execute(state, plan, (started, caller.map(|Extension(a)| a))).await)
 }
 
 /// `POST /v1/completions`.
-pub async fn completions(State(state): State<AppState>, caller: Caller, body: Body) -> Result<Response, GatewayError> {
+pub async fn completions(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, GatewayError> {
     let started = Instant::now();
+    require_json(&headers)?;
     let plan = parse_completion(&body_bytes(&state, body).await?)?;
     Ok(execute(state, plan, (started, caller.map(|Extension(a)| a))).await)
 }
@@ -301,6 +320,26 @@ mod tests {
 
     fn chat(n: u32) -> Value {
         json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": n, "seed": 10})
+    }
+
+    #[tokio::test]
+    async fn only_json_bodies_are_read() {
+        let w = FakeWorker::start(Script::Reply(vec!["ok"])).await;
+        let (app, _) = app_with(vec![worker_state("a", &w.address, &["m"], 0)]);
+        let body = chat(1).to_string();
+        for uri in ["/v1/chat/completions", "/v1/completions"] {
+            // What a web page can send from a visitor's browser without a CORS preflight.
+            for kind in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"] {
+                let (status, _, text) = crate::testing::send(&app, "POST", uri, &[("content-type", kind)], &body).await;
+                assert_eq!(status, 415, "{uri} {kind}: {text}");
+                let v: Value = serde_json::from_str(&text).unwrap();
+                assert_eq!(v["error"]["code"], "unsupported_media_type", "{text}");
+                assert!(v["error"]["message"].as_str().unwrap().contains("application/json"), "{text}");
+            }
+        }
+        let json_utf8 = [("content-type", "Application/JSON; charset=utf-8")];
+        let (status, _, text) = crate::testing::send(&app, "POST", "/v1/chat/completions", &json_utf8, &body).await;
+        assert_eq!(status, 200, "{text}");
     }
 
     #[tokio::test]

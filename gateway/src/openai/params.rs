@@ -14,6 +14,9 @@ pub const MAX_N: i64 = 16;
 pub const MAX_CHOICES: usize = 128;
 /// Most stop strings.
 pub const MAX_STOP: usize = 4;
+/// Longest stop string, in bytes: each is kept and matched per choice, so unbounded ones cost
+/// memory and time on the gateway and the worker alike.
+pub const MAX_STOP_BYTES: usize = 1024;
 /// Most chat alternatives per token.
 pub const MAX_TOP_LOGPROBS: i64 = 20;
 /// Most completions-style alternatives per token.
@@ -178,6 +181,13 @@ fn stop_param(value: Option<&Value>) -> Result<Vec<String>, GatewayError> {
         }
         Some(_) => return Err(shape()),
     };
+    if let Some((i, long)) = stops.iter().enumerate().find(|(_, s)| s.len() > MAX_STOP_BYTES) {
+        let param = if matches!(value, Some(Value::Array(_))) { format!("stop[{i}]") } else { "stop".into() };
+        return Err(invalid(
+            param,
+            format!("a stop string may be at most {MAX_STOP_BYTES} bytes long, got {}", long.len()),
+        ));
+    }
     // An empty stop string would match everywhere; treat it as no stop.
     Ok(stops.into_iter().filter(|s| !s.is_empty()).collect())
 }
@@ -239,7 +249,9 @@ fn common(c: CommonIn<'_>) -> Result<Common, GatewayError> {
     let include_usage = stream && c.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
     let sampling = Sampling {
         temperature: temperature as f32,
-        top_p: top_p as f32,
+        // A positive top_p that f32 rounds to 0 would read as unset (1); the smallest one keeps
+        // just the top token, as asked.
+        top_p: (top_p as f32).max(f32::MIN_POSITIVE),
         top_k,
         repetition_penalty: repetition_penalty as f32,
         presence_penalty: presence_penalty as f32,
@@ -551,6 +563,8 @@ mod tests {
             (format!(r#"{{"model":"m",{MSG},"stop":["a","b","c","d","e"]}}"#), Some("stop"), "at most 4"),
             (format!(r#"{{"model":"m",{MSG},"stop":5}}"#), Some("stop"), "string or an array"),
             (format!(r#"{{"model":"m",{MSG},"stop":["a",1]}}"#), Some("stop[1]"), "must be a string"),
+            (format!(r#"{{"model":"m",{MSG},"stop":"{}"}}"#, "x".repeat(1025)), Some("stop"), "at most 1024 bytes"),
+            (format!(r#"{{"model":"m",{MSG},"stop":["a","{}"]}}"#, "x".repeat(1025)), Some("stop[1]"), "at most 1024 bytes"),
             (format!(r#"{{"model":"m",{MSG},"n":0}}"#), Some("n"), "between 1 and 16"),
             (format!(r#"{{"model":"m",{MSG},"n":17}}"#), Some("n"), "between 1 and 16"),
             (format!(r#"{{"model":"m",{MSG},"seed":1.5}}"#), Some("seed"), "integer"),
@@ -606,6 +620,10 @@ mod tests {
         assert_eq!(s.seed, Some(12));
         assert!((s.repetition_penalty - 1.1).abs() < 1e-6);
         assert_eq!(plan.choices[0].request.sampling.as_ref().unwrap().seed, Some(10));
+
+        // A top_p too small for f32 still means "only the top token", not "unset".
+        let plan = parse_chat(br#"{"model":"m","messages":[{"role":"user","content":"x"}],"top_p":1e-300}"#).unwrap();
+        assert_eq!(plan.choices[0].request.sampling.as_ref().unwrap().top_p, f32::MIN_POSITIVE);
 
         let plan = parse_chat(
             br#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream_options":{"include_usage":true}}"#,

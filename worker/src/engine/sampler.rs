@@ -7,10 +7,14 @@ use rand::{Rng, SeedableRng};
 
 use super::error::{EngineError, Result};
 
+/// Temperatures below this are greedy: dividing logits by less overflows them to infinity (and
+/// the softmax to NaN), and the draw is the argmax anyway.
+pub const MIN_TEMPERATURE: f32 = 1e-5;
+
 /// How to pick tokens; OpenAI semantics, with vLLM's extras.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
-    /// 0 means greedy.
+    /// 0 (or anything below [`MIN_TEMPERATURE`]) means greedy.
     pub temperature: f32,
     /// Nucleus mass in (0, 1]; 1 keeps everything.
     pub top_p: f32,
@@ -114,7 +118,7 @@ impl Sampler {
     /// are ordered, by partial selection: no full-vocabulary sort.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
-        if p.temperature == 0.0 {
+        if p.temperature < MIN_TEMPERATURE {
             return argmax(logits);
         }
         let mut cands: Vec<(u32, f32)> = logits
@@ -222,12 +226,23 @@ mod tests {
     }
 
     #[test]
+    fn tiny_temperatures_are_greedy() {
+        let logits = [1.0, 5.0, 4.9, 0.0, 30.0, 29.99];
+        for t in [1e-38, f32::MIN_POSITIVE, 1e-6, 9.9e-6] {
+            let mut s = Sampler::new(params(|p| p.temperature = t));
+            assert!((0..20).all(|_| s.sample(&logits) == 4), "temperature {t}");
+        }
+    }
+
+    #[test]
     fn top_k_one_is_greedy_and_top_p_small_keeps_best() {
         let logits = [1.0, 5.0, 4.9, 0.0];
         let mut s = Sampler::new(params(|p| p.top_k = 1));
         assert!((0..20).all(|_| s.sample(&logits) == 1));
-        let mut s = Sampler::new(params(|p| p.top_p = 0.01));
-        assert!((0..20).all(|_| s.sample(&logits) == 1));
+        for top_p in [0.01, f32::MIN_POSITIVE] {
+            let mut s = Sampler::new(params(|p| p.top_p = top_p));
+            assert!((0..20).all(|_| s.sample(&logits) == 1), "top_p {top_p}");
+        }
     }
 
     /// The partial ordering keeps exactly the tokens a full sort would, for nuclei needing a
