@@ -199,6 +199,7 @@ pub async fn run(args: UpArgs, mut stop: Pin<Box<dyn Future<Output = ()> + Send>
         listen: controller.clone(),
         store: args.store,
         heartbeat_ttl: args.heartbeat_ttl,
+        max_workers: herd_controller::service::DEFAULT_MAX_WORKERS,
         etcd_endpoints: args.etcd_endpoints.clone(),
         etcd_prefix: args.etcd_prefix.clone(),
         etcd_user: None,

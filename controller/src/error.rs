@@ -20,6 +20,9 @@ pub enum ControllerError {
         "worker {0:?} is registered under another lease; only the worker that registered it may heartbeat or deregister it"
     )]
     WrongLease(String),
+    /// The registry holds as many workers as `--max-workers` allows.
+    #[error("the registry already holds {0} workers, the most --max-workers allows")]
+    TooManyWorkers(usize),
     /// No registered worker serves the requested model.
     #[error("no worker serves model {0:?}")]
     NoWorkerForModel(String),
@@ -58,6 +61,7 @@ impl From<ControllerError> for Status {
             ControllerError::InvalidRecord(_) => Code::InvalidArgument,
             ControllerError::DuplicateWorker(_) => Code::AlreadyExists,
             ControllerError::WrongLease(_) => Code::PermissionDenied,
+            ControllerError::TooManyWorkers(_) => Code::ResourceExhausted,
             // Workers react to NotFound on Heartbeat by registering again.
             ControllerError::UnknownWorker(_) | ControllerError::NoWorkerForModel(_) => Code::NotFound,
             // Unavailable tells watchers to reconnect, which is what both store trouble and lag need.

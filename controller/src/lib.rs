@@ -50,6 +50,9 @@ pub struct ControllerArgs {
     /// How long a worker stays registered without a heartbeat (e.g. 10s, 1500ms).
     #[arg(long, env = "HERD_HEARTBEAT_TTL", default_value = "10s", value_parser = parse_heartbeat_ttl)]
     pub heartbeat_ttl: Duration,
+    /// Most workers registered at once; registrations beyond are refused (ResourceExhausted).
+    #[arg(long, env = "HERD_MAX_WORKERS", default_value_t = service::DEFAULT_MAX_WORKERS)]
+    pub max_workers: usize,
     /// With `--store etcd`: etcd URLs, comma-separated (e.g. http://127.0.0.1:2379).
     #[arg(long, env = "HERD_ETCD_ENDPOINTS", value_delimiter = ',')]
     pub etcd_endpoints: Vec<String>,
@@ -83,14 +86,21 @@ pub struct ControllerArgs {
 }
 
 /// How the controller's servers are exposed, beyond the gRPC listener.
-#[derive(Default)]
 pub struct Exposure {
     /// Mutual TLS on the gRPC listener.
     pub tls: Option<ClusterTls>,
     /// The token every gRPC call must carry (`None`: no token is checked).
     pub token: Option<ClusterToken>,
+    /// Most workers registered at once.
+    pub max_workers: usize,
     /// Where `/metrics`, `/health` and `/ready` are served.
     pub metrics: MetricsArgs,
+}
+
+impl Default for Exposure {
+    fn default() -> Self {
+        Self { tls: None, token: None, max_workers: service::DEFAULT_MAX_WORKERS, metrics: MetricsArgs::default() }
+    }
 }
 
 /// Reads a PEM file named by `flag`.
@@ -189,7 +199,8 @@ pub async fn serve_store(
 ) -> Result<(), ControllerError> {
     // The watch streams, the metrics endpoint and the server's drain wait on the same signal.
     let shutdown = shutdown.boxed().shared();
-    let service = ControllerService::new(store.clone()).end_watches_on(shutdown.clone());
+    let service =
+        ControllerService::new(store.clone()).max_workers(exposure.max_workers).end_watches_on(shutdown.clone());
     let metrics = service.metrics().clone();
     exposure.metrics.serve(metrics.clone(), shutdown.clone()).await?;
     let (health, health_service) = Health::new(&[ControllerServer::<ControllerService>::NAME], false).await;
@@ -205,7 +216,12 @@ pub async fn serve_store(
     }
     server
         .add_service(health_service)
-        .add_service(InterceptedService::new(ControllerServer::new(service), RequireToken(exposure.token)))
+        .add_service(InterceptedService::new(
+            ControllerServer::new(service)
+                .max_decoding_message_size(service::MAX_REQUEST_BYTES)
+                .max_encoding_message_size(herd_proto::MAX_WATCH_MESSAGE_BYTES),
+            RequireToken(exposure.token),
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
@@ -223,7 +239,7 @@ pub async fn run(
     let listener = TcpListener::bind(&args.listen).await.map_err(bind_error)?;
     let local_addr = listener.local_addr().map_err(bind_error)?;
     let token = args.auth.for_server(local_addr, tls.is_some())?;
-    let exposure = Exposure { tls, token, metrics: args.metrics.clone() };
+    let exposure = Exposure { tls, token, max_workers: args.max_workers, metrics: args.metrics.clone() };
     let store = open_store(&args).await?;
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "herd controller listening on {local_addr}")

@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures::Stream;
-use herd_proto::v1::{WorkerLoad, WorkerState};
+use herd_proto::v1::{WorkerInfo, WorkerLoad, WorkerState};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -28,6 +28,21 @@ pub enum WorkerChange {
     Upsert(WorkerState),
     /// A worker deregistered or expired; carries its id.
     Removed(String),
+}
+
+/// Checks a load report against what the worker registered: it cannot run or queue more than
+/// its batch and queue hold (a report that could would steer every gateway).
+pub(crate) fn validate_load(info: &WorkerInfo, load: &WorkerLoad) -> Result<(), ControllerError> {
+    let capacity = u64::from(info.max_batch_size) + u64::from(info.max_queue);
+    let reported = u64::from(load.running) + u64::from(load.waiting);
+    if capacity > 0 && reported > capacity {
+        return Err(ControllerError::InvalidRecord(format!(
+            "worker {:?} reports {reported} running and waiting sequences, more than its batch and queue hold \
+             ({capacity})",
+            info.worker_id
+        )));
+    }
+    Ok(())
 }
 
 /// A registration's lease as stores keep it: the SHA-256 of the secret only its worker holds, so
@@ -103,6 +118,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every live record, ordered by worker id.
     async fn list(&self) -> Result<Vec<WorkerState>, ControllerError>;
+
+    /// How many live records there are.
+    async fn count(&self) -> Result<usize, ControllerError>;
 
     /// Counts since the store started, for the controller's metrics.
     fn stats(&self) -> StoreStats;

@@ -33,13 +33,37 @@ pub struct ControllerService {
     store: Arc<dyn Store>,
     stop_watches: StopSignal,
     metrics: Arc<ControllerMetrics>,
+    max_workers: usize,
 }
+
+/// Workers registered at once, unless `--max-workers` says otherwise.
+pub const DEFAULT_MAX_WORKERS: usize = 1024;
+/// Longest worker id, address, model name and device name, in bytes.
+const MAX_ID: usize = 128;
+const MAX_ADDRESS: usize = 512;
+const MAX_NAME: usize = 128;
+const MAX_DEVICE: usize = 32;
+/// Most model names (with aliases) and devices one worker may list. With the lengths above, a
+/// record stays under 4 KiB, and a registry of the default size's watch snapshot well under
+/// [`herd_proto::MAX_WATCH_MESSAGE_BYTES`].
+const MAX_MODELS: usize = 16;
+const MAX_DEVICES: usize = 16;
+/// The largest request the controller reads: registrations are small.
+pub const MAX_REQUEST_BYTES: usize = 64 << 10;
 
 impl ControllerService {
     /// A service over `store` whose watch streams run until their clients go away.
     pub fn new(store: Arc<dyn Store>) -> Self {
         let metrics = Arc::new(ControllerMetrics::new(store.clone()));
-        Self { store, stop_watches: futures::future::pending().boxed().shared(), metrics }
+        let stop_watches = futures::future::pending().boxed().shared();
+        Self { store, stop_watches, metrics, max_workers: DEFAULT_MAX_WORKERS }
+    }
+
+    /// Refuses registrations beyond `max` live workers.
+    #[must_use]
+    pub fn max_workers(mut self, max: usize) -> Self {
+        self.max_workers = max;
+        self
     }
 
     /// The service's metrics.
@@ -56,11 +80,29 @@ impl ControllerService {
     }
 }
 
-/// Checks a registering worker's record: the fields others depend on must be present.
+/// Checks a registering worker's record: the fields others depend on must be present, and
+/// nothing may be larger than a real worker's record would be.
 fn validate_info(info: Option<WorkerInfo>) -> Result<WorkerInfo, ControllerError> {
     let info = info.ok_or_else(|| ControllerError::InvalidRecord("info is missing".into()))?;
     if info.worker_id.trim().is_empty() {
         return Err(ControllerError::InvalidRecord("worker_id is empty".into()));
+    }
+    let too_long = |what: &str, value: &str, max: usize| {
+        (value.len() > max).then(|| ControllerError::InvalidRecord(format!("{what} is longer than {max} bytes")))
+    };
+    let too_many = |what: &str, n: usize, max: usize| {
+        (n > max).then(|| ControllerError::InvalidRecord(format!("{n} {what}: at most {max} per worker")))
+    };
+    let checks = [
+        too_long("worker_id", &info.worker_id, MAX_ID),
+        too_long("address", &info.address, MAX_ADDRESS),
+        too_many("model names", info.models.len(), MAX_MODELS),
+        too_many("devices", info.devices.len(), MAX_DEVICES),
+    ];
+    let names = info.models.iter().filter_map(|m| too_long("a model name", m, MAX_NAME));
+    let devices = info.devices.iter().filter_map(|d| too_long("a device name", d, MAX_DEVICE));
+    if let Some(err) = checks.into_iter().flatten().chain(names).chain(devices).next() {
+        return Err(err);
     }
     if info.address.trim().is_empty() {
         return Err(ControllerError::InvalidRecord(format!("worker {:?}: address is empty", info.worker_id)));
@@ -164,7 +206,12 @@ impl Controller for ControllerService {
     ) -> Result<Response<RegisterWorkerResponse>, Status> {
         let request = request.into_inner();
         let info = validate_info(request.info)?;
-        let state = WorkerState { info: Some(info.clone()), load: Some(request.load.unwrap_or_default()) };
+        let load = request.load.unwrap_or_default();
+        crate::registry::validate_load(&info, &load)?;
+        if self.store.count().await? >= self.max_workers {
+            return Err(ControllerError::TooManyWorkers(self.max_workers).into());
+        }
+        let state = WorkerState { info: Some(info.clone()), load: Some(load) };
         let (secret, lease) = Lease::issue();
         let registered = self.store.register(state, lease).await;
         self.metrics.registrations.with_label_values(&[if registered.is_ok() { "ok" } else { "error" }]).inc();
@@ -325,6 +372,54 @@ mod tests {
         let err = service.heartbeat(Request::new(no_lease)).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
         assert!(err.message().contains("lease"), "{}", err.message());
+    }
+
+    #[tokio::test]
+    async fn oversized_records_and_impossible_loads_are_refused() {
+        let service = service();
+        let base = worker("w1", &["m"]).info.unwrap();
+        let long = |n: usize| "x".repeat(n);
+        let cases = [
+            ("worker_id", WorkerInfo { worker_id: long(129), ..base.clone() }),
+            ("address", WorkerInfo { address: format!("http://{}", long(600)), ..base.clone() }),
+            ("model name", WorkerInfo { models: vec![long(129)], ..base.clone() }),
+            ("model names", WorkerInfo { models: (0..17).map(|i| format!("m{i}")).collect(), ..base.clone() }),
+            ("devices", WorkerInfo { devices: vec!["cpu".into(); 17], ..base.clone() }),
+            ("device name", WorkerInfo { devices: vec![long(33)], ..base.clone() }),
+        ];
+        for (what, info) in cases {
+            let err =
+                service.register_worker(Request::new(RegisterWorkerRequest { info: Some(info), load: None })).await;
+            let err = err.unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{what}");
+            assert!(err.message().contains(what), "{what}: {}", err.message());
+        }
+        // worker() registers a batch of 8 and a queue of 64: 72 sequences at most.
+        let over = RegisterWorkerRequest { info: Some(base.clone()), load: Some(load(8, 65)) };
+        assert_eq!(service.register_worker(Request::new(over)).await.unwrap_err().code(), Code::InvalidArgument);
+        let lease = register(&service, worker("w1", &["m"])).await;
+        let beat = |running, waiting| HeartbeatRequest {
+            worker_id: "w1".into(),
+            load: Some(load(running, waiting)),
+            lease: lease.clone(),
+        };
+        service.heartbeat(Request::new(beat(8, 64))).await.unwrap();
+        let err = service.heartbeat(Request::new(beat(0, 1_000_000))).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+        let listed = service.list_workers(Request::new(ListWorkersRequest::default())).await.unwrap().into_inner();
+        assert_eq!(listed.workers[0].load, Some(load(8, 64)), "the impossible report was not stored");
+    }
+
+    #[tokio::test]
+    async fn registrations_stop_at_max_workers() {
+        let service = service().max_workers(3);
+        for i in 0..3 {
+            register(&service, worker(&format!("w{i}"), &["m"])).await;
+        }
+        let extra = RegisterWorkerRequest { info: worker("w3", &["m"]).info, load: None };
+        let err = service.register_worker(Request::new(extra)).await.unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted);
+        assert!(err.message().contains("--max-workers"), "{}", err.message());
     }
 
     #[tokio::test]

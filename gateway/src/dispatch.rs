@@ -147,7 +147,8 @@ impl Ctx {
             };
             attempts.tried.insert(picked.worker_id.clone());
             debug!(request_id = %self.request_id, worker = %picked.worker_id, address = %picked.address, "calling worker");
-            let mut client = WorkerClient::new(picked.channel.clone());
+            let mut client = WorkerClient::new(picked.channel.clone())
+                .max_encoding_message_size(herd_proto::MAX_WORKER_REQUEST_BYTES);
             let mut call = tonic::Request::new(request.clone());
             if let Ok(value) = MetadataValue::try_from(self.request_id.as_str()) {
                 call.metadata_mut().insert("x-request-id", value);

@@ -84,7 +84,8 @@ async fn watch_once(url: &str, table: &WorkerTable) -> (bool, String) {
         Ok(channel) => channel,
         Err(err) => return (false, format!("connect failed: {err}")),
     };
-    let mut client = ControllerClient::new(herd_ops::auth::present(channel, table.token()));
+    let mut client = ControllerClient::new(herd_ops::auth::present(channel, table.token()))
+        .max_decoding_message_size(herd_proto::MAX_WATCH_MESSAGE_BYTES);
     let mut stream = match client.watch_workers(WatchWorkersRequest {}).await {
         Ok(response) => response.into_inner(),
         Err(status) => return (false, format!("WatchWorkers failed: {status}")),

@@ -4,3 +4,10 @@
 pub mod v1 {
     tonic::include_proto!("herd.v1");
 }
+
+/// The largest message a controller sends and a gateway reads: a `WatchWorkers` snapshot of a
+/// full registry (the controller bounds how many workers register, and how large each record is).
+pub const MAX_WATCH_MESSAGE_BYTES: usize = 16 << 20;
+
+/// The largest `Generate` or `CountTokens` request a worker reads (a prompt of a few MiB).
+pub const MAX_WORKER_REQUEST_BYTES: usize = 16 << 20;

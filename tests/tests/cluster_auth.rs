@@ -170,3 +170,40 @@ fn a_reachable_role_without_a_credential_refuses_to_start() {
     let controller = Proc::start(&["controller", "--listen", "0.0.0.0:0", "--insecure-no-auth"].map(String::from));
     assert!(controller.addr.starts_with("0.0.0.0:"), "{}", controller.addr);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_registrations_is_capped_and_new_gateways_still_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let flag = token_file(&dir);
+    let args = ["controller", "--listen", "127.0.0.1:0", "--max-workers", "2000"];
+    let controller = Proc::start(&args.iter().map(|a| a.to_string()).chain(flag.clone()).collect::<Vec<_>>());
+    let mut c = ControllerClient::new(channel(&controller.url(), Some(TOKEN)).await);
+    // Ten thousand registrations by a token holder, each record as large as the limits allow
+    // (about 3 KiB: 2000 of them are over the 4 MiB gRPC messages default to).
+    let mut refused = 0;
+    for i in 0..10_000 {
+        let mut request = registration(&format!("fake-{i:05}-{}", "x".repeat(100)), "http://127.0.0.1:9");
+        let info = request.info.as_mut().unwrap();
+        info.models = (0..16).map(|m| format!("{m:02}{}", "m".repeat(126))).collect();
+        info.devices = (0..16).map(|d| format!("{d:02}{}", "d".repeat(30))).collect();
+        if let Err(status) = c.register_worker(request).await {
+            assert_eq!(status.code(), Code::ResourceExhausted, "registration {i}: {status:?}");
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 8000);
+    let mut args: Vec<String> =
+        ["gateway", "--listen", "127.0.0.1:0", "--controller", &controller.url()].map(String::from).to_vec();
+    args.extend(flag);
+    let gateway = Proc::start(&args);
+    let health = format!("{}/health", gateway.url());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen: serde_json::Value = reqwest::get(&health).await.unwrap().json().await.unwrap();
+        if seen["workers"] == 2000 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the new gateway did not get the snapshot: {seen}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -206,7 +206,8 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
         builder
             .add_service(health_service)
             .add_service(InterceptedService::new(
-                pb::worker_server::WorkerServer::new(WorkerService::new(core.clone())),
+                pb::worker_server::WorkerServer::new(WorkerService::new(core.clone()))
+                    .max_decoding_message_size(herd_proto::MAX_WORKER_REQUEST_BYTES),
                 RequireToken(token.clone()),
             ))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {

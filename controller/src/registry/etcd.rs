@@ -15,7 +15,7 @@ use herd_proto::v1::{WorkerLoad, WorkerState};
 use prost::Message;
 use tokio::sync::broadcast;
 
-use super::{ChangeStream, Lease, Store, StoreStats, WorkerChange, changes};
+use super::{ChangeStream, Lease, Store, StoreStats, WorkerChange, changes, validate_load};
 use crate::error::ControllerError;
 
 /// Changes buffered per watcher before a slow one is cut off (and re-reads a snapshot).
@@ -94,6 +94,10 @@ impl View {
 
     fn get(&self, id: &str) -> Option<(WorkerState, i64)> {
         self.lock().workers.get(id).cloned()
+    }
+
+    fn len(&self) -> usize {
+        self.lock().workers.len()
     }
 
     /// Records a put; publishes an upsert unless the record is already the same.
@@ -332,6 +336,9 @@ impl Store for EtcdStore {
 
     async fn heartbeat(&self, worker_id: &str, secret: &Lease, load: WorkerLoad) -> Result<(), ControllerError> {
         let (mut state, lease) = self.lookup(worker_id).await?;
+        if let Some(info) = &state.info {
+            validate_load(info, &load)?;
+        }
         let mut client = self.client.clone();
         state.load = Some(load);
         // Put only if the record is still on this lease, so a late heartbeat cannot resurrect a
@@ -376,6 +383,10 @@ impl Store for EtcdStore {
 
     async fn list(&self) -> Result<Vec<WorkerState>, ControllerError> {
         Ok(self.view.snapshot().0)
+    }
+
+    async fn count(&self) -> Result<usize, ControllerError> {
+        Ok(self.view.len())
     }
 
     fn stats(&self) -> StoreStats {

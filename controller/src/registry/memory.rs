@@ -10,7 +10,7 @@ use herd_proto::v1::{WorkerLoad, WorkerState};
 use tokio::sync::broadcast;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::{ChangeStream, Lease, Store, StoreStats, WorkerChange, changes};
+use super::{ChangeStream, Lease, Store, StoreStats, WorkerChange, changes, validate_load};
 use crate::error::ControllerError;
 
 /// Changes buffered per watcher before a slow one is cut off (and re-reads a snapshot).
@@ -171,12 +171,15 @@ impl Store for MemoryStore {
         let table = &mut *guard;
         let result = match table.workers.get_mut(worker_id) {
             Some(entry) if !entry.lease.matches(lease) => Err(ControllerError::WrongLease(worker_id.to_owned())),
-            Some(entry) => {
-                entry.state.load = Some(load);
-                entry.expires_at = now + self.shared.ttl;
-                let _ = table.events.send(WorkerChange::Upsert(entry.state.clone()));
-                Ok(())
-            }
+            Some(entry) => match entry.state.info.as_ref().map_or(Ok(()), |info| validate_load(info, &load)) {
+                Err(e) => Err(e),
+                Ok(()) => {
+                    entry.state.load = Some(load);
+                    entry.expires_at = now + self.shared.ttl;
+                    let _ = table.events.send(WorkerChange::Upsert(entry.state.clone()));
+                    Ok(())
+                }
+            },
             None => Err(ControllerError::UnknownWorker(worker_id.to_owned())),
         };
         drop(guard);
@@ -208,6 +211,15 @@ impl Store for MemoryStore {
         drop(table);
         self.shared.note_expired(&expired);
         Ok(states)
+    }
+
+    async fn count(&self) -> Result<usize, ControllerError> {
+        let mut table = self.shared.lock();
+        let expired = table.expire(Instant::now());
+        let count = table.workers.len();
+        drop(table);
+        self.shared.note_expired(&expired);
+        Ok(count)
     }
 
     async fn watch(&self) -> Result<(Vec<WorkerState>, ChangeStream), ControllerError> {
