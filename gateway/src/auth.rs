@@ -290,7 +290,12 @@ mod tests {
         let worker = FakeWorker::start(Script::Reply(vec!["hi", " there"])).await;
         let table = Arc::new(WorkerTable::new());
         table.apply_snapshot(vec![worker_state("w", &worker.address, &["m"], 0)], Duration::ZERO);
-        let settings = Settings { max_body_bytes: 1 << 20, worker_down_for: Duration::from_secs(10), retry_after: 1 };
+        let settings = Settings {
+            max_body_bytes: 1 << 20,
+            worker_down_for: Duration::from_secs(10),
+            retry_after: 1,
+            deadlines: Default::default(),
+        };
         let auth = Auth::new(Keys::new(["sk-right", "sk-other"]).unwrap(), limits);
         (router(AppState::new(table, settings).with_auth(Some(auth))), worker)
     }
@@ -313,7 +318,12 @@ mod tests {
         let (open, _worker) = app(UNLIMITED).await;
         assert_eq!(send(&open, "GET", "/metrics", &[], "").await.0, 200, "open by default");
         let table = Arc::new(WorkerTable::new());
-        let settings = Settings { max_body_bytes: 1 << 20, worker_down_for: Duration::from_secs(10), retry_after: 1 };
+        let settings = Settings {
+            max_body_bytes: 1 << 20,
+            worker_down_for: Duration::from_secs(10),
+            retry_after: 1,
+            deadlines: Default::default(),
+        };
         let auth = Auth::new(Keys::new(["sk-right"]).unwrap(), UNLIMITED);
         let private = router(AppState::new(table, settings).with_auth(Some(auth)).with_private_metrics(true));
         assert_eq!(send(&private, "GET", "/metrics", &[], "").await.0, 401);

@@ -10,10 +10,10 @@ use tonic::metadata::MetadataValue;
 use tonic::{Code, Status, Streaming};
 use tracing::{debug, warn};
 
-use crate::GatewayError;
 use crate::auth::Account;
 use crate::metrics::{GatewayMetrics, Pacer, since};
 use crate::router::{InflightGuard, Lookup, WorkerTable};
+use crate::{Deadlines, GatewayError};
 
 /// Codes after which a worker is presumed broken: mark it down and try another. `Unknown` is what a
 /// connection dropped mid-stream reads as. `Internal` is not here: a live worker answered it about
@@ -46,6 +46,8 @@ pub(crate) struct Ctx {
     pub started: Instant,
     /// The API key's allowance the tokens are debited from, when keys are on.
     pub account: Option<Account>,
+    /// How long a worker may take to accept the call and to send the first token.
+    pub deadlines: Deadlines,
 }
 
 /// A worker stream that produced its first chunk: from here on the choice is committed to it.
@@ -153,16 +155,24 @@ impl Ctx {
             if let Ok(value) = MetadataValue::try_from(self.request_id.as_str()) {
                 call.metadata_mut().insert("x-request-id", value);
             }
-            let first = match client.generate(call).await {
-                Ok(response) => {
+            // A worker that accepts connections and never answers (or never gets to the first
+            // token) counts as failed, so the choice moves on instead of hanging.
+            let called = Instant::now();
+            let Deadlines { accept, first_token } = self.deadlines;
+            let first = match tokio::time::timeout(accept, client.generate(call)).await {
+                Err(_) => Err(Status::unavailable(format!("the worker did not accept the call within {accept:?}"))),
+                Ok(Ok(response)) => {
                     let mut rest = response.into_inner();
-                    match rest.message().await {
-                        Ok(Some(first)) => Ok((first, rest)),
-                        Ok(None) => Err(ended_early()),
-                        Err(status) => Err(status),
+                    match tokio::time::timeout(first_token.saturating_sub(called.elapsed()), rest.message()).await {
+                        Err(_) => {
+                            Err(Status::unavailable(format!("no first token from the worker within {first_token:?}")))
+                        }
+                        Ok(Ok(Some(first))) => Ok((first, rest)),
+                        Ok(Ok(None)) => Err(ended_early()),
+                        Ok(Err(status)) => Err(status),
                     }
                 }
-                Err(status) => Err(status),
+                Ok(Err(status)) => Err(status),
             };
             match first {
                 Ok((first, rest)) => {
@@ -208,9 +218,11 @@ impl Ctx {
     }
 
     /// Runs one choice to the end, restarting it on another worker if one dies before the end
-    /// (nothing has reached the client yet, so a restart is invisible).
+    /// (nothing has reached the client yet, so a restart is invisible), at most once: a request
+    /// that kills its workers is not replayed across the whole pool.
     pub async fn complete(&self, request: &GenerateRequest) -> Result<Completed, GatewayError> {
         let mut attempts = Attempts::default();
+        let mut replayed = false;
         loop {
             let Opened { worker_id, first, mut rest, guard } = self.open(request, &mut attempts).await?;
             let mut done = Completed::default();
@@ -237,6 +249,15 @@ impl Ctx {
                 }
                 Some(status) if is_worker_failure(status.code()) => {
                     self.worker_failed(&worker_id, &status);
+                    if replayed {
+                        return Err(GatewayError::WorkerFailed {
+                            message: format!(
+                                "the answer failed on two workers, so it is not tried again (last: {})",
+                                status.message()
+                            ),
+                        });
+                    }
+                    replayed = true;
                     attempts.last_failure = Some(status.message().to_string());
                 }
                 Some(status) => return Err(GatewayError::from_status(&status, self.prompt_param)),

@@ -53,6 +53,14 @@ pub struct GatewayArgs {
     /// Seconds sent in `Retry-After` with 429 and 503 answers.
     #[arg(long, default_value_t = 1, env = "HERD_RETRY_AFTER")]
     pub retry_after: u64,
+    /// How long a worker may take to accept a call (answer its headers) before the call moves
+    /// to another worker: a worker that accepts connections and never answers is skipped.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, env = "HERD_WORKER_ACCEPT_TIMEOUT")]
+    pub worker_accept_timeout: Duration,
+    /// How long a worker may take to send a choice's first token (queueing and the prompt
+    /// included) before the call moves to another worker.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration, env = "HERD_FIRST_TOKEN_TIMEOUT")]
+    pub first_token_timeout: Duration,
     /// File of API keys, one per line (`#` comments allowed): every `/v1` route then needs
     /// `Authorization: Bearer KEY`. `/health`, `/ready` and `/metrics` stay open.
     #[arg(long, env = "HERD_API_KEYS_FILE")]
@@ -92,6 +100,8 @@ impl GatewayArgs {
             max_body_bytes: 4 * 1024 * 1024,
             worker_down_for: Duration::from_secs(10),
             retry_after: 1,
+            worker_accept_timeout: Deadlines::default().accept,
+            first_token_timeout: Deadlines::default().first_token,
             api_keys: None,
             api_key_list: Vec::new(),
             rate_limit_rpm: None,
@@ -145,6 +155,23 @@ pub struct Settings {
     pub worker_down_for: Duration,
     /// Seconds sent in `Retry-After` with 429 and 503 answers.
     pub retry_after: u64,
+    /// How long a worker may take to accept a call, then to send its first token.
+    pub deadlines: Deadlines,
+}
+
+/// How long the gateway waits on a worker before calling another.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    /// For the worker to accept the call (its response headers).
+    pub accept: Duration,
+    /// For the first token, from the call's start.
+    pub first_token: Duration,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Self { accept: Duration::from_secs(10), first_token: Duration::from_secs(300) }
+    }
 }
 
 impl From<&GatewayArgs> for Settings {
@@ -153,6 +180,7 @@ impl From<&GatewayArgs> for Settings {
             max_body_bytes: args.max_body_bytes,
             worker_down_for: args.worker_down_for,
             retry_after: args.retry_after,
+            deadlines: Deadlines { accept: args.worker_accept_timeout, first_token: args.first_token_timeout },
         }
     }
 }

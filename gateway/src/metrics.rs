@@ -243,7 +243,12 @@ mod tests {
         let worker = FakeWorker::start(Script::Reply(vec!["a", "b", "c"])).await;
         let table = Arc::new(WorkerTable::new());
         table.apply_snapshot(vec![worker_state("w1", &worker.address, &["m"], 0)], Duration::ZERO);
-        let settings = Settings { max_body_bytes: 1 << 20, worker_down_for: Duration::from_secs(10), retry_after: 1 };
+        let settings = Settings {
+            max_body_bytes: 1 << 20,
+            worker_down_for: Duration::from_secs(10),
+            retry_after: 1,
+            deadlines: Default::default(),
+        };
         let app = router(AppState::new(table, settings));
         let chat = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
         let stream = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true}"#;

@@ -131,7 +131,12 @@ mod tests {
         let worker = FakeWorker::start(Script::Reply(vec!["a", "b"])).await;
         let table = Arc::new(WorkerTable::new());
         table.apply_snapshot(vec![worker_state("w1", &worker.address, &["m", "alias"], 2)], Duration::ZERO);
-        let settings = Settings { max_body_bytes: 1 << 20, worker_down_for: Duration::from_secs(10), retry_after: 1 };
+        let settings = Settings {
+            max_body_bytes: 1 << 20,
+            worker_down_for: Duration::from_secs(10),
+            retry_after: 1,
+            deadlines: Default::default(),
+        };
         let limits = Limits { requests: Some(1), tokens: None, period: Duration::from_secs(60) };
         let auth = keys.then(|| Auth::new(Keys::new(["sk-ui"]).unwrap(), limits));
         (router(AppState::new(table, settings).with_auth(auth)), worker)

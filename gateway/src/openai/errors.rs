@@ -83,7 +83,8 @@ pub enum GatewayError {
         /// Why no worker could take it.
         message: String,
     },
-    /// A worker failed after the response had started; only ever sent as an SSE event.
+    /// A worker failed after a streamed response had started (sent as an SSE event), or a
+    /// non-streamed answer failed on two workers (503).
     #[error("{message}")]
     WorkerFailed {
         /// What the worker reported.

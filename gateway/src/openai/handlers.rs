@@ -139,6 +139,7 @@ async fn generate(
         metrics: state.metrics.clone(),
         started,
         account,
+        deadlines: state.settings.deadlines,
     };
     let created = unix_now();
     if plan.stream {
@@ -292,7 +293,12 @@ mod tests {
     fn app_with(workers: Vec<WorkerState>) -> (Router, Arc<WorkerTable>) {
         let table = Arc::new(WorkerTable::new());
         table.apply_snapshot(workers, Duration::ZERO);
-        let settings = Settings { max_body_bytes: 2048, worker_down_for: Duration::from_secs(60), retry_after: 3 };
+        let settings = Settings {
+            max_body_bytes: 2048,
+            worker_down_for: Duration::from_secs(60),
+            retry_after: 3,
+            deadlines: Default::default(),
+        };
         (router(AppState::new(table.clone(), settings)), table)
     }
 
@@ -320,6 +326,36 @@ mod tests {
 
     fn chat(n: u32) -> Value {
         json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": n, "seed": 10})
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_never_answers_is_skipped_within_the_deadline() {
+        // Accepts connections (the kernel completes them) and never says a word.
+        let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hole_address = format!("http://{}", hole.local_addr().unwrap());
+        let w = FakeWorker::start(Script::Reply(vec!["ok"])).await;
+        // The black hole looks idle, so it is picked first.
+        let workers = vec![worker_state("hole", &hole_address, &["m"], 0), worker_state("real", &w.address, &["m"], 5)];
+        let table = Arc::new(WorkerTable::new());
+        table.apply_snapshot(workers, Duration::ZERO);
+        let deadlines = crate::Deadlines { accept: Duration::from_millis(300), first_token: Duration::from_secs(60) };
+        let settings =
+            Settings { max_body_bytes: 2048, worker_down_for: Duration::from_secs(60), retry_after: 1, deadlines };
+        let app = router(AppState::new(table.clone(), settings));
+        for stream in [false, true] {
+            let started = std::time::Instant::now();
+            let mut body = chat(1);
+            body["stream"] = json!(stream);
+            let (status, headers, _) = post_json(&app, "/v1/chat/completions", body).await;
+            assert_eq!(status, 200, "stream {stream}");
+            assert_eq!(headers["x-herd-worker"], "real");
+            assert!(started.elapsed() < Duration::from_secs(10), "stream {stream}: {:?}", started.elapsed());
+            let hole_state = table.overview().into_iter().find(|w| w.id == "hole").unwrap().state;
+            assert_eq!(hole_state, "down");
+            // Up again for the next round, so that it is tried first again.
+            table.mark_down("hole", Duration::ZERO);
+        }
+        drop(hole);
     }
 
     #[tokio::test]
@@ -498,7 +534,12 @@ mod tests {
     #[tokio::test]
     async fn unsynced_table_is_503() {
         let table = Arc::new(WorkerTable::new());
-        let settings = Settings { max_body_bytes: 2048, worker_down_for: Duration::from_secs(1), retry_after: 1 };
+        let settings = Settings {
+            max_body_bytes: 2048,
+            worker_down_for: Duration::from_secs(1),
+            retry_after: 1,
+            deadlines: Default::default(),
+        };
         let app = router(AppState::new(table, settings));
         let (status, headers, _) = post_json(&app, "/v1/chat/completions", chat(1)).await;
         assert_eq!(status, 503);
