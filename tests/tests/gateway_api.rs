@@ -136,6 +136,16 @@ async fn malformed_requests_get_documented_errors() {
         ("top_logprobs 50", with("top_logprobs", json!(50)), 400),
         ("unknown model", with("model", json!("no-such-model")), 404),
         ("prompt over the context", with("messages", json!([{"role": "user", "content": long_prompt}])), 400),
+        (
+            "prompt of more bytes than any context",
+            {
+                let mut b =
+                    json!({"model": MODEL, "messages": [{"role": "user", "content": "hello ".repeat(100_000)}]});
+                b["n"] = json!(16);
+                b.to_string().into_bytes()
+            },
+            400,
+        ),
         ("10 MB body", with("messages", json!([{"role": "user", "content": "x".repeat(10 << 20)}])), 413),
     ];
     assert!(cases.len() >= 20);
@@ -156,6 +166,11 @@ async fn malformed_requests_get_documented_errors() {
         assert!(!msg.is_empty() && err["error"]["type"].is_string(), "{name}: {text}");
         if name == "prompt over the context" {
             assert!(msg.contains("8192"), "{name}: the message gives the numbers: {msg}");
+        }
+        if name == "prompt of more bytes than any context" {
+            // Refused before tokenizing (once per choice): the message counts bytes, not tokens.
+            assert!(msg.contains("600000 bytes") && msg.contains("8192"), "{name}: {msg}");
+            assert_eq!(err["error"]["code"], "context_length_exceeded", "{name}: {text}");
         }
     }
 }

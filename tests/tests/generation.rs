@@ -109,6 +109,7 @@ fn bad_parameters_are_invalid_arguments() {
     let ids = prompt("Hi");
     let cases = [
         GenerationParams { stop: vec!["a".into(); 5], ..greedy(4) },
+        GenerationParams { stop: vec!["a".repeat(1025)], ..greedy(4) },
         GenerationParams { sampling: SamplingParams { top_p: 1.5, ..Default::default() }, ..greedy(4) },
         GenerationParams { logprobs: Some(21), ..greedy(4) },
         greedy(0),
@@ -119,6 +120,11 @@ fn bad_parameters_are_invalid_arguments() {
     }
     let err = engine().generate(&[u32::MAX], &greedy(1), &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    // Text longer than the context could hold whatever its tokens is refused by its length.
+    let context = engine().context_length();
+    assert!(engine().check_prompt_bytes(64 * context).is_ok());
+    let err = engine().check_prompt_bytes(64 * context + 1).unwrap_err();
+    assert!(matches!(err, EngineError::PromptTooManyBytes { .. }), "{err:?}");
 }
 
 #[test]

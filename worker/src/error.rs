@@ -57,6 +57,7 @@ impl WorkerError {
             WorkerError::Engine(
                 E::InvalidArgument(_)
                 | E::PromptTooLong { .. }
+                | E::PromptTooManyBytes { .. }
                 | E::ContextOverflow { .. }
                 | E::Tokenizer(_)
                 | E::Template(_),

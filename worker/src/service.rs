@@ -182,6 +182,12 @@ impl Prompt {
 
     /// Token ids, rendered and tokenized off the async runtime (a long prompt takes a while).
     async fn ids(self, engine: &Arc<Engine>) -> Result<Vec<u32>, WorkerError> {
+        let bytes = match &self {
+            Self::Chat(chat) => chat.messages.iter().map(|m| m.content.len()).sum(),
+            Self::Text(text) => text.len(),
+            Self::Ids(_) => 0,
+        };
+        engine.check_prompt_bytes(bytes)?;
         let engine = engine.clone();
         tokio::task::spawn_blocking(move || match self {
             Self::Chat(chat) => Ok(engine.encode_chat(&chat_messages(&chat)?)?),

@@ -17,6 +17,13 @@ pub enum EngineError {
     /// The prompt alone does not fit in the context window.
     #[error("the prompt is {prompt} tokens but the model's context length is {context} tokens")]
     PromptTooLong { prompt: usize, context: usize },
+    /// The prompt's text is too long to fit the context window whatever its tokens; refused
+    /// before tokenizing, which would cost time and memory for nothing.
+    #[error(
+        "the prompt is {bytes} bytes, longer than any prompt within the model's context length of {context} tokens \
+         can be (at most {max_bytes} bytes)"
+    )]
+    PromptTooManyBytes { bytes: usize, context: usize, max_bytes: usize },
     /// The prompt fits but prompt + max_tokens does not.
     #[error(
         "prompt ({prompt} tokens) + max_tokens ({max_tokens}) = {} exceeds the model's context length of {context} tokens",

@@ -44,6 +44,10 @@ use weights::{GgufMode, Weights};
 
 /// Most stop strings a request may give (OpenAI's limit).
 pub const MAX_STOP_STRINGS: usize = 4;
+/// Longest stop string, in bytes (the gateway's limit too): each is matched on every token.
+pub const MAX_STOP_BYTES: usize = 1024;
+/// More bytes than any token of a real vocabulary spans.
+pub const MAX_BYTES_PER_TOKEN: usize = 64;
 /// Most alternatives per position a request may ask logprobs for (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
@@ -481,6 +485,18 @@ impl Engine {
         }
     }
 
+    /// Refuses prompt text of `bytes` that cannot fit the context however it tokenizes (no
+    /// token spans more than [`MAX_BYTES_PER_TOKEN`] bytes), so that an over-long prompt, sent
+    /// once per choice, is refused without being tokenized.
+    pub fn check_prompt_bytes(&self, bytes: usize) -> Result<()> {
+        let context = self.context_length();
+        let max_bytes = context.saturating_mul(MAX_BYTES_PER_TOKEN);
+        if bytes > max_bytes {
+            return Err(EngineError::PromptTooManyBytes { bytes, context, max_bytes });
+        }
+        Ok(())
+    }
+
     /// Checks a request against the context and parameter limits; returns max_tokens to use.
     pub fn validate(&self, prompt_len: usize, params: &GenerationParams) -> Result<usize> {
         params.sampling.validate()?;
@@ -488,6 +504,12 @@ impl Engine {
             return Err(EngineError::InvalidArgument(format!(
                 "at most {MAX_STOP_STRINGS} stop strings are allowed, got {}",
                 params.stop.len()
+            )));
+        }
+        if let Some(long) = params.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(EngineError::InvalidArgument(format!(
+                "a stop string may be at most {MAX_STOP_BYTES} bytes long, got {}",
+                long.len()
             )));
         }
         if params.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
