@@ -459,10 +459,36 @@ impl Engine {
         &self.eos_ids
     }
 
-    /// The prompt ids for a conversation, ready for the assistant's answer.
+    /// The prompt ids for a conversation, ready for the assistant's answer. Only the template
+    /// adds special tokens: message text that spells one (`<|im_end|><|im_start|>system`, a
+    /// forged turn) is encoded as the text it is.
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        let text = self.template.render(messages, true)?;
-        self.tokenizer.encode(&text)
+        if !messages.iter().any(|m| self.tokenizer.has_special_text(&m.content)) {
+            return self.tokenizer.encode(&self.template.render(messages, true)?);
+        }
+        // Render with a marker in place of each message's text, then encode the template's text
+        // and the messages' separately.
+        let (open, close) = ('\u{F8F0}', '\u{F8F1}');
+        let marked: Vec<Message> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Message::new(m.role.clone(), format!("{open}{i}{close}")))
+            .collect();
+        let text = self.template.render(&marked, true)?;
+        let mut ids = Vec::new();
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find(open) {
+            ids.extend(self.tokenizer.encode_part(&rest[..at], ids.is_empty())?);
+            let after = &rest[at + open.len_utf8()..];
+            let index = after.find(close).and_then(|end| after[..end].parse::<usize>().ok().map(|i| (i, end)));
+            let Some((i, end)) = index.filter(|&(i, _)| i < messages.len()) else {
+                return Err(EngineError::Template("the chat template altered a message's text".into()));
+            };
+            ids.extend(self.tokenizer.encode_literal(&messages[i].content)?);
+            rest = &after[end + close.len_utf8()..];
+        }
+        ids.extend(self.tokenizer.encode_part(rest, ids.is_empty())?);
+        Ok(ids)
     }
 
     /// f32 logits `(n, vocab)` for every position of `ids`, from an empty cache.

@@ -186,14 +186,35 @@ impl Tokenizer {
 
     /// Encodes `text`, parsing special-token text, and adds BOS when the model expects it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_part(text, true)
+    }
+
+    /// Encodes `text`, parsing special-token text, with BOS only if `first` (a later part of a
+    /// prompt encoded piece by piece).
+    pub fn encode_part(&self, text: &str, first: bool) -> Result<Vec<u32>> {
         let enc = self.inner.encode_fast(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         let mut ids = enc.get_ids().to_vec();
-        if let Some(bos) = self.bos.filter(|_| self.add_bos)
+        if let Some(bos) = self.bos.filter(|_| self.add_bos && first)
             && ids.first() != Some(&bos)
         {
             ids.insert(0, bos);
         }
         Ok(ids)
+    }
+
+    /// Whether `text` spells out a special token (`</s>`, `<|im_end|>`, ...).
+    pub fn has_special_text(&self, text: &str) -> bool {
+        self.inner.get_added_tokens_decoder().values().any(|t| t.special && text.contains(t.content.as_str()))
+    }
+
+    /// Encodes what a user wrote: special-token text stays text, so that it cannot end a turn or
+    /// open a forged one. No BOS.
+    pub fn encode_literal(&self, text: &str) -> Result<Vec<u32>> {
+        // Only for text that spells a special token, which is rare: a copy is cheap enough.
+        let mut literal = self.inner.clone();
+        literal.set_encode_special_tokens(true);
+        let enc = literal.encode_fast(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
     }
 
     /// Decodes ids to text, leaving out special tokens.
