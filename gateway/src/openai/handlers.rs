@@ -82,10 +82,7 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, GatewayError> {
-    let started = Instant::now();
-    require_json(&headers)?;
-    let plan = parse_chat(&body_bytes(&state, body).await?)?;
-    Ok(execute(state, plan, (started, caller.map(|Extension(a)| a))).await)
+    serve_json(state, (caller, &headers), body, parse_chat).await
 }
 
 /// `POST /v1/completions`.
@@ -95,9 +92,19 @@ pub async fn completions(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, GatewayError> {
+    serve_json(state, (caller, &headers), body, parse_completion).await
+}
+
+/// Reads a JSON body, checks it with `parse` and runs the plan.
+async fn serve_json(
+    state: AppState,
+    (caller, headers): (Caller, &HeaderMap),
+    body: Body,
+    parse: fn(&[u8]) -> Result<Plan, GatewayError>,
+) -> Result<Response, GatewayError> {
     let started = Instant::now();
-    require_json(&headers)?;
-    let plan = parse_completion(&body_bytes(&state, body).await?)?;
+    require_json(headers)?;
+    let plan = parse(&body_bytes(&state, body).await?)?;
     Ok(execute(state, plan, (started, caller.map(|Extension(a)| a))).await)
 }
 
