@@ -23,6 +23,13 @@ pub struct Tokenizer {
     inner: HfTokenizer,
     bos: Option<u32>,
     add_bos: bool,
+    /// The texts of its special tokens, to find them in what users wrote.
+    specials: Vec<String>,
+}
+
+/// The texts of `inner`'s special tokens.
+fn specials(inner: &HfTokenizer) -> Vec<String> {
+    inner.get_added_tokens_decoder().into_values().filter(|t| t.special).map(|t| t.content).collect()
 }
 
 /// A token given as a string or as `{"content": ...}` in `tokenizer_config.json`.
@@ -118,7 +125,7 @@ impl Tokenizer {
         };
         let bos = tcfg.bos_token().and_then(|t| inner.token_to_id(t)).or(bos_id);
         let add_bos = tcfg.add_bos_token.unwrap_or(default_add_bos) && bos.is_some();
-        Ok(Self { inner, bos, add_bos })
+        Ok(Self { specials: specials(&inner), inner, bos, add_bos })
     }
 
     /// The tokenizer embedded in GGUF metadata (`tokenizer.ggml.model` llama or gpt2).
@@ -181,7 +188,7 @@ impl Tokenizer {
         };
         let bos = md.get("tokenizer.ggml.bos_token_id").and_then(gguf_uint).map(|v| v as u32);
         let add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(model == "llama") && bos.is_some();
-        Ok(Self { inner, bos, add_bos })
+        Ok(Self { specials: specials(&inner), inner, bos, add_bos })
     }
 
     /// Encodes `text`, parsing special-token text, and adds BOS when the model expects it.
@@ -204,7 +211,7 @@ impl Tokenizer {
 
     /// Whether `text` spells out a special token (`</s>`, `<|im_end|>`, ...).
     pub fn has_special_text(&self, text: &str) -> bool {
-        self.inner.get_added_tokens_decoder().values().any(|t| t.special && text.contains(t.content.as_str()))
+        self.specials.iter().any(|t| text.contains(t.as_str()))
     }
 
     /// Encodes what a user wrote: special-token text stays text, so that it cannot end a turn or
