@@ -12,6 +12,7 @@ mod https;
 pub mod metrics;
 pub mod openai;
 pub mod router;
+mod server;
 pub mod ui;
 pub mod watch;
 
@@ -61,6 +62,10 @@ pub struct GatewayArgs {
     /// included) before the call moves to another worker.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration, env = "HERD_FIRST_TOKEN_TIMEOUT")]
     pub first_token_timeout: Duration,
+    /// How long a client may take to send a request head, and how long an idle keep-alive
+    /// connection stays open.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, env = "HERD_HEADER_TIMEOUT")]
+    pub header_timeout: Duration,
     /// File of API keys, one per line (`#` comments allowed): every `/v1` route then needs
     /// `Authorization: Bearer KEY`. `/health`, `/ready` and `/metrics` stay open.
     #[arg(long, env = "HERD_API_KEYS_FILE")]
@@ -102,6 +107,7 @@ impl GatewayArgs {
             retry_after: 1,
             worker_accept_timeout: Deadlines::default().accept,
             first_token_timeout: Deadlines::default().first_token,
+            header_timeout: Duration::from_secs(30),
             api_keys: None,
             api_key_list: Vec::new(),
             rate_limit_rpm: None,
@@ -288,9 +294,9 @@ pub async fn serve(
     );
     match https {
         Some(config) => {
-            axum::serve(https::TlsListener::new(listener, config)?, app).with_graceful_shutdown(shutdown).await?
+            server::serve(https::TlsListener::new(listener, config)?, app, args.header_timeout, shutdown).await
         }
-        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await?,
+        None => server::serve(listener, app, args.header_timeout, shutdown).await,
     }
     Ok(())
 }
