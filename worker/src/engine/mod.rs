@@ -604,7 +604,7 @@ impl Engine {
         self.reuse_prefixes(seqs);
         for seq in seqs.iter_mut() {
             let positions = seq.max_kv_tokens();
-            seq.cache.expect(positions);
+            seq.cache.will_hold(positions);
         }
         let pending: Vec<usize> = seqs.iter().map(|s| s.context.len() - s.cache.len()).collect();
         let waits = self.waiting_for_prefixes(seqs, &pending, max_tokens);

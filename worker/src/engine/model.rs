@@ -157,7 +157,7 @@ pub struct ShardCache {
     /// Positions its sequence may come to (0: unknown), so that the host vectors are allocated
     /// once at their final size instead of doubling: each doubling left the old block behind as
     /// a hole that the heap reused only in part.
-    expect: usize,
+    expected: usize,
 }
 
 /// Positions reserved at most beyond those a step needs, so that a sequence allowed a long
@@ -167,12 +167,12 @@ const RESERVE_AHEAD: usize = 1024;
 impl ShardCache {
     /// An empty cache for a model of `layers` layers.
     pub fn new(layers: usize) -> Self {
-        Self { layers: vec![None; layers], host: vec![Vec::new(); layers], expect: 0 }
+        Self { layers: vec![None; layers], host: vec![Vec::new(); layers], expected: 0 }
     }
 
     /// Notes that its sequence may come to `positions`.
-    pub fn expect(&mut self, positions: usize) {
-        self.expect = positions;
+    pub fn will_hold(&mut self, positions: usize) {
+        self.expected = positions;
     }
 
     /// A copy of the first `n` of the `len` positions it holds.
@@ -191,7 +191,7 @@ impl ShardCache {
                 heads.iter().map(|(k, v)| (keep(k), keep(v))).collect()
             })
             .collect();
-        Ok(Self { layers, host, expect: self.expect })
+        Ok(Self { layers, host, expected: self.expected })
     }
 
     /// Drops every cached token and frees their memory (a preempted sequence waits without it).
@@ -218,16 +218,16 @@ impl Drop for ShardCache {
 }
 
 /// Makes room in one head's cache vector for `more` values, `per` values a position: exactly up
-/// to the `expect`ed positions (within [`RESERVE_AHEAD`]) while the sequence stays within them,
+/// to the `expected` positions (within [`RESERVE_AHEAD`]) while the sequence stays within them,
 /// else growing by doubling.
-fn reserve(v: &mut Vec<f32>, more: usize, per: usize, expect: usize) {
+fn reserve(v: &mut Vec<f32>, more: usize, per: usize, expected: usize) {
     let needed = v.len() + more;
     if v.capacity() >= needed {
         return;
     }
     let positions = needed.div_ceil(per);
-    if expect >= positions {
-        v.reserve_exact(expect.min(positions + RESERVE_AHEAD) * per - v.len());
+    if expected >= positions {
+        v.reserve_exact(expected.min(positions + RESERVE_AHEAD) * per - v.len());
     } else {
         v.reserve(more);
     }
@@ -544,12 +544,12 @@ impl Llama {
                 llamacpp::round_half_any(&mut k[offset * nkv * hd..][..t * nkv * hd]);
                 llamacpp::round_half_any(&mut v[offset * nkv * hd..][..t * nkv * hd]);
             }
-            let expect = seg.cache.expect;
+            let expected = seg.cache.expected;
             let heads = &mut seg.cache.host[layer];
             heads.resize_with(nkv, Default::default);
             for (g, (kc, vc)) in heads.iter_mut().enumerate() {
-                reserve(kc, t * hd, hd, expect);
-                reserve(vc, t * hd, hd, expect);
+                reserve(kc, t * hd, hd, expected);
+                reserve(vc, t * hd, hd, expected);
                 for row in offset..offset + t {
                     let at = (row * nkv + g) * hd..(row * nkv + g + 1) * hd;
                     kc.extend_from_slice(&k[at.clone()]);

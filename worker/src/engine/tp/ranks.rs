@@ -39,9 +39,9 @@ impl SeqCache {
     }
 
     /// Notes that its sequence may come to `positions`, so that memory for them is set aside once.
-    pub fn expect(&mut self, positions: usize) {
+    pub fn will_hold(&mut self, positions: usize) {
         for shard in &mut self.shards {
-            shard.expect(positions);
+            shard.will_hold(positions);
         }
     }
 
