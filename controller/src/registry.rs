@@ -14,9 +14,6 @@ use std::time::Duration;
 
 use futures::Stream;
 use herd_proto::v1::{WorkerInfo, WorkerLoad, WorkerState};
-use rand::RngCore;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::error::ControllerError;
@@ -45,43 +42,9 @@ pub(crate) fn validate_load(info: &WorkerInfo, load: &WorkerLoad) -> Result<(), 
     Ok(())
 }
 
-/// A registration's lease as stores keep it: the SHA-256 of the secret only its worker holds, so
-/// that a store's contents cannot be replayed as a lease.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Lease([u8; 32]);
-
-impl std::fmt::Debug for Lease {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Lease(..)")
-    }
-}
-
-impl Lease {
-    /// A fresh lease: the secret to give the registering worker (256 random bits, hex), and the
-    /// lease to store.
-    pub fn issue() -> (String, Lease) {
-        let mut bytes = [0u8; 32];
-        rand::rng().fill_bytes(&mut bytes);
-        let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        let lease = Lease::of(&secret);
-        (secret, lease)
-    }
-
-    /// The lease a presented secret stands for.
-    pub fn of(secret: &str) -> Lease {
-        Lease(Sha256::digest(secret.as_bytes()).into())
-    }
-
-    /// Whether two leases are the same, in time independent of where they differ.
-    pub fn matches(&self, other: &Lease) -> bool {
-        bool::from(self.0.ct_eq(&other.0))
-    }
-
-    /// Its bytes, as a store writes them.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-}
+/// A registration's lease as stores keep it: the digest of the secret only its worker holds
+/// ([`herd_ops::auth::random_secret`]).
+pub type Lease = herd_ops::auth::SecretDigest;
 
 /// What a store counted since it started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

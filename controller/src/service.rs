@@ -212,8 +212,8 @@ impl Controller for ControllerService {
             return Err(ControllerError::TooManyWorkers(self.max_workers).into());
         }
         let state = WorkerState { info: Some(info.clone()), load: Some(load) };
-        let (secret, lease) = Lease::issue();
-        let registered = self.store.register(state, lease).await;
+        let secret = herd_ops::auth::random_secret();
+        let registered = self.store.register(state, Lease::of(&secret)).await;
         self.metrics.registrations.with_label_values(&[if registered.is_ok() { "ok" } else { "error" }]).inc();
         registered?;
         tracing::info!(

@@ -14,24 +14,20 @@ use axum::extract::{Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
+use herd_ops::auth::SecretDigest;
 
 use crate::GatewayError;
 
 /// The configured API keys, kept only as digests.
 pub struct Keys {
-    digests: Vec<[u8; 32]>,
-}
-
-fn digest(key: &str) -> [u8; 32] {
-    Sha256::digest(key.as_bytes()).into()
+    digests: Vec<SecretDigest>,
 }
 
 impl Keys {
     /// Keys from a list (blank entries ignored); `None` when the list holds none.
     pub fn new<'a>(keys: impl IntoIterator<Item = &'a str>) -> Option<Self> {
-        let digests: Vec<[u8; 32]> = keys.into_iter().map(str::trim).filter(|k| !k.is_empty()).map(digest).collect();
+        let digests: Vec<SecretDigest> =
+            keys.into_iter().map(str::trim).filter(|k| !k.is_empty()).map(SecretDigest::of).collect();
         (!digests.is_empty()).then_some(Keys { digests })
     }
 
@@ -48,10 +44,10 @@ impl Keys {
 
     /// The index of the key `presented` matches, comparing with every key in constant time.
     pub fn find(&self, presented: &str) -> Option<usize> {
-        let candidate = digest(presented);
+        let candidate = SecretDigest::of(presented);
         let mut found = None;
         for (i, d) in self.digests.iter().enumerate() {
-            if bool::from(d.ct_eq(&candidate)) {
+            if d.matches(&candidate) {
                 found = Some(i);
             }
         }

@@ -58,7 +58,7 @@ pub struct AuthArgs {
 #[derive(Clone)]
 pub struct ClusterToken {
     secret: String,
-    digest: [u8; 32],
+    digest: SecretDigest,
 }
 
 impl std::fmt::Debug for ClusterToken {
@@ -67,8 +67,39 @@ impl std::fmt::Debug for ClusterToken {
     }
 }
 
-fn digest(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
+/// A secret as it is kept to check it later: its SHA-256, compared in constant time, so that what
+/// is stored (a store's record, a process's memory) cannot be presented as the secret itself.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretDigest([u8; 32]);
+
+impl std::fmt::Debug for SecretDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretDigest(..)")
+    }
+}
+
+impl SecretDigest {
+    /// The digest of `secret`.
+    pub fn of(secret: &str) -> Self {
+        Self(Sha256::digest(secret.as_bytes()).into())
+    }
+
+    /// Whether two digests are the same, in time independent of where they differ.
+    pub fn matches(&self, other: &Self) -> bool {
+        bool::from(self.0.ct_eq(&other.0))
+    }
+
+    /// Its bytes, as a store writes them.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// A fresh secret of 256 random bits, in hex.
+pub fn random_secret() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl ClusterToken {
@@ -82,15 +113,13 @@ impl ClusterToken {
                  (e.g. `openssl rand -hex 32`)"
             )));
         }
-        Ok(Self { secret: secret.to_owned(), digest: digest(secret.as_bytes()) })
+        Ok(Self { secret: secret.to_owned(), digest: SecretDigest::of(secret) })
     }
 
     /// A fresh random token (256 bits, hex), for a cluster started by one command.
     pub fn generate() -> Self {
-        let mut bytes = [0u8; 32];
-        rand::rng().fill_bytes(&mut bytes);
-        let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        Self { digest: digest(secret.as_bytes()), secret }
+        let secret = random_secret();
+        Self { digest: SecretDigest::of(&secret), secret }
     }
 
     /// The token's text, to hand to a child process; never log it.
@@ -105,7 +134,7 @@ impl ClusterToken {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        bool::from(digest(presented.as_bytes()).ct_eq(&self.digest))
+        SecretDigest::of(presented).matches(&self.digest)
     }
 
     fn header(&self) -> AsciiMetadataValue {

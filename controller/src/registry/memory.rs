@@ -340,7 +340,7 @@ mod tests {
         store.register(worker("w1", &["real"]), lease()).await.unwrap();
         // Another registration of the live id, a heartbeat and a deregistration without its lease:
         // all refused, and the record is untouched.
-        let (_, other) = Lease::issue();
+        let other = Lease::of(&herd_ops::auth::random_secret());
         let err = store.register(worker("w1", &["forged"]), other.clone()).await.unwrap_err();
         assert!(matches!(err, ControllerError::DuplicateWorker(ref id) if id == "w1"), "{err:?}");
         let err = store.heartbeat("w1", &other, load(0, 1000)).await.unwrap_err();
