@@ -69,7 +69,7 @@ K8S_VERSION, VALIDATOR, SM_SCHEMA = os.environ["K8S_VERSION"], os.environ["VALID
 HERD_IMAGE = "ghcr.io/herd-project/herd"
 UID = 10001
 # Secrets the operator creates; everything else an object refers to must be in the render.
-EXTERNAL_SECRETS = {"herd-tls", "herd-gateway-tls", "herd-cluster-token"}
+EXTERNAL_SECRETS = {"herd-tls", "herd-worker-tls", "herd-gateway-tls", "herd-cluster-token"}
 
 
 def load(path):

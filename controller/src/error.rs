@@ -20,6 +20,10 @@ pub enum ControllerError {
         "worker {0:?} is registered under another lease; only the worker that registered it may heartbeat or deregister it"
     )]
     WrongLease(String),
+    /// With mutual TLS, the caller's certificate does not name this worker id (a gateway's or a
+    /// controller's names none).
+    #[error("{0}")]
+    NotThisWorker(String),
     /// The registry holds as many workers as `--max-workers` allows.
     #[error("the registry already holds {0} workers, the most --max-workers allows")]
     TooManyWorkers(usize),
@@ -60,7 +64,7 @@ impl From<ControllerError> for Status {
         let code = match &err {
             ControllerError::InvalidRecord(_) => Code::InvalidArgument,
             ControllerError::DuplicateWorker(_) => Code::AlreadyExists,
-            ControllerError::WrongLease(_) => Code::PermissionDenied,
+            ControllerError::WrongLease(_) | ControllerError::NotThisWorker(_) => Code::PermissionDenied,
             ControllerError::TooManyWorkers(_) => Code::ResourceExhausted,
             // Workers react to NotFound on Heartbeat by registering again.
             ControllerError::UnknownWorker(_) | ControllerError::NoWorkerForModel(_) => Code::NotFound,

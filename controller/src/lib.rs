@@ -199,8 +199,10 @@ pub async fn serve_store(
 ) -> Result<(), ControllerError> {
     // The watch streams, the metrics endpoint and the server's drain wait on the same signal.
     let shutdown = shutdown.boxed().shared();
-    let service =
-        ControllerService::new(store.clone()).max_workers(exposure.max_workers).end_watches_on(shutdown.clone());
+    let service = ControllerService::new(store.clone())
+        .max_workers(exposure.max_workers)
+        .require_worker_certificates(exposure.tls.is_some())
+        .end_watches_on(shutdown.clone());
     let metrics = service.metrics().clone();
     exposure.metrics.serve(metrics.clone(), shutdown.clone()).await?;
     let (health, health_service) = Health::new(&[ControllerServer::<ControllerService>::NAME], false).await;

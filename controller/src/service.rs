@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, Stream, StreamExt};
+use herd_ops::WorkerIds;
+use herd_ops::tls::WORKER_URI_PREFIX;
 use herd_proto::v1::controller_server::Controller;
 use herd_proto::v1::worker_event::Event;
 use herd_proto::v1::{
@@ -34,6 +36,7 @@ pub struct ControllerService {
     stop_watches: StopSignal,
     metrics: Arc<ControllerMetrics>,
     max_workers: usize,
+    worker_certificates: bool,
 }
 
 /// Workers registered at once, unless `--max-workers` says otherwise.
@@ -56,7 +59,7 @@ impl ControllerService {
     pub fn new(store: Arc<dyn Store>) -> Self {
         let metrics = Arc::new(ControllerMetrics::new(store.clone()));
         let stop_watches = futures::future::pending().boxed().shared();
-        Self { store, stop_watches, metrics, max_workers: DEFAULT_MAX_WORKERS }
+        Self { store, stop_watches, metrics, max_workers: DEFAULT_MAX_WORKERS, worker_certificates: false }
     }
 
     /// Refuses registrations beyond `max` live workers.
@@ -64,6 +67,34 @@ impl ControllerService {
     pub fn max_workers(mut self, max: usize) -> Self {
         self.max_workers = max;
         self
+    }
+
+    /// With mutual TLS: only a certificate naming a worker id (`urn:herd:worker:<id>`) may
+    /// register, heartbeat or deregister that id.
+    #[must_use]
+    pub fn require_worker_certificates(mut self, on: bool) -> Self {
+        self.worker_certificates = on;
+        self
+    }
+
+    /// Refuses a worker call whose certificate does not name `worker_id`, when certificates are
+    /// required.
+    fn check_certificate<T>(&self, request: &Request<T>, worker_id: &str) -> Result<(), ControllerError> {
+        if !self.worker_certificates {
+            return Ok(());
+        }
+        let ids = WorkerIds::of_peer(request).unwrap_or_else(|| WorkerIds::of_der(&[]));
+        if ids.permits(worker_id) {
+            return Ok(());
+        }
+        tracing::warn!(worker_id, certificate_names = ?ids.patterns(), "refused a worker call from a certificate not naming its id");
+        Err(ControllerError::NotThisWorker(if ids.is_worker() {
+            format!("this certificate may act only for worker ids {:?}, not {worker_id:?}", ids.patterns())
+        } else {
+            format!(
+                "only a worker certificate may register or act for worker {worker_id:?}: this one names no {WORKER_URI_PREFIX}<id> URI"
+            )
+        }))
     }
 
     /// The service's metrics.
@@ -204,6 +235,8 @@ impl Controller for ControllerService {
         &self,
         request: Request<RegisterWorkerRequest>,
     ) -> Result<Response<RegisterWorkerResponse>, Status> {
+        let id = request.get_ref().info.as_ref().map_or("", |info| info.worker_id.as_str());
+        self.check_certificate(&request, id)?;
         let request = request.into_inner();
         let info = validate_info(request.info)?;
         let load = request.load.unwrap_or_default();
@@ -229,6 +262,7 @@ impl Controller for ControllerService {
     }
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        self.check_certificate(&request, &request.get_ref().worker_id)?;
         let request = request.into_inner();
         let lease = require_lease(&request.worker_id, &request.lease)?;
         let beat = self.store.heartbeat(&request.worker_id, &lease, request.load.unwrap_or_default()).await;
@@ -244,6 +278,7 @@ impl Controller for ControllerService {
     }
 
     async fn deregister(&self, request: Request<DeregisterRequest>) -> Result<Response<DeregisterResponse>, Status> {
+        self.check_certificate(&request, &request.get_ref().worker_id)?;
         let request = request.into_inner();
         let lease = require_lease(&request.worker_id, &request.lease)?;
         let removed = self.store.deregister(&request.worker_id, &lease).await.inspect_err(|e| {
@@ -461,6 +496,18 @@ mod tests {
             || service.deregister(Request::new(DeregisterRequest { worker_id: "w1".into(), lease: lease.clone() }));
         deregister().await.unwrap();
         assert_eq!(deregister().await.unwrap_err().code(), Code::NotFound);
+    }
+
+    #[tokio::test]
+    async fn with_worker_certificates_required_a_call_without_one_is_refused() {
+        let service = service().require_worker_certificates(true);
+        let state = worker("w1", &["m"]);
+        let request = RegisterWorkerRequest { info: state.info, load: state.load };
+        let err = service.register_worker(Request::new(request)).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert!(err.message().contains("only a worker certificate"), "{}", err.message());
+        let beat = HeartbeatRequest { worker_id: "w1".into(), load: None, lease: "x".into() };
+        assert_eq!(service.heartbeat(Request::new(beat)).await.unwrap_err().code(), Code::PermissionDenied);
     }
 
     #[tokio::test]

@@ -10,7 +10,7 @@ pub mod tls;
 pub use auth::{AuthArgs, AuthChannel, ClusterToken, RequireToken, TokenArgs};
 pub use health::Health;
 pub use metrics::{Exporter, MetricsArgs};
-pub use tls::{ClusterTls, TlsArgs};
+pub use tls::{ClusterTls, TlsArgs, WorkerIds};
 
 /// Aborts a background task when dropped, so helpers never outlive the server they serve.
 pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);

@@ -93,6 +93,57 @@ pub fn scheme(tls: Option<&ClusterTls>) -> &'static str {
     if tls.is_some() { "https" } else { "http" }
 }
 
+/// The URI prefix of a certificate's subject alternative names that makes it a worker
+/// certificate: `urn:herd:worker:<id>` lets it register that id; a trailing `*` matches any rest.
+pub const WORKER_URI_PREFIX: &str = "urn:herd:worker:";
+
+/// The worker ids a peer's certificate names, read from its `urn:herd:worker:` URI names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerIds(Vec<String>);
+
+impl WorkerIds {
+    /// The ids named by a DER certificate; empty when it names none (a gateway's, a
+    /// controller's) or cannot be parsed.
+    pub fn of_der(der: &[u8]) -> Self {
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+            return Self(Vec::new());
+        };
+        let Ok(Some(names)) = cert.subject_alternative_name() else {
+            return Self(Vec::new());
+        };
+        let ids = names.value.general_names.iter().filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) => uri.strip_prefix(WORKER_URI_PREFIX),
+            _ => None,
+        });
+        Self(ids.filter(|id| !id.is_empty()).map(str::to_owned).collect())
+    }
+
+    /// The ids named by the certificate a gRPC peer presented; `None` when it presented none
+    /// (mutual TLS is off).
+    pub fn of_peer<T>(request: &tonic::Request<T>) -> Option<Self> {
+        let chain = request.peer_certs()?;
+        Some(chain.first().map_or(Self(Vec::new()), |leaf| Self::of_der(leaf)))
+    }
+
+    /// Whether the certificate names `worker_id` (exactly, or by a pattern ending in `*`).
+    pub fn permits(&self, worker_id: &str) -> bool {
+        self.0.iter().any(|pattern| match pattern.strip_suffix('*') {
+            Some(prefix) => worker_id.starts_with(prefix),
+            None => pattern == worker_id,
+        })
+    }
+
+    /// Whether the certificate names any worker id at all, i.e. belongs to a worker.
+    pub fn is_worker(&self) -> bool {
+        !self.0.is_empty()
+    }
+
+    /// The patterns, for error messages.
+    pub fn patterns(&self) -> &[String] {
+        &self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,6 +169,21 @@ mod tests {
         let err = args.load().unwrap_err().to_string();
         assert!(err.starts_with("--tls-ca") && err.contains("missing.pem"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn worker_ids_come_from_urn_herd_worker_uris() {
+        // Made with openssl: SANs DNS:herd.internal, URI:urn:herd:worker:w-1,
+        // URI:urn:herd:worker:pool-*, URI:https://example.invalid/x.
+        let pem = include_bytes!("../testdata/worker-cert.pem");
+        let (_, pem) = x509_parser::pem::parse_x509_pem(pem).unwrap();
+        let ids = WorkerIds::of_der(&pem.contents);
+        assert_eq!(ids.patterns(), ["w-1", "pool-*"]);
+        assert!(ids.is_worker());
+        assert!(ids.permits("w-1") && ids.permits("pool-7") && ids.permits("pool-"));
+        assert!(!ids.permits("w-10") && !ids.permits("w-") && !ids.permits("other"));
+        let none = WorkerIds::of_der(b"not a certificate");
+        assert!(!none.is_worker() && !none.permits("w-1"));
     }
 
     #[test]

@@ -163,34 +163,48 @@ fn tls_flags(dir: &Path, name: &str) -> Vec<String> {
     ]
 }
 
-/// A gRPC channel to `url` trusting `ca_dir`'s CA, presenting the `node` certificate of `identity`.
-async fn channel(url: &str, ca_dir: &Path, identity: Option<&Path>) -> Result<Channel, tonic::transport::Error> {
+/// A gRPC channel to `url` trusting `ca_dir`'s CA, presenting the certificate `name` of the
+/// directory `identity` (none when `None`).
+async fn channel(
+    url: &str,
+    ca_dir: &Path,
+    identity: Option<(&Path, &str)>,
+) -> Result<Channel, tonic::transport::Error> {
     let read = |dir: &Path, f: &str| std::fs::read(dir.join(f)).unwrap();
     let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca_dir, "ca.pem")));
-    if let Some(dir) = identity {
-        tls = tls.identity(Identity::from_pem(read(dir, "node.pem"), read(dir, "node-key.pem")));
+    if let Some((dir, name)) = identity {
+        tls =
+            tls.identity(Identity::from_pem(read(dir, &format!("{name}.pem")), read(dir, &format!("{name}-key.pem"))));
     }
     Endpoint::from_shared(url.to_string())?.tls_config(tls)?.connect().await
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn mutual_tls_admits_only_peers_with_a_cluster_certificate() {
-    let node = ("node", "127.0.0.1", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n");
+async fn mutual_tls_admits_only_peers_with_a_cluster_certificate_and_binds_worker_ids() {
+    let usage = "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n";
+    // The gateway's and controller's certificate names no worker; a worker's names the ids it may
+    // register (`*` ends a pattern).
+    let node = ("node", "127.0.0.1", usage);
+    let worker_usage =
+        "subjectAltName=IP:127.0.0.1,URI:urn:herd:worker:good-*\nextendedKeyUsage=serverAuth,clientAuth\n";
+    let worker_cert = ("worker", "127.0.0.1", worker_usage);
     let cluster = tempfile::tempdir().unwrap();
-    herd_tests::certs::issue(cluster.path(), &[node]);
+    herd_tests::certs::issue(cluster.path(), &[node, worker_cert]);
     // Same names, another CA: what a stranger could make.
     let rogue = tempfile::tempdir().unwrap();
-    herd_tests::certs::issue(rogue.path(), &[node]);
+    herd_tests::certs::issue(rogue.path(), &[node, worker_cert]);
 
     let mut args: Vec<String> = ["controller", "--listen", "127.0.0.1:0"].map(String::from).to_vec();
     args.extend(tls_flags(cluster.path(), "node"));
     let ctl = Proc::start(&args);
     let ctl_url = format!("https://{}", ctl.addr);
-    let cluster_tls = tls_flags(cluster.path(), "node");
-    let _w = herd_tests::cluster::worker_of(&ctl_url, &cluster_tls.iter().map(String::as_str).collect::<Vec<_>>());
+    let worker_tls = tls_flags(cluster.path(), "worker");
+    let mut worker_args: Vec<&str> = worker_tls.iter().map(String::as_str).collect();
+    worker_args.extend(["--worker-id", "good-1"]);
+    let _w = herd_tests::cluster::worker_of(&ctl_url, &worker_args);
     let mut args: Vec<String> =
         ["gateway", "--listen", "127.0.0.1:0", "--controller", &ctl_url].map(String::from).to_vec();
-    args.extend(cluster_tls.clone());
+    args.extend(tls_flags(cluster.path(), "node"));
     let gw = Proc::start(&args);
     // The whole path runs over mutual TLS: gateway → controller, worker → controller, gateway → worker.
     wait_for_workers(&gw, 1, Duration::from_secs(120)).await;
@@ -199,35 +213,55 @@ async fn mutual_tls_admits_only_peers_with_a_cluster_certificate() {
     assert_eq!(resp.status().as_u16(), 200, "{}", resp.text().await.unwrap());
 
     // A worker with a certificate from another CA never gets registered.
-    let rogue_tls = tls_flags(rogue.path(), "node");
-    let _stranger = herd_tests::cluster::worker_of(&ctl_url, &rogue_tls.iter().map(String::as_str).collect::<Vec<_>>());
-    // A client that trusts the controller but has no certificate, or a stranger's, is refused.
-    for identity in [None, Some(rogue.path())] {
+    let rogue_tls = tls_flags(rogue.path(), "worker");
+    let mut rogue_args: Vec<&str> = rogue_tls.iter().map(String::as_str).collect();
+    rogue_args.extend(["--worker-id", "good-2"]);
+    let _stranger = herd_tests::cluster::worker_of(&ctl_url, &rogue_args);
+    let register = |id: &str| {
         let info = pb::WorkerInfo {
-            worker_id: "intruder".into(),
+            worker_id: id.into(),
             address: "https://127.0.0.1:9".into(),
             models: vec![MODEL.into()],
             context_length: 2048,
             max_batch_size: 1,
             ..Default::default()
         };
-        let register = pb::RegisterWorkerRequest { info: Some(info), load: None };
+        pb::RegisterWorkerRequest { info: Some(info), load: None }
+    };
+    // A client that trusts the controller but has no certificate, or a stranger's, is refused.
+    for identity in [None, Some((rogue.path(), "worker"))] {
         let refused = match channel(&ctl_url, cluster.path(), identity).await {
-            Ok(ch) => pb::controller_client::ControllerClient::new(ch).register_worker(register).await.is_err(),
+            Ok(ch) => {
+                pb::controller_client::ControllerClient::new(ch).register_worker(register("good-3")).await.is_err()
+            }
             Err(_) => true,
         };
         assert!(refused, "a client with certificate {identity:?} registered a worker");
     }
+    // Cluster certificates that do not name the id: the gateway's (no worker at all), and a
+    // worker's trying an id outside its pattern. Each is PermissionDenied, also for heartbeats
+    // and deregistrations of the live worker.
+    for (name, id) in [("node", "good-3"), ("worker", "intruder")] {
+        let ch =
+            channel(&ctl_url, cluster.path(), Some((cluster.path(), name))).await.expect("a cluster member connects");
+        let mut client = pb::controller_client::ControllerClient::new(ch);
+        let err = client.register_worker(register(id)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{name} registering {id}: {err:?}");
+        let wanted = if name == "node" { "only a worker certificate" } else { "good-*" };
+        assert!(err.message().contains(wanted), "{}", err.message());
+    }
+    let ch = channel(&ctl_url, cluster.path(), Some((cluster.path(), "node"))).await.unwrap();
+    let mut client = pb::controller_client::ControllerClient::new(ch);
+    let beat = pb::HeartbeatRequest { worker_id: "good-1".into(), load: None, lease: "guess".into() };
+    assert_eq!(client.heartbeat(beat).await.unwrap_err().code(), tonic::Code::PermissionDenied);
+    let gone = pb::DeregisterRequest { worker_id: "good-1".into(), lease: "guess".into() };
+    assert_eq!(client.deregister(gone).await.unwrap_err().code(), tonic::Code::PermissionDenied);
     // Give the stranger time to try (it retries with backoff), then count who got in.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let ch = channel(&ctl_url, cluster.path(), Some(cluster.path())).await.expect("a cluster member connects");
-    let workers = pb::controller_client::ControllerClient::new(ch)
-        .list_workers(pb::ListWorkersRequest::default())
-        .await
-        .expect("ListWorkers over mutual TLS")
-        .into_inner()
-        .workers;
-    assert_eq!(workers.len(), 1, "only the worker with a cluster certificate registers: {workers:?}");
+    let workers =
+        client.list_workers(pb::ListWorkersRequest::default()).await.expect("ListWorkers").into_inner().workers;
+    let ids: Vec<_> = workers.iter().filter_map(|w| w.info.as_ref()).map(|i| i.worker_id.as_str()).collect();
+    assert_eq!(ids, ["good-1"], "only the worker with a cluster certificate naming its id registers");
 }
 
 /// `GET path` over TLS to `addr`, trusting only `ca`; the raw HTTP/1.1 response.
