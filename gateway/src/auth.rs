@@ -3,10 +3,14 @@
 //! Keys are compared as SHA-256 digests in constant time, against every configured key, so neither
 //! the time taken nor an early exit tells a caller how much of a key was right. Each key has two
 //! token buckets: requests per minute, and tokens (prompt + completion) per minute. A request
-//! needs a whole request token and at least one token of balance; its tokens are debited when it ends,
-//! so one large answer can drive the balance below zero and the next request waits it out.
+//! needs a whole request token, and once parsed it reserves what its choices may generate
+//! (`n × max_tokens`, at most a whole minute's allowance), so concurrent requests cannot overdraw
+//! the balance. When it ends, the reservation is refunded and the tokens it used (prompt
+//! included) are debited: a long prompt can still drive the balance below zero, and the next
+//! request waits it out.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -137,13 +141,28 @@ impl Limiter {
         Ok(())
     }
 
-    /// Debits the tokens a finished request used.
-    pub fn spend(&self, key: usize, used: u64) {
+    /// Sets aside `tokens` (at most the bucket's capacity) of key `key`'s token allowance;
+    /// returns what was set aside, or how many seconds to wait.
+    pub fn reserve(&self, key: usize, tokens: u64) -> Result<f64, u64> {
+        let Some(cap) = self.limits.tokens else { return Ok(0.0) };
+        let needed = (tokens as f64).clamp(1.0, f64::from(cap));
+        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some((_, toks)) = buckets.get_mut(key) else { return Ok(0.0) };
+        toks.refill(cap, self.limits.period, Instant::now());
+        if toks.level < needed {
+            return Err(toks.wait_for(needed, cap, self.limits.period));
+        }
+        toks.level -= needed;
+        Ok(needed)
+    }
+
+    /// Ends a reservation: gives back the `reserved` tokens and debits the `used` ones.
+    pub fn settle(&self, key: usize, reserved: f64, used: u64) {
         let Some(cap) = self.limits.tokens else { return };
         let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((_, toks)) = buckets.get_mut(key) {
             toks.refill(cap, self.limits.period, Instant::now());
-            toks.level -= used as f64;
+            toks.level += reserved - used as f64;
         }
     }
 }
@@ -172,9 +191,40 @@ pub struct Account {
 }
 
 impl Account {
-    /// Debits `tokens` from this caller's allowance.
-    pub fn spend(&self, tokens: u64) {
-        self.auth.limiter.spend(self.key, tokens);
+    /// Reserves the `tokens` a request may generate, or answers 429 with the wait.
+    pub fn reserve(self, tokens: u64) -> Result<Reservation, GatewayError> {
+        match self.auth.limiter.reserve(self.key, tokens) {
+            Ok(reserved) => Ok(Reservation { account: self, reserved, settled: AtomicBool::new(false) }),
+            Err(retry_after) => Err(GatewayError::RateLimited {
+                message: format!(
+                    "Rate limit reached for this API key (tokens per minute): this request may use {tokens} tokens; retry in {retry_after} s."
+                ),
+                retry_after,
+            }),
+        }
+    }
+}
+
+/// Tokens set aside for one request: settled with what it used, or refunded whole when it is
+/// dropped unsettled (the request failed before producing anything).
+pub struct Reservation {
+    account: Account,
+    reserved: f64,
+    settled: AtomicBool,
+}
+
+impl Reservation {
+    /// Refunds the reservation and debits `used` tokens; only the first call counts.
+    pub fn settle(&self, used: u64) {
+        if !self.settled.swap(true, Ordering::SeqCst) {
+            self.account.auth.limiter.settle(self.account.key, self.reserved, used);
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.settle(0);
     }
 }
 
@@ -272,7 +322,7 @@ mod tests {
         let limits = Limits { requests: None, tokens: Some(100), period: Duration::from_secs(60) };
         let limiter = Limiter::new(limits, 1);
         assert!(limiter.admit(0).is_ok());
-        limiter.spend(0, 160);
+        limiter.settle(0, 0.0, 160);
         let (what, wait) = limiter.admit(0).unwrap_err();
         // 60 tokens in debt, 61 from one token of allowance at 100 per minute: 37 s.
         assert_eq!(what, "tokens");
@@ -387,12 +437,48 @@ mod tests {
         let limits = Limits { requests: None, tokens: Some(10), period: Duration::from_secs(60) };
         let (app, _worker) = app(limits).await;
         let key = [("authorization", "Bearer sk-right")];
-        assert_eq!(send(&app, "POST", "/v1/chat/completions", &key, CHAT).await.0, 200);
-        // 1 token left: admitted, and this one drives the balance below zero.
-        assert_eq!(send(&app, "POST", "/v1/chat/completions", &key, CHAT).await.0, 200);
-        let (status, headers, text) = send(&app, "POST", "/v1/chat/completions", &key, CHAT).await;
+        let small = r#"{"model":"m","messages":[{"role":"user","content":"hello"}],"max_tokens":1}"#;
+        assert_eq!(send(&app, "POST", "/v1/chat/completions", &key, small).await.0, 200);
+        // 1 token left: enough to reserve max_tokens 1, and the prompt drives the balance below zero.
+        assert_eq!(send(&app, "POST", "/v1/chat/completions", &key, small).await.0, 200);
+        let (status, headers, text) = send(&app, "POST", "/v1/chat/completions", &key, small).await;
         assert_eq!(status, 429, "{text}");
         let wait: u64 = headers.get("retry-after").unwrap().to_str().unwrap().parse().unwrap();
         assert!((54..=55).contains(&wait), "8 tokens in debt, 9 from one token of allowance at 10 per minute: {wait}");
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_reserve_their_max_tokens_and_get_the_rest_back() {
+        let worker = FakeWorker::start(Script::Hang(vec!["hi"])).await;
+        let table = Arc::new(WorkerTable::new());
+        table.apply_snapshot(vec![worker_state("w", &worker.address, &["m"], 0)], Duration::ZERO);
+        let settings = Settings {
+            max_body_bytes: 1 << 20,
+            worker_down_for: Duration::from_secs(10),
+            retry_after: 1,
+            deadlines: Default::default(),
+        };
+        let limits = Limits { requests: None, tokens: Some(100), period: Duration::from_secs(3600) };
+        let auth = Auth::new(Keys::new(["sk-right"]).unwrap(), limits);
+        let app = router(AppState::new(table, settings).with_auth(Some(auth)));
+        let key = [("authorization", "Bearer sk-right")];
+        let body = |max_tokens: u32| {
+            format!(r#"{{"model":"m","prompt":"hello","max_tokens":{max_tokens},"n":2,"stream":true}}"#)
+        };
+        // Two choices of 30: 60 of the 100 are set aside while the stream runs.
+        let running = crate::testing::call(&app, "POST", "/v1/completions", &key, body(30)).await;
+        assert_eq!(running.status(), 200);
+        let (status, _, text) = send(&app, "POST", "/v1/completions", &key, &body(21)).await;
+        assert_eq!(status, 429, "42 more than the 40 left: {text}");
+        assert!(text.contains("may use 42 tokens"), "{text}");
+        // A chat choice without max_tokens may run to the context (2048), capped at the allowance.
+        let open = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
+        assert_eq!(send(&app, "POST", "/v1/chat/completions", &key, open).await.0, 429);
+        let fits = crate::testing::call(&app, "POST", "/v1/completions", &key, body(20)).await;
+        assert_eq!(fits.status(), 200, "40 fit exactly");
+        // Ending the streams refunds what they did not use (each choice produced one token).
+        drop((running, fits));
+        let after = crate::testing::call(&app, "POST", "/v1/completions", &key, body(45)).await;
+        assert_eq!(after.status(), 200, "the refunds leave more than 90 of 100");
     }
 }

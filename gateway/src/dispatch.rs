@@ -10,7 +10,7 @@ use tonic::metadata::MetadataValue;
 use tonic::{Code, Status, Streaming};
 use tracing::{debug, warn};
 
-use crate::auth::Account;
+use crate::auth::Reservation;
 use crate::metrics::{GatewayMetrics, Pacer, since};
 use crate::router::{InflightGuard, Lookup, WorkerTable};
 use crate::{Deadlines, GatewayError};
@@ -44,8 +44,8 @@ pub(crate) struct Ctx {
     pub metrics: Arc<GatewayMetrics>,
     /// When the request arrived.
     pub started: Instant,
-    /// The API key's allowance the tokens are debited from, when keys are on.
-    pub account: Option<Account>,
+    /// The tokens reserved from the API key's allowance, when keys are on.
+    pub reservation: Option<Arc<Reservation>>,
     /// How long a worker may take to accept the call and to send the first token.
     pub deadlines: Deadlines,
 }
@@ -128,8 +128,8 @@ impl Ctx {
     /// Records a finished (or abandoned) request's tokens and debits them from the caller.
     pub fn account_for(&self, prompt: u64, completion: u64) {
         self.metrics.tokens(prompt, completion);
-        if let Some(account) = &self.account {
-            account.spend(prompt + completion);
+        if let Some(reservation) = &self.reservation {
+            reservation.settle(prompt + completion);
         }
     }
 
@@ -158,7 +158,7 @@ impl Ctx {
             // A worker that accepts connections and never answers (or never gets to the first
             // token) counts as failed, so the choice moves on instead of hanging.
             let called = Instant::now();
-            let Deadlines { accept, first_token } = self.deadlines;
+            let Deadlines { accept, first_token, .. } = self.deadlines;
             let first = match tokio::time::timeout(accept, client.generate(call)).await {
                 Err(_) => Err(Status::unavailable(format!("the worker did not accept the call within {accept:?}"))),
                 Ok(Ok(response)) => {

@@ -66,6 +66,9 @@ pub struct GatewayArgs {
     /// connection stays open.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, env = "HERD_HEADER_TIMEOUT")]
     pub header_timeout: Duration,
+    /// How long a client may take to send a whole request body (else 408).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, env = "HERD_BODY_TIMEOUT")]
+    pub body_timeout: Duration,
     /// File of API keys, one per line (`#` comments allowed): every `/v1` route then needs
     /// `Authorization: Bearer KEY`. `/health`, `/ready` and `/metrics` stay open.
     #[arg(long, env = "HERD_API_KEYS_FILE")]
@@ -108,6 +111,7 @@ impl GatewayArgs {
             worker_accept_timeout: Deadlines::default().accept,
             first_token_timeout: Deadlines::default().first_token,
             header_timeout: Duration::from_secs(30),
+            body_timeout: Deadlines::default().body,
             api_keys: None,
             api_key_list: Vec::new(),
             rate_limit_rpm: None,
@@ -165,9 +169,11 @@ pub struct Settings {
     pub deadlines: Deadlines,
 }
 
-/// How long the gateway waits on a worker before calling another.
+/// How long the gateway waits on a client's body, and on a worker before calling another.
 #[derive(Debug, Clone, Copy)]
 pub struct Deadlines {
+    /// For the client's whole request body.
+    pub body: Duration,
     /// For the worker to accept the call (its response headers).
     pub accept: Duration,
     /// For the first token, from the call's start.
@@ -176,7 +182,7 @@ pub struct Deadlines {
 
 impl Default for Deadlines {
     fn default() -> Self {
-        Self { accept: Duration::from_secs(10), first_token: Duration::from_secs(300) }
+        Self { body: Duration::from_secs(60), accept: Duration::from_secs(10), first_token: Duration::from_secs(300) }
     }
 }
 
@@ -186,7 +192,11 @@ impl From<&GatewayArgs> for Settings {
             max_body_bytes: args.max_body_bytes,
             worker_down_for: args.worker_down_for,
             retry_after: args.retry_after,
-            deadlines: Deadlines { accept: args.worker_accept_timeout, first_token: args.first_token_timeout },
+            deadlines: Deadlines {
+                body: args.body_timeout,
+                accept: args.worker_accept_timeout,
+                first_token: args.first_token_timeout,
+            },
         }
     }
 }

@@ -389,6 +389,13 @@ impl WorkerTable {
         Lookup::Unknown(names.into_iter().collect())
     }
 
+    /// The longest context of the workers serving `model`.
+    pub fn context_length(&self, model: &str) -> Option<u32> {
+        let inner = self.lock();
+        let serving = inner.workers.values().filter(|e| e.serves(model));
+        serving.filter_map(|e| e.state.info.as_ref().map(|i| i.context_length)).max()
+    }
+
     /// Every served model name and alias, sorted, with the time (unix seconds) it was first seen.
     pub fn models(&self) -> Vec<(String, u64)> {
         let inner = self.lock();

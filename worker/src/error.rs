@@ -47,6 +47,9 @@ pub enum WorkerError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Server(String),
+    /// An error several calls share (one tokenization of a prompt they all sent).
+    #[error(transparent)]
+    Shared(std::sync::Arc<WorkerError>),
 }
 
 impl WorkerError {
@@ -54,6 +57,7 @@ impl WorkerError {
     pub fn code(&self) -> Code {
         use EngineError as E;
         match self {
+            WorkerError::Shared(e) => e.code(),
             WorkerError::Engine(
                 E::InvalidArgument(_)
                 | E::PromptTooLong { .. }

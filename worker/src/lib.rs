@@ -6,6 +6,7 @@ pub mod metrics;
 pub mod registration;
 pub mod scheduler;
 pub mod service;
+pub mod tokenized;
 
 use std::future::Future;
 use std::net::SocketAddr;

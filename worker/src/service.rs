@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 
 use futures::{Stream, StreamExt};
 use herd_proto::v1 as pb;
+use prost::Message as _;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -14,6 +15,7 @@ use crate::engine::{Engine, FinishReason, GenerationParams, Message, SamplingPar
 use crate::error::WorkerError;
 use crate::metrics::WorkerMetrics;
 use crate::scheduler::{Load, Scheduler, StepResult, SubmitError};
+use crate::tokenized::Tokenized;
 
 /// The loaded engine and the thread that runs it.
 pub struct Serving {
@@ -33,6 +35,8 @@ pub struct WorkerCore {
     admitting: AtomicUsize,
     /// Request and token counts.
     pub metrics: WorkerMetrics,
+    /// Recent tokenizations, shared by calls with the same prompt.
+    tokenized: Tokenized,
 }
 
 impl WorkerCore {
@@ -44,6 +48,7 @@ impl WorkerCore {
             draining: AtomicBool::new(false),
             admitting: AtomicUsize::new(0),
             metrics: WorkerMetrics::new(),
+            tokenized: Tokenized::default(),
         }
     }
 
@@ -180,22 +185,28 @@ impl Prompt {
         }
     }
 
-    /// Token ids, rendered and tokenized off the async runtime (a long prompt takes a while).
-    async fn ids(self, engine: &Arc<Engine>) -> Result<Vec<u32>, WorkerError> {
-        let bytes = match &self {
-            Self::Chat(chat) => chat.messages.iter().map(|m| m.content.len()).sum(),
-            Self::Text(text) => text.len(),
-            Self::Ids(_) => 0,
+    /// Token ids, rendered and tokenized off the async runtime (a long prompt takes a while),
+    /// once for all calls that send the same prompt at about the same time.
+    async fn ids(self, engine: &Arc<Engine>, tokenized: &Tokenized) -> Result<Arc<Vec<u32>>, WorkerError> {
+        let (bytes, key) = match self {
+            Self::Ids(ids) => return Ok(Arc::new(ids)),
+            Self::Chat(ref chat) => {
+                (chat.messages.iter().map(|m| m.content.len()).sum(), Tokenized::key(&[b"chat", &chat.encode_to_vec()]))
+            }
+            Self::Text(ref text) => (text.len(), Tokenized::key(&[b"text", text.as_bytes()])),
         };
         engine.check_prompt_bytes(bytes)?;
         let engine = engine.clone();
-        tokio::task::spawn_blocking(move || match self {
-            Self::Chat(chat) => Ok(engine.encode_chat(&chat_messages(&chat)?)?),
-            Self::Text(text) => Ok(engine.tokenizer().encode(&text)?),
-            Self::Ids(ids) => Ok(ids),
-        })
-        .await
-        .map_err(|e| WorkerError::Server(format!("tokenizer task: {e}")))?
+        let tokenize = async move {
+            tokio::task::spawn_blocking(move || match self {
+                Self::Chat(chat) => Ok(engine.encode_chat(&chat_messages(&chat)?)?),
+                Self::Text(text) => Ok(engine.tokenizer().encode(&text)?),
+                Self::Ids(ids) => Ok(ids),
+            })
+            .await
+            .map_err(|e| WorkerError::Server(format!("tokenizer task: {e}")))?
+        };
+        tokenized.ids(key, tokenize).await
     }
 }
 
@@ -289,7 +300,7 @@ impl WorkerService {
     async fn queue(&self, mut req: pb::GenerateRequest) -> Result<Queued, WorkerError> {
         let (serving, _admitting) = self.core.admit(&req.model)?;
         let engine = serving.engine.clone();
-        let ids = Prompt::from_generate(req.input.take())?.ids(&engine).await?;
+        let ids = Prompt::from_generate(req.input.take())?.ids(&engine, &self.core.tokenized).await?;
         let seq = engine.start(&ids, &generation_params(&req))?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         serving.scheduler.submit(seq, tx).map_err(|e| match e {
@@ -339,7 +350,7 @@ impl pb::worker_server::Worker for WorkerService {
     ) -> Result<Response<pb::CountTokensResponse>, Status> {
         let req = request.into_inner();
         let engine = self.core.serving_model(&req.model)?.engine.clone();
-        let ids = Prompt::from_count(req.input)?.ids(&engine).await?;
+        let ids = Prompt::from_count(req.input)?.ids(&engine, &self.core.tokenized).await?;
         Ok(Response::new(pb::CountTokensResponse {
             tokens: ids.len() as u32,
             context_length: engine.context_length() as u32,

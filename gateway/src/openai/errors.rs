@@ -26,6 +26,12 @@ pub enum GatewayError {
         /// The limit, in bytes.
         limit: usize,
     },
+    /// The client did not send the whole body within `--body-timeout` (408).
+    #[error("the request body did not arrive within {}", humantime::format_duration(*.after))]
+    BodyTimeout {
+        /// The limit.
+        after: std::time::Duration,
+    },
     /// The body is not declared as JSON (415): a form or `text/plain` POST, which a web page can
     /// send from a visitor's browser without a CORS preflight.
     #[error("the request body must be JSON, sent with `Content-Type: application/json` (got {got})")]
@@ -182,6 +188,7 @@ impl GatewayError {
         match self {
             GatewayError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             GatewayError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             GatewayError::UnknownRoute { .. } | GatewayError::ModelNotFound { .. } => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -202,6 +209,7 @@ impl GatewayError {
         let (kind, param, code): (&str, Option<String>, Option<&str>) = match self {
             GatewayError::InvalidRequest { param, code, .. } => ("invalid_request_error", param.clone(), *code),
             GatewayError::BodyTooLarge { .. } => ("invalid_request_error", None, Some("request_too_large")),
+            GatewayError::BodyTimeout { .. } => ("invalid_request_error", None, Some("request_timeout")),
             GatewayError::UnsupportedMediaType { .. } => {
                 ("invalid_request_error", None, Some("unsupported_media_type"))
             }

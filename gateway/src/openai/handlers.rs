@@ -1,5 +1,6 @@
 //! The HTTP handlers: parse, validate, dispatch each choice to a worker, answer in OpenAI's format.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
@@ -104,7 +105,11 @@ async fn serve_json(
 ) -> Result<Response, GatewayError> {
     let started = Instant::now();
     require_json(headers)?;
-    let plan = parse(&body_bytes(&state, body).await?)?;
+    let limit = state.settings.deadlines.body;
+    let bytes = tokio::time::timeout(limit, body_bytes(&state, body))
+        .await
+        .map_err(|_| GatewayError::BodyTimeout { after: limit })??;
+    let plan = parse(&bytes)?;
     Ok(execute(state, plan, (started, caller.map(|Extension(a)| a))).await)
 }
 
@@ -124,6 +129,13 @@ async fn execute(state: AppState, plan: Plan, caller: (Instant, Option<Account>)
     response
 }
 
+/// The most tokens a request's choices may generate: their `max_tokens`, or the model's
+/// context length where a choice has none.
+fn plan_tokens(plan: &Plan, state: &AppState) -> u64 {
+    let context = || u64::from(state.table.context_length(&plan.model).unwrap_or(1));
+    plan.choices.iter().map(|c| c.request.max_tokens.map_or_else(context, u64::from)).sum()
+}
+
 async fn generate(
     state: AppState,
     plan: Plan,
@@ -137,6 +149,10 @@ async fn generate(
         user = plan.user.as_deref().unwrap_or(""),
         "generation request"
     );
+    let reservation = match account {
+        Some(account) => Some(Arc::new(account.reserve(plan_tokens(&plan, &state))?)),
+        None => None,
+    };
     let ctx = Ctx {
         table: state.table.clone(),
         model: plan.model.clone(),
@@ -145,7 +161,7 @@ async fn generate(
         prompt_param: plan.api.prompt_param(),
         metrics: state.metrics.clone(),
         started,
-        account,
+        reservation,
         deadlines: state.settings.deadlines,
     };
     let created = unix_now();
@@ -345,7 +361,11 @@ mod tests {
         let workers = vec![worker_state("hole", &hole_address, &["m"], 0), worker_state("real", &w.address, &["m"], 5)];
         let table = Arc::new(WorkerTable::new());
         table.apply_snapshot(workers, Duration::ZERO);
-        let deadlines = crate::Deadlines { accept: Duration::from_millis(300), first_token: Duration::from_secs(60) };
+        let deadlines = crate::Deadlines {
+            accept: Duration::from_millis(300),
+            first_token: Duration::from_secs(60),
+            ..Default::default()
+        };
         let settings =
             Settings { max_body_bytes: 2048, worker_down_for: Duration::from_secs(60), retry_after: 1, deadlines };
         let app = router(AppState::new(table.clone(), settings));
@@ -363,6 +383,28 @@ mod tests {
             table.mark_down("hole", Duration::ZERO);
         }
         drop(hole);
+    }
+
+    #[tokio::test]
+    async fn a_stalled_body_gets_408_within_the_body_timeout() {
+        let w = FakeWorker::start(Script::Reply(vec!["ok"])).await;
+        let table = Arc::new(WorkerTable::new());
+        table.apply_snapshot(vec![worker_state("a", &w.address, &["m"], 0)], Duration::ZERO);
+        let deadlines = crate::Deadlines { body: Duration::from_millis(300), ..Default::default() };
+        let settings =
+            Settings { max_body_bytes: 2048, worker_down_for: Duration::from_secs(60), retry_after: 1, deadlines };
+        let app = router(AppState::new(table, settings));
+        // The first bytes of a body whose rest never comes.
+        let start: Result<axum::body::Bytes, std::io::Error> = Ok(r#"{"model":"m","#.into());
+        let stalled = Body::from_stream(futures::stream::iter([start]).chain(futures::stream::pending()));
+        let response = tokio::time::timeout(Duration::from_secs(10), call(&app, "POST", "/v1/completions", stalled))
+            .await
+            .expect("answered within the body timeout");
+        assert_eq!(response.status(), 408);
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["error"]["code"], "request_timeout", "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("300ms"), "{v}");
     }
 
     #[tokio::test]
