@@ -66,6 +66,11 @@ pub struct GatewayArgs {
     /// connection stays open.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, env = "HERD_HEADER_TIMEOUT")]
     pub header_timeout: Duration,
+    /// How long a streamed request waits for its first tokens before answering 200 anyway (until
+    /// then an error still gets its own status); after that an SSE comment goes out whenever
+    /// as long passes without an event, and a failure arrives as an error event.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, env = "HERD_STREAM_STATUS_WAIT")]
+    pub stream_status_wait: Duration,
     /// How long a client may take to send a whole request body (else 408).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, env = "HERD_BODY_TIMEOUT")]
     pub body_timeout: Duration,
@@ -112,6 +117,7 @@ impl GatewayArgs {
             first_token_timeout: Deadlines::default().first_token,
             header_timeout: Duration::from_secs(30),
             body_timeout: Deadlines::default().body,
+            stream_status_wait: Deadlines::default().stream_status,
             api_keys: None,
             api_key_list: Vec::new(),
             rate_limit_rpm: None,
@@ -178,11 +184,18 @@ pub struct Deadlines {
     pub accept: Duration,
     /// For the first token, from the call's start.
     pub first_token: Duration,
+    /// For a streamed request's first tokens, before its 200 goes out anyway.
+    pub stream_status: Duration,
 }
 
 impl Default for Deadlines {
     fn default() -> Self {
-        Self { body: Duration::from_secs(60), accept: Duration::from_secs(10), first_token: Duration::from_secs(300) }
+        Self {
+            body: Duration::from_secs(60),
+            accept: Duration::from_secs(10),
+            first_token: Duration::from_secs(300),
+            stream_status: Duration::from_secs(10),
+        }
     }
 }
 
@@ -196,6 +209,7 @@ impl From<&GatewayArgs> for Settings {
                 body: args.body_timeout,
                 accept: args.worker_accept_timeout,
                 first_token: args.first_token_timeout,
+                stream_status: args.stream_status_wait,
             },
         }
     }

@@ -9,11 +9,11 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use futures::StreamExt;
 use futures::future::try_join_all;
+use futures::{FutureExt, StreamExt};
 use rand::Rng;
 use rand::distr::Alphanumeric;
-use tracing::{Instrument, info, info_span};
+use tracing::{Instrument, info, info_span, warn};
 
 use super::params::{Api, Plan, parse_chat, parse_completion};
 use super::sse::{self, StreamMeta};
@@ -166,13 +166,6 @@ async fn generate(
     };
     let created = unix_now();
     if plan.stream {
-        // Every choice must have its first chunk before the 200 goes out, so that errors such as
-        // an over-long prompt or full queues still get their own status code.
-        let opened = try_join_all(plan.choices.iter().map(|c| {
-            let ctx = &ctx;
-            async move { ctx.open(&c.request, &mut Attempts::default()).await }
-        }))
-        .await?;
         let meta = StreamMeta {
             api: plan.api,
             id,
@@ -181,10 +174,44 @@ async fn generate(
             include_usage: plan.include_usage,
             logprobs: plan.logprobs,
         };
-        let served_by = opened.first().map(|o| o.worker_id.clone());
-        let choices = plan.choices.iter().zip(opened).map(|(c, o)| (c.index, c.prompt_index, o)).collect();
-        let events = sse::events(meta, ctx, choices);
-        return Ok(with_worker(Sse::new(events).keep_alive(KeepAlive::default()).into_response(), served_by));
+        let positions: Vec<(u32, usize)> = plan.choices.iter().map(|c| (c.index, c.prompt_index)).collect();
+        let requests: Vec<_> = plan.choices.into_iter().map(|c| c.request).collect();
+        let wait = ctx.deadlines.stream_status;
+        let opener = ctx.clone();
+        let request_id = ctx.request_id.clone();
+        let mut opening = async move {
+            let opener = &opener;
+            try_join_all(requests.iter().map(|r| async move { opener.open(r, &mut Attempts::default()).await })).await
+        }
+        .boxed();
+        let stream_of = move |opened: Vec<_>| {
+            let choices = positions.into_iter().zip(opened).map(|((index, prompt), o)| (index, prompt, o)).collect();
+            sse::events(meta, ctx, choices)
+        };
+        // Errors such as an over-long prompt or full queues get their own status code when every
+        // choice has its first chunk within `--stream-status-wait`. After that the 200 goes out,
+        // SSE comments keep proxies from closing the idle connection, and a failure arrives as
+        // an error event.
+        return Ok(match tokio::time::timeout(wait, &mut opening).await {
+            Ok(opened) => {
+                let opened = opened?;
+                let served_by = opened.first().map(|o| o.worker_id.clone());
+                with_worker(Sse::new(stream_of(opened)).keep_alive(KeepAlive::default()).into_response(), served_by)
+            }
+            Err(_) => {
+                let events = futures::stream::once(async move {
+                    match opening.await {
+                        Ok(opened) => stream_of(opened).boxed(),
+                        Err(err) => {
+                            warn!(request_id = %request_id, error = %err, "a committed stream failed before its first token");
+                            futures::stream::iter([Ok(sse::error_event(&err))]).boxed()
+                        }
+                    }
+                })
+                .flatten();
+                Sse::new(events).keep_alive(KeepAlive::new().interval(wait)).into_response()
+            }
+        });
     }
     let done = try_join_all(plan.choices.iter().map(|c| ctx.complete(&c.request))).await?;
     let usage = total_usage(plan.choices.iter().zip(&done).map(|(c, d)| (c.prompt_index, d.tally.counts())));
@@ -305,7 +332,7 @@ mod tests {
     use axum::Router;
     use axum::body::Body;
     use axum::http::HeaderMap;
-    use futures::StreamExt;
+    use futures::{FutureExt, StreamExt};
     use herd_proto::v1::WorkerState;
     use serde_json::{Value, json};
     use tonic::Code;
@@ -405,6 +432,39 @@ mod tests {
         let v: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(v["error"]["code"], "request_timeout", "{v}");
         assert!(v["error"]["message"].as_str().unwrap().contains("300ms"), "{v}");
+    }
+
+    #[tokio::test]
+    async fn a_stream_waiting_for_its_first_token_is_committed_and_kept_alive() {
+        // A worker that accepts the call and never sends a token.
+        let silent = FakeWorker::start(Script::Hang(vec![])).await;
+        let table = Arc::new(WorkerTable::new());
+        table.apply_snapshot(vec![worker_state("silent", &silent.address, &["m"], 0)], Duration::ZERO);
+        let deadlines = crate::Deadlines {
+            first_token: Duration::from_millis(1500),
+            stream_status: Duration::from_millis(200),
+            ..Default::default()
+        };
+        let settings =
+            Settings { max_body_bytes: 2048, worker_down_for: Duration::from_secs(60), retry_after: 1, deadlines };
+        let app = router(AppState::new(table, settings));
+        let mut body = chat(1);
+        body["stream"] = json!(true);
+        let started = std::time::Instant::now();
+        let response = call(&app, "POST", "/v1/chat/completions", body.to_string()).await;
+        assert_eq!(response.status(), 200, "committed after --stream-status-wait");
+        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+        let bytes =
+            tokio::time::timeout(Duration::from_secs(10), axum::body::to_bytes(response.into_body(), usize::MAX))
+                .await
+                .expect("the stream ends after the first-token deadline")
+                .unwrap();
+        let text = String::from_utf8(bytes.to_vec()).unwrap();
+        let comments = text.split("\n\n").filter(|e| e.starts_with(':')).count();
+        assert!(comments >= 3, "a comment every 200 ms while waiting: {text:?}");
+        let events = sse_data(&text);
+        assert_eq!(events.len(), 1, "{text:?}");
+        assert_eq!(events[0]["error"]["type"], "server_error", "{text:?}");
     }
 
     #[tokio::test]

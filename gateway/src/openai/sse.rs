@@ -170,7 +170,7 @@ impl Formatter {
         let err = GatewayError::WorkerFailed {
             message: format!("worker {worker} failed during generation: {}", status.message()),
         };
-        serde_json::to_string(&err.body()).unwrap_or_default()
+        error_data(&err)
     }
 
     /// The tokens of every choice so far.
@@ -241,6 +241,16 @@ impl Drop for Driver {
         let usage = self.fmt.usage();
         self.ctx.account_for(usage.prompt_tokens, usage.completion_tokens);
     }
+}
+
+/// The `data:` payload of an error event: OpenAI's error JSON.
+fn error_data(err: &GatewayError) -> String {
+    serde_json::to_string(&err.body()).unwrap_or_default()
+}
+
+/// The event that ends a stream whose choices could not start after its 200 went out.
+pub(crate) fn error_event(err: &GatewayError) -> Event {
+    Event::default().data(error_data(err))
 }
 
 /// The SSE events of a response whose choices all produced their first chunk.
