@@ -174,6 +174,48 @@ async fn wait_for_workers(
     }
 }
 
+/// The wait before restarting a worker that exited, doubled after each exit that came sooner than
+/// [`STABLE_RUN`] after its start, up to [`MAX_RESTART_DELAY`].
+const FIRST_RESTART_DELAY: Duration = Duration::from_secs(1);
+const MAX_RESTART_DELAY: Duration = Duration::from_secs(60);
+const STABLE_RUN: Duration = Duration::from_secs(60);
+
+/// Starts again each worker whose process exits (a crash, the OOM killer, a `kill -9`) until
+/// `stop`, backing off while a worker keeps exiting soon after its start.
+async fn supervise(
+    args: &UpArgs,
+    cluster: (&str, &ClusterToken),
+    threads: usize,
+    devices: &[String],
+    children: &mut [Child],
+    stop: &mut Pin<Box<dyn Future<Output = ()> + Send>>,
+) -> anyhow::Result<()> {
+    let mut delays = vec![FIRST_RESTART_DELAY; children.len()];
+    let mut started = vec![std::time::Instant::now(); children.len()];
+    loop {
+        let exited = futures::future::select_all(children.iter_mut().map(|c| Box::pin(c.wait())));
+        let (status, i) = tokio::select! {
+            (status, i, _) = exited => (status, i),
+            () = &mut *stop => return Ok(()),
+        };
+        if started[i].elapsed() >= STABLE_RUN {
+            delays[i] = FIRST_RESTART_DELAY;
+        }
+        let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+        eprintln!(
+            "herd up: worker {i} exited ({status}); starting it again in {}",
+            humantime::format_duration(delays[i])
+        );
+        tokio::select! {
+            () = tokio::time::sleep(delays[i]) => {}
+            () = &mut *stop => return Ok(()),
+        }
+        children[i] = spawn_worker(args, cluster, threads, i, &devices[i])?;
+        started[i] = std::time::Instant::now();
+        delays[i] = (delays[i] * 2).min(MAX_RESTART_DELAY);
+    }
+}
+
 /// Runs `herd up` until `stop` (Ctrl-C or SIGTERM).
 pub async fn run(args: UpArgs, mut stop: Pin<Box<dyn Future<Output = ()> + Send>>) -> anyhow::Result<()> {
     if args.workers == 0 {
@@ -248,7 +290,7 @@ pub async fn run(args: UpArgs, mut stop: Pin<Box<dyn Future<Output = ()> + Send>
              -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Who wrote Hamlet?\"}}]}}'",
             args.model_names.first().cloned().unwrap_or_else(|| herd_worker::default_name(&args.model))
         );
-        stop.await;
+        supervise(&args, (&controller, &token), threads, &devices, &mut children, &mut stop).await?;
         eprintln!("herd up: stopping");
     }
     for child in &children {

@@ -14,13 +14,16 @@ use crate::WorkerError;
 /// One tokenization's outcome, shareable among the calls waiting on it.
 type Outcome = Result<Arc<Vec<u32>>, Arc<WorkerError>>;
 
+/// A tokenization, running or done, that any number of calls can await.
+type Pending = Shared<BoxFuture<'static, Outcome>>;
+
 /// How many prompts are remembered; each holds at most a context of ids once done.
 const REMEMBERED: usize = 16;
 
 /// Recent tokenizations by the SHA-256 of the prompt (model name and input as sent).
 #[derive(Default)]
 pub struct Tokenized {
-    recent: Mutex<VecDeque<([u8; 32], Shared<BoxFuture<'static, Outcome>>)>>,
+    recent: Mutex<VecDeque<([u8; 32], Pending)>>,
 }
 
 impl Tokenized {

@@ -332,7 +332,7 @@ mod tests {
     use axum::Router;
     use axum::body::Body;
     use axum::http::HeaderMap;
-    use futures::{FutureExt, StreamExt};
+    use futures::StreamExt;
     use herd_proto::v1::WorkerState;
     use serde_json::{Value, json};
     use tonic::Code;
