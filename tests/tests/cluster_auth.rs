@@ -207,3 +207,41 @@ async fn a_flood_of_registrations_is_capped_and_new_gateways_still_sync() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registered_black_hole_is_skipped_within_the_accept_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let flag = token_file(&dir);
+    let with_token = |args: &[&str]| args.iter().map(|a| a.to_string()).chain(flag.clone()).collect::<Vec<_>>();
+    let controller = Proc::start(&with_token(&["controller", "--listen", "127.0.0.1:0", "--heartbeat-ttl", "60s"]));
+    let (model, ctl) = (test_model().display().to_string(), controller.url());
+    let worker_args = ["worker", "--listen", "127.0.0.1:0", "--threads", "1", "--model-name", MODEL, "--model", &model];
+    let _worker =
+        Proc::start(&with_token(&[&worker_args[..], &["--controller", &ctl, "--worker-id", "real"]].concat()));
+    let gateway_args = ["gateway", "--listen", "127.0.0.1:0", "--controller", &ctl, "--worker-accept-timeout", "2s"];
+    let gateway = Proc::start(&with_token(&gateway_args));
+    // A token holder registers a new worker at an address that accepts connections and never
+    // answers a byte.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = format!("http://{}", hole.local_addr().unwrap());
+    let mut c = ControllerClient::new(channel(&ctl, Some(TOKEN)).await);
+    c.register_worker(registration("hole", &address)).await.expect("a new id registers");
+    wait_for_workers(&gateway, 2, Duration::from_secs(120)).await;
+    // Two requests at once: the gateway spreads them, so one is sent to the black hole first.
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let url = format!("{}/v1/chat/completions", gateway.url());
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+    let send = || async { client.post(&url).json(&body).send().await.expect("an answer within a minute") };
+    let (a, b) = tokio::join!(send(), send());
+    for resp in [a, b] {
+        assert_eq!(resp.status().as_u16(), 200);
+        assert_eq!(resp.headers()["x-herd-worker"], "real", "the answer came from the real worker");
+    }
+    // The black hole was tried, and is skipped for --worker-down-for.
+    let cluster: serde_json::Value =
+        reqwest::get(format!("{}/admin/cluster", gateway.url())).await.unwrap().json().await.unwrap();
+    let workers = cluster["workers"].as_array().expect("a worker list");
+    let hole_state = workers.iter().find(|w| w["id"] == "hole").map(|w| w["state"].clone());
+    assert_eq!(hole_state, Some(json!("down")), "{cluster}");
+    drop(hole);
+}

@@ -16,6 +16,8 @@ pub struct WorkerMetrics {
     pub prompt_tokens: IntCounter,
     /// Tokens sampled and streamed.
     pub generated_tokens: IntCounter,
+    /// Prompts tokenized, by `source`: `computed`, or `shared` with a call that sent the same.
+    pub tokenizations: IntCounterVec,
     running: IntGauge,
     waiting: IntGauge,
     kv_used: IntGauge,
@@ -37,6 +39,11 @@ impl WorkerMetrics {
             requests: r.counter_vec("herd_worker_requests_total", "Generate calls, by result.", &["result"]),
             prompt_tokens: r.counter("herd_worker_prompt_tokens_total", "Prompt tokens of accepted requests."),
             generated_tokens: r.counter("herd_worker_generated_tokens_total", "Tokens generated and streamed."),
+            tokenizations: r.counter_vec(
+                "herd_worker_tokenizations_total",
+                "Prompts tokenized, by source: computed, or shared with a call that sent the same prompt.",
+                &["source"],
+            ),
             running: r.gauge("herd_worker_running_sequences", "Sequences in the running batch."),
             waiting: r.gauge("herd_worker_waiting_sequences", "Sequences queued for a batch slot."),
             kv_used: r.gauge("herd_worker_kv_cache_used_tokens", "Tokens held in the running sequences' KV caches."),

@@ -42,13 +42,14 @@ pub struct WorkerCore {
 impl WorkerCore {
     /// A worker still loading its model.
     pub fn new(names: Vec<String>) -> Self {
+        let metrics = WorkerMetrics::new();
         Self {
             names,
             serving: OnceLock::new(),
             draining: AtomicBool::new(false),
             admitting: AtomicUsize::new(0),
-            metrics: WorkerMetrics::new(),
-            tokenized: Tokenized::default(),
+            tokenized: Tokenized::new(metrics.tokenizations.clone()),
+            metrics,
         }
     }
 

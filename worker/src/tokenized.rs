@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
+use herd_ops::metrics::IntCounterVec;
 use sha2::{Digest, Sha256};
 
 use crate::WorkerError;
@@ -20,13 +21,19 @@ type Pending = Shared<BoxFuture<'static, Outcome>>;
 /// How many prompts are remembered; each holds at most a context of ids once done.
 const REMEMBERED: usize = 16;
 
-/// Recent tokenizations by the SHA-256 of the prompt (model name and input as sent).
-#[derive(Default)]
+/// Recent tokenizations by the SHA-256 of the prompt (its input as sent).
 pub struct Tokenized {
     recent: Mutex<VecDeque<([u8; 32], Pending)>>,
+    /// Prompts by `source`: `computed` (tokenized for this call) or `shared` (another's).
+    counted: IntCounterVec,
 }
 
 impl Tokenized {
+    /// An empty memory that counts each prompt in `counted`.
+    pub fn new(counted: IntCounterVec) -> Self {
+        Self { recent: Mutex::default(), counted }
+    }
+
     /// The key of a prompt: the digest of its parts.
     pub fn key(parts: &[&[u8]]) -> [u8; 32] {
         let mut hash = Sha256::new();
@@ -47,8 +54,12 @@ impl Tokenized {
         let pending = {
             let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
             match recent.iter().find(|(k, _)| *k == key) {
-                Some((_, pending)) => pending.clone(),
+                Some((_, pending)) => {
+                    self.counted.with_label_values(&["shared"]).inc();
+                    pending.clone()
+                }
                 None => {
+                    self.counted.with_label_values(&["computed"]).inc();
                     let pending = tokenize.map(|r| r.map(Arc::new).map_err(Arc::new)).boxed().shared();
                     if recent.len() == REMEMBERED {
                         recent.pop_front();
@@ -69,7 +80,9 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_and_repeated_prompts_tokenize_once_errors_too() {
-        let cache = Arc::new(Tokenized::default());
+        let registry = herd_ops::metrics::Registry::default();
+        let counted = registry.counter_vec("tokenizations", "Prompts.", &["source"]);
+        let cache = Arc::new(Tokenized::new(counted.clone()));
         let runs = Arc::new(AtomicUsize::new(0));
         let tokenize = |ids: Result<Vec<u32>, &'static str>| {
             let runs = runs.clone();
@@ -85,6 +98,8 @@ mod tests {
             assert_eq!(*ids.unwrap(), [1, 2, 3]);
         }
         assert_eq!(runs.load(Ordering::SeqCst), 1, "sixteen choices, one tokenization");
+        let count = |source: &str| counted.with_label_values(&[source]).get();
+        assert_eq!((count("computed"), count("shared")), (1, 15));
         assert_eq!(*cache.ids(key, tokenize(Ok(vec![9]))).await.unwrap(), [1, 2, 3], "a repeat is remembered");
 
         let long = Tokenized::key(&[b"m", b"too long"]);
