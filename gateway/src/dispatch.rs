@@ -133,6 +133,11 @@ impl Ctx {
         }
     }
 
+    /// When the whole request must be done (`--request-timeout` after its arrival).
+    pub fn deadline(&self) -> tokio::time::Instant {
+        (self.started + self.deadlines.request).into()
+    }
+
     /// Logs a worker failure and skips that worker for `--worker-down-for`.
     pub fn worker_failed(&self, worker_id: &str, status: &Status) {
         warn!(request_id = %self.request_id, worker = %worker_id, code = ?status.code(),
@@ -163,7 +168,11 @@ impl Ctx {
                 Err(_) => Err(Status::unavailable(format!("the worker did not accept the call within {accept:?}"))),
                 Ok(Ok(response)) => {
                     let mut rest = response.into_inner();
-                    match tokio::time::timeout(first_token.saturating_sub(called.elapsed()), rest.message()).await {
+                    let first_by = tokio::time::Instant::from(called + first_token).min(self.deadline());
+                    match tokio::time::timeout_at(first_by, rest.message()).await {
+                        Err(_) if first_by == self.deadline() => {
+                            return Err(GatewayError::Timeout { after: self.deadlines.request });
+                        }
                         Err(_) => {
                             Err(Status::unavailable(format!("no first token from the worker within {first_token:?}")))
                         }
@@ -232,7 +241,10 @@ impl Ctx {
                 if done.finished {
                     break None;
                 }
-                match rest.message().await {
+                let Ok(next) = tokio::time::timeout_at(self.deadline(), rest.message()).await else {
+                    return Err(GatewayError::Timeout { after: self.deadlines.request });
+                };
+                match next {
                     Ok(Some(chunk)) => {
                         pacer.tick(&self.metrics, chunk.token_ids.len());
                         done.push(chunk)

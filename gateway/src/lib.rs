@@ -66,6 +66,10 @@ pub struct GatewayArgs {
     /// connection stays open.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, env = "HERD_HEADER_TIMEOUT")]
     pub header_timeout: Duration,
+    /// How long a whole generation may take, queueing included: a non-streamed request past it
+    /// gets 504, a stream ends with an error event, and the worker stops generating.
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration, env = "HERD_REQUEST_TIMEOUT")]
+    pub request_timeout: Duration,
     /// How long a streamed request waits for its first tokens before answering 200 anyway (until
     /// then an error still gets its own status); after that an SSE comment goes out whenever
     /// as long passes without an event, and a failure arrives as an error event.
@@ -118,6 +122,7 @@ impl GatewayArgs {
             header_timeout: Duration::from_secs(30),
             body_timeout: Deadlines::default().body,
             stream_status_wait: Deadlines::default().stream_status,
+            request_timeout: Deadlines::default().request,
             api_keys: None,
             api_key_list: Vec::new(),
             rate_limit_rpm: None,
@@ -186,6 +191,8 @@ pub struct Deadlines {
     pub first_token: Duration,
     /// For a streamed request's first tokens, before its 200 goes out anyway.
     pub stream_status: Duration,
+    /// For the whole request, from its arrival.
+    pub request: Duration,
 }
 
 impl Default for Deadlines {
@@ -195,6 +202,7 @@ impl Default for Deadlines {
             accept: Duration::from_secs(10),
             first_token: Duration::from_secs(300),
             stream_status: Duration::from_secs(10),
+            request: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -210,6 +218,7 @@ impl From<&GatewayArgs> for Settings {
                 accept: args.worker_accept_timeout,
                 first_token: args.first_token_timeout,
                 stream_status: args.stream_status_wait,
+                request: args.request_timeout,
             },
         }
     }

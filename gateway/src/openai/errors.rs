@@ -96,6 +96,12 @@ pub enum GatewayError {
         /// What the worker reported.
         message: String,
     },
+    /// The request ran past `--request-timeout` (504; a stream gets it as an error event).
+    #[error("the request did not finish within {}", humantime::format_duration(*.after))]
+    Timeout {
+        /// The limit.
+        after: std::time::Duration,
+    },
     /// `--listen` could not be bound.
     #[error("cannot listen on --listen {addr}: {source}")]
     Bind {
@@ -195,6 +201,7 @@ impl GatewayError {
             GatewayError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             GatewayError::Overloaded { .. } | GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::Unavailable { .. } | GatewayError::WorkerFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             // Startup failures: never produced by a request.
             GatewayError::Bind { .. }
             | GatewayError::InvalidController { .. }
@@ -224,6 +231,7 @@ impl GatewayError {
             }
             GatewayError::Unavailable { .. } => ("server_error", None, Some("service_unavailable")),
             GatewayError::WorkerFailed { .. } => ("server_error", None, Some("worker_failed")),
+            GatewayError::Timeout { .. } => ("server_error", None, Some("timeout")),
             GatewayError::Bind { .. }
             | GatewayError::InvalidController { .. }
             | GatewayError::Config(_)

@@ -468,6 +468,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_request_past_its_deadline_ends_and_its_generation_stops() {
+        for stream in [false, true] {
+            // Sends one token, then nothing, without closing the stream.
+            let stuck = FakeWorker::start(Script::Hang(vec!["a"])).await;
+            let table = Arc::new(WorkerTable::new());
+            table.apply_snapshot(vec![worker_state("stuck", &stuck.address, &["m"], 0)], Duration::ZERO);
+            let deadlines = crate::Deadlines { request: Duration::from_millis(500), ..Default::default() };
+            let settings =
+                Settings { max_body_bytes: 2048, worker_down_for: Duration::from_secs(60), retry_after: 1, deadlines };
+            let app = router(AppState::new(table.clone(), settings));
+            let mut body = chat(1);
+            body["stream"] = json!(stream);
+            let body = body.to_string();
+            let answer =
+                tokio::time::timeout(Duration::from_secs(10), send(&app, "POST", "/v1/chat/completions", &body));
+            let (status, _, text) = answer.await.expect("the request ends at its deadline");
+            if stream {
+                assert_eq!(status, 200);
+                let events = sse_data(&text);
+                assert_eq!(events.last().unwrap()["error"]["code"], "timeout", "{text}");
+            } else {
+                assert_eq!(status, 504, "{text}");
+                let v: Value = serde_json::from_str(&text).unwrap();
+                assert_eq!(v["error"]["code"], "timeout", "{text}");
+            }
+            // The worker is not blamed for a slow answer, and its call is cancelled.
+            assert!(!table.is_down("stuck"));
+            for _ in 0..100 {
+                if stuck.cancelled() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert!(stuck.cancelled(), "stream {stream}: the worker's call was not cancelled");
+        }
+    }
+
+    #[tokio::test]
     async fn only_json_bodies_are_read() {
         let w = FakeWorker::start(Script::Reply(vec!["ok"])).await;
         let (app, _) = app_with(vec![worker_state("a", &w.address, &["m"], 0)]);

@@ -11,6 +11,7 @@ use futures::stream::{self, BoxStream, Stream, StreamExt};
 use herd_proto::v1::GenerateChunk;
 use serde::Serialize;
 use tonic::{Status, Streaming};
+use tracing::warn;
 
 use super::params::Api;
 use super::types::{
@@ -278,7 +279,13 @@ pub(crate) fn events(
             return None;
         }
         loop {
-            let out = match d.merged.next().await {
+            let Ok(next) = tokio::time::timeout_at(d.ctx.deadline(), d.merged.next()).await else {
+                d.done = true;
+                let err = GatewayError::Timeout { after: d.ctx.deadlines.request };
+                warn!(request_id = %d.ctx.request_id, "{err}; ending the stream");
+                return Some((vec![error_data(&err)], d));
+            };
+            let out = match next {
                 Some((pos, Item::Chunk(chunk))) => {
                     if let Some(pacer) = d.pacers.get_mut(pos) {
                         pacer.tick(&d.ctx.metrics, chunk.token_ids.len());
