@@ -333,7 +333,12 @@ mod tests {
     use crate::{AppState, Settings, WorkerTable, router};
 
     async fn app(limits: Limits) -> (axum::Router, FakeWorker) {
-        let worker = FakeWorker::start(Script::Reply(vec!["hi", " there"])).await;
+        app_of(Script::Reply(vec!["hi", " there"]), limits).await
+    }
+
+    /// A gateway with keys `sk-right` and `sk-other` under `limits`, over a worker playing `script`.
+    async fn app_of(script: Script, limits: Limits) -> (axum::Router, FakeWorker) {
+        let worker = FakeWorker::start(script).await;
         let table = Arc::new(WorkerTable::new());
         table.apply_snapshot(vec![worker_state("w", &worker.address, &["m"], 0)], Duration::ZERO);
         let settings = Settings {
@@ -449,18 +454,8 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_requests_reserve_their_max_tokens_and_get_the_rest_back() {
-        let worker = FakeWorker::start(Script::Hang(vec!["hi"])).await;
-        let table = Arc::new(WorkerTable::new());
-        table.apply_snapshot(vec![worker_state("w", &worker.address, &["m"], 0)], Duration::ZERO);
-        let settings = Settings {
-            max_body_bytes: 1 << 20,
-            worker_down_for: Duration::from_secs(10),
-            retry_after: 1,
-            deadlines: Default::default(),
-        };
         let limits = Limits { requests: None, tokens: Some(100), period: Duration::from_secs(3600) };
-        let auth = Auth::new(Keys::new(["sk-right"]).unwrap(), limits);
-        let app = router(AppState::new(table, settings).with_auth(Some(auth)));
+        let (app, _worker) = app_of(Script::Hang(vec!["hi"]), limits).await;
         let key = [("authorization", "Bearer sk-right")];
         let body = |max_tokens: u32| {
             format!(r#"{{"model":"m","prompt":"hello","max_tokens":{max_tokens},"n":2,"stream":true}}"#)

@@ -341,14 +341,14 @@ mod tests {
     use crate::{AppState, Settings, WorkerTable, router};
 
     fn app_with(workers: Vec<WorkerState>) -> (Router, Arc<WorkerTable>) {
+        app_with_deadlines(workers, Default::default())
+    }
+
+    fn app_with_deadlines(workers: Vec<WorkerState>, deadlines: crate::Deadlines) -> (Router, Arc<WorkerTable>) {
         let table = Arc::new(WorkerTable::new());
         table.apply_snapshot(workers, Duration::ZERO);
-        let settings = Settings {
-            max_body_bytes: 2048,
-            worker_down_for: Duration::from_secs(60),
-            retry_after: 3,
-            deadlines: Default::default(),
-        };
+        let settings =
+            Settings { max_body_bytes: 2048, worker_down_for: Duration::from_secs(60), retry_after: 3, deadlines };
         (router(AppState::new(table.clone(), settings)), table)
     }
 
@@ -386,16 +386,12 @@ mod tests {
         let w = FakeWorker::start(Script::Reply(vec!["ok"])).await;
         // The black hole looks idle, so it is picked first.
         let workers = vec![worker_state("hole", &hole_address, &["m"], 0), worker_state("real", &w.address, &["m"], 5)];
-        let table = Arc::new(WorkerTable::new());
-        table.apply_snapshot(workers, Duration::ZERO);
         let deadlines = crate::Deadlines {
             accept: Duration::from_millis(300),
             first_token: Duration::from_secs(60),
             ..Default::default()
         };
-        let settings =
-            Settings { max_body_bytes: 2048, worker_down_for: Duration::from_secs(60), retry_after: 1, deadlines };
-        let app = router(AppState::new(table.clone(), settings));
+        let (app, table) = app_with_deadlines(workers, deadlines);
         for stream in [false, true] {
             let started = std::time::Instant::now();
             let mut body = chat(1);
@@ -415,12 +411,8 @@ mod tests {
     #[tokio::test]
     async fn a_stalled_body_gets_408_within_the_body_timeout() {
         let w = FakeWorker::start(Script::Reply(vec!["ok"])).await;
-        let table = Arc::new(WorkerTable::new());
-        table.apply_snapshot(vec![worker_state("a", &w.address, &["m"], 0)], Duration::ZERO);
         let deadlines = crate::Deadlines { body: Duration::from_millis(300), ..Default::default() };
-        let settings =
-            Settings { max_body_bytes: 2048, worker_down_for: Duration::from_secs(60), retry_after: 1, deadlines };
-        let app = router(AppState::new(table, settings));
+        let (app, _) = app_with_deadlines(vec![worker_state("a", &w.address, &["m"], 0)], deadlines);
         // The first bytes of a body whose rest never comes.
         let start: Result<axum::body::Bytes, std::io::Error> = Ok(r#"{"model":"m","#.into());
         let stalled = Body::from_stream(futures::stream::iter([start]).chain(futures::stream::pending()));
@@ -438,16 +430,12 @@ mod tests {
     async fn a_stream_waiting_for_its_first_token_is_committed_and_kept_alive() {
         // A worker that accepts the call and never sends a token.
         let silent = FakeWorker::start(Script::Hang(vec![])).await;
-        let table = Arc::new(WorkerTable::new());
-        table.apply_snapshot(vec![worker_state("silent", &silent.address, &["m"], 0)], Duration::ZERO);
         let deadlines = crate::Deadlines {
             first_token: Duration::from_millis(1500),
             stream_status: Duration::from_millis(200),
             ..Default::default()
         };
-        let settings =
-            Settings { max_body_bytes: 2048, worker_down_for: Duration::from_secs(60), retry_after: 1, deadlines };
-        let app = router(AppState::new(table, settings));
+        let (app, _) = app_with_deadlines(vec![worker_state("silent", &silent.address, &["m"], 0)], deadlines);
         let mut body = chat(1);
         body["stream"] = json!(true);
         let started = std::time::Instant::now();
@@ -472,12 +460,8 @@ mod tests {
         for stream in [false, true] {
             // Sends one token, then nothing, without closing the stream.
             let stuck = FakeWorker::start(Script::Hang(vec!["a"])).await;
-            let table = Arc::new(WorkerTable::new());
-            table.apply_snapshot(vec![worker_state("stuck", &stuck.address, &["m"], 0)], Duration::ZERO);
             let deadlines = crate::Deadlines { request: Duration::from_millis(500), ..Default::default() };
-            let settings =
-                Settings { max_body_bytes: 2048, worker_down_for: Duration::from_secs(60), retry_after: 1, deadlines };
-            let app = router(AppState::new(table.clone(), settings));
+            let (app, table) = app_with_deadlines(vec![worker_state("stuck", &stuck.address, &["m"], 0)], deadlines);
             let mut body = chat(1);
             body["stream"] = json!(stream);
             let body = body.to_string();
