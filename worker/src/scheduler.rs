@@ -178,9 +178,9 @@ impl Scheduler {
         Ok(Self { jobs, load, capacity })
     }
 
-    /// True when a submission now would be refused for lack of room.
-    pub fn is_full(&self) -> bool {
-        self.load.active.load(Ordering::SeqCst) >= self.capacity
+    /// True when `more` submissions now would not all find room.
+    pub fn lacks_room_for(&self, more: usize) -> bool {
+        self.load.active.load(Ordering::SeqCst) + more > self.capacity
     }
 
     /// Queues `seq`; its steps arrive on `out`. Dropping the receiver cancels it at the next round.

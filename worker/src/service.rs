@@ -48,7 +48,10 @@ impl WorkerCore {
             serving: OnceLock::new(),
             draining: AtomicBool::new(false),
             admitting: AtomicUsize::new(0),
-            tokenized: Tokenized::new(metrics.tokenizations.clone()),
+            tokenized: Tokenized::new(
+                metrics.tokenizations.clone(),
+                std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+            ),
             metrics,
         }
     }
@@ -104,11 +107,12 @@ impl WorkerCore {
     /// Accepts a generation: counted from here until it reaches the scheduler, so a drain that
     /// starts meanwhile waits for it.
     fn admit(&self, model: &str) -> Result<(&Serving, Admitting<'_>), WorkerError> {
-        self.admitting.fetch_add(1, Ordering::SeqCst);
+        let admitting = self.admitting.fetch_add(1, Ordering::SeqCst) + 1;
         let guard = Admitting(&self.admitting);
         let serving = self.serving_model(model)?;
-        // Refuse before paying for tokenization.
-        if serving.scheduler.is_full() {
+        // Refuse before paying for tokenization; calls still tokenizing count against the
+        // queue too, so a burst of long prompts cannot pile up in front of it.
+        if serving.scheduler.lacks_room_for(admitting) {
             return Err(WorkerError::QueueFull(serving.scheduler.load().waiting()));
         }
         Ok((serving, guard))

@@ -1,6 +1,8 @@
 //! Prompts being tokenized or tokenized lately. The gateway sends each of a request's `n`
 //! choices as its own call with the same prompt; they (and repeats of a prompt) share one
-//! tokenization, its error included, instead of paying for it `n` times.
+//! tokenization, its error included, instead of paying for it `n` times. At most one
+//! tokenization per core runs at once (each needs tens of MiB for a long prompt; more would
+//! not finish sooner).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -24,14 +26,16 @@ const REMEMBERED: usize = 16;
 /// Recent tokenizations by the SHA-256 of the prompt (its input as sent).
 pub struct Tokenized {
     recent: Mutex<VecDeque<([u8; 32], Pending)>>,
+    running: Arc<tokio::sync::Semaphore>,
     /// Prompts by `source`: `computed` (tokenized for this call) or `shared` (another's).
     counted: IntCounterVec,
 }
 
 impl Tokenized {
-    /// An empty memory that counts each prompt in `counted`.
-    pub fn new(counted: IntCounterVec) -> Self {
-        Self { recent: Mutex::default(), counted }
+    /// An empty memory that counts each prompt in `counted` and runs at most `at_once`
+    /// tokenizations at a time.
+    pub fn new(counted: IntCounterVec, at_once: usize) -> Self {
+        Self { recent: Mutex::default(), running: Arc::new(tokio::sync::Semaphore::new(at_once.max(1))), counted }
     }
 
     /// The key of a prompt: the digest of its parts.
@@ -60,7 +64,13 @@ impl Tokenized {
                 }
                 None => {
                     self.counted.with_label_values(&["computed"]).inc();
-                    let pending = tokenize.map(|r| r.map(Arc::new).map_err(Arc::new)).boxed().shared();
+                    let running = self.running.clone();
+                    let pending = async move {
+                        let _turn = running.acquire_owned().await;
+                        tokenize.await.map(Arc::new).map_err(Arc::new)
+                    }
+                    .boxed()
+                    .shared();
                     if recent.len() == REMEMBERED {
                         recent.pop_front();
                     }
@@ -82,7 +92,7 @@ mod tests {
     async fn concurrent_and_repeated_prompts_tokenize_once_errors_too() {
         let registry = herd_ops::metrics::Registry::default();
         let counted = registry.counter_vec("tokenizations", "Prompts.", &["source"]);
-        let cache = Arc::new(Tokenized::new(counted.clone()));
+        let cache = Arc::new(Tokenized::new(counted.clone(), 4));
         let runs = Arc::new(AtomicUsize::new(0));
         let tokenize = |ids: Result<Vec<u32>, &'static str>| {
             let runs = runs.clone();
@@ -115,5 +125,26 @@ mod tests {
             cache.ids(Tokenized::key(&[&i.to_le_bytes()]), tokenize(Ok(vec![i]))).await.unwrap();
         }
         assert_eq!(*cache.ids(key, tokenize(Ok(vec![7]))).await.unwrap(), [7], "forgotten, tokenized again");
+    }
+
+    #[tokio::test]
+    async fn at_most_the_allowed_tokenizations_run_at_once() {
+        let registry = herd_ops::metrics::Registry::default();
+        let cache = Arc::new(Tokenized::new(registry.counter_vec("t", "t", &["source"]), 2));
+        let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let calls = (0..6u32).map(|i| {
+            let (now, most) = (now.clone(), most.clone());
+            cache.ids(Tokenized::key(&[&i.to_le_bytes()]), async move {
+                let running = now.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(running, Ordering::SeqCst);
+                tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+                now.fetch_sub(1, Ordering::SeqCst);
+                Ok(vec![i])
+            })
+        });
+        for ids in futures::future::join_all(calls).await {
+            ids.unwrap();
+        }
+        assert_eq!(most.load(Ordering::SeqCst), 2);
     }
 }
