@@ -692,6 +692,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_non_streamed_answer_is_replayed_at_most_once() {
+        // Three workers that each die mid-answer: the request that kills them is tried on two.
+        let dying: Vec<FakeWorker> = futures::future::join_all(
+            (0..3).map(|_| FakeWorker::start(Script::DieAfter(vec!["par", "tial"], Code::Unavailable))),
+        )
+        .await;
+        let workers = dying.iter().enumerate().map(|(i, w)| worker_state(&format!("d{i}"), &w.address, &["m"], 0));
+        let (app, _) = app_with(workers.collect());
+        let (status, _, v) = post_json(&app, "/v1/chat/completions", chat(1)).await;
+        assert_eq!(status, 503, "{v}");
+        assert_eq!(v["error"]["code"], "worker_failed", "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("two workers"), "{v}");
+        let calls: usize = dying.iter().map(|w| w.calls().len()).sum();
+        assert_eq!(calls, 2, "one replay, not one per worker");
+    }
+
+    #[tokio::test]
     async fn streaming_chat_with_usage() {
         let w = FakeWorker::start(Script::Reply(vec!["Hel", "", "lo"])).await;
         let (app, table) = app_with(vec![worker_state("a", &w.address, &["m"], 0)]);
