@@ -83,7 +83,7 @@ impl ControllerService {
         if !self.worker_certificates {
             return Ok(());
         }
-        let ids = WorkerIds::of_peer(request).unwrap_or_else(|| WorkerIds::of_der(&[]));
+        let ids = WorkerIds::of_peer(request).unwrap_or_default();
         if ids.permits(worker_id) {
             return Ok(());
         }

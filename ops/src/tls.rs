@@ -98,19 +98,15 @@ pub fn scheme(tls: Option<&ClusterTls>) -> &'static str {
 pub const WORKER_URI_PREFIX: &str = "urn:herd:worker:";
 
 /// The worker ids a peer's certificate names, read from its `urn:herd:worker:` URI names.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkerIds(Vec<String>);
 
 impl WorkerIds {
     /// The ids named by a DER certificate; empty when it names none (a gateway's, a
     /// controller's) or cannot be parsed.
     pub fn of_der(der: &[u8]) -> Self {
-        let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
-            return Self(Vec::new());
-        };
-        let Ok(Some(names)) = cert.subject_alternative_name() else {
-            return Self(Vec::new());
-        };
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else { return Self::default() };
+        let Ok(Some(names)) = cert.subject_alternative_name() else { return Self::default() };
         let ids = names.value.general_names.iter().filter_map(|name| match name {
             x509_parser::extensions::GeneralName::URI(uri) => uri.strip_prefix(WORKER_URI_PREFIX),
             _ => None,
@@ -122,7 +118,7 @@ impl WorkerIds {
     /// (mutual TLS is off).
     pub fn of_peer<T>(request: &tonic::Request<T>) -> Option<Self> {
         let chain = request.peer_certs()?;
-        Some(chain.first().map_or(Self(Vec::new()), |leaf| Self::of_der(leaf)))
+        Some(chain.first().map_or_else(Self::default, |leaf| Self::of_der(leaf)))
     }
 
     /// Whether the certificate names `worker_id` (exactly, or by a pattern ending in `*`).

@@ -190,14 +190,16 @@ impl Store for MemoryStore {
     async fn deregister(&self, worker_id: &str, lease: &Lease) -> Result<WorkerState, ControllerError> {
         let mut table = self.shared.lock();
         let expired = table.expire(Instant::now());
-        let result = match table.workers.get(worker_id) {
-            Some(entry) if !entry.lease.matches(lease) => Err(ControllerError::WrongLease(worker_id.to_owned())),
-            Some(_) => {
-                let entry = table.workers.remove(worker_id).expect("the entry just found");
+        let result = match table.workers.entry(worker_id.to_owned()) {
+            Slot::Occupied(entry) if !entry.get().lease.matches(lease) => {
+                Err(ControllerError::WrongLease(worker_id.to_owned()))
+            }
+            Slot::Occupied(entry) => {
+                let entry = entry.remove();
                 table.publish(WorkerChange::Removed(worker_id.to_owned()));
                 Ok(entry.state)
             }
-            None => Err(ControllerError::UnknownWorker(worker_id.to_owned())),
+            Slot::Vacant(_) => Err(ControllerError::UnknownWorker(worker_id.to_owned())),
         };
         drop(table);
         self.shared.note_expired(&expired);
