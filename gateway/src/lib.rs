@@ -56,27 +56,27 @@ pub struct GatewayArgs {
     pub retry_after: u64,
     /// How long a worker may take to accept a call (answer its headers) before the call moves
     /// to another worker: a worker that accepts connections and never answers is skipped.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, env = "HERD_WORKER_ACCEPT_TIMEOUT")]
+    #[arg(long, default_value = "10s", value_parser = time_limit, env = "HERD_WORKER_ACCEPT_TIMEOUT")]
     pub worker_accept_timeout: Duration,
     /// How long a worker may take to send a choice's first token (queueing and the prompt
     /// included) before the call moves to another worker.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration, env = "HERD_FIRST_TOKEN_TIMEOUT")]
+    #[arg(long, default_value = "5m", value_parser = time_limit, env = "HERD_FIRST_TOKEN_TIMEOUT")]
     pub first_token_timeout: Duration,
     /// How long a client may take to send a request head, and how long an idle keep-alive
     /// connection stays open.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, env = "HERD_HEADER_TIMEOUT")]
+    #[arg(long, default_value = "30s", value_parser = time_limit, env = "HERD_HEADER_TIMEOUT")]
     pub header_timeout: Duration,
     /// How long a whole generation may take, queueing included: a non-streamed request past it
     /// gets 504, a stream ends with an error event, and the worker stops generating.
-    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration, env = "HERD_REQUEST_TIMEOUT")]
+    #[arg(long, default_value = "30m", value_parser = time_limit, env = "HERD_REQUEST_TIMEOUT")]
     pub request_timeout: Duration,
     /// How long a streamed request waits for its first tokens before answering 200 anyway (until
     /// then an error still gets its own status); after that an SSE comment goes out whenever
     /// as long passes without an event, and a failure arrives as an error event.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, env = "HERD_STREAM_STATUS_WAIT")]
+    #[arg(long, default_value = "10s", value_parser = time_limit, env = "HERD_STREAM_STATUS_WAIT")]
     pub stream_status_wait: Duration,
     /// How long a client may take to send a whole request body (else 408).
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, env = "HERD_BODY_TIMEOUT")]
+    #[arg(long, default_value = "60s", value_parser = time_limit, env = "HERD_BODY_TIMEOUT")]
     pub body_timeout: Duration,
     /// File of API keys, one per line (`#` comments allowed): every `/v1` route then needs
     /// `Authorization: Bearer KEY`. `/health`, `/ready` and `/metrics` stay open.
@@ -165,6 +165,19 @@ impl GatewayArgs {
             Limits { requests: self.rate_limit_rpm, tokens: self.rate_limit_tpm, period: Duration::from_secs(60) };
         Ok(Some(Auth::new(keys, limits)))
     }
+}
+
+/// The longest time limit a flag takes: beyond it, clock arithmetic could overflow.
+const MAX_TIME_LIMIT: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Parses a time-limit flag: zero would refuse everything (and make SSE comments spin), and
+/// more than [`MAX_TIME_LIMIT`] is a typo.
+fn time_limit(value: &str) -> Result<Duration, String> {
+    let limit = humantime::parse_duration(value).map_err(|e| e.to_string())?;
+    if limit.is_zero() || limit > MAX_TIME_LIMIT {
+        return Err(format!("must be more than 0 and at most {}", humantime::format_duration(MAX_TIME_LIMIT)));
+    }
+    Ok(limit)
 }
 
 /// The per-request settings taken from [`GatewayArgs`].
@@ -393,6 +406,26 @@ mod tests {
         if std::env::var_os("HERD_CONTROLLER").is_none() {
             assert!(Cli::try_parse_from(["gw"]).is_err());
         }
+    }
+
+    #[test]
+    fn time_limits_must_be_positive_and_sane() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            gateway: GatewayArgs,
+        }
+        let parse =
+            |flag: &str, value: &str| Cli::try_parse_from(["herd", "--controller", "http://a:7000", flag, value]);
+        for flag in ["--stream-status-wait", "--request-timeout", "--body-timeout", "--header-timeout"] {
+            for bad in ["0s", "100000d"] {
+                let err = parse(flag, bad).err().unwrap_or_else(|| panic!("{flag} {bad} accepted")).to_string();
+                assert!(err.contains(flag) && err.contains("more than 0"), "{err}");
+            }
+        }
+        let cli = parse("--request-timeout", "90s").unwrap();
+        assert_eq!(cli.gateway.request_timeout, Duration::from_secs(90));
     }
 
     #[tokio::test]
