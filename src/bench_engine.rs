@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use herd_worker::engine::kv::KvOptions;
 use herd_worker::engine::{Engine, GenerationParams, LoadOptions, SamplingParams, Sequence};
 use serde_json::{Value, json};
 
@@ -64,7 +65,10 @@ pub fn bench(b: &EngineBench) -> anyhow::Result<Value> {
     if !b.model.exists() {
         bail!("--model {}: no such file or directory", b.model.display());
     }
-    let opts = LoadOptions { dtype: b.dtype, quantize: b.quantize, threads: b.threads, ..LoadOptions::new(b.model) };
+    // Every sequence computes its own prompt: the benchmark measures computing, not sharing.
+    let kv = KvOptions { prefix_caching: false, ..KvOptions::default() };
+    let opts =
+        LoadOptions { dtype: b.dtype, quantize: b.quantize, threads: b.threads, kv, ..LoadOptions::new(b.model) };
     let load_start = Instant::now();
     let engine = Engine::load(&opts, &mut |_, _| {}).with_context(|| format!("loading {}", b.model.display()))?;
     let load_s = load_start.elapsed().as_secs_f64();

@@ -70,6 +70,7 @@ fn load(args: &ChatArgs, model: &Path) -> anyhow::Result<Engine> {
         chat_template: args.chat_template.clone(),
         threads: herd_worker::engine::default_threads(),
         tensor_attention: false,
+        kv: Default::default(),
     };
     // indicatif draws nothing when stderr is not a terminal.
     let bar = ProgressBar::new(0).with_style(

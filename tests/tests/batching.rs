@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use herd_tests::steps::collect;
 use herd_tests::test_model;
+use herd_worker::engine::kv::{DEFAULT_BLOCK_SIZE, KvOptions};
 use herd_worker::engine::{Engine, GenerationParams, LoadOptions, Message, SamplingParams};
 use herd_worker::scheduler::{Scheduler, SchedulerConfig};
 use tokio::sync::mpsc::unbounded_channel;
@@ -55,7 +56,7 @@ fn eight_concurrent_greedy_answers_equal_each_one_alone() {
 /// is computed alike either way, so its answer does not change.
 #[test]
 fn a_kv_budget_for_two_runs_four_by_evicting_and_recomputing() {
-    let engine = Arc::new(Engine::load(&LoadOptions::new(test_model()), &mut |_, _| {}).expect("load the test model"));
+    let probe = Engine::load(&LoadOptions::new(test_model()), &mut |_, _| {}).expect("load the test model");
     let params = GenerationParams {
         sampling: SamplingParams::greedy(),
         max_tokens: Some(24),
@@ -63,13 +64,16 @@ fn a_kv_budget_for_two_runs_four_by_evicting_and_recomputing() {
         ..Default::default()
     };
     let prompts: Vec<Vec<u32>> =
-        PROMPTS[..4].iter().map(|p| engine.encode_chat(&[Message::new("user", *p)]).unwrap()).collect();
-    // Room for the two largest sequences at their full length, not for all four.
-    let mut sizes: Vec<usize> = prompts.iter().map(|p| p.len() + 24).collect();
+        PROMPTS[..4].iter().map(|p| probe.encode_chat(&[Message::new("user", *p)]).unwrap()).collect();
+    // Blocks for the two largest sequences at their full length, not for all four.
+    let mut sizes: Vec<usize> = prompts.iter().map(|p| (p.len() + 24).div_ceil(DEFAULT_BLOCK_SIZE)).collect();
     sizes.sort_unstable();
-    let budget = sizes[2] + sizes[3];
-    let config = SchedulerConfig { kv_budget_tokens: Some(budget), ..SchedulerConfig::new(4, 4) };
-    let scheduler = Scheduler::start(engine.clone(), config).unwrap();
+    let blocks = sizes[2] + sizes[3];
+    let kv = KvOptions { cache_bytes: Some((blocks * probe.kv_block_bytes()) as u64), ..KvOptions::default() };
+    drop(probe);
+    let engine = Arc::new(Engine::load(&LoadOptions { kv, ..LoadOptions::new(test_model()) }, &mut |_, _| {}).unwrap());
+    assert_eq!(engine.kv_stats().total, blocks);
+    let scheduler = Scheduler::start(engine.clone(), SchedulerConfig::new(4, 4)).unwrap();
     let mut streams = Vec::new();
     for p in &prompts {
         let (tx, rx) = unbounded_channel();
@@ -83,11 +87,12 @@ fn a_kv_budget_for_two_runs_four_by_evicting_and_recomputing() {
         assert_eq!(ids, &alone, "{text:?} answered differently after being evicted and recomputed");
     }
     // A sequence that could never fit is refused, not stalled.
+    let room = blocks * DEFAULT_BLOCK_SIZE;
     let (tx, mut rx) = unbounded_channel();
-    let long = GenerationParams { max_tokens: Some(budget), ..params };
+    let long = GenerationParams { max_tokens: Some(room), ..params };
     scheduler.submit(engine.start(&prompts[0], &long).unwrap(), tx).unwrap();
     let err = rx.blocking_recv().expect("an answer").err().expect("an error").to_string();
-    assert!(err.contains("KV cache") && err.contains(&budget.to_string()), "{err}");
+    assert!(err.contains("KV cache") && err.contains(&room.to_string()), "{err}");
 }
 
 /// On the quantized path, where a last-bit difference from chunking could grow through the 8-bit

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use herd_tests::{fixture, tiny};
 use herd_worker::engine::pool::ComputePool;
 use herd_worker::engine::weights::{GgufMode, LayerPart, Part, WeightName, Weights};
-use herd_worker::engine::{DTypeChoice, Engine, EngineError, LoadOptions, Message, QuantizeChoice};
+use herd_worker::engine::{DTypeChoice, Engine, EngineError, LoadOptions, Message, Progress, QuantizeChoice};
 
 fn logits(path: &Path, dtype: DTypeChoice, ids: &[u32]) -> Vec<Vec<f32>> {
     quantized_logits(path, dtype, None, ids)
@@ -112,7 +112,7 @@ fn tensor_attention_agrees_with_the_cpu_loops() {
     let mut seq = engine.start(&IDS, &params).unwrap();
     let step = loop {
         // At most 5 tokens a step: the prompt runs in three chunks.
-        if let Some(step) = engine.step_batch(&mut [&mut seq], 5).unwrap().pop().unwrap().unwrap() {
+        if let Progress::Sampled(step) = engine.step_batch(&mut [&mut seq], 5).unwrap().pop().unwrap().unwrap() {
             break step;
         }
     };

@@ -1,13 +1,13 @@
 //! Prefix caching on tiny random models: a prompt that starts like an earlier prompt or answer
-//! copies its keys and values, and generates exactly what it generates computed from scratch;
-//! a burst of prompts sharing a prefix computes it once.
+//! shares its KV blocks (and copies the rows of a partly matching block), and generates exactly
+//! what it generates computed from scratch; a burst of prompts sharing a prefix computes it once.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use herd_tests::tiny;
-use herd_worker::engine::prefix::{MIN_REUSE, PrefixStats};
-use herd_worker::engine::{Engine, GenerationParams, LoadOptions, SamplingParams, Sequence};
+use herd_worker::engine::kv::KvOptions;
+use herd_worker::engine::{Engine, GenerationParams, LoadOptions, Progress, SamplingParams, Sequence};
 
 /// A tiny random model in `dir`, named for its seed.
 fn tiny_model(dir: &tempfile::TempDir, dims: tiny::Dims, seed: u64) -> PathBuf {
@@ -16,11 +16,14 @@ fn tiny_model(dir: &tempfile::TempDir, dims: tiny::Dims, seed: u64) -> PathBuf {
     path
 }
 
-fn load(path: &Path, tp: usize, tensor_attention: bool, prefix_tokens: usize) -> Engine {
-    let opts = LoadOptions { devices: vec![Device::Cpu; tp], tensor_attention, ..LoadOptions::new(path) };
-    let mut engine = Engine::load(&opts, &mut |_, _| {}).unwrap();
-    engine.set_prefix_cache(prefix_tokens);
-    engine
+/// An engine whose KV cache holds `blocks` blocks of 16 tokens, prefix caching on if `caching`.
+fn load(path: &Path, tp: usize, tensor_attention: bool, caching: bool, blocks: usize) -> Engine {
+    let devices = vec![Device::Cpu; tp];
+    let probe = Engine::load(&LoadOptions { devices: devices.clone(), ..LoadOptions::new(path) }, &mut |_, _| {});
+    let bytes = blocks * probe.unwrap().kv_block_bytes();
+    let kv = KvOptions { cache_bytes: Some(bytes as u64), prefix_caching: caching, ..KvOptions::default() };
+    let opts = LoadOptions { devices, tensor_attention, kv, ..LoadOptions::new(path) };
+    Engine::load(&opts, &mut |_, _| {}).unwrap()
 }
 
 fn params(max_tokens: usize) -> GenerationParams {
@@ -49,27 +52,27 @@ fn prompt(seed: u32, len: usize) -> Vec<u32> {
 /// Logprobs agree within 1e-4: a matrix product over fewer rows may round differently.
 fn check_reuse(path: &Path, tp: usize, tensor_attention: bool) {
     let what = format!("tp {tp}, tensor attention {tensor_attention}");
-    let fresh = load(path, tp, tensor_attention, 0);
-    let cached = load(path, tp, tensor_attention, 4096);
+    let fresh = load(path, tp, tensor_attention, false, 256);
+    let cached = load(path, tp, tensor_attention, true, 256);
     let system = prompt(1, 40);
     let first = [system.clone(), prompt(2, 5)].concat();
     // The first prompt misses, the repeat copies all but its last token.
     let (a, a_lp) = generate(&cached, &first, 12);
-    assert_eq!(cached.prefix_stats().hits, 0, "{what}");
+    assert_eq!(cached.kv_stats().hits, 0, "{what}");
     let (again, again_lp) = generate(&cached, &first, 12);
-    assert_eq!(cached.prefix_stats().hit_tokens, first.len() as u64 - 1, "{what}");
+    assert_eq!(cached.kv_stats().hit_tokens, first.len() as u64 - 1, "{what}");
     assert_eq!(again, a, "{what}: a repeated prompt answers alike");
     // A follow-up turn: the earlier prompt and answer, then more.
     let follow_up = [first.clone(), a.clone(), prompt(3, 7)].concat();
-    let before = cached.prefix_stats().hit_tokens;
+    let before = cached.kv_stats().hit_tokens;
     let (b, b_lp) = generate(&cached, &follow_up, 12);
     // The answer's last token was sampled but never run, so it is not in the cache.
-    let copied = cached.prefix_stats().hit_tokens - before;
+    let copied = cached.kv_stats().hit_tokens - before;
     assert_eq!(copied, (first.len() + a.len() - 1) as u64, "{what}: the follow-up copies the first turn");
     // Another prompt sharing only the system part.
     let other = [system.clone(), prompt(4, 9)].concat();
     let (c, c_lp) = generate(&cached, &other, 12);
-    assert_eq!(cached.prefix_stats().hit_tokens - before - copied, system.len() as u64, "{what}");
+    assert_eq!(cached.kv_stats().hit_tokens - before - copied, system.len() as u64, "{what}");
     for (name, p, got, got_lp) in
         [("repeat", &first, &again, &again_lp), ("follow-up", &follow_up, &b, &b_lp), ("other", &other, &c, &c_lp)]
     {
@@ -79,7 +82,8 @@ fn check_reuse(path: &Path, tp: usize, tensor_attention: bool) {
         assert!(diff < 1e-4, "{what}: {name} logprobs differ by {diff}");
     }
     assert_eq!(a_lp, generate(&fresh, &first, 12).1, "{what}: the first run computes like no cache");
-    assert_eq!(fresh.prefix_stats(), PrefixStats::default(), "a zero-token cache stays unused");
+    let stats = fresh.kv_stats();
+    assert_eq!((stats.hits, stats.cached), (0, 0), "without prefix caching nothing is found or kept");
 }
 
 #[test]
@@ -96,32 +100,28 @@ fn cached_prefixes_generate_what_computing_them_does() {
 fn the_cache_keeps_to_its_budget_and_forgets_the_least_recent() {
     let dir = tempfile::tempdir().unwrap();
     let path = tiny_model(&dir, tiny::Dims::BASE, 23);
-    // Room for two of the three answered prompts (40 + 4 - 1 tokens each).
-    let engine = load(&path, 1, false, 100);
+    // Three blocks for each of three answered prompts (40 + 4 - 1 tokens), seven in all.
+    let engine = load(&path, 1, false, true, 7);
     let prompts: Vec<Vec<u32>> = (0..3).map(|s| prompt(10 + s, 40)).collect();
     for p in &prompts {
         generate(&engine, p, 4);
     }
-    assert_eq!(engine.prefix_stats().tokens, 86);
-    let hits = |engine: &Engine| engine.prefix_stats().hits;
-    generate(&engine, &prompts[2], 4);
-    generate(&engine, &prompts[1], 4);
-    assert_eq!(hits(&engine), 2, "the two most recent prompts are cached");
-    generate(&engine, &prompts[0], 4);
-    assert_eq!(hits(&engine), 2, "the oldest was evicted");
-    // Too short to be worth caching.
-    let short = load(&path, 1, false, 100);
-    generate(&short, &prompt(5, MIN_REUSE - 4), 3);
-    generate(&short, &prompt(5, MIN_REUSE - 4), 3);
-    assert_eq!(short.prefix_stats(), PrefixStats::default());
+    assert_eq!((engine.kv_stats().used, engine.kv_stats().cached), (0, 7), "{:?}", engine.kv_stats());
+    let found = |p: &[u32]| {
+        let before = engine.kv_stats().hit_tokens;
+        generate(&engine, p, 4);
+        engine.kv_stats().hit_tokens - before
+    };
+    assert_eq!(found(&prompts[2]), 39, "the most recent prompt is cached whole");
+    assert!(found(&prompts[0]) < 32, "the least recent lost its later blocks");
 }
 
 #[test]
 fn a_burst_sharing_a_prompt_computes_it_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = tiny_model(&dir, tiny::Dims::BASE, 24);
-    let engine = load(&path, 1, false, 4096);
-    let fresh = load(&path, 1, false, 0);
+    let engine = load(&path, 1, false, true, 256);
+    let fresh = load(&path, 1, false, false, 256);
     let shared = prompt(6, 48);
     let prompts: Vec<Vec<u32>> = (0..4).map(|i| [shared.clone(), vec![7 + i]].concat()).collect();
     let mut seqs: Vec<Sequence> = prompts.iter().map(|p| engine.start(p, &params(6)).unwrap()).collect();
@@ -134,7 +134,11 @@ fn a_burst_sharing_a_prompt_computes_it_once() {
         let mut batch: Vec<&mut Sequence> = seqs.iter_mut().filter(|s| s.finish_reason().is_none()).collect();
         let results = engine.step_batch(&mut batch, usize::MAX).unwrap();
         for (&i, result) in live.iter().zip(results) {
-            let step = result.unwrap();
+            let step = match result.unwrap() {
+                Progress::Sampled(step) => Some(step),
+                Progress::Waiting => None,
+                Progress::Preempted => panic!("nothing needed its blocks"),
+            };
             if round == 0 {
                 assert_eq!(step.is_some(), i == 0, "only the first prompt runs at first; the others wait for it");
             }
@@ -144,8 +148,8 @@ fn a_burst_sharing_a_prompt_computes_it_once() {
     for (p, got) in prompts.iter().zip(&tokens) {
         assert_eq!(got, &generate(&fresh, p, 6).0, "a prompt that waited for the shared prefix");
     }
-    let stats = engine.prefix_stats();
-    assert_eq!((stats.hits, stats.hit_tokens), (3, 3 * shared.len() as u64), "the three others copy it: {stats:?}");
+    let stats = engine.kv_stats();
+    assert_eq!((stats.hits, stats.hit_tokens), (3, 3 * shared.len() as u64), "the three others share it: {stats:?}");
 }
 
 /// A prompt run in chunks is kept once its last chunk ran, even a chunk of one token.
@@ -153,30 +157,30 @@ fn a_burst_sharing_a_prompt_computes_it_once() {
 fn a_prompt_run_in_chunks_is_kept() {
     let dir = tempfile::tempdir().unwrap();
     let path = tiny_model(&dir, tiny::Dims::BASE, 25);
-    let engine = load(&path, 1, false, 4096);
+    let engine = load(&path, 1, false, true, 256);
     let ids = prompt(8, 49);
     // Not finished after its first token: only the end of the prompt keeps it.
     let mut seq = engine.start(&ids, &params(3)).unwrap();
     // 24, 24, then 1 token a step.
     let mut rounds = 0;
-    while engine.step_batch(&mut [&mut seq], 24).unwrap().pop().unwrap().unwrap().is_none() {
+    while matches!(engine.step_batch(&mut [&mut seq], 24).unwrap().pop().unwrap().unwrap(), Progress::Waiting) {
         rounds += 1;
     }
     assert_eq!(rounds, 2);
-    assert_eq!(engine.prefix_stats().tokens, ids.len(), "{:?}", engine.prefix_stats());
+    assert_eq!(engine.kv_stats().used, 4, "{:?}", engine.kv_stats());
     generate(&engine, &ids, 1);
-    assert_eq!(engine.prefix_stats().hit_tokens, ids.len() as u64 - 1);
+    assert_eq!(engine.kv_stats().hit_tokens, ids.len() as u64 - 1, "its blocks are shared while it runs");
 }
 
 /// Through a real worker and gateway on the test model: the same chat twice copies the first
-/// one's prefix (the metrics say so) and answers alike; `--prefix-cache-mb 0` copies nothing.
+/// one's prefix (the metrics say so) and answers alike; `--no-prefix-cache` finds nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_reuses_prefixes_and_reports_it() {
     use herd_tests::cluster::{controller, free_addr, gateway, series, wait_for_workers, worker};
     let ctl = controller("127.0.0.1:0", "5s");
     let (on, off) = (free_addr(), free_addr());
     let _w = worker(&ctl, &["--metrics-listen", &on, "--model-name", "cached"]);
-    let _w_off = worker(&ctl, &["--metrics-listen", &off, "--model-name", "uncached", "--prefix-cache-mb", "0"]);
+    let _w_off = worker(&ctl, &["--metrics-listen", &off, "--model-name", "uncached", "--no-prefix-cache"]);
     let gw = gateway(&ctl);
     wait_for_workers(&gw, 2, std::time::Duration::from_secs(120)).await;
     let http = reqwest::Client::new();
@@ -220,13 +224,15 @@ async fn a_worker_reuses_prefixes_and_reports_it() {
 }
 
 #[test]
-fn a_prefix_cache_as_large_as_the_kv_budget_is_refused() {
-    let out = std::process::Command::new(herd_tests::herd_bin())
-        .args(["worker", "--model", "/nonexistent.gguf", "--controller", "http://127.0.0.1:9"])
-        .args(["--listen", "127.0.0.1:0", "--kv-cache-mb", "64", "--prefix-cache-mb", "64"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(stderr.contains("--prefix-cache-mb") && stderr.contains("64 MiB"), "{stderr}");
+fn kv_flags_out_of_range_are_refused_by_name() {
+    for (flag, value) in [("--kv-block-size", "0"), ("--kv-block-size", "4096"), ("--gpu-memory-utilization", "1.5")] {
+        let out = std::process::Command::new(herd_tests::herd_bin())
+            .args(["worker", "--model", "/nonexistent.gguf", "--controller", "http://127.0.0.1:9"])
+            .args(["--listen", "127.0.0.1:0", flag, value])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
+    }
 }

@@ -63,6 +63,7 @@ impl WorkerError {
                 | E::PromptTooLong { .. }
                 | E::PromptTooManyBytes { .. }
                 | E::ContextOverflow { .. }
+                | E::KvCacheFull { .. }
                 | E::Tokenizer(_)
                 | E::Template(_),
             )

@@ -18,6 +18,7 @@ use herd_proto::v1 as pb;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use engine::kv::KvOptions;
 use engine::{DTypeChoice, Engine, LoadOptions, parse_devices};
 pub use error::WorkerError;
 use herd_ops::{AuthArgs, Health, MetricsArgs, RequireToken, TlsArgs};
@@ -73,16 +74,23 @@ pub struct WorkerArgs {
     /// Sequences queued beyond those before requests are refused (ResourceExhausted, HTTP 429).
     #[arg(long, visible_alias = "max-waiting", env = "HERD_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,
-    /// KV-cache memory for all running sequences, in MiB (default: half the memory available at
-    /// start on CPU; unlimited on GPUs). When running sequences outgrow it, the newest is
-    /// evicted and recomputed later.
+    /// KV-cache memory over all ranks, in MiB (default: half the memory available at start on
+    /// the CPU; on GPUs --gpu-memory-utilization of the memory free after loading the weights).
+    /// It is held in blocks that sequences starting alike share; when running sequences need
+    /// more blocks than are free, the newest gives its blocks up and is recomputed later.
     #[arg(long, env = "HERD_KV_CACHE_MB")]
     pub kv_cache_mb: Option<u64>,
-    /// KV cache kept of finished prompts and answers, in MiB, so that prompts starting alike
-    /// (shared system prompts, chat history) copy it instead of recomputing it; taken out of
-    /// --kv-cache-mb. Default: an eighth of the KV budget (none without one); 0 turns it off.
-    #[arg(long, env = "HERD_PREFIX_CACHE_MB")]
-    pub prefix_cache_mb: Option<u64>,
+    /// Tokens per KV-cache block.
+    #[arg(long, env = "HERD_KV_BLOCK_SIZE", default_value_t = engine::kv::DEFAULT_BLOCK_SIZE)]
+    pub kv_block_size: usize,
+    /// The share of each GPU's memory, free after loading the weights, that the KV cache takes
+    /// when --kv-cache-mb is not given.
+    #[arg(long, env = "HERD_GPU_MEMORY_UTILIZATION", default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
+    /// Forget what finished sequences' blocks hold instead of letting later prompts that start
+    /// alike (shared system prompts, chat history) find it.
+    #[arg(long, env = "HERD_NO_PREFIX_CACHE")]
+    pub no_prefix_cache: bool,
     /// Compute threads (default: every core). Give co-located workers disjoint shares.
     #[arg(long, env = "HERD_THREADS")]
     pub threads: Option<usize>,
@@ -135,13 +143,6 @@ fn device_name(d: &candle_core::Device) -> String {
     }
 }
 
-/// Memory available for new allocations, from /proc/meminfo.
-fn available_mib() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? / 1024)
-}
-
 fn random_id() -> String {
     format!("worker-{:08x}", rand::random::<u32>())
 }
@@ -172,12 +173,13 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
             .map_err(|e| WorkerError::Flag { flag: "--threads", msg: e.to_string() })?;
     }
     let devices = parse_devices(&args.devices, args.tp)?;
-    let on_cpu = devices.iter().all(candle_core::Device::is_cpu);
-    let kv_mb = args.kv_cache_mb.or_else(|| if on_cpu { available_mib().map(|m| m / 2) } else { None });
-    let prefix_mb = args.prefix_cache_mb.unwrap_or_else(|| kv_mb.map_or(0, |mb| mb / 8));
-    if let Some(mb) = kv_mb.filter(|&mb| prefix_mb >= mb) {
-        let msg = format!("{prefix_mb} MiB leaves nothing of the {mb} MiB KV budget (--kv-cache-mb) it is taken from");
-        return Err(WorkerError::Flag { flag: "--prefix-cache-mb", msg });
+    if !(1..=engine::kv::MAX_BLOCK_SIZE).contains(&args.kv_block_size) {
+        let msg = format!("must be between 1 and {} tokens", engine::kv::MAX_BLOCK_SIZE);
+        return Err(WorkerError::Flag { flag: "--kv-block-size", msg });
+    }
+    if !(args.gpu_memory_utilization > 0.0 && args.gpu_memory_utilization <= 1.0) {
+        let msg = "must be more than 0 and at most 1".into();
+        return Err(WorkerError::Flag { flag: "--gpu-memory-utilization", msg });
     }
     let tls = args.tls.load()?;
     let listener = TcpListener::bind(&args.listen)
@@ -225,10 +227,16 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
         chat_template: args.chat_template.clone(),
         threads: args.threads.unwrap_or_else(engine::default_threads),
         tensor_attention: false,
+        kv: KvOptions {
+            block_size: args.kv_block_size,
+            cache_bytes: args.kv_cache_mb.map(|mb| mb << 20),
+            gpu_memory_utilization: args.gpu_memory_utilization,
+            prefix_caching: !args.no_prefix_cache,
+        },
     };
     let loading = tokio::task::spawn_blocking(move || Engine::load(&opts, &mut |_, _| {}));
     tokio::pin!(shutdown);
-    let mut engine = tokio::select! {
+    let engine = tokio::select! {
         loaded = loading => loaded.map_err(|e| WorkerError::Server(format!("model loading thread: {e}")))??,
         // Nothing was registered or accepted yet: stopping is all there is to do.
         _ = &mut shutdown => {
@@ -236,23 +244,19 @@ pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send) ->
             return Ok(());
         }
     };
-    let per_token = engine.kv_bytes_per_token().max(1);
-    let tokens = |mb: u64| (mb as usize * (1 << 20)) / per_token;
-    let kv_budget_tokens = kv_mb.map(|mb| tokens(mb - prefix_mb));
-    engine.set_prefix_cache(tokens(prefix_mb));
+    let kv = engine.kv_stats();
     tracing::info!(
-        mib = kv_mb,
-        tokens = kv_budget_tokens,
-        prefix_mib = prefix_mb,
-        prefix_tokens = tokens(prefix_mb),
-        "KV-cache budget"
+        blocks = kv.total,
+        block_size = kv.block_size,
+        tokens = kv.total * kv.block_size,
+        prefix_caching = !args.no_prefix_cache,
+        "KV cache"
     );
     let engine = Arc::new(engine);
     let config = SchedulerConfig {
         max_batch_size: args.max_batch_size,
         max_queue: args.max_queue,
         step_delay: args.debug_step_delay,
-        kv_budget_tokens,
         max_batch_tokens: args.max_batch_tokens,
     };
     let scheduler = Scheduler::start(engine.clone(), config).map_err(|e| WorkerError::Server(e.to_string()))?;

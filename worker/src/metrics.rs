@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use herd_ops::metrics::{IntCounter, IntCounterVec, IntGauge, Registry, catch_up};
+use herd_ops::metrics::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry, catch_up};
 
 use crate::scheduler::Load;
 use crate::service::WorkerCore;
@@ -22,6 +22,7 @@ pub struct WorkerMetrics {
     waiting: IntGauge,
     kv_used: IntGauge,
     kv_budget: IntGauge,
+    kv_blocks: IntGaugeVec,
     batch_size: IntGauge,
     steps: IntCounter,
     stepped: IntCounter,
@@ -46,8 +47,13 @@ impl WorkerMetrics {
             ),
             running: r.gauge("herd_worker_running_sequences", "Sequences in the running batch."),
             waiting: r.gauge("herd_worker_waiting_sequences", "Sequences queued for a batch slot."),
-            kv_used: r.gauge("herd_worker_kv_cache_used_tokens", "Tokens held in the running sequences' KV caches."),
-            kv_budget: r.gauge("herd_worker_kv_cache_budget_tokens", "KV-cache budget in tokens (0: unlimited)."),
+            kv_used: r.gauge("herd_worker_kv_cache_used_tokens", "Tokens the KV blocks in use hold room for."),
+            kv_budget: r.gauge("herd_worker_kv_cache_budget_tokens", "Tokens the KV cache holds room for in all."),
+            kv_blocks: r.gauge_vec(
+                "herd_worker_kv_blocks",
+                "KV-cache blocks, by state: used, cached (free, holding prefixes later prompts may share), total.",
+                &["state"],
+            ),
             batch_size: r.gauge("herd_worker_batch_size", "Sequences in the latest batched step."),
             steps: r.counter("herd_worker_steps_total", "Batched forward steps."),
             stepped: r.counter(
@@ -56,12 +62,13 @@ impl WorkerMetrics {
             ),
             preemptions: r
                 .counter("herd_worker_preemptions_total", "Sequences evicted from the KV cache to recompute."),
-            prefix_hits: r.counter("herd_worker_prefix_cache_hits_total", "Prompts that copied a cached KV prefix."),
+            prefix_hits: r.counter("herd_worker_prefix_cache_hits_total", "Prompts that found a cached KV prefix."),
             prefix_hit_tokens: r.counter(
                 "herd_worker_prefix_cache_hit_tokens_total",
-                "Prompt tokens copied from the prefix cache instead of computed.",
+                "Prompt tokens found in the KV cache instead of computed.",
             ),
-            prefix_tokens: r.gauge("herd_worker_prefix_cache_tokens", "Tokens held in the prefix cache."),
+            prefix_tokens: r
+                .gauge("herd_worker_prefix_cache_tokens", "Tokens the cached (free) KV blocks hold room for."),
             registry: r,
         }
     }
@@ -69,20 +76,23 @@ impl WorkerMetrics {
     /// Everything in Prometheus' text format, gauges read from `load` (absent while loading).
     pub fn render(&self, load: Option<&Load>) -> String {
         if let Some(load) = load {
-            let (kv_used, kv_budget) = load.kv_tokens();
+            let kv = load.kv_blocks();
             let (steps, stepped, last) = load.steps();
             self.running.set(load.running() as i64);
             self.waiting.set(load.waiting() as i64);
-            self.kv_used.set(kv_used as i64);
-            self.kv_budget.set(kv_budget as i64);
+            self.kv_used.set((kv.used * kv.block_size) as i64);
+            self.kv_budget.set((kv.total * kv.block_size) as i64);
+            for (state, n) in [("used", kv.used), ("cached", kv.cached), ("total", kv.total)] {
+                self.kv_blocks.with_label_values(&[state]).set(n as i64);
+            }
             self.batch_size.set(last as i64);
             catch_up(&self.steps, steps as u64);
             catch_up(&self.stepped, stepped as u64);
             catch_up(&self.preemptions, load.preemptions() as u64);
-            let (hits, hit_tokens, held) = load.prefix();
+            let (hits, hit_tokens) = load.prefix();
             catch_up(&self.prefix_hits, hits as u64);
             catch_up(&self.prefix_hit_tokens, hit_tokens as u64);
-            self.prefix_tokens.set(held as i64);
+            self.prefix_tokens.set((kv.cached * kv.block_size) as i64);
         }
         self.registry.render()
     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::engine::{Engine, EngineError, Sequence, Step};
+use crate::engine::{Engine, EngineError, Progress, Sequence, Step};
 
 /// What a running sequence sends back: a step, or the error that ended it.
 pub type StepResult = Result<Step, EngineError>;
@@ -38,10 +38,12 @@ pub struct Load {
     stopped: AtomicBool,
     /// Sequences evicted from the KV cache so far (each is recomputed later).
     preempted: AtomicUsize,
-    /// Tokens the running sequences' KV caches hold, as of the last round.
+    /// KV blocks in use, cached (free, holding findable prefixes) and in all, and tokens per
+    /// block, as of the last round.
     kv_used: AtomicUsize,
-    /// The KV budget in tokens (0: none).
-    kv_budget: AtomicUsize,
+    kv_cached: AtomicUsize,
+    kv_total: AtomicUsize,
+    kv_block_size: AtomicUsize,
     /// Batched forward passes run so far.
     steps: AtomicUsize,
     /// Sequences in those passes, summed (divided by `steps`: the mean batch size).
@@ -50,10 +52,9 @@ pub struct Load {
     last_batch: AtomicUsize,
     /// Tokens sampled so far.
     generated: AtomicUsize,
-    /// The engine's prefix cache: lookups that hit, prompt tokens copied, tokens held.
+    /// Prompts that found a cached prefix, and the tokens they found.
     prefix_hits: AtomicUsize,
     prefix_hit_tokens: AtomicUsize,
-    prefix_tokens: AtomicUsize,
 }
 
 impl Load {
@@ -72,9 +73,14 @@ impl Load {
         self.active.load(Ordering::SeqCst) == 0 || self.is_stopped()
     }
 
-    /// Tokens in the running sequences' KV caches, and the budget (0: none).
-    pub fn kv_tokens(&self) -> (usize, usize) {
-        (self.kv_used.load(Ordering::SeqCst), self.kv_budget.load(Ordering::SeqCst))
+    /// KV blocks in use, cached and in all, and tokens per block.
+    pub fn kv_blocks(&self) -> KvBlocks {
+        KvBlocks {
+            used: self.kv_used.load(Ordering::SeqCst),
+            cached: self.kv_cached.load(Ordering::SeqCst),
+            total: self.kv_total.load(Ordering::SeqCst),
+            block_size: self.kv_block_size.load(Ordering::SeqCst),
+        }
     }
 
     /// Times a running sequence was evicted to stay within the KV budget.
@@ -96,19 +102,35 @@ impl Load {
         self.generated.load(Ordering::Relaxed)
     }
 
-    /// Prefix-cache lookups that hit, prompt tokens copied, and tokens the cache holds.
-    pub fn prefix(&self) -> (usize, usize, usize) {
-        (
-            self.prefix_hits.load(Ordering::Relaxed),
-            self.prefix_hit_tokens.load(Ordering::Relaxed),
-            self.prefix_tokens.load(Ordering::Relaxed),
-        )
+    /// Prompts that found a cached prefix, and the prompt tokens they found.
+    pub fn prefix(&self) -> (usize, usize) {
+        (self.prefix_hits.load(Ordering::Relaxed), self.prefix_hit_tokens.load(Ordering::Relaxed))
+    }
+
+    /// Publishes the engine's KV counts.
+    fn store_kv(&self, engine: &Engine) {
+        let kv = engine.kv_stats();
+        self.kv_used.store(kv.used, Ordering::SeqCst);
+        self.kv_cached.store(kv.cached, Ordering::SeqCst);
+        self.kv_total.store(kv.total, Ordering::SeqCst);
+        self.kv_block_size.store(kv.block_size, Ordering::SeqCst);
+        self.prefix_hits.store(kv.hits as usize, Ordering::Relaxed);
+        self.prefix_hit_tokens.store(kv.hit_tokens as usize, Ordering::Relaxed);
     }
 
     /// The engine thread has exited; nothing submitted will run.
     pub fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::SeqCst)
     }
+}
+
+/// KV blocks in use, cached (free, holding prefixes later prompts may find) and in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KvBlocks {
+    pub used: usize,
+    pub cached: usize,
+    pub total: usize,
+    pub block_size: usize,
 }
 
 /// Limits of the scheduler.
@@ -120,23 +142,14 @@ pub struct SchedulerConfig {
     pub max_queue: usize,
     /// Sleep after each round; a test-only knob to make a worker slower than its peer.
     pub step_delay: Duration,
-    /// Tokens the KV caches of all running sequences may hold together (`None`: no limit).
-    pub kv_budget_tokens: Option<usize>,
     /// Tokens one step runs at most; longer prompts are prefilled in chunks between decodes.
     pub max_batch_tokens: usize,
 }
 
 impl SchedulerConfig {
-    /// `max_batch_size` slots and `max_queue` waiting places; no KV budget, no step-token
-    /// limit, no delay.
+    /// `max_batch_size` slots and `max_queue` waiting places; no step-token limit, no delay.
     pub fn new(max_batch_size: usize, max_queue: usize) -> Self {
-        Self {
-            max_batch_size,
-            max_queue,
-            step_delay: Duration::ZERO,
-            kv_budget_tokens: None,
-            max_batch_tokens: usize::MAX,
-        }
+        Self { max_batch_size, max_queue, step_delay: Duration::ZERO, max_batch_tokens: usize::MAX }
     }
 }
 
@@ -161,7 +174,7 @@ impl Scheduler {
     pub fn start(engine: Arc<Engine>, config: SchedulerConfig) -> std::io::Result<Self> {
         let (jobs, rx) = mpsc::channel();
         let load = Arc::new(Load::default());
-        load.kv_budget.store(config.kv_budget_tokens.unwrap_or(0), Ordering::SeqCst);
+        load.store_kv(&engine);
         let thread_load = load.clone();
         let capacity = config.max_batch_size.max(1) + config.max_queue;
         std::thread::Builder::new().name("herd-engine".into()).spawn(move || {
@@ -209,7 +222,7 @@ impl Scheduler {
 
 /// Steps every running sequence at once; a panic in the engine fails this round's sequences
 /// instead of the thread.
-fn step(engine: &Engine, running: &mut [Job], max_tokens: usize) -> Vec<Result<Option<Step>, EngineError>> {
+fn step(engine: &Engine, running: &mut [Job], max_tokens: usize) -> Vec<Result<Progress, EngineError>> {
     let mut seqs: Vec<&mut Sequence> = running.iter_mut().map(|j| &mut j.seq).collect();
     let n = seqs.len();
     let failed = |msg: String| (0..n).map(|_| Err(EngineError::Model(msg.clone()))).collect();
@@ -244,42 +257,34 @@ fn run(engine: &Engine, config: &SchedulerConfig, rx: &mpsc::Receiver<Job>, load
             }
             alive
         });
-        let budget = config.kv_budget_tokens;
-        let kv_fits = |running: &[Job], extra: usize| {
-            budget.is_none_or(|b| running.iter().map(|j| j.seq.kv_tokens()).sum::<usize>() + extra <= b)
-        };
+        // Admit from the front of the queue while the KV blocks its prompt needs (after what
+        // the cache holds of it) are free, beside those promised to sequences admitted before
+        // it this round.
+        let kv = engine.kv_stats();
+        let mut promised = 0;
         while running.len() < config.max_batch_size.max(1) {
-            let Some(job) = queue.front() else { break };
-            if let Some(b) = budget.filter(|&b| job.seq.max_kv_tokens() > b) {
+            let Some(job) = queue.front_mut() else { break };
+            let room = kv.total * kv.block_size;
+            if job.seq.max_kv_tokens() > room {
                 let job = queue.pop_front().expect("a front job");
                 load.waiting.fetch_sub(1, Ordering::SeqCst);
                 retire();
-                job.span.in_scope(|| tracing::info!("refused: the sequence cannot fit the KV budget"));
-                let _ = job.out.send(Err(EngineError::InvalidArgument(format!(
-                    "the prompt and max_tokens need {} tokens of KV cache, more than this worker's budget of {b} \
-                     (--kv-cache-mb)",
-                    job.seq.max_kv_tokens()
-                ))));
+                job.span.in_scope(|| tracing::info!("refused: the sequence cannot fit the KV cache"));
+                let e = EngineError::KvCacheFull { tokens: job.seq.max_kv_tokens(), budget: room };
+                let _ = job.out.send(Err(e));
                 continue;
             }
-            if !kv_fits(&running, job.seq.kv_tokens()) {
+            let needed = engine.blocks_to_admit(&mut job.seq);
+            if !running.is_empty() && promised + needed > engine.kv_stats().total - engine.kv_stats().used {
+                // It waits without holding blocks.
+                job.seq.evict();
                 break;
             }
+            promised += needed;
             running.push(queue.pop_front().expect("a front job"));
             // Count it as running before it stops counting as waiting, so the load never dips.
             load.running.store(running.len(), Ordering::SeqCst);
             load.waiting.fetch_sub(1, Ordering::SeqCst);
-        }
-        // Sequences grow a token per step: when their caches outgrow the budget, the newest
-        // gives its cache up and waits at the front of the queue to be recomputed.
-        while running.len() > 1 && !kv_fits(&running, 0) {
-            let mut job = running.pop().expect("more than one running");
-            job.seq.evict();
-            job.span.in_scope(|| tracing::debug!("preempted: KV cache over budget; it will be recomputed"));
-            load.waiting.fetch_add(1, Ordering::SeqCst);
-            load.running.store(running.len(), Ordering::SeqCst);
-            load.preempted.fetch_add(1, Ordering::SeqCst);
-            queue.push_front(job);
         }
         // Clients that went away: stop spending compute on them.
         running.retain(|job| {
@@ -297,11 +302,17 @@ fn run(engine: &Engine, config: &SchedulerConfig, rx: &mpsc::Receiver<Job>, load
         let mut results =
             if running.is_empty() { Vec::new() } else { step(engine, &mut running, config.max_batch_tokens) }
                 .into_iter();
-        running.retain_mut(|job| {
+        let (mut kept, mut preempted) = (Vec::with_capacity(running.len()), Vec::new());
+        for mut job in running.drain(..) {
             let keep = match results.next() {
                 // Still waiting for its turn or part-way through its prompt.
-                Some(Ok(None)) => true,
-                Some(Ok(Some(step))) => {
+                Some(Ok(Progress::Waiting)) => true,
+                // Older sequences needed its blocks: it waits at the front of the queue.
+                Some(Ok(Progress::Preempted)) => {
+                    preempted.push(job);
+                    continue;
+                }
+                Some(Ok(Progress::Sampled(step))) => {
                     let done = step.finish.is_some();
                     if step.token.is_some() {
                         load.generated.fetch_add(1, Ordering::Relaxed);
@@ -315,17 +326,22 @@ fn run(engine: &Engine, config: &SchedulerConfig, rx: &mpsc::Receiver<Job>, load
                 }
                 None => false,
             };
-            if !keep {
+            if keep {
+                kept.push(job);
+            } else {
                 retire();
+                job.seq.evict();
             }
-            keep
-        });
+        }
+        running = kept;
+        for job in preempted.into_iter().rev() {
+            job.span.in_scope(|| tracing::debug!("preempted: too few KV blocks; it will be recomputed"));
+            load.waiting.fetch_add(1, Ordering::SeqCst);
+            load.preempted.fetch_add(1, Ordering::SeqCst);
+            queue.push_front(job);
+        }
         load.running.store(running.len(), Ordering::SeqCst);
-        load.kv_used.store(running.iter().map(|j| j.seq.kv_tokens()).sum(), Ordering::SeqCst);
-        let prefix = engine.prefix_stats();
-        load.prefix_hits.store(prefix.hits as usize, Ordering::Relaxed);
-        load.prefix_hit_tokens.store(prefix.hit_tokens as usize, Ordering::Relaxed);
-        load.prefix_tokens.store(prefix.tokens, Ordering::Relaxed);
+        load.store_kv(engine);
         if !config.step_delay.is_zero() {
             std::thread::sleep(config.step_delay);
         }

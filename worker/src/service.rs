@@ -380,13 +380,17 @@ impl pb::worker_server::Worker for WorkerService {
 
 /// A load report for heartbeats and health answers.
 pub fn load_report(load: &Load) -> pb::WorkerLoad {
-    let (kv_used, kv_budget) = load.kv_tokens();
+    let kv = load.kv_blocks();
     let n = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
     pb::WorkerLoad {
         running: n(load.running()),
         waiting: n(load.waiting()),
-        kv_used_tokens: n(kv_used),
-        kv_budget_tokens: n(kv_budget),
+        kv_used_tokens: n(kv.used * kv.block_size),
+        kv_budget_tokens: n(kv.total * kv.block_size),
         generated_tokens: load.generated() as u64,
+        kv_blocks_used: n(kv.used),
+        kv_blocks_cached: n(kv.cached),
+        kv_blocks_total: n(kv.total),
+        kv_block_size: n(kv.block_size),
     }
 }

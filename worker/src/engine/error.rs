@@ -30,6 +30,12 @@ pub enum EngineError {
         prompt + max_tokens
     )]
     ContextOverflow { prompt: usize, max_tokens: usize, context: usize },
+    /// A sequence needs more KV cache than the worker holds in all.
+    #[error(
+        "the prompt and max_tokens need {tokens} tokens of KV cache, more than this worker's budget of {budget} \
+         (--kv-cache-mb)"
+    )]
+    KvCacheFull { tokens: usize, budget: usize },
     /// A request parameter is out of range.
     #[error("invalid parameter: {0}")]
     InvalidArgument(String),

@@ -9,6 +9,7 @@
 
 use half::f16;
 
+use super::kv::PagedRows;
 use super::quant::scalar::hsum8;
 
 /// `ggml_compute_forward_rms_norm_f32` fused with the weight multiply, over rows of `w.len()`:
@@ -266,7 +267,7 @@ pub struct Scratch {
 
 /// Attention for one query head over `seen` cached positions, as llama.cpp's non-flash path
 /// computes it (`kq` matmul, `ggml_compute_forward_soft_max_f32`, `kqv` matmul): `q`, `k`, `v`
-/// already f16 values; scores scaled, exponentiated with [`expf`], summed eight positions at a
+/// already f16 values, the keys and values read through a block table; scores scaled, exponentiated with [`expf`], summed eight positions at a
 /// time into f64, normalized, rounded to f16, then the values summed in eight lanes by position.
 /// `out` receives the head's `hd` values. Inlined into callers compiled with FMA, so that
 /// `mul_add` is one instruction; plain loops, as iterator adapters may be compiled apart.
@@ -274,8 +275,8 @@ pub struct Scratch {
 #[inline(always)]
 pub fn attend<const SIMD: bool>(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: PagedRows<'_>,
+    v: PagedRows<'_>,
     seen: usize,
     scale: f32,
     scratch: &mut Scratch,
@@ -285,7 +286,7 @@ pub fn attend<const SIMD: bool>(
     let Scratch { scores, lanes } = scratch;
     scores.clear();
     let mut max = f32::NEG_INFINITY;
-    for kj in k[..seen * hd].chunks_exact(hd) {
+    for kj in k.rows(seen) {
         let s = dot8::<SIMD>(q, kj) * scale;
         max = max.max(s);
         scores.push(s);
@@ -307,7 +308,7 @@ pub fn attend<const SIMD: bool>(
     // Lane l takes positions l, l + 8, ..; a zero probability leaves a lane as it is.
     lanes.clear();
     lanes.resize(8 * hd, 0.0);
-    for (j, (&p, vj)) in scores.iter().zip(v.chunks_exact(hd)).enumerate() {
+    for (j, (&p, vj)) in scores.iter().zip(v.rows(seen)).enumerate() {
         if p != 0.0 {
             for (a, &x) in lanes[(j % 8) * hd..][..hd].iter_mut().zip(vj) {
                 *a = p.mul_add(x, *a);
@@ -366,7 +367,8 @@ mod tests {
         k[8..].fill(3f32.ln() / 8.0);
         let v: Vec<f32> = (0..16).map(|i| if i < 8 { 4.0 } else { 8.0 }).collect();
         let mut out = [0f32; 8];
-        attend::<false>(&q, &k, &v, 2, 1.0, &mut Scratch::default(), &mut out);
+        let rows = |data| PagedRows { data, table: &[0], head: 0, heads: 1, block_size: 2, dim: 8 };
+        attend::<false>(&q, rows(&k), rows(&v), 2, 1.0, &mut Scratch::default(), &mut out);
         for o in out {
             assert!((o - 7.0).abs() < 1e-2, "{o}");
         }

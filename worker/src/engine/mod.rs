@@ -4,12 +4,11 @@
 pub mod config;
 pub mod detok;
 pub mod error;
-pub mod heap;
 pub mod host;
+pub mod kv;
 pub mod llamacpp;
 pub mod model;
 pub mod pool;
-pub mod prefix;
 pub mod quant;
 pub mod sampler;
 pub mod sentencepiece;
@@ -22,7 +21,6 @@ pub mod weights;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Mutex;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
@@ -34,7 +32,7 @@ pub use template::{ChatTemplate, Message, TemplateSource};
 pub use tokenizer::Tokenizer;
 
 use detok::IncrementalDecoder;
-use prefix::{MIN_REUSE, PrefixCache, PrefixStats, common_prefix};
+use kv::{KvOptions, KvStats, SeqCache, common_prefix};
 use sampler::Sampler;
 use stop::StopMatcher;
 use tokenizer::TokenizerConfig;
@@ -134,6 +132,8 @@ pub struct LoadOptions {
     /// Compute attention with candle's tensor ops, as on GPUs, even where the CPU's own loops
     /// would run (f32 on the CPU); for checking one against the other.
     pub tensor_attention: bool,
+    /// The KV cache's size, block size and prefix caching.
+    pub kv: KvOptions,
 }
 
 impl LoadOptions {
@@ -147,6 +147,7 @@ impl LoadOptions {
             chat_template: None,
             threads: default_threads(),
             tensor_attention: false,
+            kv: KvOptions::default(),
         }
     }
 }
@@ -226,9 +227,10 @@ pub struct Engine {
     template_source: TemplateSource,
     eos_ids: Vec<u32>,
     path: PathBuf,
-    /// KV prefixes of earlier prompts and answers, for later prompts that start alike.
-    prefixes: Mutex<PrefixCache>,
 }
+
+/// Prompt tokens shared with a prompt of the same step worth waiting a step for.
+const MIN_REUSE: usize = 16;
 
 fn resolve_dtype(choice: DTypeChoice, device: &Device) -> Result<DType> {
     match (choice, device.is_cpu()) {
@@ -312,7 +314,7 @@ fn check_f32_fits(cfg: &ModelConfig, dir: &Path) -> Result<()> {
 }
 
 /// `MemAvailable` from /proc/meminfo, where the OS reports it.
-fn available_memory_bytes() -> Option<u64> {
+pub(crate) fn available_memory_bytes() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kb: u64 = info
         .lines()
@@ -382,7 +384,8 @@ impl Engine {
                 cfg.vocab_size
             );
         }
-        let model = Ranks::load(&cfg, &weights, &opts.devices, (opts.threads, opts.tensor_attention), progress)?;
+        let model =
+            Ranks::load(&cfg, &weights, &opts.devices, (opts.threads, opts.tensor_attention), &opts.kv, progress)?;
         let (template, template_source) =
             ChatTemplate::choose(opts.chat_template.as_deref(), path, model_template, &bos_token, &eos_token)?;
         tracing::info!(
@@ -392,10 +395,12 @@ impl Engine {
             tp = opts.devices.len(),
             template = template.name(),
             load_seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+            kv_blocks = model.kv_stats().total,
+            kv_block_size = opts.kv.block_size,
+            prefix_caching = opts.kv.prefix_caching,
             "model loaded"
         );
-        let prefixes = Mutex::new(PrefixCache::new(0));
-        Ok(Self { model, tokenizer, template, template_source, eos_ids, path: path.clone(), prefixes })
+        Ok(Self { model, tokenizer, template, template_source, eos_ids, path: path.clone() })
     }
 
     /// The model's hyper-parameters.
@@ -408,25 +413,21 @@ impl Engine {
         self.config().context_length
     }
 
-    /// Bytes of KV cache one token of one sequence takes, over all ranks.
-    pub fn kv_bytes_per_token(&self) -> usize {
-        let c = self.config();
-        c.num_layers * 2 * c.num_kv_heads * c.head_dim * self.model.dtype().size_in_bytes()
+    /// The KV cache's blocks: in use, cached and in all, and the prefixes found in it.
+    pub fn kv_stats(&self) -> KvStats {
+        self.model.kv_stats()
     }
 
-    /// Keeps up to `tokens` tokens of earlier prompts' KV caches for reuse (0, the default,
-    /// keeps none); what it held is dropped.
-    pub fn set_prefix_cache(&mut self, tokens: usize) {
-        self.prefixes = Mutex::new(PrefixCache::new(tokens));
+    /// Bytes one KV block takes over all ranks.
+    pub fn kv_block_bytes(&self) -> usize {
+        self.model.kv_block_bytes()
     }
 
-    /// How the prefix cache has been used.
-    pub fn prefix_stats(&self) -> PrefixStats {
-        self.prefix_cache().stats()
-    }
-
-    fn prefix_cache(&self) -> std::sync::MutexGuard<'_, PrefixCache> {
-        self.prefixes.lock().unwrap_or_else(|p| p.into_inner())
+    /// New KV blocks `seq` needs to run what it has not run yet, after taking what the cache
+    /// holds of it; [`Engine::step_batch`] takes them when it runs.
+    pub fn blocks_to_admit(&self, seq: &mut Sequence) -> usize {
+        self.reuse_prefix(seq);
+        seq.cache.blocks_needed(seq.context.len() - seq.cache.len())
     }
 
     /// Tensor-parallel ranks the model is split over.
@@ -576,6 +577,8 @@ impl Engine {
             max_tokens,
             prompt_len: prompt_ids.len(),
             cached_prompt: 0,
+            found: 0,
+            ran: false,
             context: prompt_ids.to_vec(),
             out: Vec::new(),
             text: String::new(),
@@ -585,30 +588,32 @@ impl Engine {
 
     /// Runs one forward pass of `seq` (the whole prompt on the first call) and samples one token.
     pub fn step(&self, seq: &mut Sequence) -> Result<Step> {
-        let step = self.step_batch(&mut [seq], usize::MAX)?.pop().expect("one result per sequence")?;
-        Ok(step.expect("an unlimited step samples"))
+        match self.step_batch(&mut [seq], usize::MAX)?.pop().expect("one result per sequence")? {
+            Progress::Sampled(step) => Ok(step),
+            Progress::Waiting | Progress::Preempted => unreachable!("an unlimited step of one sequence samples"),
+        }
     }
 
     /// One step of several sequences in a single batched forward pass, running at most
     /// `max_tokens` tokens in all. Each sequence runs the tokens its cache lacks (its prompt, its
-    /// last sampled token, or its whole context after an eviction), after copying what the
-    /// prefix cache holds of them: decoding sequences first, one token each, then prompts in
-    /// order, cut into chunks that fit. A prompt that mostly repeats an earlier one of the same
-    /// step waits for it, to copy its prefix next step. A sequence whose tokens all ran samples
-    /// its next one (`Some`); one left waiting or part-way through its prompt gets `None`.
-    /// The outer error fails the whole step; the inner ones belong to single sequences.
-    pub fn step_batch(&self, seqs: &mut [&mut Sequence], max_tokens: usize) -> Result<Vec<Result<Option<Step>>>> {
+    /// last sampled token, or its whole context after an eviction), after taking the blocks the
+    /// cache holds of them: decoding sequences first, one token each, then prompts in order, cut
+    /// into chunks that fit. A prompt that mostly repeats one an earlier sequence of the step is
+    /// running waits, to share its blocks once they are written. Sequences take the KV blocks
+    /// they need in order; when too few are free, the last ones give theirs up
+    /// ([`Progress::Preempted`]). The outer error fails the whole step; the inner ones belong to
+    /// single sequences.
+    pub fn step_batch(&self, seqs: &mut [&mut Sequence], max_tokens: usize) -> Result<Vec<Result<Progress>>> {
         if let Some(done) = seqs.iter().position(|s| s.finish.is_some()) {
             return Err(EngineError::InvalidArgument(format!("sequence {done} of the step has already finished")));
         }
-        self.reuse_prefixes(seqs);
         for seq in seqs.iter_mut() {
-            let positions = seq.max_kv_tokens();
-            seq.cache.will_hold(positions);
+            self.reuse_prefix(seq);
         }
+        let n = seqs.len();
         let pending: Vec<usize> = seqs.iter().map(|s| s.context.len() - s.cache.len()).collect();
-        let waits = self.waiting_for_prefixes(seqs, &pending, max_tokens);
-        let mut take = vec![0; seqs.len()];
+        let waits = self.waiting_for_prefixes(seqs, &pending);
+        let mut take = vec![0; n];
         let mut left = max_tokens.max(1);
         for decoding in [true, false] {
             let runs = pending.iter().zip(&waits).map(|(&p, &w)| (p == 1) == decoding && !w);
@@ -617,93 +622,109 @@ impl Engine {
                 left -= *t;
             }
         }
+        let mut preempted = vec![false; n];
+        let mut failed: Vec<Option<EngineError>> = (0..n).map(|_| None).collect();
+        for i in 0..n {
+            while take[i] > 0 && seqs[i].cache.prepare(take[i]).is_err() {
+                let newer = (i + 1..n).rev().find(|&j| !preempted[j] && (take[j] > 0 || seqs[j].cache.blocks() > 0));
+                let older_hold = (0..i).any(|j| seqs[j].cache.blocks() > 0);
+                let victim = match newer {
+                    Some(j) => j,
+                    None if older_hold => i,
+                    None => {
+                        let stats = self.kv_stats();
+                        let tokens = seqs[i].max_kv_tokens();
+                        failed[i] = Some(EngineError::KvCacheFull { tokens, budget: stats.total * stats.block_size });
+                        take[i] = 0;
+                        break;
+                    }
+                };
+                seqs[victim].evict();
+                (preempted[victim], take[victim]) = (true, 0);
+            }
+        }
         let inputs: Vec<Vec<u32>> =
             seqs.iter().zip(&take).map(|(s, &t)| s.context[s.cache.len()..][..t].to_vec()).collect();
-        let mut batch: Vec<(&[u32], &mut tp::SeqCache)> = inputs
+        let mut batch: Vec<(&[u32], &mut SeqCache)> = inputs
             .iter()
             .zip(seqs.iter_mut())
             .filter(|(i, _)| !i.is_empty())
             .map(|(i, s)| (i.as_slice(), &mut s.cache))
             .collect();
-        let mut logits = self.model.forward_batch(&mut batch, false)?.to_vec2::<f32>()?.into_iter();
-        Ok(seqs
-            .iter_mut()
-            .zip(take.iter().zip(&pending))
-            .map(|(seq, (&t, &p))| match t {
-                0 => Ok(None),
-                t => {
-                    let row = logits.next().expect("a logits row per sequence that ran");
-                    if t < p {
-                        return Ok(None);
-                    }
-                    // The prompt has just run in full (in however many chunks), or a context
-                    // after an eviction.
-                    if p > 1 || seq.out.is_empty() {
-                        self.keep_prefix(seq);
-                    }
-                    let step = self.sample(seq, row)?;
-                    if step.finish.is_some() {
-                        self.keep_prefix(seq);
-                    }
-                    Ok(Some(step))
-                }
-            })
-            .collect())
+        let mut logits = if batch.is_empty() {
+            Vec::new().into_iter()
+        } else {
+            self.model.forward_batch(&mut batch, false)?.to_vec2::<f32>()?.into_iter()
+        };
+        let mut results = Vec::with_capacity(n);
+        for (i, seq) in seqs.iter_mut().enumerate() {
+            if let Some(e) = failed[i].take() {
+                results.push(Err(e));
+                continue;
+            }
+            if preempted[i] {
+                results.push(Ok(Progress::Preempted));
+                continue;
+            }
+            if take[i] == 0 {
+                results.push(Ok(Progress::Waiting));
+                continue;
+            }
+            let row = logits.next().expect("a logits row per sequence that ran");
+            if !seq.ran {
+                seq.ran = true;
+                self.model.count_hit(seq.found);
+            }
+            if take[i] < pending[i] {
+                results.push(Ok(Progress::Waiting));
+                continue;
+            }
+            let step = self.sample(seq, row);
+            if !matches!(step, Ok(Step { finish: None, .. })) {
+                // Finished (or failed): what its blocks hold stays cached for later prompts.
+                seq.cache.clear();
+            }
+            results.push(step.map(Progress::Sampled));
+        }
+        Ok(results)
     }
 
-    /// Gives each sequence with an empty cache the longest prefix of its context cached.
-    fn reuse_prefixes(&self, seqs: &mut [&mut Sequence]) {
-        let mut prefixes = self.prefix_cache();
-        for seq in seqs.iter_mut().filter(|s| s.cache.len() == 0) {
-            let found = prefixes.lookup(&seq.context).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "copying a cached prefix failed; computing it");
-                None
-            });
-            // A sequence recomputing after an eviction had its prompt counted already.
-            if seq.out.is_empty() {
-                seq.cached_prompt = found.as_ref().map_or(0, |c| c.len());
-            }
-            if let Some(cache) = found {
-                seq.cache = cache;
-            }
+    /// Gives a sequence that has not run yet the longest prefix of its context the cache holds,
+    /// looking again each step while it waits (more may have been written since).
+    fn reuse_prefix(&self, seq: &mut Sequence) {
+        if seq.ran {
+            return;
+        }
+        seq.cache.clear();
+        seq.found = seq.cache.reuse_prefix(&seq.context);
+        // A sequence recomputing after an eviction had its prompt counted already.
+        if seq.out.is_empty() {
+            seq.cached_prompt = seq.found;
         }
     }
 
-    /// Which sequences hold their prompt back a step: those that would compute from scratch
-    /// mostly what an earlier prompt of this step computes, and can copy it once it is cached:
-    /// when that prompt fits in the step's `max_tokens`, so that the wait is short.
-    fn waiting_for_prefixes(&self, seqs: &[&mut Sequence], pending: &[usize], max_tokens: usize) -> Vec<bool> {
-        let capacity = self.prefix_cache().capacity();
+    /// Which sequences hold their prompt back a step: those that would compute mostly what an
+    /// earlier sequence of the step is computing of its prompt, and can share it once written.
+    fn waiting_for_prefixes(&self, seqs: &[&mut Sequence], pending: &[usize]) -> Vec<bool> {
+        let stats = self.kv_stats();
+        let room = stats.total * stats.block_size;
         let mut waits = vec![false; seqs.len()];
+        if !self.model.prefix_caching() {
+            return waits;
+        }
         for i in 0..seqs.len() {
-            if seqs[i].cache.len() > 0 || pending[i] <= 1 {
+            if seqs[i].ran || pending[i] <= 1 {
                 continue;
             }
             waits[i] = (0..i).any(|j| {
                 let shared = common_prefix(&seqs[i].context, &seqs[j].context);
-                // Running its prompt (the first time), to be kept when it completes.
-                let prompting = seqs[j].out.is_empty() && pending[j] <= max_tokens;
-                !waits[j]
-                    && prompting
-                    && seqs[j].context.len() <= capacity
-                    && shared >= MIN_REUSE
-                    && shared * 2 >= pending[i]
+                let gain = shared.saturating_sub(seqs[i].cache.len());
+                // Running its prompt (the first time), whose blocks stay findable.
+                let prompting = seqs[j].out.is_empty() && pending[j] > 0;
+                !waits[j] && prompting && seqs[j].context.len() <= room && gain >= MIN_REUSE && gain * 2 >= pending[i]
             });
         }
         waits
-    }
-
-    /// Offers a sequence's cached tokens to the prefix cache: a copy while it runs on, its
-    /// cache itself once it has finished (no copy in the decode loop for what is dropped next).
-    fn keep_prefix(&self, seq: &mut Sequence) {
-        let (held, finished) = (seq.cache.len(), seq.finish.is_some());
-        let cache = &mut seq.cache;
-        let take = |n: usize| {
-            if finished && n == held { Ok(std::mem::replace(cache, self.model.new_cache())) } else { cache.prefix(n) }
-        };
-        if let Err(e) = self.prefix_cache().insert(&seq.context, held, take) {
-            tracing::warn!(error = %e, "keeping a prefix failed");
-        }
     }
 
     /// Samples `seq`'s next token from its logits `row` and releases what text it can.
@@ -769,9 +790,20 @@ impl Engine {
     }
 }
 
+/// What one sequence's part of a step came to.
+#[derive(Debug)]
+pub enum Progress {
+    /// It ran nothing, or only part of its prompt: its turn to sample comes later.
+    Waiting,
+    /// It gave its KV blocks up for older sequences; the step after it is resumed recomputes them.
+    Preempted,
+    /// It sampled a token.
+    Sampled(Step),
+}
+
 /// One generation in progress: its KV cache, sampler, and the text it has released.
 pub struct Sequence {
-    cache: tp::SeqCache,
+    cache: SeqCache,
     sampler: Sampler,
     detok: IncrementalDecoder,
     stopper: StopMatcher,
@@ -779,8 +811,12 @@ pub struct Sequence {
     logprobs: Option<usize>,
     max_tokens: usize,
     prompt_len: usize,
-    /// Prompt tokens copied from the prefix cache when the prompt ran.
+    /// Prompt tokens found in the cache when the prompt ran.
     cached_prompt: usize,
+    /// Tokens found in the cache by the latest lookup.
+    found: usize,
+    /// Whether it has run tokens since it started or was evicted.
+    ran: bool,
     context: Vec<u32>,
     out: Vec<u32>,
     text: String,
@@ -802,6 +838,7 @@ impl Sequence {
     /// so far, and generation continues where it stopped.
     pub fn evict(&mut self) {
         self.cache.clear();
+        self.ran = false;
     }
 
     /// Tokens in the prompt.
@@ -809,7 +846,7 @@ impl Sequence {
         self.prompt_len
     }
 
-    /// Prompt tokens copied from the prefix cache rather than computed.
+    /// Prompt tokens found in the KV cache rather than computed.
     pub fn cached_prompt_tokens(&self) -> usize {
         self.cached_prompt
     }

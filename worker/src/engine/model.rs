@@ -8,8 +8,8 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::{ModelConfig, RopeScaling};
 use super::error::Result;
-use super::heap;
 use super::host;
+use super::kv::{BlockId, KvStore, PagedRows};
 use super::llamacpp;
 use super::pool::{ComputePool, Results};
 use super::tp::{Communicator, Shard};
@@ -67,15 +67,6 @@ impl Rope {
             }
         }
         (cos, sin)
-    }
-
-    /// The tables of [`Rope::tables`] as tensors of shape `(n, head_dim/2)`.
-    fn cos_sin(&self, start: usize, n: usize, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
-        let (cos, sin) = self.tables(start, n);
-        let half = self.head_dim / 2;
-        let cos = Tensor::from_vec(cos, (n, half), device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (n, half), device)?.to_dtype(dtype)?;
-        Ok((cos, sin))
     }
 
     /// Rotates one head's vector `x` in place by one position's `cos` and `sin`.
@@ -144,92 +135,6 @@ impl Fused {
         };
         let n = outs.len();
         Ok(outs.try_into().unwrap_or_else(|_| unreachable!("{n} layers loaded, {N} asked for")))
-    }
-}
-
-/// One rank's part of one sequence's KV cache: its KV heads, for every layer. f32 models on
-/// the CPU keep it in growable vectors, one per KV head, `[position][head_dim]`, appended to in
-/// place; others keep tensors `(1, kv heads, positions, head_dim)`.
-#[derive(Debug, Clone, Default)]
-pub struct ShardCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    host: Vec<Vec<(Vec<f32>, Vec<f32>)>>,
-    /// Positions its sequence may come to (0: unknown), so that the host vectors are allocated
-    /// once at their final size instead of doubling: each doubling left the old block behind as
-    /// a hole that the heap reused only in part.
-    expected: usize,
-}
-
-/// Positions reserved at most beyond those a step needs, so that a sequence allowed a long
-/// answer does not hold address space for all of it from the start.
-const RESERVE_AHEAD: usize = 1024;
-
-impl ShardCache {
-    /// An empty cache for a model of `layers` layers.
-    pub fn new(layers: usize) -> Self {
-        Self { layers: vec![None; layers], host: vec![Vec::new(); layers], expected: 0 }
-    }
-
-    /// Notes that its sequence may come to `positions`.
-    pub fn will_hold(&mut self, positions: usize) {
-        self.expected = positions;
-    }
-
-    /// A copy of the first `n` of the `len` positions it holds.
-    pub fn prefix(&self, n: usize, len: usize) -> Result<Self> {
-        let narrow = |t: &Tensor| t.narrow(2, 0, n)?.contiguous();
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| l.as_ref().map(|(k, v)| Ok::<_, candle_core::Error>((narrow(k)?, narrow(v)?))).transpose())
-            .collect::<candle_core::Result<_>>()?;
-        let host = self
-            .host
-            .iter()
-            .map(|heads| {
-                let keep = |x: &Vec<f32>| x[..n * x.len().checked_div(len).unwrap_or(0)].to_vec();
-                heads.iter().map(|(k, v)| (keep(k), keep(v))).collect()
-            })
-            .collect();
-        Ok(Self { layers, host, expected: self.expected })
-    }
-
-    /// Drops every cached token and frees their memory (a preempted sequence waits without it).
-    pub fn clear(&mut self) {
-        heap::freed(self.bytes());
-        self.layers.iter_mut().for_each(|l| *l = None);
-        self.host.iter_mut().for_each(Vec::clear);
-    }
-
-    /// Bytes it holds on the host.
-    fn bytes(&self) -> usize {
-        let tensors = self.layers.iter().flatten().filter(|(k, _)| k.device().is_cpu());
-        let tensor_bytes: usize =
-            tensors.map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum();
-        let host_floats: usize = self.host.iter().flatten().map(|(k, v)| k.capacity() + v.capacity()).sum();
-        tensor_bytes + host_floats * size_of::<f32>()
-    }
-}
-
-impl Drop for ShardCache {
-    fn drop(&mut self) {
-        heap::freed(self.bytes());
-    }
-}
-
-/// Makes room in one head's cache vector for `more` values, `per` values a position: exactly up
-/// to the `expected` positions (within [`RESERVE_AHEAD`]) while the sequence stays within them,
-/// else growing by doubling.
-fn reserve(v: &mut Vec<f32>, more: usize, per: usize, expected: usize) {
-    let needed = v.len() + more;
-    if v.capacity() >= needed {
-        return;
-    }
-    let positions = needed.div_ceil(per);
-    if expected >= positions {
-        v.reserve_exact(expected.min(positions + RESERVE_AHEAD) * per - v.len());
-    } else {
-        v.reserve(more);
     }
 }
 
@@ -362,6 +267,19 @@ impl Llama {
         })
     }
 
+    /// Bytes one KV block of `block_size` tokens takes on this rank.
+    pub fn kv_bytes_per_block(&self, block_size: usize) -> usize {
+        let value = if self.host_attention { size_of::<f32>() } else { self.dtype.size_in_bytes() };
+        self.cfg.num_layers * 2 * self.kv_heads * self.cfg.head_dim * block_size * value
+    }
+
+    /// Storage for `blocks` KV blocks of `block_size` tokens of this rank's KV heads: host
+    /// vectors for the CPU's own attention loops, tensors on the device otherwise.
+    pub fn new_store(&self, blocks: usize, block_size: usize) -> Result<KvStore> {
+        let shape = (self.kv_heads, self.cfg.head_dim);
+        KvStore::new(self.cfg.num_layers, (blocks, block_size), shape, self.host_attention, (&self.device, self.dtype))
+    }
+
     /// Embeddings of `tokens`, `(1, t, hidden)`. Split ranks look up the ids they hold, leave
     /// zero rows for the rest, and sum: exactly one rank contributes each row.
     fn embed(&self, comm: &dyn Communicator, tokens: &[u32]) -> Result<Tensor> {
@@ -412,40 +330,38 @@ impl Llama {
         self.gather_chunks(comm, local, self.cfg.vocab_size)
     }
 
-    /// One step of a batch of sequences: each segment's tokens run at positions `start..` after
-    /// what its cache holds. The linear layers see every segment's tokens at once (weights are
-    /// read once per step); attention runs per segment on its own cache and positions. Returns
-    /// f32 logits: `(total tokens, vocab)` when `all_positions`, else `(segments, vocab)` for each
+    /// One step of a batch of sequences: each segment's tokens run at positions `start..`,
+    /// their keys and values written to `store` in the blocks of the segment's table, after
+    /// `copies` of blocks were made. The linear layers see every segment's tokens at once
+    /// (weights are read once per step); attention reads each segment's blocks. Returns f32
+    /// logits: `(total tokens, vocab)` when `all_positions`, else `(segments, vocab)` for each
     /// segment's last token. Every rank of the group must run the same call.
-    pub fn forward(&self, comm: &dyn Communicator, segs: &mut [Segment], all_positions: bool) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        comm: &dyn Communicator,
+        store: &mut KvStore,
+        (segs, copies): (&[Segment], &[(BlockId, BlockId)]),
+        all_positions: bool,
+    ) -> Result<Tensor> {
+        store.copy_blocks(copies)?;
         let tokens: Vec<u32> = segs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         let mut x = self.embed(comm, &tokens)?;
-        // Per segment: offset in the batch, length, rotary tables and causal mask (tensors for
-        // the device path; the host path uses the tables as they are).
-        let host = self.host_attention;
+        // Per segment: offset in the batch, length and rotary tables.
         let mut parts = Vec::with_capacity(segs.len());
         let mut offset = 0;
-        for seg in segs.iter() {
+        for seg in segs {
             let t = seg.tokens.len();
-            let tables = self.rope.tables(seg.start, t);
-            let device_tables = if host {
-                None
-            } else {
-                let (cos, sin) = self.rope.cos_sin(seg.start, t, &self.device, self.dtype)?;
-                let mask = if t > 1 { Some(causal_mask(seg.start, t, &self.device, self.dtype)?) } else { None };
-                Some((cos, sin, mask))
-            };
-            parts.push((offset, t, tables, device_tables));
+            parts.push((offset, t, self.rope.tables(seg.start, t)));
             offset += t;
         }
+        let device = if self.host_attention { None } else { Some(self.device_step(store, segs, &parts)?) };
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = self.rms_norm(&x, &block.attn_norm)?;
             let [q, k, v] = block.qkv.forward(&h, &self.pool)?;
             let qkv = [&q, &k, &v];
-            let attn = if host {
-                self.host_attention(layer, qkv, segs, &parts)?
-            } else {
-                self.device_attention(layer, qkv, segs, &parts)?
+            let attn = match &device {
+                None => self.host_attention(layer, qkv, store, segs, &parts)?,
+                Some(step) => self.device_attention(layer, qkv, store, step)?,
             };
             x = (x + self.row_parallel(comm, &block.o, &attn)?)?;
             let h = self.rms_norm(&x, &block.ffn_norm)?;
@@ -456,7 +372,7 @@ impl Llama {
         let x = if all_positions {
             x
         } else {
-            let last: Vec<u32> = parts.iter().map(|(offset, t, ..)| (offset + t - 1) as u32).collect();
+            let last: Vec<u32> = parts.iter().map(|(offset, t, _)| (offset + t - 1) as u32).collect();
             x.index_select(&Tensor::new(last, &self.device)?, 1)?
         };
         let x = self.rms_norm(&x.contiguous()?, &self.norm)?;
@@ -473,55 +389,117 @@ impl Llama {
         Ok(Tensor::from_vec(y, x.dims(), &Device::Cpu)?)
     }
 
-    /// Attention with tensors on the device, segment by segment; the KV cache grows by
-    /// concatenation.
+    /// What tensor attention needs of a step, the same in every layer: rotary tables for each
+    /// token, the rows its keys and values go to, and the segments in two padded groups
+    /// (decodes, then prompt chunks), each with its block tables and mask.
+    fn device_step(&self, store: &KvStore, segs: &[Segment], parts: &[SegmentPart]) -> Result<DeviceStep> {
+        let (dev, dtype) = (&self.device, self.dtype);
+        let bs = store.block_size();
+        let (_, nkv, hd) = store.shape();
+        let total: usize = parts.iter().map(|(_, t, _)| t).sum();
+        let half = hd / 2;
+        let (cos, sin): (Vec<f32>, Vec<f32>) =
+            parts.iter().flat_map(|(_, _, (c, s))| c.iter().copied().zip(s.iter().copied())).unzip();
+        let cos = Tensor::from_vec(cos, (total, half), dev)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (total, half), dev)?.to_dtype(dtype)?;
+        let slot = |seg: &Segment, p: usize| seg.table[p / bs] * bs as u32 + (p % bs) as u32;
+        let slots: Vec<u32> = segs
+            .iter()
+            .flat_map(|seg| (seg.start..seg.start + seg.tokens.len()).map(move |p| slot(seg, p)))
+            .flat_map(|s| std::iter::repeat_n(s, nkv * hd))
+            .collect();
+        let slots = Tensor::from_vec(slots, (total, nkv * hd), dev)?;
+        let mut groups = Vec::new();
+        let mut unpad = vec![0u32; total];
+        let mut base = 0;
+        for decodes in [true, false] {
+            let members: Vec<usize> = (0..segs.len()).filter(|&i| (parts[i].1 == 1) == decodes).collect();
+            if members.is_empty() {
+                continue;
+            }
+            let tmax = members.iter().map(|&i| parts[i].1).max().unwrap_or(1);
+            let blocks = members.iter().map(|&i| (segs[i].start + parts[i].1).div_ceil(bs)).max().unwrap_or(1);
+            let len = blocks * bs;
+            let (mut table, mut pad) = (Vec::new(), Vec::new());
+            let mut mask = Vec::with_capacity(members.len() * tmax * len);
+            for (k, &i) in members.iter().enumerate() {
+                let (seg, (offset, t, _)) = (&segs[i], &parts[i]);
+                let held = (seg.start + t).div_ceil(bs);
+                table.extend(seg.table[..held].iter().copied().chain(std::iter::repeat_n(0, blocks - held)));
+                for r in 0..tmax {
+                    // Padding rows see one key, so that their softmax stays finite; they are dropped.
+                    let seen = if r < *t { seg.start + r + 1 } else { 1 };
+                    mask.extend((0..len).map(|j| if j < seen { 0f32 } else { f32::NEG_INFINITY }));
+                    pad.push(if r < *t { (offset + r) as u32 } else { 0 });
+                    if r < *t {
+                        unpad[offset + r] = (base + k * tmax + r) as u32;
+                    }
+                }
+            }
+            let b = members.len();
+            groups.push(Group {
+                table: Tensor::from_vec(table, b * blocks, dev)?,
+                pad: Tensor::from_vec(pad, b * tmax, dev)?,
+                mask: Tensor::from_vec(mask, (b, 1, 1, tmax, len), dev)?.to_dtype(dtype)?,
+                shape: (b, tmax, len),
+            });
+            base += b * tmax;
+        }
+        let unpad = Tensor::from_vec(unpad, total, dev)?;
+        Ok(DeviceStep { cos, sin, slots, groups, unpad })
+    }
+
+    /// Attention with tensors on the device, for every segment of the step at once: keys and
+    /// values scattered into their blocks, then each group's blocks gathered through its tables
+    /// and attended in one masked, batched product.
     fn device_attention(
         &self,
         layer: usize,
         [q_all, k_all, v_all]: [&Tensor; 3],
-        segs: &mut [Segment],
-        parts: &[SegmentPart],
+        store: &KvStore,
+        step: &DeviceStep,
     ) -> Result<Tensor> {
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.cfg.head_dim);
+        let per = nh / nkv;
+        let total = q_all.dim(1)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut outs = Vec::with_capacity(segs.len());
-        for (seg, (offset, t, _, device_tables)) in segs.iter_mut().zip(parts) {
-            let (offset, t) = (*offset, *t);
-            let Some((cos, sin, mask)) = device_tables else { unreachable!("made for the device path") };
-            let heads = |a: &Tensor, n: usize| -> candle_core::Result<Tensor> {
-                a.narrow(1, offset, t)?.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous()
-            };
-            let q = self.rope.apply(&heads(q_all, nh)?, cos, sin)?;
-            let k = self.rope.apply(&heads(k_all, nkv)?, cos, sin)?;
-            let v = heads(v_all, nkv)?;
-            let slot = &mut seg.cache.layers[layer];
-            let (k, v) = match slot.take() {
-                None => (k, v),
-                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            };
-            let total = k.dim(2)?;
-            // Query heads sharing one KV head are adjacent, so grouping them avoids copying K/V.
-            let qg = q.reshape((1, nkv, (nh / nkv) * t, hd))?;
-            let scores = (qg.matmul(&k.t()?)? * scale)?.reshape((1, nh, t, total))?;
-            let scores = match mask {
-                Some(m) => scores.broadcast_add(m)?,
-                None => scores,
-            };
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((1, nkv, (nh / nkv) * t, total))?;
-            outs.push(probs.matmul(&v)?.reshape((1, nh, t, hd))?.transpose(1, 2)?.reshape((1, t, nh * hd))?);
-            *slot = Some((k, v));
+        let heads = |a: &Tensor, n: usize| a.reshape((1, total, n, hd))?.transpose(1, 2)?.contiguous();
+        let q = self.rope.apply(&heads(q_all, nh)?, &step.cos, &step.sin)?;
+        let k = self.rope.apply(&heads(k_all, nkv)?, &step.cos, &step.sin)?;
+        let rows = |a: &Tensor, n: usize| a.transpose(1, 2)?.contiguous()?.reshape((total, n * hd));
+        let (q, k) = (rows(&q, nh)?, rows(&k, nkv)?);
+        let v = v_all.reshape((total, nkv * hd))?.contiguous()?;
+        let (kc, vc) = store.tensors(layer);
+        let (blocks, bs) = (kc.dim(0)?, store.block_size());
+        kc.reshape((blocks * bs, nkv * hd))?.scatter_set(&step.slots, &k, 0)?;
+        vc.reshape((blocks * bs, nkv * hd))?.scatter_set(&step.slots, &v, 0)?;
+        let mut outs = Vec::with_capacity(step.groups.len());
+        for g in &step.groups {
+            let (b, tmax, len) = g.shape;
+            let gather =
+                |c: &Tensor| c.index_select(&g.table, 0)?.reshape((b, len, nkv, hd))?.transpose(1, 2)?.contiguous();
+            let (kg, vg) = (gather(kc)?, gather(vc)?);
+            // Query heads sharing one KV head are adjacent: grouped, they read K/V once.
+            let qg = q.index_select(&g.pad, 0)?.reshape((b, tmax, nkv, per, hd))?.permute((0, 2, 3, 1, 4))?;
+            let qg = qg.contiguous()?.reshape((b, nkv, per * tmax, hd))?;
+            let scores = (qg.matmul(&kg.t()?)? * scale)?.reshape((b, nkv, per, tmax, len))?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&g.mask)?)?;
+            let o = probs.reshape((b, nkv, per * tmax, len))?.matmul(&vg)?.reshape((b, nkv, per, tmax, hd))?;
+            outs.push(o.permute((0, 3, 1, 2, 4))?.contiguous()?.reshape((b * tmax, nh * hd))?);
         }
-        Ok(if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 1)? })
+        let out = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 0)? };
+        Ok(out.index_select(&step.unpad, 0)?.unsqueeze(0)?)
     }
 
-    /// Attention for f32 on the CPU, in plain loops: no per-op overhead, K/V appended to the
-    /// cache in place, and each query's result computed the same way whatever else is in the
-    /// step, so batched, chunked and recomputed sequences match step-by-step decoding exactly.
+    /// Attention for f32 on the CPU, in plain loops: no per-op overhead, K/V written into
+    /// their blocks in place, and each query's result computed the same way whatever else is in
+    /// the step, so batched, chunked and recomputed sequences match step-by-step decoding exactly.
     fn host_attention(
         &self,
         layer: usize,
         [q_all, k_all, v_all]: [&Tensor; 3],
-        segs: &mut [Segment],
+        store: &mut KvStore,
+        segs: &[Segment],
         parts: &[SegmentPart],
     ) -> Result<Tensor> {
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.cfg.head_dim);
@@ -530,7 +508,7 @@ impl Llama {
         let scale = 1.0 / (hd as f32).sqrt();
         let (mut q, mut k, mut v) = (host::values(q_all)?, host::values(k_all)?, host::values(v_all)?);
         let mut units = Vec::new();
-        for (index, (seg, (offset, t, (cos, sin), _))) in segs.iter_mut().zip(parts).enumerate() {
+        for (index, (seg, (offset, t, (cos, sin)))) in segs.iter().zip(parts).enumerate() {
             let (offset, t) = (*offset, *t);
             for i in 0..t {
                 let (c, s) = (&cos[i * half..][..half], &sin[i * half..][..half]);
@@ -544,19 +522,16 @@ impl Llama {
                 llamacpp::round_half_any(&mut k[offset * nkv * hd..][..t * nkv * hd]);
                 llamacpp::round_half_any(&mut v[offset * nkv * hd..][..t * nkv * hd]);
             }
-            let expected = seg.cache.expected;
-            let heads = &mut seg.cache.host[layer];
-            heads.resize_with(nkv, Default::default);
-            for (g, (kc, vc)) in heads.iter_mut().enumerate() {
-                reserve(kc, t * hd, hd, expected);
-                reserve(vc, t * hd, hd, expected);
-                for row in offset..offset + t {
-                    let at = (row * nkv + g) * hd..(row * nkv + g + 1) * hd;
-                    kc.extend_from_slice(&k[at.clone()]);
-                    vc.extend_from_slice(&v[at]);
-                }
+            let at: Vec<usize> = (0..t)
+                .flat_map(|i| (0..nkv).map(move |g| (i, g)))
+                .map(|(i, g)| store.host_offset(&seg.table, seg.start + i, g))
+                .collect();
+            let (kc, vc) = store.host_mut(layer);
+            for (j, &to) in at.iter().enumerate() {
+                let from = (offset * nkv + j) * hd;
+                kc[to..to + hd].copy_from_slice(&k[from..from + hd]);
+                vc[to..to + hd].copy_from_slice(&v[from..from + hd]);
             }
-            let first = heads[0].0.len() / hd - t;
             // Queries in pieces of a few rows, so that a long prompt still spreads over the pool.
             for start in (0..t).step_by(QUERY_PIECE) {
                 let rows = start..t.min(start + QUERY_PIECE);
@@ -564,7 +539,7 @@ impl Llama {
                     seg: index,
                     offset,
                     rows: rows.clone(),
-                    first,
+                    first: seg.start,
                     heads: g * per..(g + 1) * per,
                 }));
             }
@@ -577,31 +552,27 @@ impl Llama {
                 .flat_map(|u| u.heads.clone().map(move |h| Unit { heads: h..h + 1, rows: u.rows.clone(), ..u }))
                 .collect();
         }
-        // The scores and sums run on the pool, a (sequence, KV head, query piece) per chunk. The job owns
-        // what it reads, so this layer's caches move into it and back.
-        let caches: Vec<_> = segs.iter_mut().map(|s| std::mem::take(&mut s.cache.host[layer])).collect();
+        // The scores and sums run on the pool, a (sequence, KV head, query piece) per chunk.
         let len = q.len();
-        let llama_cpp = self.llama_cpp;
         let job = Arc::new(Attention {
             q,
-            caches,
+            kv: store.host(layer),
+            tables: segs.iter().map(|s| s.table.clone()).collect(),
             units,
             heads: (nh, nkv, hd),
+            block_size: store.block_size(),
             scale,
             out: Results::new_f32(len),
-            llama_cpp,
+            llama_cpp: self.llama_cpp,
         });
         let chunks = job.units.len();
         let run = job.clone();
         self.pool.run(chunks, Arc::new(move |u| run.unit(u)));
-        // A helper still finishing a chunk it was beaten to holds the job: copy it then.
-        let (out, caches) = match Arc::try_unwrap(job) {
-            Ok(job) => (job.out.into_f32_vec(), job.caches),
-            Err(job) => (job.out.to_f32_vec(), job.caches.clone()),
+        // A helper still finishing a chunk it was beaten to holds the job: copy the output then.
+        let out = match Arc::try_unwrap(job) {
+            Ok(job) => job.out.into_f32_vec(),
+            Err(job) => job.out.to_f32_vec(),
         };
-        for (seg, c) in segs.iter_mut().zip(caches) {
-            seg.cache.host[layer] = c;
-        }
         Ok(Tensor::from_vec(out, q_all.dims(), &Device::Cpu)?)
     }
 }
@@ -623,13 +594,16 @@ struct Unit {
     heads: Range<usize>,
 }
 
-/// Host attention's parallel part: rotated queries, each segment's keys and values, the output.
+/// Host attention's parallel part: rotated queries, the layer's keys and values with each
+/// segment's block table, the output.
 struct Attention {
     q: Vec<f32>,
-    caches: Vec<Vec<(Vec<f32>, Vec<f32>)>>,
+    kv: (Arc<Vec<f32>>, Arc<Vec<f32>>),
+    tables: Vec<Arc<[BlockId]>>,
     units: Vec<Unit>,
     /// Query heads, KV heads and head size.
     heads: (usize, usize, usize),
+    block_size: usize,
     scale: f32,
     out: Results,
     /// Whether each head is computed as llama.cpp does ([`llamacpp::attend`]).
@@ -681,7 +655,15 @@ impl Attention {
     fn unit_with<const SIMD: bool>(&self, u: usize) {
         let Unit { seg, offset, ref rows, first, ref heads } = self.units[u];
         let (nh, nkv, hd) = self.heads;
-        let (kc, vc) = &self.caches[seg][heads.start / (nh / nkv)];
+        let paged = |data| PagedRows {
+            data,
+            table: &self.tables[seg],
+            head: heads.start / (nh / nkv),
+            heads: nkv,
+            block_size: self.block_size,
+            dim: hd,
+        };
+        let (kc, vc) = (paged(&self.kv.0[..]), paged(&self.kv.1[..]));
         if self.llama_cpp {
             let (mut scratch, mut o) = (llamacpp::Scratch::default(), vec![0f32; hd]);
             for i in rows.clone() {
@@ -711,8 +693,7 @@ impl Attention {
             for s in &mut scores {
                 s.clear();
             }
-            for j in 0..seen {
-                let kj = &kc[j * hd..][..hd];
+            for kj in kc.rows(seen) {
                 for (s, h) in scores.iter_mut().zip(heads.clone()) {
                     s.push(dot(&self.q[at(h)..][..hd], kj) * self.scale);
                 }
@@ -726,8 +707,7 @@ impl Attention {
                 }
             }
             o.fill(0.0);
-            for j in 0..seen {
-                let vj = &vc[j * hd..][..hd];
+            for (j, vj) in vc.rows(seen).enumerate() {
                 for (oh, s) in o.chunks_exact_mut(hd).zip(&scores) {
                     let p = s[j];
                     oh.iter_mut().zip(vj).for_each(|(o, v)| *o += p * v);
@@ -742,9 +722,28 @@ impl Attention {
     }
 }
 
-/// A segment's offset in the step, its length, its rotary tables, and (device path) the same
-/// tables as tensors with its causal mask.
-type SegmentPart = (usize, usize, (Vec<f32>, Vec<f32>), Option<(Tensor, Tensor, Option<Tensor>)>);
+/// A segment's offset in the step, its length and its rotary tables.
+type SegmentPart = (usize, usize, (Vec<f32>, Vec<f32>));
+
+/// A padded group of segments for tensor attention: block ids `(b * blocks)`, the step's row of
+/// each padded query `(b * tmax)`, the additive mask `(b, 1, 1, tmax, len)`, and `(b, tmax, len)`.
+struct Group {
+    table: Tensor,
+    pad: Tensor,
+    mask: Tensor,
+    shape: (usize, usize, usize),
+}
+
+/// [`Llama::device_step`]'s tensors: rotary tables `(tokens, head_dim/2)`, each token's row in
+/// the blocks `(tokens, kv heads * head_dim)` (repeated for a scatter), the groups, and each
+/// token's row in the groups' outputs laid end to end.
+struct DeviceStep {
+    cos: Tensor,
+    sin: Tensor,
+    slots: Tensor,
+    groups: Vec<Group>,
+    unpad: Tensor,
+}
 
 /// The feed-forward's gate, `silu(gate) * up`. On the CPU in f32 it runs on the pool: an
 /// exponential per value is a few percent of a batched step. Same formula as candle's, or as
@@ -792,49 +791,19 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// One sequence's share of a batched step.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Segment {
     /// The tokens to run (the whole prompt first, then one token per step).
-    pub tokens: std::sync::Arc<[u32]>,
+    pub tokens: Arc<[u32]>,
     /// The position of the first of them (tokens already in the cache).
     pub start: usize,
-    pub cache: ShardCache,
-}
-
-/// `(t, start+t)` additive mask: query i sees keys up to position start+i.
-fn causal_mask(start: usize, t: usize, device: &Device, dtype: DType) -> Result<Tensor> {
-    let total = start + t;
-    let mask: Vec<f32> =
-        (0..t).flat_map(|i| (0..total).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 })).collect();
-    Ok(Tensor::from_vec(mask, (t, total), device)?.to_dtype(dtype)?)
+    /// The blocks its positions `0..start + tokens.len()` are in.
+    pub table: Arc<[BlockId]>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cache_vectors_are_sized_once_for_the_expected_positions() {
-        let per = 4;
-        // A prompt of 3 positions in a sequence expected to reach 10: room for all 10 at once.
-        let mut v = Vec::new();
-        reserve(&mut v, 3 * per, per, 10);
-        assert_eq!(v.capacity(), 10 * per);
-        v.resize(3 * per, 0.0);
-        let block = v.as_ptr();
-        for _ in 3..10 {
-            reserve(&mut v, per, per, 10);
-            v.extend([0.0; 4]);
-        }
-        assert_eq!((v.as_ptr(), v.capacity()), (block, 10 * per), "never moved nor grown");
-        // Past the expectation (or with none), it grows by doubling, not one position at a time.
-        reserve(&mut v, per, per, 10);
-        assert!(v.capacity() >= 20 * per, "{}", v.capacity());
-        // A long expectation reserves only so far ahead.
-        let mut long = Vec::new();
-        reserve(&mut long, 2 * per, per, 1 << 20);
-        assert_eq!(long.capacity(), (2 + RESERVE_AHEAD) * per);
-    }
 
     #[test]
     fn swiglu_on_the_pool_gives_candles_bits() {
@@ -862,10 +831,12 @@ mod tests {
     }
 
     fn attention_copies_agree(hd: usize, llama_cpp: bool) {
-        let (nh, nkv, first, t) = (6, 2, 40, 5);
+        // Blocks of 16 rows, the sequence's 45 positions in blocks 3, 0 and 2 of 4.
+        let (nh, nkv, first, t, bs) = (6, 2, 40, 5, 16);
         let rand = |n: usize| Tensor::randn(0f32, 1.0, n, &Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
         let q = rand(t * nh * hd);
-        let caches: Vec<Vec<_>> = vec![(0..nkv).map(|_| (rand((first + t) * hd), rand((first + t) * hd))).collect()];
+        let kv = (Arc::new(rand(4 * nkv * bs * hd)), Arc::new(rand(4 * nkv * bs * hd)));
+        let table: Arc<[BlockId]> = Arc::from([3, 0, 2].as_slice());
         // Runs units of `per` query heads each through `f`; returns the output's bits.
         let run = |per: usize, f: &dyn Fn(&Attention, usize)| {
             let units =
@@ -873,9 +844,11 @@ mod tests {
             let out = Results::new_f32(q.len());
             let a = Attention {
                 q: q.clone(),
-                caches: caches.clone(),
+                kv: kv.clone(),
+                tables: vec![table.clone()],
                 units: units.collect(),
                 heads: (nh, nkv, hd),
+                block_size: bs,
                 scale: 0.3,
                 out,
                 llama_cpp,
@@ -891,13 +864,6 @@ mod tests {
             assert_eq!(run(1, &|a, u| unsafe { a.unit_avx2(u) }), portable, "AVX2");
         }
         assert_eq!(run(3, &|a, u| a.unit(u)), portable, "a unit per KV group");
-    }
-
-    #[test]
-    fn mask_hides_future_positions_only() {
-        let m = causal_mask(2, 2, &Device::Cpu, DType::F32).unwrap().to_vec2::<f32>().unwrap();
-        assert_eq!(m[0], vec![0.0, 0.0, 0.0, f32::NEG_INFINITY]);
-        assert_eq!(m[1], vec![0.0, 0.0, 0.0, 0.0]);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use candle_core::{Device, Tensor};
 use super::config::ModelConfig;
 use super::error::{EngineError, Result, candle_message};
 
-pub use ranks::{Ranks, SeqCache};
+pub use ranks::Ranks;
 use threads::ThreadGroup;
 
 /// What ranks do together. Every rank of a group calls the same collectives in the same order.

@@ -14,54 +14,19 @@ use candle_core::{Device, Tensor};
 use super::{Backend, Shard, check_divisible};
 use crate::engine::config::ModelConfig;
 use crate::engine::error::{EngineError, Result};
-use crate::engine::model::{Llama, Segment, ShardCache};
+use crate::engine::kv::{self, BlockId, BlockPool, KvOptions, KvStats, SeqCache};
+use crate::engine::model::{Llama, Segment};
 use crate::engine::pool::ComputePool;
 use crate::engine::weights::Weights;
 
-/// The KV cache of one sequence: a shard per rank, and the position they share.
-#[derive(Debug)]
-pub struct SeqCache {
-    shards: Vec<ShardCache>,
-    len: usize,
-}
-
-impl SeqCache {
-    /// Tokens already in the cache (the next token's position).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// A copy of its first `n` positions (all of them if it holds fewer).
-    pub fn prefix(&self, n: usize) -> Result<Self> {
-        let n = n.min(self.len);
-        let shards = self.shards.iter().map(|s| s.prefix(n, self.len)).collect::<Result<_>>()?;
-        Ok(Self { shards, len: n })
-    }
-
-    /// Notes that its sequence may come to `positions`, so that memory for them is set aside once.
-    pub fn will_hold(&mut self, positions: usize) {
-        for shard in &mut self.shards {
-            shard.will_hold(positions);
-        }
-    }
-
-    /// Drops every cached token.
-    pub fn clear(&mut self) {
-        for shard in &mut self.shards {
-            shard.clear();
-        }
-        self.len = 0;
-    }
-}
-
 struct Forward {
-    segments: Vec<Segment>,
+    segments: Arc<[Segment]>,
+    copies: Arc<[(BlockId, BlockId)]>,
     all_positions: bool,
 }
 
-/// A rank's answer: its caches back, rank 0's logits, and whether it was the first to fail.
+/// A rank's answer: rank 0's logits, and whether it was the first to fail.
 struct Reply {
-    segments: Vec<Segment>,
     result: Result<Option<Tensor>>,
     first_failure: bool,
 }
@@ -82,16 +47,21 @@ pub struct Ranks {
     backend: Backend,
     /// Set when a failed step left the group unusable.
     broken: std::sync::atomic::AtomicBool,
+    /// The KV blocks every rank holds its part of, and the bytes one takes over all ranks.
+    pool: Arc<Mutex<BlockPool>>,
+    block_bytes: usize,
 }
 
 impl Ranks {
-    /// Loads a shard of `w` for each device (one rank each) and starts the rank threads; CPU
-    /// ranks share `threads` compute threads, and use tensor attention if `tensor_attention`.
+    /// Loads a shard of `w` for each device (one rank each), sizes the KV cache as `kv` says,
+    /// and starts the rank threads; CPU ranks share `threads` compute threads, and use tensor
+    /// attention if `tensor_attention`.
     pub fn load(
         cfg: &ModelConfig,
         w: &Weights,
         devices: &[Device],
         (threads, tensor_attention): (usize, bool),
+        kv: &KvOptions,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
         let world = devices.len();
@@ -107,16 +77,21 @@ impl Ranks {
             })?;
             shards.push((shard, device.clone(), llama));
         }
+        let block_bytes: usize = shards.iter().map(|(_, _, l)| l.kv_bytes_per_block(kv.block_size)).sum();
+        let blocks = kv::blocks_for(kv, block_bytes, devices)?;
         let (ready_tx, ready_rx) = channel();
         let mut ranks = Vec::with_capacity(world);
         for (shard, device, llama) in shards {
             let (commands, command_rx) = channel::<Forward>();
             let (reply_tx, replies) = channel();
-            let (backend, ready) = (backend.clone(), ready_tx.clone());
+            let (backend, ready, block_size) = (backend.clone(), ready_tx.clone(), kv.block_size);
             let thread = std::thread::Builder::new()
                 .name(format!("herd-rank-{}", shard.rank))
                 .spawn(move || {
-                    let comm = match backend.connect(shard, &device) {
+                    let started = backend
+                        .connect(shard, &device)
+                        .and_then(|comm| Ok((comm, llama.new_store(blocks, block_size)?)));
+                    let (comm, mut store) = match started {
                         Ok(c) => {
                             let _ = ready.send(Ok(()));
                             c
@@ -126,16 +101,16 @@ impl Ranks {
                             return;
                         }
                     };
-                    for Forward { mut segments, all_positions } in command_rx {
+                    for Forward { segments, copies, all_positions } in command_rx {
                         let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                            llama.forward(&*comm, &mut segments, all_positions)
+                            llama.forward(&*comm, &mut store, (&segments, &copies), all_positions)
                         }));
                         let result = run.unwrap_or_else(|_| {
                             Err(EngineError::Model(format!("rank {} panicked during this step", shard.rank)))
                         });
                         let first_failure = result.is_err() && comm.abort();
                         let result = result.map(|logits| (shard.rank == 0).then_some(logits));
-                        if reply_tx.send(Reply { segments, result, first_failure }).is_err() {
+                        if reply_tx.send(Reply { result, first_failure }).is_err() {
                             return;
                         }
                     }
@@ -151,7 +126,17 @@ impl Ranks {
                 Err(_) => return Err(EngineError::Model("a rank thread exited while starting".into())),
             }
         }
-        Ok(Self { cfg: cfg.clone(), world, dtype: w.dtype(), ranks: Mutex::new(ranks), backend, broken: false.into() })
+        let pool = Arc::new(Mutex::new(BlockPool::new(blocks, kv.block_size, kv.prefix_caching)));
+        Ok(Self {
+            cfg: cfg.clone(),
+            world,
+            dtype: w.dtype(),
+            ranks: Mutex::new(ranks),
+            backend,
+            broken: false.into(),
+            pool,
+            block_bytes,
+        })
     }
 
     /// The model's configuration.
@@ -171,7 +156,27 @@ impl Ranks {
 
     /// An empty cache for a new sequence.
     pub fn new_cache(&self) -> SeqCache {
-        SeqCache { shards: vec![ShardCache::new(self.cfg.num_layers); self.world], len: 0 }
+        SeqCache::new(self.pool.clone())
+    }
+
+    /// The KV blocks: in use, cached and in all.
+    pub fn kv_stats(&self) -> KvStats {
+        kv::lock(&self.pool).stats()
+    }
+
+    /// Bytes one KV block takes over all ranks.
+    pub fn kv_block_bytes(&self) -> usize {
+        self.block_bytes
+    }
+
+    /// Whether blocks are found again by later prompts.
+    pub fn prefix_caching(&self) -> bool {
+        kv::lock(&self.pool).caching()
+    }
+
+    /// Counts a prompt that found `tokens` of itself in the cache.
+    pub fn count_hit(&self, tokens: usize) {
+        kv::lock(&self.pool).count_hit(tokens);
     }
 
     /// Runs `tokens` after what `cache` holds on every rank; returns f32 logits `(n, vocab)` for
@@ -181,40 +186,62 @@ impl Ranks {
     }
 
     /// One step of several sequences at once, each running its tokens after what its cache
-    /// holds; returns f32 logits `(sequences, vocab)` for each one's last token, or `(n, vocab)`
-    /// for every token when `all_positions`.
+    /// holds (taking the blocks they need); returns f32 logits `(sequences, vocab)` for each
+    /// one's last token, or `(n, vocab)` for every token when `all_positions`. A failed step
+    /// leaves every cache of the batch empty.
     pub fn forward_batch(&self, batch: &mut [(&[u32], &mut SeqCache)], all_positions: bool) -> Result<Tensor> {
         use std::sync::atomic::Ordering;
         if self.broken.load(Ordering::SeqCst) {
             return Err(EngineError::Model("the tensor-parallel group failed earlier; restart the worker".into()));
         }
-        let tokens: Vec<Arc<[u32]>> = batch.iter().map(|(t, _)| Arc::from(*t)).collect();
+        let mut copies = Vec::new();
+        let mut segments = Vec::with_capacity(batch.len());
+        for i in 0..batch.len() {
+            let (tokens, cache) = &mut batch[i];
+            if cache.prepare(tokens.len()).is_err() {
+                let tokens = cache.len() + tokens.len();
+                batch.iter_mut().for_each(|(_, c)| c.clear());
+                let stats = self.kv_stats();
+                return Err(EngineError::KvCacheFull { tokens, budget: stats.total * stats.block_size });
+            }
+            copies.extend(cache.take_copies());
+            segments.push(Segment { tokens: Arc::from(*tokens), start: cache.len(), table: cache.table() });
+        }
+        let (segments, copies): (Arc<[Segment]>, Arc<[_]>) = (segments.into(), copies.into());
+        let result = self.run(&segments, &copies, all_positions);
+        for (tokens, cache) in batch.iter_mut() {
+            match &result {
+                Ok(_) => cache.commit(tokens),
+                // Its blocks may hold part of what failed, or miss a copy.
+                Err(_) => cache.clear(),
+            }
+        }
+        result
+    }
+
+    /// Sends one step to every rank and gathers the answers.
+    fn run(
+        &self,
+        segments: &Arc<[Segment]>,
+        copies: &Arc<[(BlockId, BlockId)]>,
+        all_positions: bool,
+    ) -> Result<Tensor> {
+        use std::sync::atomic::Ordering;
         let ranks = self.ranks.lock().unwrap_or_else(|p| p.into_inner());
-        for (r, rank) in ranks.iter().enumerate() {
-            let segments = batch
-                .iter_mut()
-                .zip(&tokens)
-                .map(|((_, cache), tokens)| Segment {
-                    tokens: tokens.clone(),
-                    start: cache.len,
-                    cache: std::mem::take(&mut cache.shards[r]),
-                })
-                .collect();
-            if rank.commands.send(Forward { segments, all_positions }).is_err() {
+        for rank in ranks.iter() {
+            let forward = Forward { segments: segments.clone(), copies: copies.clone(), all_positions };
+            if rank.commands.send(forward).is_err() {
                 self.broken.store(true, Ordering::SeqCst);
                 return Err(EngineError::Model("a tensor-parallel rank thread has exited".into()));
             }
         }
         let mut logits = None;
         let mut failure: Option<EngineError> = None;
-        for (r, rank) in ranks.iter().enumerate() {
+        for rank in ranks.iter() {
             let Ok(reply) = rank.replies.recv() else {
                 self.broken.store(true, Ordering::SeqCst);
                 return Err(EngineError::Model("a tensor-parallel rank thread has exited".into()));
             };
-            for ((_, cache), seg) in batch.iter_mut().zip(reply.segments) {
-                cache.shards[r] = seg.cache;
-            }
             match reply.result {
                 Ok(l) => logits = logits.or(l),
                 // Peers of the failed rank only report that it failed; keep its own error.
@@ -227,9 +254,6 @@ impl Ranks {
                 self.broken.store(true, Ordering::SeqCst);
             }
             return Err(e);
-        }
-        for ((t, cache), _) in batch.iter_mut().zip(&tokens) {
-            cache.len += t.len();
         }
         logits.ok_or_else(|| EngineError::Model("rank 0 returned no logits".into()))
     }
