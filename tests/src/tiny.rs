@@ -16,21 +16,24 @@ pub struct Dims {
     pub kv_heads: usize,
     /// At least the sentencepiece fixture's 400 tokens, whose tokenizer the HF directories use.
     pub vocab: usize,
+    /// Positions a sequence may hold.
+    pub context: usize,
 }
 
 impl Dims {
     /// The usual tiny model.
-    pub const BASE: Dims = Dims { hidden: 32, inter: 64, layers: 2, heads: 4, kv_heads: 2, vocab: VOCAB };
+    pub const BASE: Dims = Dims { hidden: 32, inter: 64, layers: 2, heads: 4, kv_heads: 2, vocab: VOCAB, context: CONTEXT };
     /// For tensor parallelism: heads and KV heads divide by 2 and 4, the attention output's
     /// 64 columns split into 32-value quantization blocks at `--tp 2` (but not at 4), and the
     /// vocabulary splits unevenly at `--tp 4`.
-    pub const TP: Dims = Dims { hidden: 64, inter: 128, layers: 2, heads: 8, kv_heads: 4, vocab: 402 };
+    pub const TP: Dims = Dims { hidden: 64, inter: 128, layers: 2, heads: 8, kv_heads: 4, vocab: 402, context: CONTEXT };
     /// Widths that are multiples of 256, for the K-quants' super-blocks.
-    pub const K: Dims = Dims { hidden: 256, inter: 512, layers: 2, heads: 4, kv_heads: 2, vocab: VOCAB };
+    pub const K: Dims = Dims { hidden: 256, inter: 512, layers: 2, heads: 4, kv_heads: 2, vocab: VOCAB, context: CONTEXT };
 }
 
 /// The sentencepiece fixture's vocabulary size.
 pub const VOCAB: usize = 400;
+/// Positions the usual tiny models hold.
 pub const CONTEXT: usize = 1024;
 
 /// HF `config.json` of a tiny model.
@@ -44,7 +47,7 @@ pub fn config_json(d: Dims) -> serde_json::Value {
         "num_attention_heads": d.heads,
         "num_key_value_heads": d.kv_heads,
         "vocab_size": d.vocab,
-        "max_position_embeddings": CONTEXT,
+        "max_position_embeddings": d.context,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "bos_token_id": 1,
@@ -192,7 +195,7 @@ pub fn write_gguf(path: &Path, d: Dims, tensors: &[(String, Tensor)], matrices: 
     let (tokens, scores, types) = gguf_vocab();
     let md: Vec<(&str, V)> = vec![
         ("general.architecture", V::String("llama".into())),
-        ("llama.context_length", V::U32(CONTEXT as u32)),
+        ("llama.context_length", V::U32(d.context as u32)),
         ("llama.embedding_length", V::U32(d.hidden as u32)),
         ("llama.feed_forward_length", V::U32(d.inter as u32)),
         ("llama.block_count", V::U32(d.layers as u32)),
