@@ -81,6 +81,10 @@ pub struct WorkerView {
     pub kv_used_tokens: u32,
     /// KV-cache budget in tokens (0: none).
     pub kv_budget_tokens: u32,
+    /// KV blocks in use, cached (free, holding prefixes later prompts may share) and in all.
+    pub kv_blocks_used: u32,
+    pub kv_blocks_cached: u32,
+    pub kv_blocks_total: u32,
     /// Tokens per second it generated between its last two reports.
     pub tokens_per_second: f64,
     /// Seconds since its last report (heartbeat).
@@ -441,6 +445,9 @@ impl WorkerTable {
                     in_flight: e.inflight.load(Ordering::SeqCst),
                     kv_used_tokens: load.kv_used_tokens,
                     kv_budget_tokens: load.kv_budget_tokens,
+                    kv_blocks_used: load.kv_blocks_used,
+                    kv_blocks_cached: load.kv_blocks_cached,
+                    kv_blocks_total: load.kv_blocks_total,
                     tokens_per_second: e.token_rate,
                     seconds_since_heartbeat: now.duration_since(e.updated).as_secs_f64(),
                     context_length: info.context_length,

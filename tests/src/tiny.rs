@@ -22,13 +22,16 @@ pub struct Dims {
 
 impl Dims {
     /// The usual tiny model.
-    pub const BASE: Dims = Dims { hidden: 32, inter: 64, layers: 2, heads: 4, kv_heads: 2, vocab: VOCAB, context: CONTEXT };
+    pub const BASE: Dims =
+        Dims { hidden: 32, inter: 64, layers: 2, heads: 4, kv_heads: 2, vocab: VOCAB, context: CONTEXT };
     /// For tensor parallelism: heads and KV heads divide by 2 and 4, the attention output's
     /// 64 columns split into 32-value quantization blocks at `--tp 2` (but not at 4), and the
     /// vocabulary splits unevenly at `--tp 4`.
-    pub const TP: Dims = Dims { hidden: 64, inter: 128, layers: 2, heads: 8, kv_heads: 4, vocab: 402, context: CONTEXT };
+    pub const TP: Dims =
+        Dims { hidden: 64, inter: 128, layers: 2, heads: 8, kv_heads: 4, vocab: 402, context: CONTEXT };
     /// Widths that are multiples of 256, for the K-quants' super-blocks.
-    pub const K: Dims = Dims { hidden: 256, inter: 512, layers: 2, heads: 4, kv_heads: 2, vocab: VOCAB, context: CONTEXT };
+    pub const K: Dims =
+        Dims { hidden: 256, inter: 512, layers: 2, heads: 4, kv_heads: 2, vocab: VOCAB, context: CONTEXT };
 }
 
 /// The sentencepiece fixture's vocabulary size.

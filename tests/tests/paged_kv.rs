@@ -24,7 +24,10 @@ async fn a_shared_system_prompt_is_stored_once_for_32_concurrent_requests() {
     let probe = Engine::load(&LoadOptions::new(test_model()), &mut |_, _| {}).unwrap();
     let system: String = (0..127).map(|i| format!("Rule {i}: answer politely, briefly and in plain words. ")).collect();
     let messages = |i: usize| {
-        vec![Message::new("system", system.clone()), Message::new("user", format!("Question {i}: what is {i} plus {i}?"))]
+        vec![
+            Message::new("system", system.clone()),
+            Message::new("user", format!("Question {i}: what is {i} plus {i}?")),
+        ]
     };
     let prompts: Vec<Vec<u32>> = (0..REQUESTS).map(|i| probe.encode_chat(&messages(i)).unwrap()).collect();
     let shared = prompts.iter().map(|p| herd_worker::engine::kv::common_prefix(p, &prompts[0])).min().unwrap();

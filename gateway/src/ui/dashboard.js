@@ -36,7 +36,9 @@
       const tr = row([
         w.id, w.models.join(", "), w.address, w.state, w.running, w.waiting, w.in_flight,
         w.tokens_per_second.toFixed(1),
-        w.kv_budget_tokens ? `${w.kv_used_tokens} / ${w.kv_budget_tokens}` : `${w.kv_used_tokens}`,
+        w.kv_blocks_total
+          ? `${w.kv_blocks_used} / ${w.kv_blocks_total} blocks (${w.kv_blocks_cached} cached)`
+          : `${w.kv_used_tokens} tokens`,
         `${w.devices.join(", ")} (tp ${w.tp_size})`, w.seconds_since_heartbeat.toFixed(1) + " s ago",
       ]);
       tr.dataset.worker = w.id;

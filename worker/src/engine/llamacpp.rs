@@ -286,10 +286,14 @@ pub fn attend<const SIMD: bool>(
     let Scratch { scores, lanes } = scratch;
     scores.clear();
     let mut max = f32::NEG_INFINITY;
-    for kj in k.rows(seen) {
-        let s = dot8::<SIMD>(q, kj) * scale;
-        max = max.max(s);
-        scores.push(s);
+    // Block by block: plain loops over contiguous rows, which compile tighter than one
+    // flattened iterator.
+    for run in k.runs(seen) {
+        for kj in run.chunks_exact(hd) {
+            let s = dot8::<SIMD>(q, kj) * scale;
+            max = max.max(s);
+            scores.push(s);
+        }
     }
     let mut sum = 0f64;
     for c in scores.chunks_mut(8) {
@@ -308,11 +312,16 @@ pub fn attend<const SIMD: bool>(
     // Lane l takes positions l, l + 8, ..; a zero probability leaves a lane as it is.
     lanes.clear();
     lanes.resize(8 * hd, 0.0);
-    for (j, (&p, vj)) in scores.iter().zip(v.rows(seen)).enumerate() {
-        if p != 0.0 {
-            for (a, &x) in lanes[(j % 8) * hd..][..hd].iter_mut().zip(vj) {
-                *a = p.mul_add(x, *a);
+    let mut j = 0;
+    for run in v.runs(seen) {
+        for vj in run.chunks_exact(hd) {
+            let p = scores[j];
+            if p != 0.0 {
+                for (a, &x) in lanes[(j % 8) * hd..][..hd].iter_mut().zip(vj) {
+                    *a = p.mul_add(x, *a);
+                }
             }
+            j += 1;
         }
     }
     for (d, o) in out.iter_mut().enumerate() {

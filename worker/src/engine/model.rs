@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use super::config::{ModelConfig, RopeScaling};
 use super::error::Result;
 use super::host;
-use super::kv::{BlockId, KvStore, PagedRows};
+use super::kv::{BlockId, KvStore, PagedAttention, PagedRows};
 use super::llamacpp;
 use super::pool::{ComputePool, Results};
 use super::tp::{Communicator, Shard};
@@ -390,8 +390,8 @@ impl Llama {
     }
 
     /// What tensor attention needs of a step, the same in every layer: rotary tables for each
-    /// token, the rows its keys and values go to, and the segments in two padded groups
-    /// (decodes, then prompt chunks), each with its block tables and mask.
+    /// token, the rows its keys and values go to, and the segments in two groups: decodes,
+    /// for the paged op, then prompt chunks, padded, with their block tables and mask.
     fn device_step(&self, store: &KvStore, segs: &[Segment], parts: &[SegmentPart]) -> Result<DeviceStep> {
         let (dev, dtype) = (&self.device, self.dtype);
         let bs = store.block_size();
@@ -421,7 +421,8 @@ impl Llama {
             let blocks = members.iter().map(|&i| (segs[i].start + parts[i].1).div_ceil(bs)).max().unwrap_or(1);
             let len = blocks * bs;
             let (mut table, mut pad) = (Vec::new(), Vec::new());
-            let mut mask = Vec::with_capacity(members.len() * tmax * len);
+            // Decodes attend through the paged op, which needs no mask.
+            let mut mask = Vec::with_capacity(if decodes { 0 } else { members.len() * tmax * len });
             for (k, &i) in members.iter().enumerate() {
                 let (seg, (offset, t, _)) = (&segs[i], &parts[i]);
                 let held = (seg.start + t).div_ceil(bs);
@@ -429,7 +430,9 @@ impl Llama {
                 for r in 0..tmax {
                     // Padding rows see one key, so that their softmax stays finite; they are dropped.
                     let seen = if r < *t { seg.start + r + 1 } else { 1 };
-                    mask.extend((0..len).map(|j| if j < seen { 0f32 } else { f32::NEG_INFINITY }));
+                    if !decodes {
+                        mask.extend((0..len).map(|j| if j < seen { 0f32 } else { f32::NEG_INFINITY }));
+                    }
                     pad.push(if r < *t { (offset + r) as u32 } else { 0 });
                     if r < *t {
                         unpad[offset + r] = (base + k * tmax + r) as u32;
@@ -437,12 +440,18 @@ impl Llama {
                 }
             }
             let b = members.len();
-            groups.push(Group {
-                table: Tensor::from_vec(table, b * blocks, dev)?,
-                pad: Tensor::from_vec(pad, b * tmax, dev)?,
-                mask: Tensor::from_vec(mask, (b, 1, 1, tmax, len), dev)?.to_dtype(dtype)?,
-                shape: (b, tmax, len),
-            });
+            let how = if decodes {
+                let lens = members.iter().map(|&i| (segs[i].start + 1) as u32).collect();
+                let scale = 1.0 / (hd as f32).sqrt();
+                Attend::Paged(PagedAttention { tables: table, max_blocks: blocks, lens, scale })
+            } else {
+                Attend::Gathered {
+                    table: Tensor::from_vec(table, b * blocks, dev)?,
+                    mask: Tensor::from_vec(mask, (b, 1, 1, tmax, len), dev)?.to_dtype(dtype)?,
+                    shape: (b, tmax, len),
+                }
+            };
+            groups.push(Group { pad: Tensor::from_vec(pad, b * tmax, dev)?, how });
             base += b * tmax;
         }
         let unpad = Tensor::from_vec(unpad, total, dev)?;
@@ -450,8 +459,9 @@ impl Llama {
     }
 
     /// Attention with tensors on the device, for every segment of the step at once: keys and
-    /// values scattered into their blocks, then each group's blocks gathered through its tables
-    /// and attended in one masked, batched product.
+    /// values scattered into their blocks; then the decodes attend through the paged op (a CUDA
+    /// kernel on GPUs), and the prompt chunks gather their blocks through their tables and attend
+    /// in one masked, batched product.
     fn device_attention(
         &self,
         layer: usize,
@@ -475,17 +485,28 @@ impl Llama {
         vc.reshape((blocks * bs, nkv * hd))?.scatter_set(&step.slots, &v, 0)?;
         let mut outs = Vec::with_capacity(step.groups.len());
         for g in &step.groups {
-            let (b, tmax, len) = g.shape;
-            let gather =
-                |c: &Tensor| c.index_select(&g.table, 0)?.reshape((b, len, nkv, hd))?.transpose(1, 2)?.contiguous();
-            let (kg, vg) = (gather(kc)?, gather(vc)?);
-            // Query heads sharing one KV head are adjacent: grouped, they read K/V once.
-            let qg = q.index_select(&g.pad, 0)?.reshape((b, tmax, nkv, per, hd))?.permute((0, 2, 3, 1, 4))?;
-            let qg = qg.contiguous()?.reshape((b, nkv, per * tmax, hd))?;
-            let scores = (qg.matmul(&kg.t()?)? * scale)?.reshape((b, nkv, per, tmax, len))?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&g.mask)?)?;
-            let o = probs.reshape((b, nkv, per * tmax, len))?.matmul(&vg)?.reshape((b, nkv, per, tmax, hd))?;
-            outs.push(o.permute((0, 3, 1, 2, 4))?.contiguous()?.reshape((b * tmax, nh * hd))?);
+            let qg = q.index_select(&g.pad, 0)?;
+            let out = match &g.how {
+                Attend::Paged(op) => {
+                    let b = op.lens.len();
+                    op.forward(&qg.reshape((b, nh, hd))?, kc, vc)?.reshape((b, nh * hd))?
+                }
+                Attend::Gathered { table, mask, shape: (b, tmax, len) } => {
+                    let (b, tmax, len) = (*b, *tmax, *len);
+                    let gather = |c: &Tensor| {
+                        c.index_select(table, 0)?.reshape((b, len, nkv, hd))?.transpose(1, 2)?.contiguous()
+                    };
+                    let (kg, vg) = (gather(kc)?, gather(vc)?);
+                    // Query heads sharing one KV head are adjacent: grouped, they read K/V once.
+                    let qg = qg.reshape((b, tmax, nkv, per, hd))?.permute((0, 2, 3, 1, 4))?;
+                    let qg = qg.contiguous()?.reshape((b, nkv, per * tmax, hd))?;
+                    let scores = (qg.matmul(&kg.t()?)? * scale)?.reshape((b, nkv, per, tmax, len))?;
+                    let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(mask)?)?;
+                    let o = probs.reshape((b, nkv, per * tmax, len))?.matmul(&vg)?.reshape((b, nkv, per, tmax, hd))?;
+                    o.permute((0, 3, 1, 2, 4))?.contiguous()?.reshape((b * tmax, nh * hd))?
+                }
+            };
+            outs.push(out);
         }
         let out = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 0)? };
         Ok(out.index_select(&step.unpad, 0)?.unsqueeze(0)?)
@@ -725,13 +746,19 @@ impl Attention {
 /// A segment's offset in the step, its length and its rotary tables.
 type SegmentPart = (usize, usize, (Vec<f32>, Vec<f32>));
 
-/// A padded group of segments for tensor attention: block ids `(b * blocks)`, the step's row of
-/// each padded query `(b * tmax)`, the additive mask `(b, 1, 1, tmax, len)`, and `(b, tmax, len)`.
+/// A group of segments for tensor attention: the step's row of each (padded) query, and how
+/// the group attends.
 struct Group {
-    table: Tensor,
     pad: Tensor,
-    mask: Tensor,
-    shape: (usize, usize, usize),
+    how: Attend,
+}
+
+/// Decodes, one query each, attend through the paged op; prompt chunks gather their blocks
+/// `(b * blocks)` and attend in a padded product under the additive mask `(b, 1, 1, tmax, len)`,
+/// `shape` being `(b, tmax, len)`.
+enum Attend {
+    Paged(PagedAttention),
+    Gathered { table: Tensor, mask: Tensor, shape: (usize, usize, usize) },
 }
 
 /// [`Llama::device_step`]'s tensors: rotary tables `(tokens, head_dim/2)`, each token's row in

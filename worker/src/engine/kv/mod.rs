@@ -5,6 +5,7 @@
 //! holds its own KV heads of every block.
 
 mod blocks;
+mod paged;
 mod store;
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -14,6 +15,7 @@ use candle_core::Device;
 use super::error::{EngineError, Result};
 
 pub use blocks::{BlockId, BlockPool, KvStats, common_prefix};
+pub use paged::PagedAttention;
 pub use store::{KvStore, PagedRows};
 
 /// Tokens per block unless `--kv-block-size` says otherwise.

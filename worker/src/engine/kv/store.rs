@@ -139,15 +139,22 @@ pub struct PagedRows<'a> {
 }
 
 impl<'a> PagedRows<'a> {
+    /// The first `n` rows in order, a block's run of them at a time (`dim` values a row).
+    #[inline(always)]
+    pub fn runs(self, n: usize) -> impl Iterator<Item = &'a [f32]> {
+        let span = self.block_size * self.dim;
+        self.table.iter().enumerate().take(n.div_ceil(self.block_size)).map(move |(i, &b)| {
+            let at = (b as usize * self.heads + self.head) * span;
+            let rows = (n - i * self.block_size).min(self.block_size);
+            &self.data[at..at + rows * self.dim]
+        })
+    }
+
     /// The first `n` rows in order, `dim` values each.
     #[inline(always)]
     pub fn rows(self, n: usize) -> impl Iterator<Item = &'a [f32]> {
-        let span = self.block_size * self.dim;
-        self.table.iter().enumerate().take(n.div_ceil(self.block_size)).flat_map(move |(i, &b)| {
-            let at = (b as usize * self.heads + self.head) * span;
-            let rows = (n - i * self.block_size).min(self.block_size);
-            self.data[at..at + rows * self.dim].chunks_exact(self.dim)
-        })
+        let dim = self.dim;
+        self.runs(n).flat_map(move |run| run.chunks_exact(dim))
     }
 }
 
