@@ -2,9 +2,12 @@
 # On a machine with NVIDIA GPUs: builds herd with `--features cuda`, then compares the model on
 # GPU against the CPU engine (greedy tokens and logits at every step, 5 prompts x 32 tokens) with
 # one rank, and split over N GPUs when TP=N is given or the GPU count allows; prints decode
-# tokens/s for each. Exits non-zero when the f32 comparison disagrees.
+# tokens/s for each. Exits non-zero when the f32 comparison disagrees. Then serves a
+# Vicuna-7B-shaped random f16 file (written here by examples/random_gguf, ~14 GB) with `herd up`
+# on one GPU (and over 2 with NCCL where there are two): output tokens/s at concurrency 1, 16 and
+# 64, and the paged KV cache's blocks in use after each.
 #
-# usage: bash scripts/gpu-check.sh            (MODEL=path, TP=N, TOLERANCE=1e-3 to override)
+# usage: bash scripts/gpu-check.sh   (MODEL=path, TP=N, TOLERANCE=1e-3, SEVEN=path, SKIP_7B=1)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
@@ -37,4 +40,33 @@ if [ "$tp" -ge 2 ]; then
   "$check" --model "$MODEL" --devices cuda --tp "$tp" --dtype f32 --tolerance "$TOLERANCE"
 else
   echo "== one GPU only: TP over NCCL not checked (set TP=N with N GPUs)"
+fi
+
+# The paged KV cache at 7B size.
+[ "${SKIP_7B:-0}" = 1 ] && exit 0
+seven=${SEVEN:-/tmp/herd-vicuna-7b-f16.gguf}
+[ -e "$seven" ] || time "$target/release/examples/random_gguf" --vocab-from "$MODEL" --shape vicuna-7b --out "$seven"
+herd="$target/release/herd"
+serve_7b() { # flags for herd up
+  local port=8617 pid
+  setsid "$herd" up --model "$seven" --dtype f16 --port "$port" "$@" >/tmp/herd-gpu-up.log 2>&1 &
+  pid=$!
+  for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break; sleep 1; done
+  curl -sf "http://127.0.0.1:$port/ready" >/dev/null || { tail -20 /tmp/herd-gpu-up.log; kill -- -"$pid"; return 1; }
+  for c in 1 16 64; do
+    local n=$((c < 8 ? 16 : 2 * c))
+    printf 'concurrency %s: ' "$c"
+    "$herd" bench --url "http://127.0.0.1:$port" --requests "$n" --max-tokens 64 --concurrency "$c" \
+      --unique-prompts --json | grep -o '"output_tokens_per_s":[0-9.]*'
+    curl -s "http://127.0.0.1:$port/admin/cluster" | grep -o '"kv_blocks_[a-z]*":[0-9]*' | tr '\n' ' '
+    echo
+  done
+  kill -- -"$pid"
+  sleep 3
+}
+echo "== Vicuna-7B-shaped f16 on one GPU (paged KV cache, --gpu-memory-utilization 0.9)"
+serve_7b --devices cuda:0
+if [ "$gpus" -ge 2 ]; then
+  echo "== Vicuna-7B-shaped f16 over 2 GPUs (NCCL)"
+  serve_7b --devices cuda --tp 2
 fi
