@@ -204,18 +204,18 @@ impl BlockPool {
         let m = &mut self.meta[b as usize];
         let (parent, hash) = (m.parent.take(), m.hash.take());
         m.tokens.clear();
-        if let Some(p) = parent {
-            if let Some(kids) = self.children.get_mut(&p) {
-                kids.retain(|&k| k != b);
-                if kids.is_empty() {
-                    self.children.remove(&p);
-                }
+        if let Some(p) = parent
+            && let Some(kids) = self.children.get_mut(&p)
+        {
+            kids.retain(|&k| k != b);
+            if kids.is_empty() {
+                self.children.remove(&p);
             }
         }
-        if let Some(h) = hash {
-            if self.full.get(&h) == Some(&b) {
-                self.full.remove(&h);
-            }
+        if let Some(h) = hash
+            && self.full.get(&h) == Some(&b)
+        {
+            self.full.remove(&h);
         }
     }
 
