@@ -390,8 +390,8 @@ impl Llama {
     }
 
     /// What tensor attention needs of a step, the same in every layer: rotary tables for each
-    /// token, the rows its keys and values go to, and the segments in two groups: decodes,
-    /// for the paged op, then prompt chunks, padded, with their block tables and mask.
+    /// token, the rows its keys and values go to, and the segments in two groups for the paged
+    /// op (decodes, then prompt chunks: on CUDA each has its kernel).
     fn device_step(&self, store: &KvStore, segs: &[Segment], parts: &[SegmentPart]) -> Result<DeviceStep> {
         let (dev, dtype) = (&self.device, self.dtype);
         let bs = store.block_size();
@@ -412,56 +412,39 @@ impl Llama {
         let mut groups = Vec::new();
         let mut unpad = vec![0u32; total];
         let mut base = 0;
+        let scale = 1.0 / (hd as f32).sqrt();
         for decodes in [true, false] {
             let members: Vec<usize> = (0..segs.len()).filter(|&i| (parts[i].1 == 1) == decodes).collect();
             if members.is_empty() {
                 continue;
             }
-            let tmax = members.iter().map(|&i| parts[i].1).max().unwrap_or(1);
             let blocks = members.iter().map(|&i| (segs[i].start + parts[i].1).div_ceil(bs)).max().unwrap_or(1);
-            let len = blocks * bs;
-            let (mut table, mut pad) = (Vec::new(), Vec::new());
-            // Decodes attend through the paged op, which needs no mask.
-            let mut mask = Vec::with_capacity(if decodes { 0 } else { members.len() * tmax * len });
+            let (mut tables, mut picked, mut rows, mut lens) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for (k, &i) in members.iter().enumerate() {
                 let (seg, (offset, t, _)) = (&segs[i], &parts[i]);
                 let held = (seg.start + t).div_ceil(bs);
-                table.extend(seg.table[..held].iter().copied().chain(std::iter::repeat_n(0, blocks - held)));
-                for r in 0..tmax {
-                    // Padding rows see one key, so that their softmax stays finite; they are dropped.
-                    let seen = if r < *t { seg.start + r + 1 } else { 1 };
-                    if !decodes {
-                        mask.extend((0..len).map(|j| if j < seen { 0f32 } else { f32::NEG_INFINITY }));
-                    }
-                    pad.push(if r < *t { (offset + r) as u32 } else { 0 });
-                    if r < *t {
-                        unpad[offset + r] = (base + k * tmax + r) as u32;
-                    }
+                tables.extend(seg.table[..held].iter().copied().chain(std::iter::repeat_n(0, blocks - held)));
+                for r in 0..*t {
+                    unpad[offset + r] = (base + picked.len()) as u32;
+                    picked.push((offset + r) as u32);
+                    rows.push(k as u32);
+                    lens.push((seg.start + r + 1) as u32);
                 }
             }
-            let b = members.len();
-            let how = if decodes {
-                let lens = members.iter().map(|&i| (segs[i].start + 1) as u32).collect();
-                let scale = 1.0 / (hd as f32).sqrt();
-                Attend::Paged(PagedAttention { tables: table, max_blocks: blocks, lens, scale })
-            } else {
-                Attend::Gathered {
-                    table: Tensor::from_vec(table, b * blocks, dev)?,
-                    mask: Tensor::from_vec(mask, (b, 1, 1, tmax, len), dev)?.to_dtype(dtype)?,
-                    shape: (b, tmax, len),
-                }
-            };
-            groups.push(Group { pad: Tensor::from_vec(pad, b * tmax, dev)?, how });
-            base += b * tmax;
+            base += picked.len();
+            let n = picked.len();
+            groups.push(Group {
+                rows: Tensor::from_vec(picked, n, dev)?,
+                op: PagedAttention { tables, max_blocks: blocks, rows, lens, scale },
+            });
         }
         let unpad = Tensor::from_vec(unpad, total, dev)?;
         Ok(DeviceStep { cos, sin, slots, groups, unpad })
     }
 
     /// Attention with tensors on the device, for every segment of the step at once: keys and
-    /// values scattered into their blocks; then the decodes attend through the paged op (a CUDA
-    /// kernel on GPUs), and the prompt chunks gather their blocks through their tables and attend
-    /// in one masked, batched product.
+    /// values scattered into their blocks, then the decodes and the prompt chunks each attend
+    /// through the paged op (a CUDA kernel on GPUs), reading the blocks in place.
     fn device_attention(
         &self,
         layer: usize,
@@ -470,9 +453,7 @@ impl Llama {
         step: &DeviceStep,
     ) -> Result<Tensor> {
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.cfg.head_dim);
-        let per = nh / nkv;
         let total = q_all.dim(1)?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let heads = |a: &Tensor, n: usize| a.reshape((1, total, n, hd))?.transpose(1, 2)?.contiguous();
         let q = self.rope.apply(&heads(q_all, nh)?, &step.cos, &step.sin)?;
         let k = self.rope.apply(&heads(k_all, nkv)?, &step.cos, &step.sin)?;
@@ -485,28 +466,9 @@ impl Llama {
         vc.reshape((blocks * bs, nkv * hd))?.scatter_set(&step.slots, &v, 0)?;
         let mut outs = Vec::with_capacity(step.groups.len());
         for g in &step.groups {
-            let qg = q.index_select(&g.pad, 0)?;
-            let out = match &g.how {
-                Attend::Paged(op) => {
-                    let b = op.lens.len();
-                    op.forward(&qg.reshape((b, nh, hd))?, kc, vc)?.reshape((b, nh * hd))?
-                }
-                Attend::Gathered { table, mask, shape: (b, tmax, len) } => {
-                    let (b, tmax, len) = (*b, *tmax, *len);
-                    let gather = |c: &Tensor| {
-                        c.index_select(table, 0)?.reshape((b, len, nkv, hd))?.transpose(1, 2)?.contiguous()
-                    };
-                    let (kg, vg) = (gather(kc)?, gather(vc)?);
-                    // Query heads sharing one KV head are adjacent: grouped, they read K/V once.
-                    let qg = qg.reshape((b, tmax, nkv, per, hd))?.permute((0, 2, 3, 1, 4))?;
-                    let qg = qg.contiguous()?.reshape((b, nkv, per * tmax, hd))?;
-                    let scores = (qg.matmul(&kg.t()?)? * scale)?.reshape((b, nkv, per, tmax, len))?;
-                    let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(mask)?)?;
-                    let o = probs.reshape((b, nkv, per * tmax, len))?.matmul(&vg)?.reshape((b, nkv, per, tmax, hd))?;
-                    o.permute((0, 3, 1, 2, 4))?.contiguous()?.reshape((b * tmax, nh * hd))?
-                }
-            };
-            outs.push(out);
+            let n = g.op.rows.len();
+            let qg = q.index_select(&g.rows, 0)?.reshape((n, nh, hd))?;
+            outs.push(g.op.forward(&qg, kc, vc)?.reshape((n, nh * hd))?);
         }
         let out = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 0)? };
         Ok(out.index_select(&step.unpad, 0)?.unsqueeze(0)?)
@@ -746,19 +708,11 @@ impl Attention {
 /// A segment's offset in the step, its length and its rotary tables.
 type SegmentPart = (usize, usize, (Vec<f32>, Vec<f32>));
 
-/// A group of segments for tensor attention: the step's row of each (padded) query, and how
-/// the group attends.
+/// A group of segments for tensor attention: the step's rows of its queries, and the paged
+/// op they attend through.
 struct Group {
-    pad: Tensor,
-    how: Attend,
-}
-
-/// Decodes, one query each, attend through the paged op; prompt chunks gather their blocks
-/// `(b * blocks)` and attend in a padded product under the additive mask `(b, 1, 1, tmax, len)`,
-/// `shape` being `(b, tmax, len)`.
-enum Attend {
-    Paged(PagedAttention),
-    Gathered { table: Tensor, mask: Tensor, shape: (usize, usize, usize) },
+    rows: Tensor,
+    op: PagedAttention,
 }
 
 /// [`Llama::device_step`]'s tensors: rotary tables `(tokens, head_dim/2)`, each token's row in
