@@ -120,6 +120,14 @@ fn spawn_worker(
     if let Some(q) = args.quantize {
         cmd.args(["--quantize", q.name()]);
     }
+    // CPU workers share the machine's memory, and a busy worker's KV cache fills its budget:
+    // each takes an equal part of what one worker alone would take.
+    if devices == "cpu" && args.workers > 1 {
+        let share = herd_worker::engine::available_memory_bytes().map(|b| b / 2 / args.workers as u64 >> 20);
+        if let Some(mb) = share.filter(|&mb| mb > 0) {
+            cmd.args(["--kv-cache-mb", &mb.to_string()]);
+        }
+    }
     for name in &args.model_names {
         cmd.args(["--model-name", name]);
     }

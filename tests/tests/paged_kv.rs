@@ -179,7 +179,7 @@ fn tensor_attention_equals_the_host_loops_on_mixed_steps() {
         if live.is_empty() {
             break;
         }
-        let mut step = |seqs: &mut [Sequence], e: &Engine| {
+        let step = |seqs: &mut [Sequence], e: &Engine| {
             let mut batch: Vec<&mut Sequence> = seqs.iter_mut().filter(|s| s.finish_reason().is_none()).collect();
             e.step_batch(&mut batch, 32).unwrap().into_iter().map(Result::unwrap).collect::<Vec<_>>()
         };

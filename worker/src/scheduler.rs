@@ -275,7 +275,8 @@ fn run(engine: &Engine, config: &SchedulerConfig, rx: &mpsc::Receiver<Job>, load
                 continue;
             }
             let needed = engine.blocks_to_admit(&mut job.seq);
-            if !running.is_empty() && promised + needed > engine.kv_stats().total - engine.kv_stats().used {
+            let free = engine.kv_stats();
+            if !running.is_empty() && promised + needed > free.total - free.used {
                 // It waits without holding blocks.
                 job.seq.evict();
                 break;

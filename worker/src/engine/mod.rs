@@ -314,7 +314,7 @@ fn check_f32_fits(cfg: &ModelConfig, dir: &Path) -> Result<()> {
 }
 
 /// `MemAvailable` from /proc/meminfo, where the OS reports it.
-pub(crate) fn available_memory_bytes() -> Option<u64> {
+pub fn available_memory_bytes() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kb: u64 = info
         .lines()

@@ -144,10 +144,8 @@ impl CustomOp3 for PagedAttention {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::CudaStorageSlice as S;
-        use candle_core::cuda_backend::WrapErr;
         let dev = qs.device().clone();
         let dims = self.dims(ql, kl, vl)?;
-        let stream = dev.cuda_stream();
         let call = Launch::new(self, &dev, dims)?;
         let kernel = if self.decodes() { "paged_attention" } else { "paged_prefill" };
         let slice = match (&qs.slice, &ks.slice, &vs.slice) {
