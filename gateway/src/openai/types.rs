@@ -132,7 +132,7 @@ pub struct UsageOut {
 /// OpenAI's breakdown of prompt tokens.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PromptTokensDetails {
-    /// Prompt tokens the worker copied from its prefix cache instead of computing them.
+    /// Prompt tokens the worker found in its KV cache instead of computing them.
     pub cached_tokens: u64,
 }
 

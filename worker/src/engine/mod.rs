@@ -883,7 +883,7 @@ pub struct Step {
     pub logprob: Option<TokenLogprob>,
     /// Set on the last step.
     pub finish: Option<FinishReason>,
-    /// Prompt tokens of its sequence copied from the prefix cache.
+    /// Prompt tokens of its sequence found in the KV cache.
     pub cached_prompt_tokens: usize,
 }
 
