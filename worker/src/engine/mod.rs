@@ -824,11 +824,6 @@ pub struct Sequence {
 }
 
 impl Sequence {
-    /// Tokens the KV cache will hold after the next step: the prompt and every sampled token.
-    pub fn kv_tokens(&self) -> usize {
-        self.context.len()
-    }
-
     /// The most tokens its KV cache can come to: the prompt and every token it may sample.
     pub fn max_kv_tokens(&self) -> usize {
         self.prompt_len + self.max_tokens

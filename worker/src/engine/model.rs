@@ -395,7 +395,7 @@ impl Llama {
     fn device_step(&self, store: &KvStore, segs: &[Segment], parts: &[SegmentPart]) -> Result<DeviceStep> {
         let (dev, dtype) = (&self.device, self.dtype);
         let bs = store.block_size();
-        let (_, nkv, hd) = store.shape();
+        let (nkv, hd) = store.shape();
         let total: usize = parts.iter().map(|(_, t, _)| t).sum();
         let half = hd / 2;
         let (cos, sin): (Vec<f32>, Vec<f32>) =

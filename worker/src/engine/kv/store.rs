@@ -20,7 +20,6 @@ enum Layer {
 /// One rank's share of every block, for every layer.
 pub struct KvStore {
     layers: Vec<Layer>,
-    blocks: usize,
     block_size: usize,
     heads: usize,
     dim: usize,
@@ -48,7 +47,7 @@ impl KvStore {
                 })
             })
             .collect::<candle_core::Result<_>>()?;
-        Ok(Self { layers, blocks, block_size, heads, dim })
+        Ok(Self { layers, block_size, heads, dim })
     }
 
     /// Tokens per block.
@@ -112,9 +111,9 @@ impl KvStore {
         }
     }
 
-    /// Blocks, KV heads and head size.
-    pub fn shape(&self) -> (usize, usize, usize) {
-        (self.blocks, self.heads, self.dim)
+    /// KV heads and head size.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.heads, self.dim)
     }
 }
 
