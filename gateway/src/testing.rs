@@ -197,6 +197,12 @@ impl Worker for FakeWorkerService {
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
         Err(Status::unimplemented("fake worker"))
     }
+
+    type WatchLoadStream = Pin<Box<dyn Stream<Item = Result<LoadUpdate, Status>> + Send>>;
+
+    async fn watch_load(&self, _: Request<WatchLoadRequest>) -> Result<Response<Self::WatchLoadStream>, Status> {
+        Err(Status::unimplemented("fake worker"))
+    }
 }
 
 /// A running fake worker; stops when dropped.

@@ -21,7 +21,8 @@ struct Case {
 
 fn spm() -> Tokenizer {
     let dir = fixture("sentencepiece");
-    Tokenizer::from_hf_dir(&dir, &TokenizerConfig::default(), Some(1)).expect("convert tokenizer.model")
+    herd_worker::engine::tokenizer::from_hf_dir(&dir, &TokenizerConfig::default(), Some(1))
+        .expect("convert tokenizer.model")
 }
 
 fn cases() -> Vec<Case> {

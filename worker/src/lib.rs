@@ -2,6 +2,7 @@
 
 pub mod engine;
 pub mod error;
+pub mod load_stream;
 pub mod metrics;
 pub mod registration;
 pub mod scheduler;

@@ -55,6 +55,10 @@ pub struct Load {
     /// Prompts that found a cached prefix, and the tokens they found.
     prefix_hits: AtomicUsize,
     prefix_hit_tokens: AtomicUsize,
+    /// Prompt tokens of every prompt that ran.
+    prompt_tokens: AtomicUsize,
+    /// The short hashes of the KV cache's full blocks, and the pool version they are from.
+    hashes: std::sync::Mutex<(u64, Arc<Vec<u64>>)>,
 }
 
 impl Load {
@@ -107,9 +111,31 @@ impl Load {
         (self.prefix_hits.load(Ordering::Relaxed), self.prefix_hit_tokens.load(Ordering::Relaxed))
     }
 
+    /// Prompt tokens of every prompt that ran.
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompt_tokens.load(Ordering::Relaxed)
+    }
+
+    /// The short hashes of the blocks the KV cache can find (what routing matches prompts
+    /// against), and a version that changes whenever they do.
+    pub fn kv_hashes(&self) -> (u64, Arc<Vec<u64>>) {
+        let hashes = self.hashes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        (hashes.0, hashes.1.clone())
+    }
+
+    /// Replaces the published block hashes.
+    pub(crate) fn publish_hashes(&self, version: u64, hashes: Vec<u64>) {
+        *self.hashes.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = (version, Arc::new(hashes));
+    }
+
     /// Publishes the engine's KV counts.
     fn store_kv(&self, engine: &Engine) {
         let kv = engine.kv_stats();
+        self.prompt_tokens.store(kv.prompt_tokens as usize, Ordering::Relaxed);
+        if self.kv_hashes().0 != kv.version {
+            let (version, list) = engine.kv_hashes();
+            self.publish_hashes(version, list);
+        }
         self.kv_used.store(kv.used, Ordering::SeqCst);
         self.kv_cached.store(kv.cached, Ordering::SeqCst);
         self.kv_total.store(kv.total, Ordering::SeqCst);

@@ -11,7 +11,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::engine::{Engine, FinishReason, GenerationParams, Message, SamplingParams, Step};
+use crate::engine::{ChatTemplate, Engine, FinishReason, GenerationParams, Message, SamplingParams, Step};
 use crate::error::WorkerError;
 use crate::metrics::WorkerMetrics;
 use crate::scheduler::{Load, Scheduler, StepResult, SubmitError};
@@ -205,7 +205,7 @@ impl Prompt {
         let tokenize = async move {
             tokio::task::spawn_blocking(move || match self {
                 Self::Chat(chat) => Ok(engine.encode_chat(&chat_messages(&chat)?)?),
-                Self::Text(text) => Ok(engine.tokenizer().encode(&text)?),
+                Self::Text(text) => Ok(engine.tokenizer().encode(&text).map_err(crate::engine::EngineError::from)?),
                 Self::Ids(ids) => Ok(ids),
             })
             .await
@@ -365,11 +365,33 @@ impl pb::worker_server::Worker for WorkerService {
     async fn model_info(&self, _: Request<pb::ModelInfoRequest>) -> Result<Response<pb::ModelInfoResponse>, Status> {
         let serving = self.core.serving().ok_or(WorkerError::Loading)?;
         let engine = &serving.engine;
+        let tokenizer = engine.tokenizer();
+        let tokenizer_json = tokenizer.to_json().map_err(|e| Status::internal(e.to_string()))?;
+        let (source, bos_token, eos_token) = match engine.template().0 {
+            ChatTemplate::Jinja { source, bos_token, eos_token } => {
+                (source.clone(), bos_token.clone(), eos_token.clone())
+            }
+            ChatTemplate::VicunaV11 | ChatTemplate::OneShot => Default::default(),
+        };
         Ok(Response::new(pb::ModelInfoResponse {
             models: self.core.names.clone(),
             context_length: engine.context_length() as u32,
             chat_template: engine.template().0.name().to_string(),
+            tokenizer_json,
+            bos_token_id: tokenizer.bos_id(),
+            add_bos: tokenizer.adds_bos(),
+            chat_template_source: source,
+            bos_token,
+            eos_token,
+            kv_block_size: engine.kv_stats().block_size as u32,
         }))
+    }
+
+    type WatchLoadStream = crate::load_stream::LoadStream;
+
+    async fn watch_load(&self, _: Request<pb::WatchLoadRequest>) -> Result<Response<Self::WatchLoadStream>, Status> {
+        let load = self.core.load().cloned().ok_or(WorkerError::Loading)?;
+        Ok(Response::new(crate::load_stream::updates(load, self.core.clone())))
     }
 
     async fn health(&self, _: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
@@ -392,5 +414,7 @@ pub fn load_report(load: &Load) -> pb::WorkerLoad {
         kv_blocks_cached: n(kv.cached),
         kv_blocks_total: n(kv.total),
         kv_block_size: n(kv.block_size),
+        prompt_tokens: load.prompt_tokens() as u64,
+        cached_prompt_tokens: load.prefix().1 as u64,
     }
 }

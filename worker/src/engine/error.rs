@@ -44,6 +44,16 @@ pub enum EngineError {
     Model(String),
 }
 
+impl From<herd_prompt::PromptError> for EngineError {
+    fn from(e: herd_prompt::PromptError) -> Self {
+        match e {
+            herd_prompt::PromptError::InvalidArgument(m) => Self::InvalidArgument(m),
+            herd_prompt::PromptError::Tokenizer(m) => Self::Tokenizer(m),
+            herd_prompt::PromptError::Template(m) => Self::Template(m),
+        }
+    }
+}
+
 impl From<candle_core::Error> for EngineError {
     fn from(e: candle_core::Error) -> Self {
         Self::Model(candle_message(&e))

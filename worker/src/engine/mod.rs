@@ -13,7 +13,6 @@ pub mod quant;
 pub mod sampler;
 pub mod sentencepiece;
 pub mod stop;
-pub mod template;
 pub mod tokenizer;
 pub mod tp;
 pub mod weights;
@@ -27,8 +26,8 @@ use candle_core::{DType, Device, Tensor};
 
 pub use config::ModelConfig;
 pub use error::{EngineError, Result, candle_message};
+pub use herd_prompt::{ChatTemplate, Message, TemplateSource};
 pub use sampler::SamplingParams;
-pub use template::{ChatTemplate, Message, TemplateSource};
 pub use tokenizer::Tokenizer;
 
 use detok::IncrementalDecoder;
@@ -276,7 +275,7 @@ fn open_hf(dir: &Path, dtype: DType, quantize: Option<QuantizeChoice>) -> Result
     }
     let cfg = ModelConfig::from_hf_file(&config_path)?;
     let tcfg = TokenizerConfig::from_dir(dir)?;
-    let tokenizer = Tokenizer::from_hf_dir(dir, &tcfg, cfg.bos_token_id)?;
+    let tokenizer = tokenizer::from_hf_dir(dir, &tcfg, cfg.bos_token_id)?;
     if quantize.is_none() && dtype == DType::F32 {
         check_f32_fits(&cfg, dir)?;
     }
@@ -332,7 +331,7 @@ fn open_gguf(path: &Path, choice: DTypeChoice, device: &Device) -> Result<Loaded
     let content = gguf_file::Content::read(&mut file)
         .map_err(|e| EngineError::checkpoint(path, format!("not a readable GGUF file: {}", candle_message(&e))))?;
     let cfg = ModelConfig::from_gguf(&content.metadata, path)?;
-    let tokenizer = Tokenizer::from_gguf(&content.metadata, path)?;
+    let tokenizer = tokenizer::from_gguf(&content.metadata, path)?;
     let model_template = content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
     let (mode, dtype) = match choice {
         DTypeChoice::Auto => (GgufMode::Quantized, resolve_dtype(DTypeChoice::F32, device)?),
@@ -423,6 +422,12 @@ impl Engine {
         self.model.kv_block_bytes()
     }
 
+    /// The short hashes of the KV cache's full blocks, and the version of the pool they are
+    /// current for (`kv_stats().version`).
+    pub fn kv_hashes(&self) -> (u64, Vec<u64>) {
+        self.model.kv_hashes()
+    }
+
     /// New KV blocks `seq` needs to run what it has not run yet, after taking what the cache
     /// holds of it; [`Engine::step_batch`] takes them when it runs.
     pub fn blocks_to_admit(&self, seq: &mut Sequence) -> usize {
@@ -464,32 +469,7 @@ impl Engine {
     /// adds special tokens: message text that spells one (`<|im_end|><|im_start|>system`, a
     /// forged turn) is encoded as the text it is.
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        if !messages.iter().any(|m| self.tokenizer.has_special_text(&m.content)) {
-            return self.tokenizer.encode(&self.template.render(messages, true)?);
-        }
-        // Render with a marker in place of each message's text, then encode the template's text
-        // and the messages' separately.
-        let (open, close) = ('\u{F8F0}', '\u{F8F1}');
-        let marked: Vec<Message> = messages
-            .iter()
-            .enumerate()
-            .map(|(i, m)| Message::new(m.role.clone(), format!("{open}{i}{close}")))
-            .collect();
-        let text = self.template.render(&marked, true)?;
-        let mut ids = Vec::new();
-        let mut rest = text.as_str();
-        while let Some(at) = rest.find(open) {
-            ids.extend(self.tokenizer.encode_part(&rest[..at], ids.is_empty())?);
-            let after = &rest[at + open.len_utf8()..];
-            let index = after.find(close).and_then(|end| after[..end].parse::<usize>().ok().map(|i| (i, end)));
-            let Some((i, end)) = index.filter(|&(i, _)| i < messages.len()) else {
-                return Err(EngineError::Template("the chat template altered a message's text".into()));
-            };
-            ids.extend(self.tokenizer.encode_literal(&messages[i].content)?);
-            rest = &after[end + close.len_utf8()..];
-        }
-        ids.extend(self.tokenizer.encode_part(rest, ids.is_empty())?);
-        Ok(ids)
+        Ok(herd_prompt::encode_chat(&self.tokenizer, &self.template, messages)?)
     }
 
     /// f32 logits `(n, vocab)` for every position of `ids`, from an empty cache.
@@ -673,7 +653,7 @@ impl Engine {
             let row = logits.next().expect("a logits row per sequence that ran");
             if !seq.ran {
                 seq.ran = true;
-                self.model.count_hit(seq.found);
+                self.model.count_prompt(seq.prompt_len, seq.found);
             }
             if take[i] < pending[i] {
                 results.push(Ok(Progress::Waiting));

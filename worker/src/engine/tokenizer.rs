@@ -16,21 +16,7 @@ use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
 use super::config::gguf_uint;
 use super::error::{EngineError, Result, candle_message};
 use super::sentencepiece::{Piece, SpmModel, kind};
-
-/// A tokenizer plus the BOS rule of its model.
-#[derive(Clone)]
-pub struct Tokenizer {
-    inner: HfTokenizer,
-    bos: Option<u32>,
-    add_bos: bool,
-    /// The texts of its special tokens, to find them in what users wrote.
-    specials: Vec<String>,
-}
-
-/// The texts of `inner`'s special tokens.
-fn specials(inner: &HfTokenizer) -> Vec<String> {
-    inner.get_added_tokens_decoder().into_values().filter(|t| t.special).map(|t| t.content).collect()
-}
+pub use herd_prompt::Tokenizer;
 
 /// A token given as a string or as `{"content": ...}` in `tokenizer_config.json`.
 #[derive(Debug, Deserialize, Clone)]
@@ -102,152 +88,78 @@ impl TokenizerConfig {
     }
 }
 
-impl Tokenizer {
-    /// The tokenizer of an HF checkpoint directory: `tokenizer.json`, else `tokenizer.model`.
-    pub fn from_hf_dir(dir: &Path, tcfg: &TokenizerConfig, bos_id: Option<u32>) -> Result<Self> {
-        let json = dir.join("tokenizer.json");
-        let spm = dir.join("tokenizer.model");
-        let (inner, default_add_bos) = if json.is_file() {
-            let inner = HfTokenizer::from_file(&json)
-                .map_err(|e| EngineError::checkpoint(&json, format!("not a valid tokenizer.json: {e}")))?;
-            // Whether its post-processor adds BOS tells us what the model was trained with.
-            let adds = inner.encode("", true).ok().and_then(|e| e.get_ids().first().copied());
-            let adds_bos =
-                adds.is_some() && adds == bos_id.or_else(|| tcfg.bos_token().and_then(|t| inner.token_to_id(t)));
-            (inner, adds_bos)
-        } else if spm.is_file() {
-            (SpmModel::from_file(&spm)?.to_tokenizer()?, true)
-        } else {
-            return Err(EngineError::checkpoint(
-                dir,
-                "no tokenizer found (expected tokenizer.json or tokenizer.model)",
-            ));
-        };
-        let bos = tcfg.bos_token().and_then(|t| inner.token_to_id(t)).or(bos_id);
-        let add_bos = tcfg.add_bos_token.unwrap_or(default_add_bos) && bos.is_some();
-        Ok(Self { specials: specials(&inner), inner, bos, add_bos })
-    }
+/// The tokenizer of an HF checkpoint directory: `tokenizer.json`, else `tokenizer.model`.
+pub fn from_hf_dir(dir: &Path, tcfg: &TokenizerConfig, bos_id: Option<u32>) -> Result<Tokenizer> {
+    let json = dir.join("tokenizer.json");
+    let spm = dir.join("tokenizer.model");
+    let (inner, default_add_bos) = if json.is_file() {
+        let inner = HfTokenizer::from_file(&json)
+            .map_err(|e| EngineError::checkpoint(&json, format!("not a valid tokenizer.json: {e}")))?;
+        // Whether its post-processor adds BOS tells us what the model was trained with.
+        let adds = inner.encode("", true).ok().and_then(|e| e.get_ids().first().copied());
+        let adds_bos = adds.is_some() && adds == bos_id.or_else(|| tcfg.bos_token().and_then(|t| inner.token_to_id(t)));
+        (inner, adds_bos)
+    } else if spm.is_file() {
+        (SpmModel::from_file(&spm)?.to_tokenizer()?, true)
+    } else {
+        return Err(EngineError::checkpoint(dir, "no tokenizer found (expected tokenizer.json or tokenizer.model)"));
+    };
+    let bos = tcfg.bos_token().and_then(|t| inner.token_to_id(t)).or(bos_id);
+    let add_bos = tcfg.add_bos_token.unwrap_or(default_add_bos) && bos.is_some();
+    Ok(Tokenizer::new(inner, bos, add_bos))
+}
 
-    /// The tokenizer embedded in GGUF metadata (`tokenizer.ggml.model` llama or gpt2).
-    pub fn from_gguf(md: &HashMap<String, Value>, path: &Path) -> Result<Self> {
-        let err = |msg: String| EngineError::checkpoint(path, msg);
-        let strings = |key: &str| -> Result<Vec<String>> {
-            let v = md.get(key).ok_or_else(|| err(format!("GGUF metadata lacks {key}")))?;
-            let list = v.to_vec().map_err(|e| err(format!("{key}: {}", candle_message(&e))))?;
-            list.iter()
-                .map(|s| s.to_string().cloned().map_err(|e| err(format!("{key}: {}", candle_message(&e)))))
-                .collect()
-        };
-        let types: Vec<i32> = match md.get("tokenizer.ggml.token_type").and_then(|v| v.to_vec().ok()) {
-            Some(list) => list.iter().map(|v| gguf_uint(v).unwrap_or(1) as i32).collect(),
-            None => Vec::new(),
-        };
-        let tokens = strings("tokenizer.ggml.tokens")?;
-        let kind_of = |i: usize| types.get(i).copied().unwrap_or(kind::NORMAL);
-        let flag = |key: &str| md.get(key).and_then(|v| v.to_bool().ok());
-        let model =
-            md.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).map(String::as_str).unwrap_or("llama");
-        let inner = match model {
-            "llama" => {
-                let scores: Vec<f32> = match md.get("tokenizer.ggml.scores").and_then(|v| v.to_vec().ok()) {
-                    Some(list) => list.iter().map(|v| v.to_f32().unwrap_or(0.0)).collect(),
-                    None => vec![0.0; tokens.len()],
-                };
-                let pieces = tokens
-                    .iter()
-                    .enumerate()
-                    .map(|(i, t)| Piece {
-                        text: t.clone(),
-                        score: scores.get(i).copied().unwrap_or(0.0),
-                        kind: kind_of(i),
-                    })
-                    .collect();
-                SpmModel {
-                    pieces,
-                    byte_fallback: true,
-                    add_dummy_prefix: flag("tokenizer.ggml.add_space_prefix").unwrap_or(true),
-                    remove_extra_whitespaces: false,
-                    escape_whitespaces: true,
-                }
-                .to_tokenizer()?
+/// The tokenizer embedded in GGUF metadata (`tokenizer.ggml.model` llama or gpt2).
+pub fn from_gguf(md: &HashMap<String, Value>, path: &Path) -> Result<Tokenizer> {
+    let err = |msg: String| EngineError::checkpoint(path, msg);
+    let strings = |key: &str| -> Result<Vec<String>> {
+        let v = md.get(key).ok_or_else(|| err(format!("GGUF metadata lacks {key}")))?;
+        let list = v.to_vec().map_err(|e| err(format!("{key}: {}", candle_message(&e))))?;
+        list.iter().map(|s| s.to_string().cloned().map_err(|e| err(format!("{key}: {}", candle_message(&e))))).collect()
+    };
+    let types: Vec<i32> = match md.get("tokenizer.ggml.token_type").and_then(|v| v.to_vec().ok()) {
+        Some(list) => list.iter().map(|v| gguf_uint(v).unwrap_or(1) as i32).collect(),
+        None => Vec::new(),
+    };
+    let tokens = strings("tokenizer.ggml.tokens")?;
+    let kind_of = |i: usize| types.get(i).copied().unwrap_or(kind::NORMAL);
+    let flag = |key: &str| md.get(key).and_then(|v| v.to_bool().ok());
+    let model = md.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).map(String::as_str).unwrap_or("llama");
+    let inner = match model {
+        "llama" => {
+            let scores: Vec<f32> = match md.get("tokenizer.ggml.scores").and_then(|v| v.to_vec().ok()) {
+                Some(list) => list.iter().map(|v| v.to_f32().unwrap_or(0.0)).collect(),
+                None => vec![0.0; tokens.len()],
+            };
+            let pieces = tokens
+                .iter()
+                .enumerate()
+                .map(|(i, t)| Piece { text: t.clone(), score: scores.get(i).copied().unwrap_or(0.0), kind: kind_of(i) })
+                .collect();
+            SpmModel {
+                pieces,
+                byte_fallback: true,
+                add_dummy_prefix: flag("tokenizer.ggml.add_space_prefix").unwrap_or(true),
+                remove_extra_whitespaces: false,
+                escape_whitespaces: true,
             }
-            "gpt2" => {
-                let merges = strings("tokenizer.ggml.merges")?
-                    .into_iter()
-                    .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| err("tokenizer.ggml.merges has an entry without a space".into()))?;
-                let pre = md
-                    .get("tokenizer.ggml.pre")
-                    .and_then(|v| v.to_string().ok())
-                    .map(String::as_str)
-                    .unwrap_or("default");
-                gpt2_tokenizer(&tokens, merges, pre, &kind_of).map_err(|e| err(e.to_string()))?
-            }
-            other => return Err(err(format!("unsupported GGUF tokenizer model {other} (herd reads llama and gpt2)"))),
-        };
-        let bos = md.get("tokenizer.ggml.bos_token_id").and_then(gguf_uint).map(|v| v as u32);
-        let add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(model == "llama") && bos.is_some();
-        Ok(Self { specials: specials(&inner), inner, bos, add_bos })
-    }
-
-    /// Encodes `text`, parsing special-token text, and adds BOS when the model expects it.
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        self.encode_part(text, true)
-    }
-
-    /// Encodes `text`, parsing special-token text, with BOS only if `first` (a later part of a
-    /// prompt encoded piece by piece).
-    pub fn encode_part(&self, text: &str, first: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode_fast(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-        let mut ids = enc.get_ids().to_vec();
-        if let Some(bos) = self.bos.filter(|_| self.add_bos && first)
-            && ids.first() != Some(&bos)
-        {
-            ids.insert(0, bos);
+            .to_tokenizer()?
         }
-        Ok(ids)
-    }
-
-    /// Whether `text` spells out a special token (`</s>`, `<|im_end|>`, ...).
-    pub fn has_special_text(&self, text: &str) -> bool {
-        self.specials.iter().any(|t| text.contains(t.as_str()))
-    }
-
-    /// Encodes what a user wrote: special-token text stays text, so that it cannot end a turn or
-    /// open a forged one. No BOS.
-    pub fn encode_literal(&self, text: &str) -> Result<Vec<u32>> {
-        // Only for text that spells a special token, which is rare: a copy is cheap enough.
-        let mut literal = self.inner.clone();
-        literal.set_encode_special_tokens(true);
-        let enc = literal.encode_fast(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
-    }
-
-    /// Decodes ids to text, leaving out special tokens.
-    pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| EngineError::Tokenizer(e.to_string()))
-    }
-
-    /// The vocabulary entry of `id` as stored (e.g. "▁the" or "<0x0A>").
-    pub fn token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
-    }
-
-    /// The id of a vocabulary entry.
-    pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
-    }
-
-    /// The BOS id, if the model has one.
-    pub fn bos_id(&self) -> Option<u32> {
-        self.bos
-    }
-
-    /// Vocabulary size including added tokens.
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
-    }
+        "gpt2" => {
+            let merges = strings("tokenizer.ggml.merges")?
+                .into_iter()
+                .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| err("tokenizer.ggml.merges has an entry without a space".into()))?;
+            let pre =
+                md.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).map(String::as_str).unwrap_or("default");
+            gpt2_tokenizer(&tokens, merges, pre, &kind_of).map_err(|e| err(e.to_string()))?
+        }
+        other => return Err(err(format!("unsupported GGUF tokenizer model {other} (herd reads llama and gpt2)"))),
+    };
+    let bos = md.get("tokenizer.ggml.bos_token_id").and_then(gguf_uint).map(|v| v as u32);
+    let add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(model == "llama") && bos.is_some();
+    Ok(Tokenizer::new(inner, bos, add_bos))
 }
 
 /// A byte-level BPE like GPT-2's, with the pre-tokenizer llama.cpp names in `tokenizer.ggml.pre`.

@@ -8,29 +8,14 @@
 
 use std::collections::HashMap;
 
-use sha2::{Digest as _, Sha256};
+pub use herd_prompt::blocks::Digest;
+use herd_prompt::blocks::{ROOT, chain};
 
 /// A block's index in every rank's storage.
 pub type BlockId = u32;
 
-/// The hash of a chain of full blocks.
-pub type Digest = [u8; 32];
-
-/// The parent of a sequence's first block.
-const ROOT: Digest = [0; 32];
-
 /// No block (the free queue's ends).
 const NONE: u32 = u32::MAX;
-
-/// The hash of a full block's `tokens` after the chain `parent`.
-fn chain(parent: &Digest, tokens: &[u32]) -> Digest {
-    let mut h = Sha256::new();
-    h.update(parent);
-    for t in tokens {
-        h.update(t.to_le_bytes());
-    }
-    h.finalize().into()
-}
 
 /// Tokens `a` and `b` share from their start.
 pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
@@ -63,6 +48,10 @@ pub struct KvStats {
     /// Lookups that found a prefix, and the prompt tokens they found.
     pub hits: u64,
     pub hit_tokens: u64,
+    /// Prompt tokens of every prompt that ran, found or computed.
+    pub prompt_tokens: u64,
+    /// Bumped whenever a full block is indexed or forgotten: the published hashes changed.
+    pub version: u64,
 }
 
 /// The blocks of one device group (every rank holds block `b` at the same place).
@@ -84,6 +73,8 @@ pub struct BlockPool {
     children: HashMap<Digest, Vec<BlockId>>,
     hits: u64,
     hit_tokens: u64,
+    prompt_tokens: u64,
+    version: u64,
 }
 
 impl BlockPool {
@@ -113,6 +104,8 @@ impl BlockPool {
             children: HashMap::new(),
             hits: 0,
             hit_tokens: 0,
+            prompt_tokens: 0,
+            version: 0,
         }
     }
 
@@ -145,11 +138,19 @@ impl BlockPool {
             block_size: self.block_size,
             hits: self.hits,
             hit_tokens: self.hit_tokens,
+            prompt_tokens: self.prompt_tokens,
+            version: self.version,
         }
     }
 
-    /// Counts a prompt that found `tokens` of itself cached.
-    pub fn count_hit(&mut self, tokens: usize) {
+    /// The short hashes of the full blocks it can find, which workers publish for routing.
+    pub fn hashes(&self) -> Vec<u64> {
+        self.full.keys().map(herd_prompt::blocks::short).collect()
+    }
+
+    /// Counts a prompt of `prompt` tokens that found `tokens` of itself cached.
+    pub fn count_prompt(&mut self, prompt: usize, tokens: usize) {
+        self.prompt_tokens += prompt as u64;
         if tokens > 0 {
             self.hits += 1;
             self.hit_tokens += tokens as u64;
@@ -216,6 +217,7 @@ impl BlockPool {
             && self.full.get(&h) == Some(&b)
         {
             self.full.remove(&h);
+            self.version += 1;
         }
     }
 
@@ -327,7 +329,10 @@ impl BlockPool {
             if rows.len() == bs && m.hash.is_none() {
                 let h = chain(&parent, rows);
                 m.hash = Some(h);
-                self.full.entry(h).or_insert(b);
+                if let std::collections::hash_map::Entry::Vacant(slot) = self.full.entry(h) {
+                    slot.insert(b);
+                    self.version += 1;
+                }
             }
         }
     }

@@ -174,9 +174,15 @@ impl Ranks {
         kv::lock(&self.pool).caching()
     }
 
-    /// Counts a prompt that found `tokens` of itself in the cache.
-    pub fn count_hit(&self, tokens: usize) {
-        kv::lock(&self.pool).count_hit(tokens);
+    /// Counts a prompt of `prompt` tokens that found `tokens` of itself in the cache.
+    pub fn count_prompt(&self, prompt: usize, tokens: usize) {
+        kv::lock(&self.pool).count_prompt(prompt, tokens);
+    }
+
+    /// The short hashes of the cached full blocks, with the version they are current for.
+    pub fn kv_hashes(&self) -> (u64, Vec<u64>) {
+        let pool = kv::lock(&self.pool);
+        (pool.stats().version, pool.hashes())
     }
 
     /// Runs `tokens` after what `cache` holds on every rank; returns f32 logits `(n, vocab)` for

@@ -5,7 +5,7 @@ use std::path::Path;
 use minijinja::{Environment, ErrorKind, context};
 use serde::Serialize;
 
-use super::error::{EngineError, Result};
+use crate::{PromptError, Result};
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -98,12 +98,12 @@ impl ChatTemplate {
             }
             let path = Path::new(flag);
             if !path.is_file() {
-                return Err(EngineError::Template(format!(
+                return Err(PromptError::Template(format!(
                     "--chat-template {flag}: neither a built-in template (vicuna_v1.1, one_shot) nor a readable file"
                 )));
             }
             let source = std::fs::read_to_string(path)
-                .map_err(|e| EngineError::Template(format!("--chat-template {flag}: {e}")))?;
+                .map_err(|e| PromptError::Template(format!("--chat-template {flag}: {e}")))?;
             let t = jinja(source);
             t.check()?;
             return Ok((t, TemplateSource::Flag));
@@ -152,7 +152,7 @@ impl ChatTemplate {
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         for m in messages {
             if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
-                return Err(EngineError::InvalidArgument(format!(
+                return Err(PromptError::InvalidArgument(format!(
                     "message role {:?} is not one of system, user, assistant",
                     m.role
                 )));
@@ -177,14 +177,14 @@ impl ChatTemplate {
                 env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
                     Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
                 });
-                let tmpl = env.template_from_str(source).map_err(|e| EngineError::Template(e.to_string()))?;
+                let tmpl = env.template_from_str(source).map_err(|e| PromptError::Template(e.to_string()))?;
                 tmpl.render(context! {
                     messages => minijinja::value::Serde(messages),
                     add_generation_prompt => add_generation_prompt,
                     bos_token => bos_token,
                     eos_token => eos_token,
                 })
-                .map_err(|e| EngineError::Template(e.to_string()))
+                .map_err(|e| PromptError::Template(e.to_string()))
             }
         }
     }
@@ -289,6 +289,6 @@ mod tests {
     #[test]
     fn unknown_role_is_rejected() {
         let e = ChatTemplate::VicunaV11.render(&[Message::new("tool", "x")], true).unwrap_err();
-        assert!(matches!(e, EngineError::InvalidArgument(_)));
+        assert!(matches!(e, PromptError::InvalidArgument(_)));
     }
 }
