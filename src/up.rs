@@ -60,6 +60,13 @@ pub struct UpArgs {
     /// With `--store etcd`: key prefix.
     #[arg(long, env = "HERD_ETCD_PREFIX", default_value = "/herd")]
     etcd_prefix: String,
+    /// How the gateway picks a worker (see `herd gateway --routing-policy`).
+    #[arg(long, value_enum, default_value = "kv-aware", env = "HERD_ROUTING_POLICY")]
+    pub routing_policy: herd_gateway::policy::PolicyName,
+    /// With kv-aware routing (see `herd gateway --routing-balance-threshold`).
+    #[arg(long, default_value_t = herd_gateway::DEFAULT_BALANCE_THRESHOLD,
+          value_parser = herd_gateway::balance_threshold, env = "HERD_ROUTING_BALANCE_THRESHOLD")]
+    pub routing_balance_threshold: f64,
     /// API keys file for the gateway, one key per line (see `herd gateway --api-keys`).
     #[arg(long, env = "HERD_API_KEYS_FILE")]
     api_keys: Option<PathBuf>,
@@ -123,7 +130,7 @@ fn spawn_worker(
     // CPU workers share the machine's memory, and a busy worker's KV cache fills its budget:
     // each takes an equal part of what one worker alone would take.
     if devices == "cpu" && args.workers > 1 {
-        let share = herd_worker::engine::available_memory_bytes().map(|b| b / 2 / args.workers as u64 >> 20);
+        let share = herd_worker::engine::available_memory_bytes().map(|b| (b / 2 / args.workers as u64) >> 20);
         if let Some(mb) = share.filter(|&mb| mb > 0) {
             cmd.args(["--kv-cache-mb", &mb.to_string()]);
         }
@@ -236,6 +243,8 @@ pub async fn run(args: UpArgs, mut stop: Pin<Box<dyn Future<Output = ()> + Send>
     let with_keys = |mut gateway: herd_gateway::GatewayArgs| {
         gateway.api_keys = args.api_keys.clone();
         gateway.api_key_list = args.api_key_list.clone();
+        gateway.routing_policy = args.routing_policy;
+        gateway.routing_balance_threshold = args.routing_balance_threshold;
         gateway
     };
     // A bad key file must stop `herd up` before it loads any model.

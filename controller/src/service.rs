@@ -164,9 +164,9 @@ fn serves(state: &WorkerState, model: &str) -> bool {
     state.info.as_ref().is_some_and(|info| info.models.iter().any(|name| name == model))
 }
 
-/// Queued plus running sequences: what the least-loaded choice compares.
-fn queue_depth(state: &WorkerState) -> u64 {
-    state.load.as_ref().map_or(0, |load| u64::from(load.running) + u64::from(load.waiting))
+/// The cluster's one load measure (`WorkerLoad::score`), for a worker as last reported.
+fn score(state: &WorkerState) -> f64 {
+    state.load.as_ref().map_or(0.0, |load| load.score(0))
 }
 
 /// Every model name and alias with how many workers serve it, sorted by name. The context length is
@@ -191,12 +191,12 @@ pub fn model_entries(workers: &[WorkerState]) -> Vec<ModelEntry> {
     entries.into_values().collect()
 }
 
-/// The least-loaded worker serving `model` (running + waiting), chosen at random among ties so that
-/// clients without a table of their own still spread out.
+/// The least-loaded worker serving `model` (the gateways' measure), chosen at random among ties so
+/// that clients without a table of their own still spread out.
 pub fn pick_least_loaded(workers: &[WorkerState], model: &str) -> Option<WorkerState> {
     let serving: Vec<&WorkerState> = workers.iter().filter(|state| serves(state, model)).collect();
-    let least = serving.iter().map(|state| queue_depth(state)).min()?;
-    let tied: Vec<&WorkerState> = serving.into_iter().filter(|state| queue_depth(state) == least).collect();
+    let least = serving.iter().map(|state| score(state)).min_by(f64::total_cmp)?;
+    let tied: Vec<&WorkerState> = serving.into_iter().filter(|state| score(state) == least).collect();
     tied.choose(&mut rand::rng()).map(|state| (*state).clone())
 }
 

@@ -66,6 +66,8 @@ pub(crate) struct Opened {
 #[derive(Default)]
 pub(crate) struct Attempts {
     tried: HashSet<String>,
+    /// The prompt's block hashes, computed at the first pick when the policy uses them.
+    prefix: Option<Option<Vec<u64>>>,
     exhausted: bool,
     last_failure: Option<String>,
 }
@@ -148,12 +150,20 @@ impl Ctx {
     /// Starts `request` on the best worker not yet tried and waits for its first chunk,
     /// failing over to the next worker while the failure is the worker's.
     pub async fn open(&self, request: &GenerateRequest, attempts: &mut Attempts) -> Result<Opened, GatewayError> {
+        if attempts.prefix.is_none() && self.table.uses_prefix() {
+            attempts.prefix = Some(self.prefix(request).await);
+        }
         loop {
-            let Some(picked) = self.table.pick(&self.model, &attempts.tried) else {
+            let prefix = attempts.prefix.as_ref().and_then(|p| p.as_deref());
+            let Some(picked) = self.table.pick(&self.model, &attempts.tried, prefix) else {
                 return Err(self.no_worker(attempts));
             };
             attempts.tried.insert(picked.worker_id.clone());
-            debug!(request_id = %self.request_id, worker = %picked.worker_id, address = %picked.address, "calling worker");
+            let d = &picked.decision;
+            debug!(request_id = %self.request_id, worker = %picked.worker_id, address = %picked.address,
+                   policy = d.policy, reason = d.reason.label(), overlap_blocks = d.overlap,
+                   prompt_blocks = d.prompt_blocks, load = d.load, least_load = d.least_load, "calling worker");
+            self.metrics.routed(d);
             let mut client = WorkerClient::new(picked.channel.clone())
                 .max_encoding_message_size(herd_proto::MAX_WORKER_REQUEST_BYTES);
             let mut call = tonic::Request::new(request.clone());
@@ -199,6 +209,22 @@ impl Ctx {
                 Err(status) => return Err(GatewayError::from_status(&status, self.prompt_param)),
             }
         }
+    }
+
+    /// The prompt's KV block hashes, encoded as the model's workers encode it (off the async
+    /// threads: a long prompt takes milliseconds); `None` until a worker has said how, or while
+    /// every core is already encoding (the call is then routed by load rather than queued).
+    async fn prefix(&self, request: &GenerateRequest) -> Option<Vec<u64>> {
+        let encoder = self.table.encoder(&self.model)?;
+        let permit = self.table.encoding_permit()?;
+        let request = request.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            encoder.hashes(&request)
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     /// The error when no worker is left to try.

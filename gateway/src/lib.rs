@@ -9,8 +9,11 @@
 pub mod auth;
 mod dispatch;
 mod https;
+mod live;
 pub mod metrics;
 pub mod openai;
+pub mod policy;
+mod prefix;
 pub mod router;
 mod server;
 pub mod ui;
@@ -100,6 +103,15 @@ pub struct GatewayArgs {
     /// Serve `/metrics` only to callers with an API key (the key's allowance is not spent).
     #[arg(long, env = "HERD_METRICS_REQUIRE_KEY")]
     pub metrics_require_key: bool,
+    /// How a call's worker is chosen: kv-aware (where the prompt's prefix is cached, within
+    /// the balance threshold), least-loaded, power-of-two or round-robin.
+    #[arg(long, value_enum, default_value = "kv-aware", env = "HERD_ROUTING_POLICY")]
+    pub routing_policy: policy::PolicyName,
+    /// With kv-aware routing: how much busier than the least loaded worker (in sequences) a
+    /// worker holding more of the prompt may be and still get the call.
+    #[arg(long, default_value_t = DEFAULT_BALANCE_THRESHOLD, value_parser = balance_threshold,
+          env = "HERD_ROUTING_BALANCE_THRESHOLD")]
+    pub routing_balance_threshold: f64,
     /// Mutual TLS towards the controller and workers.
     #[command(flatten)]
     pub tls: TlsArgs,
@@ -107,6 +119,20 @@ pub struct GatewayArgs {
     #[command(flatten)]
     pub cluster_token: TokenArgs,
 }
+
+/// `--routing-balance-threshold`'s default.
+pub const DEFAULT_BALANCE_THRESHOLD: f64 = 8.0;
+
+/// Parses `--routing-balance-threshold`: a finite number of sequences, at least 0.
+pub fn balance_threshold(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{text:?} is not a number of sequences (0 or more)")),
+    }
+}
+
+/// How often the dashboard's chart points are taken.
+const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 
 impl GatewayArgs {
     /// Gateway arguments with every option at its default, for `controller`.
@@ -130,6 +156,8 @@ impl GatewayArgs {
             http_tls_cert: None,
             http_tls_key: None,
             metrics_require_key: false,
+            routing_policy: policy::PolicyName::KvAware,
+            routing_balance_threshold: DEFAULT_BALANCE_THRESHOLD,
             tls: TlsArgs::default(),
             cluster_token: TokenArgs::default(),
         }
@@ -330,11 +358,21 @@ pub async fn serve(
         _ => None,
     };
     let token = args.cluster_token.load().map_err(|e| GatewayError::Config(e.to_string()))?;
-    let table = Arc::new(WorkerTable::with_credentials(tls, token));
+    let policy = args.routing_policy.build(args.routing_balance_threshold);
+    let table = Arc::new(WorkerTable::with_credentials(tls, token).with_policy(policy));
     let _watcher = AbortOnDrop(tokio::spawn(watch::watch_controllers(args.controller.clone(), table.clone())));
+    let sampled = table.clone();
+    let _sampler = AbortOnDrop(tokio::spawn(async move {
+        let mut every = tokio::time::interval(SAMPLE_EVERY);
+        loop {
+            every.tick().await;
+            sampled.sample();
+        }
+    }));
     let api_keys = auth.as_ref().map_or(0, |a| a.keys.len());
     let addr = listener.local_addr().ok();
-    info!(?addr, controllers = ?args.controller, api_keys, https = https.is_some(), "gateway serving");
+    info!(?addr, controllers = ?args.controller, api_keys, https = https.is_some(), routing = table.policy_name(),
+          "gateway serving");
     let app = router(
         AppState::new(table, Settings::from(&args)).with_auth(auth).with_private_metrics(args.metrics_require_key),
     );

@@ -12,7 +12,7 @@ use herd_ops::metrics::{
 };
 
 use crate::AppState;
-use crate::router::WorkerTable;
+use crate::router::{Decision, WorkerTable};
 
 /// Every series the gateway exports.
 pub struct GatewayMetrics {
@@ -36,6 +36,12 @@ pub struct GatewayMetrics {
     inflight: IntGaugeVec,
     running: IntGaugeVec,
     waiting: IntGaugeVec,
+    /// Routing decisions by policy and reason.
+    routing_decisions: IntCounterVec,
+    /// Per decision: the share of the prompt's blocks the chosen worker held, and how much
+    /// busier it was than the least loaded.
+    routing_overlap: Histogram,
+    routing_load_gap: Histogram,
 }
 
 impl GatewayMetrics {
@@ -74,6 +80,21 @@ impl GatewayMetrics {
             ),
             running: r.gauge_vec("herd_gateway_worker_running", "Running sequences each worker last reported.", worker),
             waiting: r.gauge_vec("herd_gateway_worker_waiting", "Queued sequences each worker last reported.", worker),
+            routing_decisions: r.counter_vec(
+                "herd_gateway_routing_decisions_total",
+                "Routing decisions by policy and reason (prefix, balance, least_loaded, power_of_two, round_robin).",
+                &["policy", "reason"],
+            ),
+            routing_overlap: r.histogram(
+                "herd_gateway_routing_prefix_overlap_ratio",
+                "Share of the prompt's KV blocks the chosen worker held (kv-aware routing).",
+                &[0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0],
+            ),
+            routing_load_gap: r.histogram(
+                "herd_gateway_routing_load_gap",
+                "How much busier (in sequences) the chosen worker was than the least loaded.",
+                &[0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+            ),
             registry: r,
         }
     }
@@ -92,6 +113,15 @@ impl GatewayMetrics {
             self.waiting.with_label_values(&[&id]).set(i64::from(waiting));
         }
         self.registry.render()
+    }
+
+    /// Records a routing decision.
+    pub fn routed(&self, decision: &Decision) {
+        self.routing_decisions.with_label_values(&[decision.policy, decision.reason.label()]).inc();
+        if decision.prompt_blocks > 0 {
+            self.routing_overlap.observe(decision.overlap as f64 / decision.prompt_blocks as f64);
+        }
+        self.routing_load_gap.observe(decision.load - decision.least_load);
     }
 
     /// Records a choice's first token, `secs` after its request arrived.

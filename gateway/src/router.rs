@@ -1,15 +1,22 @@
-//! The worker table and the routing policy: least loaded healthy worker for a model, random tie-break.
+//! The worker table: every worker the controller knows, with the load it reports and this
+//! gateway's calls to it; a routing policy (`routing`) picks among the healthy ones.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use herd_ops::{AuthChannel, ClusterTls, ClusterToken};
-use herd_proto::v1::{WorkerEvent, WorkerState, worker_event};
-use rand::Rng;
+use herd_ops::{AbortOnDrop, AuthChannel, ClusterTls, ClusterToken};
+use herd_proto::v1::{WorkerEvent, WorkerLoad, WorkerState, worker_event};
 use tonic::transport::Endpoint;
 use tracing::{debug, warn};
+
+use crate::live::{self, Live};
+use crate::policy::{Candidate, KvAware, Policy, Reason};
+use crate::prefix::Encoder;
+
+/// How much history the dashboard's charts get.
+const HISTORY: Duration = Duration::from_secs(300);
 
 /// How long dialing a worker or controller may take before the call fails over.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -57,6 +64,39 @@ pub struct Picked {
     pub channel: AuthChannel,
     /// Counts this call in the worker's in-flight total.
     pub guard: InflightGuard,
+    /// Why it was chosen.
+    pub decision: Decision,
+}
+
+/// One routing decision, for the debug log and `herd_gateway_routing_*`.
+#[derive(Debug, Clone, Copy)]
+pub struct Decision {
+    /// The policy's name.
+    pub policy: &'static str,
+    /// Why it chose this worker.
+    pub reason: Reason,
+    /// Leading blocks of the prompt the worker holds, and the prompt's full blocks (0 when the
+    /// policy does not look at prompts).
+    pub overlap: usize,
+    pub prompt_blocks: usize,
+    /// The chosen worker's load, and the least load among the candidates.
+    pub load: f64,
+    pub least_load: f64,
+}
+
+/// One point of a worker's charts.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Sample {
+    /// When (unix milliseconds).
+    pub t_ms: u64,
+    /// Tokens per second it generated since the previous point.
+    pub tokens_per_second: f64,
+    /// Sequences it ran and queued.
+    pub running: u32,
+    pub waiting: u32,
+    /// Share of the prompt tokens since the previous point that it found cached; `None`
+    /// when it ran no prompt.
+    pub cached_share: Option<f64>,
 }
 
 /// One worker as the dashboard shows it.
@@ -85,10 +125,21 @@ pub struct WorkerView {
     pub kv_blocks_used: u32,
     pub kv_blocks_cached: u32,
     pub kv_blocks_total: u32,
-    /// Tokens per second it generated between its last two reports.
+    /// Its load as routing compares it (`WorkerLoad::score`).
+    pub load: f64,
+    /// Tokens per second it generated lately (the latest chart point).
     pub tokens_per_second: f64,
-    /// Seconds since its last report (heartbeat).
+    /// Tokens generated, prompt tokens run and those found cached, since it started.
+    pub generated_tokens: u64,
+    pub prompt_tokens: u64,
+    pub cached_prompt_tokens: u64,
+    /// Its last five minutes, oldest first.
+    pub history: Vec<Sample>,
+    /// Seconds since its last heartbeat (through the controller).
     pub seconds_since_heartbeat: f64,
+    /// Seconds since the load shown here was reported: its `WatchLoad` stream's latest update
+    /// while one is up, else its heartbeat.
+    pub seconds_since_report: f64,
     /// Its context length.
     pub context_length: u32,
     /// Tensor-parallel ranks.
@@ -113,20 +164,30 @@ struct Entry {
     address: String,
     channel: AuthChannel,
     inflight: Arc<AtomicUsize>,
+    /// Calls sent since the latest load report, which cannot count them yet.
+    unreported: AtomicU32,
+    /// The `Live` update count when `unreported` was last cleared.
+    live_seen: u64,
     down_until: Option<Instant>,
     /// Set while the worker is missing from the latest snapshot: dropped after this instant.
     missing_until: Option<Instant>,
     first_seen: u64,
     /// When its record last arrived (a heartbeat carries one).
     updated: Instant,
-    /// Its generated-token count when the rate was last computed, and when.
-    tokens_seen: Option<(u64, Instant)>,
-    /// Tokens per second between its last two reports that differed.
-    token_rate: f64,
+    /// What it streams to this gateway, and the task that follows the stream.
+    live: Arc<Live>,
+    _follower: Option<AbortOnDrop>,
+    /// Chart points, and the totals and time of the latest.
+    history: VecDeque<Sample>,
+    sampled: Option<(WorkerLoad, Instant)>,
 }
 
 impl Entry {
-    fn new(state: WorkerState, (tls, token): (Option<&ClusterTls>, Option<&ClusterToken>)) -> Option<Entry> {
+    fn new(
+        state: WorkerState,
+        (tls, token): (Option<&ClusterTls>, Option<&ClusterToken>),
+        encoder: bool,
+    ) -> Option<Entry> {
         let info = state.info.as_ref()?;
         let address = info.address.clone();
         let channel = match endpoint(&address, tls) {
@@ -136,20 +197,28 @@ impl Entry {
                 return None;
             }
         };
-        let mut entry = Entry {
+        let live = Arc::new(Live::default());
+        // Outside a runtime (never in the gateway itself) the table works from heartbeats alone.
+        let follower = tokio::runtime::Handle::try_current().ok().map(|runtime| {
+            let task = live::follow(channel.clone(), live.clone(), encoder, info.worker_id.clone());
+            AbortOnDrop(runtime.spawn(task))
+        });
+        Some(Entry {
             state,
             address,
             channel,
             inflight: Arc::new(AtomicUsize::new(0)),
+            unreported: AtomicU32::new(0),
+            live_seen: 0,
             down_until: None,
             missing_until: None,
             first_seen: unix_now(),
             updated: Instant::now(),
-            tokens_seen: None,
-            token_rate: 0.0,
-        };
-        entry.note_tokens();
-        Some(entry)
+            live,
+            _follower: follower,
+            history: VecDeque::new(),
+            sampled: None,
+        })
     }
 
     /// Takes a newer record of the same worker.
@@ -157,25 +226,58 @@ impl Entry {
         self.state = state;
         self.missing_until = None;
         self.updated = Instant::now();
-        self.note_tokens();
+        if self.live.load().is_none() {
+            self.unreported.store(0, Ordering::SeqCst);
+        }
     }
 
-    /// Updates the token rate from the record's cumulative count.
-    fn note_tokens(&mut self) {
-        let now = Instant::now();
-        let total = self.state.load.as_ref().map_or(0, |l| l.generated_tokens);
-        match self.tokens_seen {
-            Some((seen, at)) if total > seen => {
-                let secs = now.duration_since(at).as_secs_f64();
-                if secs > 0.0 {
-                    self.token_rate = (total - seen) as f64 / secs;
+    /// Its latest load: the stream's while one is up, else the heartbeat's. A new streamed
+    /// report counts every call sent before it.
+    fn current_load(&mut self) -> WorkerLoad {
+        match self.live.load() {
+            Some((load, seq)) => {
+                if seq != self.live_seen {
+                    self.live_seen = seq;
+                    self.unreported.store(0, Ordering::SeqCst);
                 }
-                self.tokens_seen = Some((total, now));
+                load
             }
-            // Idle since the last report: the rate decays to zero rather than freezing.
-            Some((seen, _)) if total == seen => self.token_rate = 0.0,
-            _ => self.tokens_seen = Some((total, now)),
+            None => self.state.load.unwrap_or_default(),
         }
+    }
+
+    /// Its load as policies compare it.
+    fn score(&mut self) -> f64 {
+        let load = self.current_load();
+        load.score(self.unreported.load(Ordering::SeqCst))
+    }
+
+    /// Adds a chart point and drops those older than [`HISTORY`].
+    fn sample(&mut self, now: Instant) {
+        let load = self.current_load();
+        let (rate, share) = match &self.sampled {
+            Some((before, at)) => {
+                let secs = now.duration_since(*at).as_secs_f64().max(1e-3);
+                let generated = load.generated_tokens.saturating_sub(before.generated_tokens);
+                let prompt = load.prompt_tokens.saturating_sub(before.prompt_tokens);
+                let cached = load.cached_prompt_tokens.saturating_sub(before.cached_prompt_tokens);
+                (generated as f64 / secs, (prompt > 0).then(|| cached.min(prompt) as f64 / prompt as f64))
+            }
+            None => (0.0, None),
+        };
+        let t_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        self.history.push_back(Sample {
+            t_ms,
+            tokens_per_second: rate,
+            running: load.running,
+            waiting: load.waiting,
+            cached_share: share,
+        });
+        let oldest = t_ms.saturating_sub(HISTORY.as_millis() as u64);
+        while self.history.front().is_some_and(|s| s.t_ms < oldest) {
+            self.history.pop_front();
+        }
+        self.sampled = Some((load, now));
     }
 
     fn models(&self) -> &[String] {
@@ -189,12 +291,6 @@ impl Entry {
     fn is_down(&self, now: Instant) -> bool {
         self.down_until.is_some_and(|until| until > now)
     }
-
-    /// The gateway's own in-flight calls plus the worker's last reported queue.
-    fn score(&self) -> u64 {
-        let waiting = self.state.load.as_ref().map_or(0, |l| l.waiting);
-        self.inflight.load(Ordering::SeqCst) as u64 + u64::from(waiting)
-    }
 }
 
 #[derive(Default)]
@@ -204,11 +300,26 @@ struct Inner {
 }
 
 /// The gateway's live view of the workers, kept by the watch loop and read by every request.
-#[derive(Default)]
 pub struct WorkerTable {
     inner: Mutex<Inner>,
     tls: Option<ClusterTls>,
     token: Option<ClusterToken>,
+    policy: Box<dyn Policy>,
+    /// Prompts being encoded for routing: at most one per core.
+    encoding: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for WorkerTable {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        Self {
+            inner: Mutex::default(),
+            tls: None,
+            token: None,
+            policy: Box::new(KvAware::new(crate::DEFAULT_BALANCE_THRESHOLD)),
+            encoding: Arc::new(tokio::sync::Semaphore::new(cores)),
+        }
+    }
 }
 
 /// Seconds since the epoch, for OpenAI's `created` fields.
@@ -230,6 +341,45 @@ impl WorkerTable {
     /// An empty table whose channels to workers use the cluster's mutual TLS and carry its token.
     pub fn with_credentials(tls: Option<ClusterTls>, token: Option<ClusterToken>) -> Self {
         Self { tls, token, ..Self::default() }
+    }
+
+    /// The table routing with `policy` instead of the default (kv-aware).
+    pub fn with_policy(mut self, policy: Box<dyn Policy>) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The routing policy's name.
+    pub fn policy_name(&self) -> &'static str {
+        self.policy.name()
+    }
+
+    /// Whether picks want the prompt's block hashes ([`WorkerTable::encoder`]).
+    pub fn uses_prefix(&self) -> bool {
+        self.policy.uses_prefix()
+    }
+
+    /// How the workers serving `model` encode prompts, once one of them has said.
+    pub fn encoder(&self, model: &str) -> Option<Arc<Encoder>> {
+        let inner = self.lock();
+        inner.workers.values().filter(|e| e.serves(model)).find_map(|e| e.live.encoder())
+    }
+
+    /// Leave to encode one prompt for routing, if a core is free for it.
+    pub fn encoding_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.encoding.clone().try_acquire_owned().ok()
+    }
+
+    /// Adds a chart point to every worker's history (the gateway calls this every few seconds).
+    pub fn sample(&self) {
+        let now = Instant::now();
+        for entry in self.lock().workers.values_mut() {
+            entry.sample(now);
+        }
+    }
+
+    fn new_entry(&self, state: WorkerState) -> Option<Entry> {
+        Entry::new(state, (self.tls.as_ref(), self.token.as_ref()), self.policy.uses_prefix())
     }
 
     /// The cluster TLS settings channels are made with.
@@ -295,7 +445,7 @@ impl WorkerTable {
                     inner.workers.insert(id, entry);
                 }
                 None => {
-                    if let Some(entry) = Entry::new(state, (self.tls.as_ref(), self.token.as_ref())) {
+                    if let Some(entry) = self.new_entry(state) {
                         inner.workers.insert(id, entry);
                     }
                 }
@@ -323,7 +473,7 @@ impl WorkerTable {
         match inner.workers.get_mut(&id) {
             Some(entry) if entry.address == address => entry.refresh(state),
             _ => {
-                if let Some(entry) = Entry::new(state, (self.tls.as_ref(), self.token.as_ref())) {
+                if let Some(entry) = self.new_entry(state) {
                     debug!(worker = %id, %address, "worker added");
                     inner.workers.insert(id, entry);
                 }
@@ -345,37 +495,51 @@ impl WorkerTable {
         }
     }
 
-    /// Picks the least-loaded healthy worker serving `model` (name or alias), skipping `exclude`.
+    /// Picks a healthy worker serving `model` (name or alias), skipping `exclude`, with the
+    /// routing policy; `prefix` is the prompt's block hashes when the policy uses them.
     ///
-    /// The in-flight count is raised before the lock is released, so concurrent picks spread out.
-    pub fn pick(&self, model: &str, exclude: &HashSet<String>) -> Option<Picked> {
+    /// The call is counted against the worker before the lock is released, so concurrent picks
+    /// spread out.
+    pub fn pick(&self, model: &str, exclude: &HashSet<String>, prefix: Option<&[u64]>) -> Option<Picked> {
         let now = Instant::now();
-        let inner = self.lock();
-        let mut best: Vec<(&String, &Entry)> = Vec::new();
-        let mut best_score = u64::MAX;
-        for (id, entry) in &inner.workers {
-            if exclude.contains(id) || !entry.serves(model) || entry.is_down(now) {
-                continue;
-            }
-            let score = entry.score();
-            if score < best_score {
-                best_score = score;
-                best.clear();
-            }
-            if score == best_score {
-                best.push((id, entry));
-            }
+        let mut inner = self.lock();
+        let mut ids: Vec<&String> = inner
+            .workers
+            .iter()
+            .filter(|(id, e)| !exclude.contains(*id) && e.serves(model) && !e.is_down(now))
+            .map(|(id, _)| id)
+            .collect();
+        if ids.is_empty() {
+            return None;
         }
-        let (id, entry) = match best.len() {
-            0 => return None,
-            1 => best[0],
-            n => best[rand::rng().random_range(0..n)],
+        ids.sort();
+        let ids: Vec<String> = ids.into_iter().cloned().collect();
+        let candidates: Vec<Candidate> = ids
+            .iter()
+            .map(|id| {
+                let entry = inner.workers.get_mut(id).expect("listed above");
+                let overlap = prefix.map_or(0, |hashes| entry.live.overlap(hashes));
+                Candidate { load: entry.score(), overlap }
+            })
+            .collect();
+        let (chosen, reason) = self.policy.choose(&candidates);
+        let decision = Decision {
+            policy: self.policy.name(),
+            reason,
+            overlap: candidates[chosen].overlap,
+            prompt_blocks: prefix.map_or(0, <[u64]>::len),
+            load: candidates[chosen].load,
+            least_load: candidates.iter().map(|c| c.load).fold(f64::INFINITY, f64::min),
         };
+        let id = &ids[chosen];
+        let entry = &inner.workers[id];
+        entry.unreported.fetch_add(1, Ordering::SeqCst);
         Some(Picked {
             worker_id: id.clone(),
             address: entry.address.clone(),
             channel: entry.channel.clone(),
             guard: InflightGuard::new(entry.inflight.clone()),
+            decision,
         })
     }
 
@@ -421,13 +585,14 @@ impl WorkerTable {
     /// Every worker as the dashboard shows it, ordered by id.
     pub fn overview(&self) -> Vec<WorkerView> {
         let now = Instant::now();
-        let inner = self.lock();
+        let mut inner = self.lock();
         let mut views: Vec<WorkerView> = inner
             .workers
-            .iter()
+            .iter_mut()
             .map(|(id, e)| {
                 let info = e.state.info.clone().unwrap_or_default();
-                let load = e.state.load.unwrap_or_default();
+                let load = e.current_load();
+                let score = e.score();
                 let state = if e.is_down(now) {
                     "down"
                 } else if e.missing_until.is_some() {
@@ -448,8 +613,14 @@ impl WorkerTable {
                     kv_blocks_used: load.kv_blocks_used,
                     kv_blocks_cached: load.kv_blocks_cached,
                     kv_blocks_total: load.kv_blocks_total,
-                    tokens_per_second: e.token_rate,
+                    load: score,
+                    tokens_per_second: e.history.back().map_or(0.0, |s| s.tokens_per_second),
+                    generated_tokens: load.generated_tokens,
+                    prompt_tokens: load.prompt_tokens,
+                    cached_prompt_tokens: load.cached_prompt_tokens,
+                    history: e.history.iter().cloned().collect(),
                     seconds_since_heartbeat: now.duration_since(e.updated).as_secs_f64(),
+                    seconds_since_report: now.duration_since(e.live.updated().unwrap_or(e.updated)).as_secs_f64(),
                     context_length: info.context_length,
                     tp_size: info.tp_size,
                     devices: info.devices,
@@ -462,12 +633,12 @@ impl WorkerTable {
 
     /// Per worker: id, gateway in-flight calls, and the running and waiting counts it last reported.
     pub fn loads(&self) -> Vec<(String, usize, u32, u32)> {
-        let inner = self.lock();
+        let mut inner = self.lock();
         inner
             .workers
-            .iter()
+            .iter_mut()
             .map(|(id, e)| {
-                let load = e.state.load.unwrap_or_default();
+                let load = e.current_load();
                 (id.clone(), e.inflight.load(Ordering::SeqCst), load.running, load.waiting)
             })
             .collect()
@@ -518,16 +689,16 @@ mod tests {
             worker_state("a", "http://127.0.0.1:1", &["m"], 3),
             worker_state("b", "http://127.0.0.1:2", &["m"], 1),
         ]);
-        let first = t.pick("m", &none()).unwrap();
+        let first = t.pick("m", &none(), None).unwrap();
         assert_eq!(first.worker_id, "b");
         // b: 1 waiting + 1 in flight = 2 < 3.
-        let second = t.pick("m", &none()).unwrap();
+        let second = t.pick("m", &none(), None).unwrap();
         assert_eq!(second.worker_id, "b");
         assert_eq!(t.inflight("b"), Some(2));
         // b now scores 3 like a: both are candidates, and a must come up.
         let mut seen = HashSet::new();
         for _ in 0..200 {
-            seen.insert(t.pick("m", &none()).unwrap().worker_id);
+            seen.insert(t.pick("m", &none(), None).unwrap().worker_id);
         }
         assert_eq!(seen, HashSet::from(["a".to_string(), "b".to_string()]));
         drop((first, second));
@@ -543,7 +714,7 @@ mod tests {
         ]);
         let mut counts: HashMap<String, usize> = HashMap::new();
         for _ in 0..300 {
-            *counts.entry(t.pick("m", &none()).unwrap().worker_id).or_default() += 1;
+            *counts.entry(t.pick("m", &none(), None).unwrap().worker_id).or_default() += 1;
         }
         assert_eq!(counts.len(), 3, "{counts:?}");
         assert!(counts.values().all(|&c| c > 30), "{counts:?}");
@@ -556,22 +727,22 @@ mod tests {
             worker_state("b", "http://127.0.0.1:2", &["m"], 5),
             worker_state("c", "http://127.0.0.1:3", &["other"], 0),
         ]);
-        assert_eq!(t.pick("alias", &none()).unwrap().worker_id, "a");
-        assert!(t.pick("ali", &none()).is_none(), "names match exactly");
+        assert_eq!(t.pick("alias", &none(), None).unwrap().worker_id, "a");
+        assert!(t.pick("ali", &none(), None).is_none(), "names match exactly");
         t.mark_down("a", Duration::from_secs(60));
         assert!(t.is_down("a"));
-        assert_eq!(t.pick("m", &none()).unwrap().worker_id, "b");
-        assert!(t.pick("alias", &none()).is_none());
+        assert_eq!(t.pick("m", &none(), None).unwrap().worker_id, "b");
+        assert!(t.pick("alias", &none(), None).is_none());
         let exclude = HashSet::from(["b".to_string()]);
-        assert!(t.pick("m", &exclude).is_none());
+        assert!(t.pick("m", &exclude, None).is_none());
         t.mark_down("c", Duration::from_millis(0));
-        assert_eq!(t.pick("other", &none()).unwrap().worker_id, "c", "an expired mark is ignored");
+        assert_eq!(t.pick("other", &none(), None).unwrap().worker_id, "c", "an expired mark is ignored");
     }
 
     #[tokio::test]
     async fn snapshot_and_events_keep_counts_of_unchanged_workers() {
         let t = table(vec![worker_state("a", "http://127.0.0.1:1", &["m"], 0)]);
-        let guard = t.pick("m", &none()).unwrap();
+        let guard = t.pick("m", &none(), None).unwrap();
         t.mark_down("a", Duration::from_secs(60));
         t.apply_snapshot(
             vec![
@@ -629,32 +800,39 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn overview_reports_state_and_token_rate() {
+    async fn overview_reports_state_rates_and_history() {
         let t = table(vec![
             worker_state("a", "http://127.0.0.1:1", &["m"], 1),
             worker_state("b", "http://127.0.0.1:2", &["m"], 0),
         ]);
-        let beat = |tokens: u64| {
+        let beat = |tokens: u64, prompt: u64, cached: u64| {
             let mut state = worker_state("a", "http://127.0.0.1:1", &["m"], 1);
-            state.load.as_mut().unwrap().generated_tokens = tokens;
-            state.load.as_mut().unwrap().running = 2;
+            let load = state.load.as_mut().unwrap();
+            (load.generated_tokens, load.prompt_tokens, load.cached_prompt_tokens) = (tokens, prompt, cached);
+            load.running = 2;
             state
         };
-        t.upsert(beat(100));
+        t.upsert(beat(100, 1000, 0));
+        t.sample();
         std::thread::sleep(Duration::from_millis(200));
-        t.upsert(beat(140));
+        t.upsert(beat(140, 1400, 300));
+        t.sample();
         t.mark_down("b", Duration::from_secs(60));
         let views = t.overview();
         let ids: Vec<&str> = views.iter().map(|v| v.id.as_str()).collect();
         assert_eq!(ids, ["a", "b"]);
         let a = &views[0];
         assert_eq!((a.state, a.running, a.waiting), ("ready", 2, 1));
-        // 40 tokens in about 0.2 s.
+        assert_eq!((a.generated_tokens, a.prompt_tokens, a.cached_prompt_tokens), (140, 1400, 300));
+        // 40 tokens in about 0.2 s; 300 of 400 prompt tokens cached.
         assert!((120.0..=210.0).contains(&a.tokens_per_second), "{}", a.tokens_per_second);
+        assert_eq!(a.history.len(), 2);
+        assert_eq!(a.history[1].cached_share, Some(0.75));
+        assert_eq!(a.history[0].cached_share, None, "the first point has nothing to compare with");
         assert!(a.seconds_since_heartbeat < 0.2);
         assert_eq!(views[1].state, "down");
-        // A report with no new tokens: idle.
-        t.upsert(beat(140));
+        // No new tokens since the last point: idle.
+        t.sample();
         assert_eq!(t.overview()[0].tokens_per_second, 0.0);
     }
 }

@@ -68,6 +68,8 @@ pub struct Cluster {
     pub models: Vec<ModelCount>,
     /// This gateway's recent traffic.
     pub gateway: GatewayView,
+    /// The routing policy in use.
+    pub routing_policy: &'static str,
 }
 
 /// A served model name and its worker count.
@@ -113,7 +115,7 @@ pub async fn cluster(State(state): State<AppState>) -> Json<Cluster> {
         e2e,
     };
     let models = models.into_iter().map(|(name, (workers, ready))| ModelCount { name, workers, ready }).collect();
-    Json(Cluster { workers, models, gateway })
+    Json(Cluster { workers, models, gateway, routing_policy: state.table.policy_name() })
 }
 
 #[cfg(test)]

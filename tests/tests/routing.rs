@@ -1,10 +1,11 @@
-//! Least-loaded routing across two real workers: even under a burst, skewed toward the faster one.
+//! Routing across two real workers: a burst is shared, the faster worker gets more, and a
+//! conversation's turns follow its KV cache whichever gateway they pass through.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use herd_tests::cluster::{MODEL, controller, gateway, wait_for_workers, worker};
+use herd_tests::cluster::{MODEL, controller, gateway, series, wait_for_workers, worker};
 use serde_json::json;
 use tokio::sync::Mutex;
 
@@ -86,4 +87,52 @@ async fn the_faster_worker_gets_more_requests() {
     let counts = tally(ids);
     let (slow, fast) = (counts.get("slow").copied().unwrap_or(0), counts.get("fast").copied().unwrap_or(0));
     assert!(fast > slow, "the faster worker gets more requests: {counts:?}");
+}
+
+/// One chat turn of `messages`; the worker that served it and its answer.
+async fn turn(client: &reqwest::Client, gateway: &str, messages: &[serde_json::Value]) -> (String, String) {
+    let body = json!({"model": MODEL, "messages": messages, "max_tokens": 24, "temperature": 0});
+    let resp = client.post(format!("{gateway}/v1/chat/completions")).json(&body).send().await.expect("gateway answers");
+    assert_eq!(resp.status().as_u16(), 200);
+    let worker = resp.headers().get("x-herd-worker").expect("x-herd-worker header").to_str().unwrap().to_string();
+    let answer: serde_json::Value = resp.json().await.unwrap();
+    (worker, answer["choices"][0]["message"]["content"].as_str().unwrap().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_gateways_send_a_conversation_to_the_worker_holding_it() {
+    let _serial = SERIAL.lock().await;
+    let ctl = controller("127.0.0.1:0", "5s");
+    let _a = worker(&ctl, &["--worker-id", "a"]);
+    let _b = worker(&ctl, &["--worker-id", "b"]);
+    let gateways = [gateway(&ctl), gateway(&ctl)];
+    for gw in &gateways {
+        wait_for_workers(gw, 2, Duration::from_secs(120)).await;
+    }
+    let client = reqwest::Client::new();
+    let mut later_turns = 0;
+    for c in 0..4 {
+        let mut messages = vec![json!({"role": "user", "content": format!(
+            "Conversation {c}. I am planning a garden with tomatoes, basil, peppers and marigolds along a sunny \
+             south-facing fence; the soil is clay and the summers are dry. What should I plant first, and why?")})];
+        let (first, answer) = turn(&client, &gateways[0].url(), &messages).await;
+        for t in 1..3 {
+            // The gateways hear of the new blocks on the workers' load streams (every 50 ms).
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            messages.push(json!({"role": "assistant", "content": answer}));
+            messages
+                .push(json!({"role": "user", "content": format!("Thanks. Follow-up {t}: how often should I water?")}));
+            let (served, _) = turn(&client, &gateways[t % 2].url(), &messages).await;
+            assert_eq!(served, first, "conversation {c} turn {t} left the worker holding it");
+            later_turns += 1;
+        }
+    }
+    // Each later turn was placed for its prefix, not by chance.
+    let mut prefix_routed = 0.0;
+    for gw in &gateways {
+        let text = client.get(format!("{}/metrics", gw.url())).send().await.unwrap().text().await.unwrap();
+        prefix_routed +=
+            series(&text, "herd_gateway_routing_decisions_total{policy=\"kv-aware\",reason=\"prefix\"}").unwrap_or(0.0);
+    }
+    assert!(prefix_routed >= f64::from(later_turns), "{prefix_routed} of {later_turns} later turns routed by prefix");
 }
