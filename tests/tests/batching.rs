@@ -91,7 +91,7 @@ fn a_kv_budget_for_two_runs_four_by_evicting_and_recomputing() {
     let (tx, mut rx) = unbounded_channel();
     let long = GenerationParams { max_tokens: Some(room), ..params };
     scheduler.submit(engine.start(&prompts[0], &long).unwrap(), tx).unwrap();
-    let err = rx.blocking_recv().expect("an answer").err().expect("an error").to_string();
+    let err = rx.blocking_recv().expect("an answer").expect_err("an error").to_string();
     assert!(err.contains("KV cache") && err.contains(&room.to_string()), "{err}");
 }
 
