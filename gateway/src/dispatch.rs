@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use herd_proto::v1::worker_client::WorkerClient;
-use herd_proto::v1::{GenerateChunk, GenerateRequest, TokenLogprob, Usage};
+use herd_proto::v1::{GenerateChunk, GenerateRequest, TokenLogprob, Usage, generate_request};
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status, Streaming};
 use tracing::{debug, warn};
@@ -48,7 +48,12 @@ pub(crate) struct Ctx {
     pub reservation: Option<Arc<Reservation>>,
     /// How long a worker may take to accept the call and to send the first token.
     pub deadlines: Deadlines,
+    /// The block hashes of the request's prompts, encoded once for all its choices.
+    pub prefixes: Arc<tokio::sync::Mutex<Vec<Prefix>>>,
 }
+
+/// A prompt and its block hashes (`None`: not encoded, the call is routed by load).
+pub(crate) type Prefix = (Option<generate_request::Input>, Option<Vec<u64>>);
 
 /// A worker stream that produced its first chunk: from here on the choice is committed to it.
 pub(crate) struct Opened {
@@ -211,16 +216,30 @@ impl Ctx {
         }
     }
 
-    /// The prompt's KV block hashes, encoded as the model's workers encode it (off the async
-    /// threads: a long prompt takes milliseconds); `None` until a worker has said how, or while
-    /// every core is already encoding (the call is then routed by load rather than queued).
+    /// The prompt's KV block hashes, shared by the request's choices with the same prompt (they
+    /// wait for the first one's encoding rather than each paying for it).
     async fn prefix(&self, request: &GenerateRequest) -> Option<Vec<u64>> {
+        let mut known = self.prefixes.lock().await;
+        if let Some((_, hashes)) = known.iter().find(|(input, _)| *input == request.input) {
+            return hashes.clone();
+        }
+        let hashes = self.encode(request).await;
+        known.push((request.input.clone(), hashes.clone()));
+        hashes
+    }
+
+    /// The prompt's KV block hashes, encoded as the model's workers encode it (off the async
+    /// threads: a long prompt takes milliseconds); `None` until a worker has said how, for a
+    /// prompt longer than the context could hold, or while every core is already encoding (the
+    /// call is then routed by load rather than queued).
+    async fn encode(&self, request: &GenerateRequest) -> Option<Vec<u64>> {
         let encoder = self.table.encoder(&self.model)?;
+        let context = self.table.context_length(&self.model)? as usize;
         let permit = self.table.encoding_permit()?;
         let request = request.clone();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            encoder.hashes(&request)
+            encoder.hashes(&request, context)
         })
         .await
         .ok()

@@ -534,4 +534,13 @@ mod tests {
         let result = tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap();
         assert!(result.is_ok());
     }
+
+    #[test]
+    fn the_balance_threshold_is_a_finite_number_of_sequences() {
+        assert_eq!(balance_threshold("2.5"), Ok(2.5));
+        assert_eq!(balance_threshold("0"), Ok(0.0));
+        for bad in ["-1", "nan", "inf", "", "two"] {
+            assert!(balance_threshold(bad).is_err(), "{bad}");
+        }
+    }
 }

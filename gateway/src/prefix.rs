@@ -5,9 +5,10 @@
 use herd_prompt::{ChatTemplate, Message, Tokenizer};
 use herd_proto::v1::{GenerateRequest, ModelInfoResponse, generate_request};
 
-/// Longer prompts are routed by load alone: tokenizing them would cost the gateway more than a
-/// cache hit saves, and workers refuse prompts far beyond any context anyway.
-const MAX_PROMPT_BYTES: usize = 1 << 20;
+/// Prompts longer than this many bytes per token of the context are routed by load alone: they
+/// cannot fit (text averages about 4 bytes a token), and tokenizing them would only cost the
+/// gateway time.
+const MAX_BYTES_PER_TOKEN: usize = 8;
 
 /// How one model's workers encode prompts.
 pub struct Encoder {
@@ -37,21 +38,20 @@ impl Encoder {
     }
 
     /// The hashes of the prompt's full KV blocks, or `None` when it cannot be encoded (the
-    /// worker will say why) or is too long to be worth it.
-    pub fn hashes(&self, request: &GenerateRequest) -> Option<Vec<u64>> {
+    /// worker will say why) or is too long for a `context` of tokens.
+    pub fn hashes(&self, request: &GenerateRequest, context: usize) -> Option<Vec<u64>> {
+        let max_bytes = context.saturating_mul(MAX_BYTES_PER_TOKEN);
         let ids = match request.input.as_ref()? {
             generate_request::Input::Chat(chat) => {
                 let bytes: usize = chat.messages.iter().map(|m| m.content.len()).sum();
-                if bytes > MAX_PROMPT_BYTES {
+                if bytes > max_bytes {
                     return None;
                 }
                 let messages: Vec<Message> =
                     chat.messages.iter().map(|m| Message::new(m.role.clone(), m.content.clone())).collect();
                 herd_prompt::encode_chat(&self.tokenizer, &self.template, &messages).ok()?
             }
-            generate_request::Input::Text(text) if text.len() <= MAX_PROMPT_BYTES => {
-                self.tokenizer.encode(text).ok()?
-            }
+            generate_request::Input::Text(text) if text.len() <= max_bytes => self.tokenizer.encode(text).ok()?,
             generate_request::Input::Text(_) => return None,
             generate_request::Input::TokenIds(ids) => ids.ids.clone(),
         };

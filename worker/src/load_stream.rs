@@ -20,6 +20,8 @@ pub type LoadStream = Pin<Box<dyn Stream<Item = Result<pb::LoadUpdate, Status>> 
 
 /// How often the load is looked at; an update goes out only when it changed.
 const TICK: Duration = Duration::from_millis(50);
+/// Streams open at once; each gateway holds one, so more means a misbehaving caller.
+pub const MAX_WATCHERS: usize = 256;
 /// An unchanged load is sent again this often, so a watcher can tell a quiet worker from a
 /// dead stream.
 const KEEPALIVE: Duration = Duration::from_secs(1);
@@ -57,12 +59,13 @@ impl Sent {
     }
 }
 
-/// Updates for one watcher until the worker drains or the watcher goes away.
-pub fn updates(load: Arc<Load>, core: Arc<WorkerCore>) -> LoadStream {
+/// Updates for one watcher until the worker drains or the watcher goes away; `slot` counts the
+/// stream among the open ones until then.
+pub fn updates(load: Arc<Load>, core: Arc<WorkerCore>, slot: tokio::sync::OwnedSemaphorePermit) -> LoadStream {
     let sent = Sent { load: None, version: None, hashes: HashSet::new(), at: Instant::now() };
     let mut ticks = tokio::time::interval(TICK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    Box::pin(futures::stream::unfold((sent, ticks), move |(mut sent, mut ticks)| {
+    Box::pin(futures::stream::unfold((sent, ticks, slot), move |(mut sent, mut ticks, slot)| {
         let (load, core) = (load.clone(), core.clone());
         async move {
             loop {
@@ -70,7 +73,7 @@ pub fn updates(load: Arc<Load>, core: Arc<WorkerCore>) -> LoadStream {
                     return None;
                 }
                 if let Some(update) = sent.next(&load, Instant::now()) {
-                    return Some((Ok(update), (sent, ticks)));
+                    return Some((Ok(update), (sent, ticks, slot)));
                 }
                 ticks.tick().await;
             }

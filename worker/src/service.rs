@@ -37,6 +37,8 @@ pub struct WorkerCore {
     pub metrics: WorkerMetrics,
     /// Recent tokenizations, shared by calls with the same prompt.
     tokenized: Tokenized,
+    /// Open `WatchLoad` streams (each gateway holds one).
+    pub(crate) watchers: Arc<tokio::sync::Semaphore>,
 }
 
 impl WorkerCore {
@@ -53,6 +55,7 @@ impl WorkerCore {
                 std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
             ),
             metrics,
+            watchers: Arc::new(tokio::sync::Semaphore::new(crate::load_stream::MAX_WATCHERS)),
         }
     }
 
@@ -391,7 +394,13 @@ impl pb::worker_server::Worker for WorkerService {
 
     async fn watch_load(&self, _: Request<pb::WatchLoadRequest>) -> Result<Response<Self::WatchLoadStream>, Status> {
         let load = self.core.load().cloned().ok_or(WorkerError::Loading)?;
-        Ok(Response::new(crate::load_stream::updates(load, self.core.clone())))
+        let Ok(watcher) = self.core.watchers.clone().try_acquire_owned() else {
+            return Err(Status::resource_exhausted(format!(
+                "this worker already streams its load to {} watchers",
+                crate::load_stream::MAX_WATCHERS
+            )));
+        };
+        Ok(Response::new(crate::load_stream::updates(load, self.core.clone(), watcher)))
     }
 
     async fn health(&self, _: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {

@@ -163,6 +163,7 @@ async fn generate(
         started,
         reservation,
         deadlines: state.settings.deadlines,
+        prefixes: Default::default(),
     };
     let created = unix_now();
     if plan.stream {
