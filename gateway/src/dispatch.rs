@@ -12,6 +12,7 @@ use tracing::{debug, warn};
 
 use crate::auth::Reservation;
 use crate::metrics::{GatewayMetrics, Pacer, since};
+use crate::prefix::Route;
 use crate::router::{InflightGuard, Lookup, WorkerTable};
 use crate::{Deadlines, GatewayError};
 
@@ -52,8 +53,8 @@ pub(crate) struct Ctx {
     pub prefixes: Arc<tokio::sync::Mutex<Vec<Prefix>>>,
 }
 
-/// A prompt and its block hashes (`None`: not encoded, the call is routed by load).
-pub(crate) type Prefix = (Option<generate_request::Input>, Option<Vec<u64>>);
+/// A prompt and its blocks (`None`: not encoded, the call is routed by load).
+pub(crate) type Prefix = (Option<generate_request::Input>, Option<Route>);
 
 /// A worker stream that produced its first chunk: from here on the choice is committed to it.
 pub(crate) struct Opened {
@@ -71,8 +72,8 @@ pub(crate) struct Opened {
 #[derive(Default)]
 pub(crate) struct Attempts {
     tried: HashSet<String>,
-    /// The prompt's block hashes, computed at the first pick when the policy uses them.
-    prefix: Option<Option<Vec<u64>>>,
+    /// The prompt's blocks, computed at the first pick when the policy uses them.
+    prefix: Option<Option<Route>>,
     exhausted: bool,
     last_failure: Option<String>,
 }
@@ -159,7 +160,7 @@ impl Ctx {
             attempts.prefix = Some(self.prefix(request).await);
         }
         loop {
-            let prefix = attempts.prefix.as_ref().and_then(|p| p.as_deref());
+            let prefix = attempts.prefix.as_ref().and_then(Option::as_ref);
             let Some(picked) = self.table.pick(&self.model, &attempts.tried, prefix) else {
                 return Err(self.no_worker(attempts));
             };
@@ -167,7 +168,7 @@ impl Ctx {
             let d = &picked.decision;
             debug!(request_id = %self.request_id, worker = %picked.worker_id, address = %picked.address,
                    policy = d.policy, reason = d.reason.label(), overlap_blocks = d.overlap,
-                   prompt_blocks = d.prompt_blocks, load = d.load, least_load = d.least_load, "calling worker");
+                   shared_blocks = d.shared, prompt_blocks = d.prompt_blocks, load = d.load, least_load = d.least_load, "calling worker");
             self.metrics.routed(d);
             let mut client = WorkerClient::new(picked.channel.clone())
                 .max_encoding_message_size(herd_proto::MAX_WORKER_REQUEST_BYTES);
@@ -216,16 +217,16 @@ impl Ctx {
         }
     }
 
-    /// The prompt's KV block hashes, shared by the request's choices with the same prompt (they
-    /// wait for the first one's encoding rather than each paying for it).
-    async fn prefix(&self, request: &GenerateRequest) -> Option<Vec<u64>> {
+    /// The prompt's KV blocks, shared by the request's choices with the same prompt (they wait
+    /// for the first one's encoding rather than each paying for it).
+    async fn prefix(&self, request: &GenerateRequest) -> Option<Route> {
         let mut known = self.prefixes.lock().await;
-        if let Some((_, hashes)) = known.iter().find(|(input, _)| *input == request.input) {
-            return hashes.clone();
+        if let Some((_, route)) = known.iter().find(|(input, _)| *input == request.input) {
+            return route.clone();
         }
-        let hashes = self.encode(request).await;
-        known.push((request.input.clone(), hashes.clone()));
-        hashes
+        let route = self.encode(request).await.map(|hashes| self.table.route(hashes));
+        known.push((request.input.clone(), route.clone()));
+        route
     }
 
     /// The prompt's KV block hashes, encoded as the model's workers encode it (off the async

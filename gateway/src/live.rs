@@ -13,7 +13,7 @@ use herd_proto::v1::{LoadUpdate, ModelInfoRequest, WatchLoadRequest, WorkerLoad}
 use tonic::Code;
 use tracing::debug;
 
-use crate::prefix::Encoder;
+use crate::prefix::{Encoder, Encoders};
 
 /// Wait before reconnecting a stream that failed.
 const RETRY: Duration = Duration::from_secs(1);
@@ -92,15 +92,16 @@ impl Live {
 }
 
 /// Follows a worker for as long as its entry lives (the entry aborts this task): reads its
-/// `ModelInfo` once when `encoder` is wanted, then keeps a `WatchLoad` stream open.
-pub async fn follow(channel: AuthChannel, live: Arc<Live>, encoder: bool, worker: String) {
+/// `ModelInfo` once when `encoders` is given (the policy encodes prompts), then keeps a
+/// `WatchLoad` stream open.
+pub async fn follow(channel: AuthChannel, live: Arc<Live>, encoders: Option<Arc<Encoders>>, worker: String) {
     let mut client = WorkerClient::new(channel).max_decoding_message_size(herd_proto::MAX_MODEL_INFO_BYTES);
     loop {
-        if encoder && live.encoder.get().is_none() {
+        if let Some(encoders) = encoders.as_ref().filter(|_| live.encoder.get().is_none()) {
             match client.model_info(ModelInfoRequest {}).await {
-                Ok(info) => match Encoder::from_info(info.get_ref()) {
+                Ok(info) => match encoders.get(info.get_ref()) {
                     Ok(found) => {
-                        let _ = live.encoder.set(Arc::new(found));
+                        let _ = live.encoder.set(found);
                     }
                     Err(err) => {
                         debug!(%worker, error = %err, "cannot encode this worker's prompts; routing it by load")

@@ -38,7 +38,7 @@ pub struct GatewayMetrics {
     waiting: IntGaugeVec,
     /// Routing decisions by policy and reason.
     routing_decisions: IntCounterVec,
-    /// Per decision: the share of the prompt's blocks the chosen worker held, and how much
+    /// Per decision: the share of the prompt's own blocks the chosen worker held, and how much
     /// busier it was than the least loaded.
     routing_overlap: Histogram,
     routing_load_gap: Histogram,
@@ -87,7 +87,7 @@ impl GatewayMetrics {
             ),
             routing_overlap: r.histogram(
                 "herd_gateway_routing_prefix_overlap_ratio",
-                "Share of the prompt's KV blocks the chosen worker held (kv-aware routing).",
+                "Share of the prompt's own KV blocks (after a start other prompts share) the chosen worker held.",
                 &[0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0],
             ),
             routing_load_gap: r.histogram(
@@ -118,8 +118,9 @@ impl GatewayMetrics {
     /// Records a routing decision.
     pub fn routed(&self, decision: &Decision) {
         self.routing_decisions.with_label_values(&[decision.policy, decision.reason.label()]).inc();
-        if decision.prompt_blocks > 0 {
-            self.routing_overlap.observe(decision.overlap as f64 / decision.prompt_blocks as f64);
+        let own = decision.prompt_blocks.saturating_sub(decision.shared);
+        if own > 0 {
+            self.routing_overlap.observe(decision.overlap as f64 / own as f64);
         }
         self.routing_load_gap.observe(decision.load - decision.least_load);
     }

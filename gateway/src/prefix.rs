@@ -10,6 +10,44 @@ use herd_proto::v1::{GenerateRequest, ModelInfoResponse, generate_request};
 /// gateway time.
 const MAX_BYTES_PER_TOKEN: usize = 8;
 
+/// Encoders by a digest of what they were built from, so that the workers serving one model share
+/// one (a tokenizer takes tens of MiB).
+#[derive(Default)]
+pub struct Encoders {
+    built: std::sync::Mutex<std::collections::HashMap<[u8; 32], std::sync::Weak<Encoder>>>,
+}
+
+impl Encoders {
+    /// The encoder a worker's `ModelInfo` describes: one already built from the same, else a new one.
+    pub fn get(&self, info: &ModelInfoResponse) -> Result<std::sync::Arc<Encoder>, String> {
+        use sha2::Digest as _;
+        let mut hash = sha2::Sha256::new();
+        for part in
+            [&info.tokenizer_json, &info.chat_template, &info.chat_template_source, &info.bos_token, &info.eos_token]
+        {
+            hash.update((part.len() as u64).to_le_bytes());
+            hash.update(part.as_bytes());
+        }
+        hash.update(info.bos_token_id.map_or([0xff; 5], |id| {
+            let mut b = [0; 5];
+            b[1..].copy_from_slice(&id.to_le_bytes());
+            b
+        }));
+        hash.update([u8::from(info.add_bos)]);
+        hash.update(info.kv_block_size.to_le_bytes());
+        let key: [u8; 32] = hash.finalize().into();
+        // Building under the lock: workers that start together build their model's encoder once.
+        let mut built = self.built.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        built.retain(|_, encoder| encoder.strong_count() > 0);
+        if let Some(encoder) = built.get(&key).and_then(std::sync::Weak::upgrade) {
+            return Ok(encoder);
+        }
+        let encoder = std::sync::Arc::new(Encoder::from_info(info)?);
+        built.insert(key, std::sync::Arc::downgrade(&encoder));
+        Ok(encoder)
+    }
+}
+
 /// How one model's workers encode prompts.
 pub struct Encoder {
     tokenizer: Tokenizer,
@@ -56,5 +94,73 @@ impl Encoder {
             generate_request::Input::TokenIds(ids) => ids.ids.clone(),
         };
         Some(herd_prompt::blocks::prefix_hashes(&ids, self.block_size))
+    }
+}
+
+/// A prompt as routing sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The hashes of its full KV blocks.
+    pub hashes: Vec<u64>,
+    /// How many leading blocks it shares with other recent prompts that go on differently (a
+    /// system prompt many conversations start with): every worker soon holds those, so they
+    /// say nothing about where the prompt belongs.
+    pub shared: usize,
+}
+
+/// What follows a block in the prompts seen: one block, or several (the prompts branch there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    One(u64),
+    Many,
+}
+
+/// Where recent prompts branch, as a map from a block to what followed it.
+#[derive(Default)]
+pub struct Branches {
+    next: std::sync::Mutex<std::collections::HashMap<u64, Next>>,
+}
+
+/// Blocks remembered before the map starts afresh (16 bytes each, plus the map's overhead).
+const MAX_BRANCH_BLOCKS: usize = 1 << 17;
+
+impl Branches {
+    /// Records a prompt's blocks and returns it as routing sees it. A conversation's turns
+    /// extend one path, so its own blocks never branch; prompts that merely start alike do.
+    pub fn route(&self, hashes: Vec<u64>) -> Route {
+        let mut next = self.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if next.len() + hashes.len() > MAX_BRANCH_BLOCKS {
+            next.clear();
+        }
+        let mut shared = 0;
+        for (i, pair) in hashes.windows(2).enumerate() {
+            let after = next.entry(pair[0]).or_insert(Next::One(pair[1]));
+            if *after != Next::One(pair[1]) {
+                *after = Next::Many;
+            }
+            if *after == Next::Many {
+                shared = i + 1;
+            }
+        }
+        Route { hashes, shared }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_common_start_is_shared_and_a_conversation_is_not() {
+        let branches = Branches::default();
+        // Two conversations after the same two-block system prompt.
+        assert_eq!(branches.route(vec![1, 2, 10, 11]).shared, 0, "nothing seen yet");
+        assert_eq!(branches.route(vec![1, 2, 20]).shared, 2);
+        // The first one's next turn extends its own path: only the system prompt is shared.
+        assert_eq!(branches.route(vec![1, 2, 10, 11, 12, 13]).shared, 2);
+        assert_eq!(branches.route(vec![1, 2, 10, 11, 12, 13, 14]).shared, 2);
+        // A prompt that is the same conversation resent, or a prefix of it, adds nothing.
+        assert_eq!(branches.route(vec![1, 2, 10]).shared, 2);
+        assert_eq!(branches.route(vec![5]).shared, 0);
     }
 }

@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 
 use crate::live::{self, Live};
 use crate::policy::{Candidate, KvAware, Policy, Reason};
-use crate::prefix::Encoder;
+use crate::prefix::{Branches, Encoder, Encoders, Route};
 
 /// How much history the dashboard's charts get.
 const HISTORY: Duration = Duration::from_secs(300);
@@ -75,9 +75,10 @@ pub struct Decision {
     pub policy: &'static str,
     /// Why it chose this worker.
     pub reason: Reason,
-    /// Leading blocks of the prompt the worker holds, and the prompt's full blocks (0 when the
-    /// policy does not look at prompts).
+    /// Leading blocks of the prompt the worker holds beyond the `shared` ones other prompts
+    /// start with too, and the prompt's full blocks (0 when the policy does not look at prompts).
     pub overlap: usize,
+    pub shared: usize,
     pub prompt_blocks: usize,
     /// The chosen worker's load, and the least load among the candidates.
     pub load: f64,
@@ -127,6 +128,9 @@ pub struct WorkerView {
     pub kv_blocks_total: u32,
     /// Its load as routing compares it (`WorkerLoad::score`).
     pub load: f64,
+    /// Whether this gateway has its tokenizer and template, to place prompts by their cached
+    /// prefix (kv-aware routing).
+    pub encodes_prompts: bool,
     /// Tokens per second it generated lately (the latest chart point).
     pub tokens_per_second: f64,
     /// Tokens generated, prompt tokens run and those found cached, since it started.
@@ -186,7 +190,7 @@ impl Entry {
     fn new(
         state: WorkerState,
         (tls, token): (Option<&ClusterTls>, Option<&ClusterToken>),
-        encoder: bool,
+        encoders: Option<Arc<Encoders>>,
     ) -> Option<Entry> {
         let info = state.info.as_ref()?;
         let address = info.address.clone();
@@ -200,7 +204,7 @@ impl Entry {
         let live = Arc::new(Live::default());
         // Outside a runtime (never in the gateway itself) the table works from heartbeats alone.
         let follower = tokio::runtime::Handle::try_current().ok().map(|runtime| {
-            let task = live::follow(channel.clone(), live.clone(), encoder, info.worker_id.clone());
+            let task = live::follow(channel.clone(), live.clone(), encoders, info.worker_id.clone());
             AbortOnDrop(runtime.spawn(task))
         });
         Some(Entry {
@@ -307,6 +311,10 @@ pub struct WorkerTable {
     policy: Box<dyn Policy>,
     /// Prompts being encoded for routing: at most one per core.
     encoding: Arc<tokio::sync::Semaphore>,
+    /// Where recent prompts branch.
+    branches: Branches,
+    /// The workers' prompt encoders, one per model.
+    encoders: Arc<Encoders>,
 }
 
 impl Default for WorkerTable {
@@ -318,6 +326,8 @@ impl Default for WorkerTable {
             token: None,
             policy: Box::new(KvAware::new(crate::DEFAULT_BALANCE_THRESHOLD)),
             encoding: Arc::new(tokio::sync::Semaphore::new(cores)),
+            branches: Branches::default(),
+            encoders: Arc::default(),
         }
     }
 }
@@ -365,6 +375,11 @@ impl WorkerTable {
         inner.workers.values().filter(|e| e.serves(model)).find_map(|e| e.live.encoder())
     }
 
+    /// A prompt's block hashes as routing sees them, noting where it branches from others.
+    pub fn route(&self, hashes: Vec<u64>) -> Route {
+        self.branches.route(hashes)
+    }
+
     /// Leave to encode one prompt for routing, if a core is free for it.
     pub fn encoding_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
         self.encoding.clone().try_acquire_owned().ok()
@@ -379,7 +394,8 @@ impl WorkerTable {
     }
 
     fn new_entry(&self, state: WorkerState) -> Option<Entry> {
-        Entry::new(state, (self.tls.as_ref(), self.token.as_ref()), self.policy.uses_prefix())
+        let encoders = self.policy.uses_prefix().then(|| self.encoders.clone());
+        Entry::new(state, (self.tls.as_ref(), self.token.as_ref()), encoders)
     }
 
     /// The cluster TLS settings channels are made with.
@@ -496,11 +512,11 @@ impl WorkerTable {
     }
 
     /// Picks a healthy worker serving `model` (name or alias), skipping `exclude`, with the
-    /// routing policy; `prefix` is the prompt's block hashes when the policy uses them.
+    /// routing policy; `prefix` is the prompt's blocks when the policy uses them.
     ///
     /// The call is counted against the worker before the lock is released, so concurrent picks
     /// spread out.
-    pub fn pick(&self, model: &str, exclude: &HashSet<String>, prefix: Option<&[u64]>) -> Option<Picked> {
+    pub fn pick(&self, model: &str, exclude: &HashSet<String>, prefix: Option<&Route>) -> Option<Picked> {
         let now = Instant::now();
         let mut inner = self.lock();
         let mut ids: Vec<&String> = inner
@@ -514,11 +530,13 @@ impl WorkerTable {
         }
         ids.sort();
         let ids: Vec<String> = ids.into_iter().cloned().collect();
+        // What a worker holds of the prompt beyond the start other prompts share.
+        let shared = prefix.map_or(0, |p| p.shared);
         let candidates: Vec<Candidate> = ids
             .iter()
             .map(|id| {
                 let entry = inner.workers.get_mut(id).expect("listed above");
-                let overlap = prefix.map_or(0, |hashes| entry.live.overlap(hashes));
+                let overlap = prefix.map_or(0, |p| entry.live.overlap(&p.hashes).saturating_sub(shared));
                 Candidate { load: entry.score(), overlap }
             })
             .collect();
@@ -527,7 +545,8 @@ impl WorkerTable {
             policy: self.policy.name(),
             reason,
             overlap: candidates[chosen].overlap,
-            prompt_blocks: prefix.map_or(0, <[u64]>::len),
+            shared,
+            prompt_blocks: prefix.map_or(0, |p| p.hashes.len()),
             load: candidates[chosen].load,
             least_load: candidates.iter().map(|c| c.load).fold(f64::INFINITY, f64::min),
         };
@@ -614,6 +633,7 @@ impl WorkerTable {
                     kv_blocks_cached: load.kv_blocks_cached,
                     kv_blocks_total: load.kv_blocks_total,
                     load: score,
+                    encodes_prompts: e.live.encoder().is_some(),
                     tokens_per_second: e.history.back().map_or(0.0, |s| s.tokens_per_second),
                     generated_tokens: load.generated_tokens,
                     prompt_tokens: load.prompt_tokens,

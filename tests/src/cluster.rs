@@ -175,3 +175,29 @@ pub async fn wait_for_workers(gateway: &Proc, n: usize, limit: Duration) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Waits until the gateway has every worker's tokenizer for kv-aware routing, up to `limit`: it is
+/// read once, after a worker joins, and takes the gateway tens of MiB. `key`: its API key, if any.
+pub async fn wait_for_prompt_encoding(gateway: &Proc, key: Option<&str>, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let client = reqwest::Client::new();
+    loop {
+        let mut request = client.get(format!("{}/admin/cluster", gateway.url()));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let cluster: Option<serde_json::Value> = match request.send().await {
+            Ok(resp) => resp.json().await.ok(),
+            Err(_) => None,
+        };
+        let workers = cluster.as_ref().and_then(|c| c["workers"].as_array());
+        if workers.is_some_and(|w| !w.is_empty() && w.iter().all(|w| w["encodes_prompts"] == true)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway did not read the workers' tokenizers within {limit:?}: {cluster:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -6,7 +6,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use herd_tests::cluster::{MODEL, Proc, controller, free_addr, series, wait_for_workers, worker};
+use herd_tests::cluster::{
+    MODEL, Proc, controller, free_addr, series, wait_for_prompt_encoding, wait_for_workers, worker,
+};
 use serde_json::{Value, json};
 
 /// Resident memory of process `pid`, in MiB.
@@ -40,6 +42,9 @@ async fn cluster_with_metrics(gateway_extra: &[&str], metrics: &str) -> (Proc, P
         .collect();
     let gw = Proc::start(&args);
     wait_for_workers(&gw, 1, Duration::from_secs(120)).await;
+    // Memory is measured against a gateway that has read the worker's tokenizer for routing.
+    let key = gateway_extra.iter().position(|a| *a == "--api-key").and_then(|i| gateway_extra.get(i + 1));
+    wait_for_prompt_encoding(&gw, key.copied(), Duration::from_secs(60)).await;
     (ctl, w, gw)
 }
 

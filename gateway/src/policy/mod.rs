@@ -18,7 +18,8 @@ pub use round_robin::RoundRobin;
 pub struct Candidate {
     /// Its load (`WorkerLoad::score`: sequences running, waiting and sent, plus KV use).
     pub load: f64,
-    /// Leading blocks of the prompt it holds in its KV cache (0 when unknown).
+    /// Leading blocks of the prompt it holds in its KV cache, beyond a start that other prompts
+    /// share (0 when unknown).
     pub overlap: usize,
 }
 
