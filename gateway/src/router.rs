@@ -1,5 +1,5 @@
 //! The worker table: every worker the controller knows, with the load it reports and this
-//! gateway's calls to it; a routing policy (`routing`) picks among the healthy ones.
+//! gateway's calls to it; a routing policy (`policy`) picks among the healthy ones.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};

@@ -90,8 +90,19 @@ impl Drop for Proc {
 
 /// A free 127.0.0.1 address, for a `--metrics-listen` (whose address is not printed on stdout).
 pub fn free_addr() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-    listener.local_addr().expect("its address").to_string()
+    // Below Linux's ephemeral range (32768-60999 by default): a port the OS hands out for
+    // `bind(0)` or an outgoing connection could be taken between this check and the child's bind.
+    // The start differs per process and call, so concurrent tests seldom try the same port.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let seed =
+        std::process::id().wrapping_mul(7919).wrapping_add(NEXT.fetch_add(97, std::sync::atomic::Ordering::Relaxed));
+    for i in 0..12_000u32 {
+        let port = 20_000 + seed.wrapping_add(i) % 12_000;
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
+            return listener.local_addr().expect("its address").to_string();
+        }
+    }
+    panic!("no free port in 20000-31999");
 }
 
 /// The value of the first line of Prometheus text that starts with `prefix`
