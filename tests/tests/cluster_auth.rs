@@ -106,6 +106,7 @@ async fn worker_codes(url: &str, token: Option<&str>) -> Vec<(&'static str, Code
         ("CountTokens", code(w.count_tokens(count).await.map(drop))),
         ("ModelInfo", code(w.model_info(pb::ModelInfoRequest {}).await.map(drop))),
         ("Health", code(w.health(pb::HealthRequest {}).await.map(drop))),
+        ("WatchLoad", code(w.watch_load(pb::WatchLoadRequest {}).await.map(drop))),
     ]
 }
 
@@ -244,4 +245,40 @@ async fn a_registered_black_hole_is_skipped_within_the_accept_deadline() {
     let hole_state = workers.iter().find(|w| w["id"] == "hole").map(|w| w["state"].clone());
     assert_eq!(hole_state, Some(json!("down")), "{cluster}");
     drop(hole);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_streams_its_load_to_a_bounded_number_of_watchers() {
+    let (_dir, _controller, worker, _gateway) = cluster_with_token(&[]).await;
+    // Several connections: one HTTP/2 connection carries a bounded number of streams.
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(WorkerClient::new(channel(&worker.url(), Some(TOKEN)).await));
+    }
+    let mut open = Vec::new();
+    let refused = loop {
+        assert!(open.len() <= 300, "no limit on WatchLoad streams");
+        let client = &mut clients[open.len() % 6];
+        match client.watch_load(pb::WatchLoadRequest {}).await {
+            Ok(stream) => open.push(stream.into_inner()),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    // 256 in all, the gateway's among them (unless it was reconnecting just then).
+    assert!((255..=256).contains(&open.len()), "{} streams opened", open.len());
+    let first = open[0].message().await.unwrap().expect("an update");
+    assert!(first.full && first.load.is_some(), "the first update is whole: {first:?}");
+    // Streams that end give their place back.
+    open.clear();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match clients[0].watch_load(pb::WatchLoadRequest {}).await {
+            Ok(_) => break,
+            Err(status) if status.code() == Code::ResourceExhausted && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => panic!("a stream after the others closed: {status:?}"),
+        }
+    }
 }
