@@ -20,22 +20,11 @@ pub struct Encoders {
 impl Encoders {
     /// The encoder a worker's `ModelInfo` describes: one already built from the same, else a new one.
     pub fn get(&self, info: &ModelInfoResponse) -> Result<std::sync::Arc<Encoder>, String> {
+        use prost::Message as _;
         use sha2::Digest as _;
-        let mut hash = sha2::Sha256::new();
-        for part in
-            [&info.tokenizer_json, &info.chat_template, &info.chat_template_source, &info.bos_token, &info.eos_token]
-        {
-            hash.update((part.len() as u64).to_le_bytes());
-            hash.update(part.as_bytes());
-        }
-        hash.update(info.bos_token_id.map_or([0xff; 5], |id| {
-            let mut b = [0; 5];
-            b[1..].copy_from_slice(&id.to_le_bytes());
-            b
-        }));
-        hash.update([u8::from(info.add_bos)]);
-        hash.update(info.kv_block_size.to_le_bytes());
-        let key: [u8; 32] = hash.finalize().into();
+        // Everything that shapes the encoding; the names a worker serves under do not.
+        let shape = ModelInfoResponse { models: Vec::new(), context_length: 0, ..info.clone() };
+        let key: [u8; 32] = sha2::Sha256::digest(shape.encode_to_vec()).into();
         // Building under the lock: workers that start together build their model's encoder once.
         let mut built = self.built.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         built.retain(|_, encoder| encoder.strong_count() > 0);
