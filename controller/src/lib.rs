@@ -337,7 +337,7 @@ mod tests {
         let mut client = ControllerClient::connect(format!("http://{addr}")).await.unwrap();
         let state = testing::worker("w1", &["vicuna-7b"]);
         let reply = client
-            .register_worker(RegisterWorkerRequest { info: state.info.clone(), load: state.load })
+            .register_worker(RegisterWorkerRequest { info: state.info.clone(), load: state.load.clone() })
             .await
             .unwrap()
             .into_inner();

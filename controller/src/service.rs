@@ -15,7 +15,7 @@ use herd_proto::v1::{
     ControllerHealthRequest, ControllerHealthResponse, DeregisterRequest, DeregisterResponse, HeartbeatRequest,
     HeartbeatResponse, ListModelsRequest, ListModelsResponse, ListWorkersRequest, ListWorkersResponse, ModelEntry,
     PickWorkerRequest, PickWorkerResponse, RegisterWorkerRequest, RegisterWorkerResponse, WatchWorkersRequest,
-    WorkerEvent, WorkerInfo, WorkerSnapshot, WorkerState,
+    WorkerEvent, WorkerInfo, WorkerLoad, WorkerSnapshot, WorkerState,
 };
 use rand::seq::IndexedRandom;
 use tonic::{Request, Response, Status};
@@ -164,11 +164,6 @@ fn serves(state: &WorkerState, model: &str) -> bool {
     state.info.as_ref().is_some_and(|info| info.models.iter().any(|name| name == model))
 }
 
-/// The cluster's one load measure (`WorkerLoad::score`), for a worker as last reported.
-fn score(state: &WorkerState) -> f64 {
-    state.load.as_ref().map_or(0.0, |load| load.score(0))
-}
-
 /// Every model name and alias with how many workers serve it, sorted by name. The context length is
 /// the smallest any of them reports, so a request that fits it fits whichever worker gets it.
 pub fn model_entries(workers: &[WorkerState]) -> Vec<ModelEntry> {
@@ -195,8 +190,14 @@ pub fn model_entries(workers: &[WorkerState]) -> Vec<ModelEntry> {
 /// that clients without a table of their own still spread out.
 pub fn pick_least_loaded(workers: &[WorkerState], model: &str) -> Option<WorkerState> {
     let serving: Vec<&WorkerState> = workers.iter().filter(|state| serves(state, model)).collect();
-    let least = serving.iter().map(|state| score(state)).min_by(f64::total_cmp)?;
-    let tied: Vec<&WorkerState> = serving.into_iter().filter(|state| score(state) == least).collect();
+    // The cluster's one load measure, as each last reported, paced against the others.
+    let none = WorkerLoad::default();
+    let loads: Vec<&WorkerLoad> = serving.iter().map(|state| state.load.as_ref().unwrap_or(&none)).collect();
+    let scores: Vec<f64> =
+        loads.iter().zip(herd_proto::paces(&loads)).map(|(load, pace)| load.paced_score(0, pace)).collect();
+    let least = scores.iter().copied().min_by(f64::total_cmp)?;
+    let tied: Vec<&WorkerState> =
+        serving.into_iter().zip(scores).filter(|(_, score)| *score == least).map(|(state, _)| state).collect();
     tied.choose(&mut rand::rng()).map(|state| (*state).clone())
 }
 
@@ -575,6 +576,18 @@ mod tests {
         let chosen: HashSet<String> =
             (0..200).map(|_| pick_least_loaded(&workers, "m").unwrap().info.unwrap().worker_id).collect();
         assert_eq!(chosen, HashSet::from(["a".to_owned(), "b".to_owned()]));
+    }
+
+    #[test]
+    fn pick_paces_a_slower_worker() {
+        let paced = |id, running, step_us| {
+            let mut state = with_load(worker(id, &["m"]), running, 0);
+            state.load.as_mut().unwrap().step_us_by_tokens = vec![step_us; 2];
+            state
+        };
+        // Fewer sequences, but each twice as slow: (2 + 1) × 2 > 3 + 1.
+        let workers = vec![paced("slow", 2, 50_000), paced("fast", 3, 25_000)];
+        assert_eq!(pick_least_loaded(&workers, "m").unwrap().info.unwrap().worker_id, "fast");
     }
 
     #[tokio::test]

@@ -70,13 +70,13 @@ impl Live {
     /// The latest streamed load and how many updates have come, or `None` while no stream is up.
     pub fn load(&self) -> Option<(WorkerLoad, u64)> {
         let state = self.lock();
-        state.load.map(|load| (load, state.seq))
+        state.load.clone().map(|load| (load, state.seq))
     }
 
     /// When the latest update came, while a stream is up.
     pub fn updated(&self) -> Option<std::time::Instant> {
         let state = self.lock();
-        state.load.and(state.at)
+        state.load.as_ref().and(state.at)
     }
 
     /// How many leading blocks of `hashes` the worker holds.
@@ -138,7 +138,7 @@ mod tests {
         let live = Live::default();
         assert!(live.load().is_none());
         let load = WorkerLoad { running: 2, ..Default::default() };
-        live.apply(LoadUpdate { load: Some(load), full: true, stored: vec![1, 2, 3], removed: vec![] });
+        live.apply(LoadUpdate { load: Some(load.clone()), full: true, stored: vec![1, 2, 3], removed: vec![] });
         assert_eq!(live.overlap(&[1, 2, 9, 3]), 2, "leading blocks only");
         live.apply(LoadUpdate { load: None, full: false, stored: vec![9], removed: vec![2] });
         assert_eq!(live.overlap(&[1, 2]), 1);

@@ -126,8 +126,10 @@ pub struct WorkerView {
     pub kv_blocks_used: u32,
     pub kv_blocks_cached: u32,
     pub kv_blocks_total: u32,
-    /// Its load as routing compares it (`WorkerLoad::score`).
+    /// Its load as routing compares it (`WorkerLoad::paced_score`).
     pub load: f64,
+    /// How many times slower it steps than the quickest worker of its model (`herd_proto::paces`).
+    pub pace: f64,
     /// Whether this gateway has its tokenizer and template, to place prompts by their cached
     /// prefix (kv-aware routing).
     pub encodes_prompts: bool,
@@ -246,14 +248,14 @@ impl Entry {
                 }
                 load
             }
-            None => self.state.load.unwrap_or_default(),
+            None => self.state.load.clone().unwrap_or_default(),
         }
     }
 
-    /// Its load as policies compare it.
-    fn score(&mut self) -> f64 {
+    /// Its load as policies compare it, at `pace` (see [`Inner::paces`]).
+    fn score(&mut self, pace: f64) -> f64 {
         let load = self.current_load();
-        load.score(self.unreported.load(Ordering::SeqCst))
+        load.paced_score(self.unreported.load(Ordering::SeqCst), pace)
     }
 
     /// Adds a chart point and drops those older than [`HISTORY`].
@@ -301,6 +303,15 @@ impl Entry {
 struct Inner {
     workers: HashMap<String, Entry>,
     synced: bool,
+}
+
+impl Inner {
+    /// How many times slower each of `ids` steps than the quickest of them (`herd_proto::paces`).
+    fn paces(&mut self, ids: &[String]) -> Vec<f64> {
+        let loads: Vec<WorkerLoad> =
+            ids.iter().map(|id| self.workers.get_mut(id).map(Entry::current_load).unwrap_or_default()).collect();
+        herd_proto::paces(&loads.iter().collect::<Vec<_>>())
+    }
 }
 
 /// The gateway's live view of the workers, kept by the watch loop and read by every request.
@@ -532,12 +543,14 @@ impl WorkerTable {
         let ids: Vec<String> = ids.into_iter().cloned().collect();
         // What a worker holds of the prompt beyond the start other prompts share.
         let shared = prefix.map_or(0, |p| p.shared);
+        let paces = inner.paces(&ids);
         let candidates: Vec<Candidate> = ids
             .iter()
-            .map(|id| {
+            .zip(paces)
+            .map(|(id, pace)| {
                 let entry = inner.workers.get_mut(id).expect("listed above");
                 let overlap = prefix.map_or(0, |p| entry.live.overlap(&p.hashes).saturating_sub(shared));
-                Candidate { load: entry.score(), overlap }
+                Candidate { load: entry.score(pace), overlap }
             })
             .collect();
         let (chosen, reason) = self.policy.choose(&candidates);
@@ -605,13 +618,24 @@ impl WorkerTable {
     pub fn overview(&self) -> Vec<WorkerView> {
         let now = Instant::now();
         let mut inner = self.lock();
+        // Each worker's pace among those serving its canonical model.
+        let mut by_model: HashMap<String, Vec<String>> = HashMap::new();
+        for (id, e) in &inner.workers {
+            let model = e.state.info.as_ref().and_then(|info| info.models.first()).cloned().unwrap_or_default();
+            by_model.entry(model).or_default().push(id.clone());
+        }
+        let mut paces: HashMap<String, f64> = HashMap::new();
+        for ids in by_model.values() {
+            paces.extend(ids.iter().cloned().zip(inner.paces(ids)));
+        }
         let mut views: Vec<WorkerView> = inner
             .workers
             .iter_mut()
             .map(|(id, e)| {
                 let info = e.state.info.clone().unwrap_or_default();
                 let load = e.current_load();
-                let score = e.score();
+                let pace = paces.get(id).copied().unwrap_or(1.0);
+                let score = e.score(pace);
                 let state = if e.is_down(now) {
                     "down"
                 } else if e.missing_until.is_some() {
@@ -633,6 +657,7 @@ impl WorkerTable {
                     kv_blocks_cached: load.kv_blocks_cached,
                     kv_blocks_total: load.kv_blocks_total,
                     load: score,
+                    pace,
                     encodes_prompts: e.live.encoder().is_some(),
                     tokens_per_second: e.history.back().map_or(0.0, |s| s.tokens_per_second),
                     generated_tokens: load.generated_tokens,
@@ -723,6 +748,24 @@ mod tests {
         assert_eq!(seen, HashSet::from(["a".to_string(), "b".to_string()]));
         drop((first, second));
         assert_eq!(t.inflight("b"), Some(0));
+    }
+
+    #[tokio::test]
+    async fn a_slower_worker_counts_its_sequences_for_more() {
+        let paced = |id: &str, running, step_us: u32| {
+            let mut state = worker_state(id, &format!("http://127.0.0.1:{}", id.len()), &["m"], 0);
+            state.load = Some(WorkerLoad { running, step_us_by_tokens: vec![step_us; 3], ..Default::default() });
+            state
+        };
+        // The slow one runs 2 sequences at half the speed: (2 + 1) × 2 against the fast one's 4 + 1.
+        let t = table(vec![paced("slow", 2, 40_000), paced("fast", 4, 20_000)]);
+        let picked = t.pick("m", &none(), None).unwrap();
+        assert_eq!(picked.worker_id, "fast");
+        let views = t.overview();
+        assert_eq!(
+            views.iter().map(|v| (v.id.as_str(), v.pace, v.load)).collect::<Vec<_>>(),
+            [("fast", 1.0, 5.0), ("slow", 2.0, 5.0)]
+        );
     }
 
     #[tokio::test]

@@ -87,6 +87,14 @@ async fn the_faster_worker_gets_more_requests() {
     let counts = tally(ids);
     let (slow, fast) = (counts.get("slow").copied().unwrap_or(0), counts.get("fast").copied().unwrap_or(0));
     assert!(fast > slow, "the faster worker gets more requests: {counts:?}");
+    // Both ran steps of the same sizes, so the gateway knows how much slower the slow one is.
+    let cluster: serde_json::Value =
+        reqwest::get(format!("{}/admin/cluster", gw.url())).await.unwrap().json().await.unwrap();
+    let pace = |id: &str| {
+        let workers = cluster["workers"].as_array().expect("a worker list");
+        workers.iter().find(|w| w["id"] == id).and_then(|w| w["pace"].as_f64()).expect("a pace per worker")
+    };
+    assert!(pace("slow") > 2.0 && pace("fast") == 1.0, "{cluster:#}");
 }
 
 /// One chat turn of `messages`; the worker that served it and its answer.

@@ -53,7 +53,7 @@ impl Sent {
             self.hashes = current;
             self.version = Some(version);
         }
-        self.load = Some(report);
+        self.load = Some(report.clone());
         self.at = now;
         Some(pb::LoadUpdate { load: Some(report), full: first, stored, removed })
     }

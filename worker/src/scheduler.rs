@@ -7,9 +7,9 @@
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -57,6 +57,9 @@ pub struct Load {
     prefix_hit_tokens: AtomicUsize,
     /// Prompt tokens of every prompt that ran.
     prompt_tokens: AtomicUsize,
+    /// Moving averages of a step's wall time in microseconds, by `herd_proto::step_bucket` of
+    /// the tokens it computed (0: none yet).
+    step_us: [AtomicU32; herd_proto::STEP_BUCKETS],
     /// The short hashes of the KV cache's full blocks, and the pool version they are from.
     hashes: std::sync::Mutex<(u64, Arc<Vec<u64>>)>,
 }
@@ -114,6 +117,22 @@ impl Load {
     /// Prompt tokens of every prompt that ran.
     pub fn prompt_tokens(&self) -> usize {
         self.prompt_tokens.load(Ordering::Relaxed)
+    }
+
+    /// Recent wall time of a step in microseconds, by `herd_proto::step_bucket` of the tokens it
+    /// computed (0 where none ran yet).
+    pub fn step_us_by_tokens(&self) -> Vec<u32> {
+        self.step_us.iter().map(|us| us.load(Ordering::Relaxed)).collect()
+    }
+
+    /// Folds a step of `tokens` tokens that took `took` into its bucket's moving average (an
+    /// eighth of the new one: smooth enough that one slow step moves no traffic).
+    fn note_step(&self, tokens: usize, took: Duration) {
+        let us = u32::try_from(took.as_micros()).unwrap_or(u32::MAX).max(1);
+        let slot = &self.step_us[herd_proto::step_bucket(tokens)];
+        let old = slot.load(Ordering::Relaxed);
+        let new = if old == 0 { us } else { ((7 * u64::from(old) + u64::from(us)) / 8) as u32 };
+        slot.store(new.max(1), Ordering::Relaxed);
     }
 
     /// The short hashes of the blocks the KV cache can find (what routing matches prompts
@@ -326,9 +345,12 @@ fn run(engine: &Engine, config: &SchedulerConfig, rx: &mpsc::Receiver<Job>, load
             load.stepped.fetch_add(running.len(), Ordering::Relaxed);
         }
         load.last_batch.store(running.len(), Ordering::Relaxed);
+        let computed = |running: &[Job]| running.iter().map(|job| job.seq.computed_tokens()).sum::<usize>();
+        let (before, started) = (computed(&running), Instant::now());
         let mut results =
             if running.is_empty() { Vec::new() } else { step(engine, &mut running, config.max_batch_tokens) }
                 .into_iter();
+        let tokens = computed(&running) - before;
         let (mut kept, mut preempted) = (Vec::with_capacity(running.len()), Vec::new());
         for mut job in running.drain(..) {
             let keep = match results.next() {
@@ -372,5 +394,27 @@ fn run(engine: &Engine, config: &SchedulerConfig, rx: &mpsc::Receiver<Job>, load
         if !config.step_delay.is_zero() {
             std::thread::sleep(config.step_delay);
         }
+        if tokens > 0 {
+            load.note_step(tokens, started.elapsed());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_times_average_by_step_size() {
+        let load = Load::default();
+        assert!(load.step_us_by_tokens().iter().all(|&us| us == 0), "none ran yet");
+        load.note_step(1, Duration::from_millis(10));
+        load.note_step(100, Duration::from_millis(80));
+        load.note_step(1, Duration::from_millis(18));
+        let times = load.step_us_by_tokens();
+        assert_eq!(times.len(), herd_proto::STEP_BUCKETS);
+        assert_eq!(times[0], 11_000, "an eighth of the new step moves the average");
+        assert_eq!(times[herd_proto::step_bucket(100)], 80_000);
+        assert_eq!(times.iter().filter(|&&us| us > 0).count(), 2);
     }
 }

@@ -425,5 +425,6 @@ pub fn load_report(load: &Load) -> pb::WorkerLoad {
         kv_block_size: n(kv.block_size),
         prompt_tokens: load.prompt_tokens() as u64,
         cached_prompt_tokens: load.prefix().1 as u64,
+        step_us_by_tokens: load.step_us_by_tokens(),
     }
 }

@@ -12,7 +12,7 @@ pub struct KvAware {
 
 impl KvAware {
     /// The policy with `threshold`: how much busier than the least loaded worker (in sequences,
-    /// `WorkerLoad::score`'s unit) a worker holding more of the prompt may be and still get it.
+    /// `WorkerLoad::paced_score`'s unit) a worker holding more of the prompt may be and still get it.
     pub fn new(threshold: f64) -> Self {
         Self { threshold: threshold.max(0.0) }
     }

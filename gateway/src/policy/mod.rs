@@ -16,7 +16,8 @@ pub use round_robin::RoundRobin;
 /// One worker a call may go to, as a policy sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Candidate {
-    /// Its load (`WorkerLoad::score`: sequences running, waiting and sent, plus KV use).
+    /// Its load (`WorkerLoad::paced_score`: sequences running, waiting and sent, plus KV use,
+    /// counted for more on a worker slower than the others).
     pub load: f64,
     /// Leading blocks of the prompt it holds in its KV cache, beyond a start that other prompts
     /// share (0 when unknown).

@@ -304,6 +304,7 @@
       const tr = row([
         w.id, w.models.join(", "), w.address, w.state, w.running, w.waiting, w.in_flight,
         w.tokens_per_second.toFixed(1),
+        w.pace > 1.05 ? `${w.load.toFixed(1)} (×${w.pace.toFixed(1)} slower)` : w.load.toFixed(1),
         w.kv_blocks_total
           ? `${w.kv_blocks_used} / ${w.kv_blocks_total} blocks (${w.kv_blocks_cached} cached)`
           : `${w.kv_used_tokens} tokens`,
@@ -315,7 +316,7 @@
     });
     if (!workers.length) {
       const td = document.createElement("td");
-      td.colSpan = 11;
+      td.colSpan = 12;
       td.textContent = "No worker is registered.";
       const tr = document.createElement("tr");
       tr.append(td);

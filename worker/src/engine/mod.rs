@@ -559,6 +559,7 @@ impl Engine {
             cached_prompt: 0,
             found: 0,
             ran: false,
+            computed: 0,
             context: prompt_ids.to_vec(),
             out: Vec::new(),
             text: String::new(),
@@ -651,6 +652,7 @@ impl Engine {
                 continue;
             }
             let row = logits.next().expect("a logits row per sequence that ran");
+            seq.computed += take[i];
             if !seq.ran {
                 seq.ran = true;
                 self.model.count_prompt(seq.prompt_len, seq.found);
@@ -797,6 +799,8 @@ pub struct Sequence {
     found: usize,
     /// Whether it has run tokens since it started or was evicted.
     ran: bool,
+    /// Tokens it has run through the model, recomputations included.
+    computed: usize,
     context: Vec<u32>,
     out: Vec<u32>,
     text: String,
@@ -807,6 +811,12 @@ impl Sequence {
     /// The most tokens its KV cache can come to: the prompt and every token it may sample.
     pub fn max_kv_tokens(&self) -> usize {
         self.prompt_len + self.max_tokens
+    }
+
+    /// Tokens it has run through the model so far, recomputations included (two readings
+    /// around a step give what the step computed).
+    pub fn computed_tokens(&self) -> usize {
+        self.computed
     }
 
     /// Frees the KV cache; the next step recomputes it from the prompt and the tokens sampled
