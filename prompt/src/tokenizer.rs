@@ -78,7 +78,12 @@ impl Tokenizer {
 
     /// Decodes ids to text, leaving out special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| PromptError::Tokenizer(e.to_string()))
+        self.decode_with(ids, true)
+    }
+
+    /// Text of `ids`, with special tokens written out unless `skip_special`.
+    pub fn decode_with(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special).map_err(|e| PromptError::Tokenizer(e.to_string()))
     }
 
     /// The vocabulary entry of `id` as stored (e.g. "▁the" or "<0x0A>").

@@ -2,7 +2,11 @@
 
 use std::time::Duration;
 
+use std::sync::OnceLock;
+
 use herd_tests::cluster::{MODEL, controller, gateway, wait_for_workers, worker};
+use herd_tests::test_model;
+use herd_worker::engine::{Engine, GenerationParams, LoadOptions, Message, SamplingParams};
 use serde_json::{Value, json};
 
 async fn post(url: &str, body: &Value) -> (u16, Value) {
@@ -134,6 +138,11 @@ async fn malformed_requests_get_documented_errors() {
         ("stop a number", with("stop", json!(3)), 400),
         ("presence_penalty 3", with("presence_penalty", json!(3)), 400),
         ("top_logprobs 50", with("top_logprobs", json!(50)), 400),
+        ("logit_bias past the vocabulary", with("logit_bias", json!({"4000000": 5})), 400),
+        ("stop_token_ids past the vocabulary", with("stop_token_ids", json!([4000000])), 400),
+        ("min_tokens over max_tokens", with("min_tokens", json!(3)), 400),
+        ("json mode, not supported yet", with("response_format", json!({"type": "json_object"})), 400),
+        ("tools, not supported yet", with("tools", json!([{"type": "function", "function": {"name": "f"}}])), 400),
         ("unknown model", with("model", json!("no-such-model")), 404),
         ("prompt over the context", with("messages", json!([{"role": "user", "content": long_prompt}])), 400),
         (
@@ -173,4 +182,85 @@ async fn malformed_requests_get_documented_errors() {
             assert_eq!(err["error"]["code"], "context_length_exceeded", "{name}: {text}");
         }
     }
+}
+
+/// The test model in-process, for the token ids of answers the gateway gives as text.
+fn engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| Engine::load(&LoadOptions::new(test_model()), &mut |_, _| {}).expect("load test model"))
+}
+
+/// The greedy answer's token ids and text, and why it ended, computed in-process.
+fn greedy_ids(question: &str, max_tokens: usize) -> (Vec<u32>, String, &'static str) {
+    let ids = engine().encode_chat(&[Message::new("user", question)]).unwrap();
+    let params =
+        GenerationParams { sampling: SamplingParams::greedy(), max_tokens: Some(max_tokens), ..Default::default() };
+    let done = engine().generate(&ids, &params, &mut |_| {}).unwrap();
+    (done.token_ids, done.text, done.finish_reason.as_str())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logit_bias_stop_token_ids_and_min_tokens_change_the_answer() {
+    let ctl = controller("127.0.0.1:0", "5s");
+    let _w = worker(&ctl, &[]);
+    let gw = gateway(&ctl);
+    wait_for_workers(&gw, 1, Duration::from_secs(120)).await;
+    let url = format!("{}/v1/chat/completions", gw.url());
+    let ask = |question: &str, extra: Value| {
+        let mut body = json!({"model": MODEL, "messages": [{"role": "user", "content": question}],
+            "temperature": 0, "max_tokens": 40});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let url = url.clone();
+        async move {
+            let (status, resp) = post(&url, &body).await;
+            assert_eq!(status, 200, "{body}: {resp}");
+            let choice = &resp["choices"][0];
+            let text = choice["message"]["content"].as_str().unwrap().to_string();
+            (
+                text,
+                choice["finish_reason"].as_str().unwrap().to_string(),
+                resp["usage"]["completion_tokens"].as_u64().unwrap(),
+            )
+        }
+    };
+    let question = "Who wrote the play Hamlet?";
+    let (ids, text, _) = greedy_ids(question, 40);
+    assert_eq!(ask(question, json!({})).await.0, text, "the gateway answers as the engine does");
+
+    // -100 on the greedy first token: the answer starts with another one.
+    let (biased, _, _) = ask(question, json!({"logit_bias": {ids[0].to_string(): -100}})).await;
+    let first = engine().tokenizer().decode(&ids[..1]).unwrap();
+    assert!(!biased.starts_with(&first), "{first:?} is still first: {biased:?}");
+    // A positive bias on another token puts it first (the answer to this prompt never starts
+    // with a comma otherwise).
+    let comma = engine().tokenizer().encode(",").unwrap()[0];
+    let (pushed, _, _) = ask(question, json!({"logit_bias": {comma.to_string(): 100}})).await;
+    assert!(pushed.starts_with(','), "{pushed:?}");
+
+    // The second greedy token as a stop token: the answer is the first token alone.
+    let (stopped, finish, tokens) = ask(question, json!({"stop_token_ids": [ids[1]]})).await;
+    assert_eq!(
+        (stopped.as_str(), finish.as_str(), tokens),
+        (first.as_str(), "stop", 2),
+        "the stop token is counted, not shown"
+    );
+
+    // A short answer that ends by EOS: min_tokens carries it on past that point.
+    let short = "Answer with one word: what colour is the sky?";
+    let (short_ids, _, why) = greedy_ids(short, 40);
+    assert_eq!(why, "stop", "the short answer ends by itself: {short_ids:?}");
+    let floor = short_ids.len() as u64 + 4;
+    let (longer, finish, tokens) = ask(short, json!({"min_tokens": floor})).await;
+    assert!(tokens >= floor, "{tokens} tokens < min_tokens {floor}: {longer:?}");
+    assert!(finish == "stop" || tokens == 40, "{finish}");
+
+    // A stop string kept in the answer, and left out by default.
+    let (kept, finish, _) = ask(question, json!({"stop": "Shakespeare", "include_stop_str_in_output": true})).await;
+    assert!(kept.ends_with("Shakespeare") && finish == "stop", "{kept:?}");
+    let (cut, _, _) = ask(question, json!({"stop": "Shakespeare"})).await;
+    assert_eq!(format!("{cut}Shakespeare"), kept);
+    // top_k -1 is "off", as vLLM and FastChat send it.
+    assert_eq!(ask(question, json!({"top_k": -1})).await.0, text);
 }

@@ -227,14 +227,19 @@ fn generation_params(req: &pb::GenerateRequest) -> GenerationParams {
         presence_penalty: s.presence_penalty,
         frequency_penalty: s.frequency_penalty,
         seed: s.seed,
+        min_p: s.min_p,
+        logit_bias: s.logit_bias.iter().map(|(&id, &bias)| (id, bias)).collect(),
     });
     GenerationParams {
         sampling,
         max_tokens: req.max_tokens.map(|n| n as usize),
         stop: req.stop.clone(),
-        stop_token_ids: Vec::new(),
+        stop_token_ids: req.stop_token_ids.clone(),
         ignore_eos: req.ignore_eos,
         logprobs: req.logprobs.map(|n| n as usize),
+        min_tokens: req.min_tokens as usize,
+        include_stop_str_in_output: req.include_stop_str_in_output,
+        keep_special_tokens: req.keep_special_tokens,
     }
 }
 

@@ -1,5 +1,7 @@
 //! Request validation: JSON bytes in, a checked [`Plan`] of worker requests out (or a 400 naming the parameter).
 
+use std::collections::HashMap;
+
 use herd_proto::v1::generate_request::Input;
 use herd_proto::v1::{ChatInput, ChatMessage, GenerateRequest, Sampling, TokenIds};
 use serde::de::DeserializeOwned;
@@ -19,6 +21,10 @@ pub const MAX_STOP: usize = 4;
 pub const MAX_STOP_BYTES: usize = 1024;
 /// Most chat alternatives per token.
 pub const MAX_TOP_LOGPROBS: i64 = 20;
+/// Most tokens a `logit_bias` may name.
+pub const MAX_LOGIT_BIAS: usize = 1024;
+/// Most `stop_token_ids`.
+pub const MAX_STOP_TOKEN_IDS: usize = 64;
 /// Most completions-style alternatives per token.
 pub const MAX_COMPLETION_LOGPROBS: i64 = 5;
 /// OpenAI's `max_tokens` default for `/v1/completions`.
@@ -88,8 +94,14 @@ fn invalid(param: impl Into<String>, message: impl Into<String>) -> GatewayError
 /// Parses JSON into `T`, turning a type error into a 400 that names the parameter's path.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, GatewayError> {
     let mut de = serde_json::Deserializer::from_slice(body);
-    let value: T = serde_path_to_error::deserialize(&mut de).map_err(data_error)?;
+    let mut ignored = Vec::new();
+    let mut note = |path: serde_ignored::Path<'_>| ignored.push(path.to_string());
+    let value: T =
+        serde_path_to_error::deserialize(serde_ignored::Deserializer::new(&mut de, &mut note)).map_err(data_error)?;
     de.end().map_err(|err| syntax_error(&err))?;
+    if !ignored.is_empty() {
+        tracing::debug!(fields = ?ignored, "ignored request fields herd does not know");
+    }
     Ok(value)
 }
 
@@ -192,6 +204,49 @@ fn stop_param(value: Option<&Value>) -> Result<Vec<String>, GatewayError> {
     Ok(stops.into_iter().filter(|s| !s.is_empty()).collect())
 }
 
+/// `logit_bias`: token ids (as strings, OpenAI's spelling) to biases in [-100, 100].
+fn logit_bias_param(value: Option<&Value>) -> Result<HashMap<u32, f32>, GatewayError> {
+    let map = match value {
+        None | Some(Value::Null) => return Ok(HashMap::new()),
+        Some(Value::Object(map)) => map,
+        Some(_) => return Err(invalid("logit_bias", "`logit_bias` must be an object of token ids to biases")),
+    };
+    if map.len() > MAX_LOGIT_BIAS {
+        return Err(invalid(
+            "logit_bias",
+            format!("`logit_bias` may name at most {MAX_LOGIT_BIAS} tokens, got {}", map.len()),
+        ));
+    }
+    map.iter()
+        .map(|(key, bias)| {
+            let id = key
+                .trim()
+                .parse::<u32>()
+                .map_err(|_| invalid("logit_bias", format!("`logit_bias` keys must be token ids, got {key:?}")))?;
+            match bias.as_f64() {
+                Some(b) if (-100.0..=100.0).contains(&b) => Ok((id, b as f32)),
+                _ => Err(invalid(
+                    "logit_bias",
+                    format!("`logit_bias` of token {key} must be a number between -100 and 100, got {bias}"),
+                )),
+            }
+        })
+        .collect()
+}
+
+/// `stop_token_ids`: at most [`MAX_STOP_TOKEN_IDS`] token ids.
+fn stop_token_ids_param(value: Option<&Value>) -> Result<Vec<u32>, GatewayError> {
+    match value {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) if items.len() <= MAX_STOP_TOKEN_IDS => token_ids(items, "stop_token_ids"),
+        Some(Value::Array(items)) => Err(invalid(
+            "stop_token_ids",
+            format!("`stop_token_ids` may hold at most {MAX_STOP_TOKEN_IDS} token ids, got {}", items.len()),
+        )),
+        Some(_) => Err(invalid("stop_token_ids", "`stop_token_ids` must be an array of token ids")),
+    }
+}
+
 /// The sampling parameters both endpoints share, unchecked.
 struct CommonIn<'a> {
     temperature: Option<f64>,
@@ -205,6 +260,12 @@ struct CommonIn<'a> {
     repetition_penalty: Option<f64>,
     stream: Option<bool>,
     stream_options: Option<&'a StreamOptions>,
+    logit_bias: Option<&'a Value>,
+    min_p: Option<f64>,
+    stop_token_ids: Option<&'a Value>,
+    min_tokens: Option<&'a Number>,
+    include_stop_str_in_output: Option<bool>,
+    skip_special_tokens: Option<bool>,
 }
 
 /// The shared parameters, checked.
@@ -215,6 +276,10 @@ struct Common {
     n: u32,
     stream: bool,
     include_usage: bool,
+    stop_token_ids: Vec<u32>,
+    min_tokens: u32,
+    include_stop_str_in_output: bool,
+    skip_special_tokens: bool,
 }
 
 fn common(c: CommonIn<'_>) -> Result<Common, GatewayError> {
@@ -233,7 +298,12 @@ fn common(c: CommonIn<'_>) -> Result<Common, GatewayError> {
         }
         other => other.unwrap_or(1.0),
     };
-    let top_k = int_param("top_k", c.top_k, 0, i64::from(u32::MAX))?.unwrap_or(0) as u32;
+    // -1 is vLLM's and FastChat's "off", like 0.
+    let top_k = int_param("top_k", c.top_k, -1, i64::from(u32::MAX))?.unwrap_or(0).max(0) as u32;
+    let min_p = float_in("min_p", c.min_p, 0.0, 1.0)?.unwrap_or(0.0);
+    let logit_bias = logit_bias_param(c.logit_bias)?;
+    let stop_token_ids = stop_token_ids_param(c.stop_token_ids)?;
+    let min_tokens = int_param("min_tokens", c.min_tokens, 0, i64::from(u32::MAX))?.unwrap_or(0) as u32;
     let n = int_param("n", c.n, 1, MAX_N)?.unwrap_or(1) as u32;
     let seed = match c.seed {
         None => None,
@@ -257,8 +327,21 @@ fn common(c: CommonIn<'_>) -> Result<Common, GatewayError> {
         presence_penalty: presence_penalty as f32,
         frequency_penalty: frequency_penalty as f32,
         seed: None,
+        min_p: min_p as f32,
+        logit_bias,
     };
-    Ok(Common { sampling, seed, stop, n, stream, include_usage })
+    Ok(Common {
+        sampling,
+        seed,
+        stop,
+        n,
+        stream,
+        include_usage,
+        stop_token_ids,
+        min_tokens,
+        include_stop_str_in_output: c.include_stop_str_in_output.unwrap_or(false),
+        skip_special_tokens: c.skip_special_tokens.unwrap_or(true),
+    })
 }
 
 fn require_model(model: &str) -> Result<String, GatewayError> {
@@ -326,6 +409,12 @@ macro_rules! common_in {
             repetition_penalty: $req.repetition_penalty,
             stream: $req.stream,
             stream_options: $req.stream_options.as_ref(),
+            logit_bias: $req.logit_bias.as_ref(),
+            min_p: $req.min_p,
+            stop_token_ids: $req.stop_token_ids.as_ref(),
+            min_tokens: $req.min_tokens.as_ref(),
+            include_stop_str_in_output: $req.include_stop_str_in_output,
+            skip_special_tokens: $req.skip_special_tokens,
         }
     };
 }
@@ -334,6 +423,7 @@ macro_rules! common_in {
 pub fn parse_chat(body: &[u8]) -> Result<Plan, GatewayError> {
     let req: ChatCompletionRequest = parse_json(body)?;
     let model = require_model(&req.model)?;
+    refuse_unsupported(&req)?;
     if req.messages.is_empty() {
         return Err(invalid("messages", "`messages` must contain at least one message"));
     }
@@ -358,6 +448,7 @@ pub fn parse_chat(body: &[u8]) -> Result<Plan, GatewayError> {
     let common = common(common_in!(req))?;
     let max_tokens = max_tokens_param("max_tokens", req.max_tokens.as_ref())?;
     let max_completion_tokens = max_tokens_param("max_completion_tokens", req.max_completion_tokens.as_ref())?;
+    check_min_tokens(&common, max_completion_tokens.or(max_tokens))?;
     let logprobs = req.logprobs.unwrap_or(false);
     let top_logprobs = int_param("top_logprobs", req.top_logprobs.as_ref(), 0, MAX_TOP_LOGPROBS)?;
     if top_logprobs.is_some() && !logprobs {
@@ -368,9 +459,9 @@ pub fn parse_chat(body: &[u8]) -> Result<Plan, GatewayError> {
         input: Some(Input::Chat(ChatInput { messages })),
         sampling: None,
         max_tokens: max_completion_tokens.or(max_tokens),
-        stop: common.stop.clone(),
         ignore_eos: req.ignore_eos.unwrap_or(false),
         logprobs: logprobs.then(|| top_logprobs.unwrap_or(0) as u32),
+        ..GenerateRequest::default()
     };
     let choices = (0..common.n)
         .map(|j| ChoicePlan { index: j, prompt_index: 0, request: with_seed(&base, &common, j) })
@@ -386,11 +477,74 @@ pub fn parse_chat(body: &[u8]) -> Result<Plan, GatewayError> {
     })
 }
 
-/// `base` with the sampling of choice `j`: seed + j, so that n choices differ yet stay reproducible.
+/// `base` with the shared parameters and the sampling of choice `j`: seed + j, so that n choices
+/// differ yet stay reproducible.
 fn with_seed(base: &GenerateRequest, common: &Common, j: u32) -> GenerateRequest {
-    let mut sampling = common.sampling;
+    let mut sampling = common.sampling.clone();
     sampling.seed = common.seed.map(|s| s.wrapping_add(u64::from(j)));
-    GenerateRequest { sampling: Some(sampling), ..base.clone() }
+    GenerateRequest {
+        sampling: Some(sampling),
+        stop: common.stop.clone(),
+        stop_token_ids: common.stop_token_ids.clone(),
+        min_tokens: common.min_tokens,
+        include_stop_str_in_output: common.include_stop_str_in_output,
+        keep_special_tokens: !common.skip_special_tokens,
+        ..base.clone()
+    }
+}
+
+/// Refuses `min_tokens` above the `max_tokens` asked for (beyond the context the worker refuses).
+fn check_min_tokens(common: &Common, max_tokens: Option<u32>) -> Result<(), GatewayError> {
+    match max_tokens {
+        Some(max) if common.min_tokens > max => Err(invalid(
+            "min_tokens",
+            format!("`min_tokens` ({}) must be at most `max_tokens` ({max})", common.min_tokens),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Refuses the chat fields herd knows but cannot honour yet, rather than answering as if they
+/// were not there.
+fn refuse_unsupported(req: &ChatCompletionRequest) -> Result<(), GatewayError> {
+    let absent = |v: &Option<Value>| matches!(v, None | Some(Value::Null));
+    match &req.response_format {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(format)) if format.get("type").and_then(Value::as_str) == Some("text") => {}
+        Some(Value::Object(format)) => {
+            let kind = format.get("type").map_or_else(|| "no type".to_string(), Value::to_string);
+            return Err(invalid(
+                "response_format",
+                format!("`response_format` of type {kind} is not supported: herd does not constrain output yet"),
+            ));
+        }
+        Some(_) => return Err(invalid("response_format", "`response_format` must be an object with a `type`")),
+    }
+    if !absent(&req.tools) && req.tools.as_ref().and_then(Value::as_array).is_none_or(|t| !t.is_empty()) {
+        return Err(invalid("tools", "`tools` is not supported: herd does not call tools yet"));
+    }
+    if !absent(&req.tool_choice) && req.tool_choice.as_ref().and_then(Value::as_str) != Some("none") {
+        return Err(invalid(
+            "tool_choice",
+            "`tool_choice` is not supported beyond \"none\": herd does not call tools yet",
+        ));
+    }
+    for (name, value) in [
+        ("functions", &req.functions),
+        ("function_call", &req.function_call),
+        ("audio", &req.audio),
+        ("prediction", &req.prediction),
+    ] {
+        if !absent(value) {
+            return Err(invalid(name, format!("`{name}` is not supported")));
+        }
+    }
+    match &req.modalities {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(m)) if m.iter().all(|m| m == "text") => {}
+        Some(_) => return Err(invalid("modalities", "`modalities` may only ask for [\"text\"]")),
+    }
+    Ok(())
 }
 
 /// A list of token ids at `path` (e.g. `prompt` or `prompt[2]`), each naming itself when invalid.
@@ -467,6 +621,7 @@ pub fn parse_completion(body: &[u8]) -> Result<Plan, GatewayError> {
         return Err(invalid("best_of", "`best_of` is not supported (only `best_of` equal to `n`)"));
     }
     let max_tokens = max_tokens_param("max_tokens", req.max_tokens.as_ref())?.unwrap_or(DEFAULT_COMPLETION_MAX_TOKENS);
+    check_min_tokens(&common, Some(max_tokens))?;
     let logprobs = int_param("logprobs", req.logprobs.as_ref(), 0, MAX_COMPLETION_LOGPROBS)?;
     let n = common.n;
     if prompts.len() * n as usize > MAX_CHOICES {
@@ -482,9 +637,9 @@ pub fn parse_completion(body: &[u8]) -> Result<Plan, GatewayError> {
             input: Some(input),
             sampling: None,
             max_tokens: Some(max_tokens),
-            stop: common.stop.clone(),
             ignore_eos: req.ignore_eos.unwrap_or(false),
             logprobs: logprobs.map(|k| k as u32),
+            ..GenerateRequest::default()
         };
         for j in 0..n {
             choices.push(ChoicePlan {
@@ -575,7 +730,24 @@ mod tests {
             (format!(r#"{{"model":"m",{MSG},"logprobs":true,"top_logprobs":21}}"#), Some("top_logprobs"), "between 0 and 20"),
             (format!(r#"{{"model":"m",{MSG},"stream":"yes"}}"#), Some("stream"), "invalid type"),
             (format!(r#"{{"model":"m",{MSG},"stream_options":{{"include_usage":1}}}}"#), Some("stream_options.include_usage"), "invalid type"),
-            (format!(r#"{{"model":"m",{MSG},"top_k":-1}}"#), Some("top_k"), "between 0"),
+            (format!(r#"{{"model":"m",{MSG},"top_k":-2}}"#), Some("top_k"), "between -1"),
+            (format!(r#"{{"model":"m",{MSG},"min_p":1.5}}"#), Some("min_p"), "between 0 and 1"),
+            (format!(r#"{{"model":"m",{MSG},"logit_bias":[1]}}"#), Some("logit_bias"), "an object"),
+            (format!(r#"{{"model":"m",{MSG},"logit_bias":{{"the":5}}}}"#), Some("logit_bias"), "token ids, got \"the\""),
+            (format!(r#"{{"model":"m",{MSG},"logit_bias":{{"7":-101}}}}"#), Some("logit_bias"), "between -100 and 100"),
+            (format!(r#"{{"model":"m",{MSG},"logit_bias":{{"7":"up"}}}}"#), Some("logit_bias"), "between -100 and 100"),
+            (format!(r#"{{"model":"m",{MSG},"stop_token_ids":[1,-2]}}"#), Some("stop_token_ids[1]"), "token id"),
+            (format!(r#"{{"model":"m",{MSG},"stop_token_ids":3}}"#), Some("stop_token_ids"), "an array"),
+            (format!(r#"{{"model":"m",{MSG},"stop_token_ids":[{}]}}"#, ["1"; 65].join(",")), Some("stop_token_ids"), "at most 64"),
+            (format!(r#"{{"model":"m",{MSG},"min_tokens":-1}}"#), Some("min_tokens"), "between 0"),
+            (format!(r#"{{"model":"m",{MSG},"min_tokens":9,"max_tokens":8}}"#), Some("min_tokens"), "at most `max_tokens` (8)"),
+            (format!(r#"{{"model":"m",{MSG},"skip_special_tokens":"no"}}"#), Some("skip_special_tokens"), "invalid type"),
+            (format!(r#"{{"model":"m",{MSG},"response_format":{{"type":"json_object"}}}}"#), Some("response_format"), "\"json_object\" is not supported"),
+            (format!(r#"{{"model":"m",{MSG},"response_format":"json"}}"#), Some("response_format"), "an object"),
+            (format!(r#"{{"model":"m",{MSG},"tools":[{{"type":"function","function":{{"name":"f"}}}}]}}"#), Some("tools"), "not supported"),
+            (format!(r#"{{"model":"m",{MSG},"tool_choice":"required"}}"#), Some("tool_choice"), "not supported"),
+            (format!(r#"{{"model":"m",{MSG},"functions":[{{"name":"f"}}]}}"#), Some("functions"), "not supported"),
+            (format!(r#"{{"model":"m",{MSG},"modalities":["text","audio"]}}"#), Some("modalities"), "[\"text\"]"),
             (format!(r#"{{"model":"m",{MSG},"repetition_penalty":0}}"#), Some("repetition_penalty"), "greater than 0"),
             (format!(r#"{{"model":"m",{MSG},"user":7}}"#), Some("user"), "invalid type"),
         ];
@@ -584,6 +756,14 @@ mod tests {
             assert_eq!(status, 400, "{body}");
             assert_eq!(got_param.as_deref(), param, "{body}: {message}");
             assert!(message.contains(fragment), "{body}: {message:?} lacks {fragment:?}");
+        }
+        // What clients send that changes nothing herd does is accepted.
+        for extra in [
+            r#""response_format":{"type":"text"}"#,
+            r#""tools":[],"tool_choice":"none","parallel_tool_calls":true"#,
+            r#""modalities":["text"],"store":false,"metadata":{"a":"b"},"some_future_field":[1,2]"#,
+        ] {
+            assert!(parse_chat(format!(r#"{{"model":"m",{MSG},{extra}}}"#).as_bytes()).is_ok(), "{extra}");
         }
         // Invalid UTF-8 is a parse error, not a panic.
         let bad =
@@ -638,6 +818,31 @@ mod tests {
             parse_chat(br#"{"model":"m","messages":[{"role":"user","content":"x"}],"logprobs":true,"stop":null}"#)
                 .unwrap();
         assert_eq!(plan.choices[0].request.logprobs, Some(0));
+    }
+
+    #[test]
+    fn vllm_fields_reach_every_choice() {
+        for api in [Api::Chat, Api::Completion] {
+            let input = if api == Api::Chat { MSG } else { r#""prompt":["a","b"]"# };
+            let body = format!(
+                r#"{{"model":"m",{input},"n":2,"top_k":-1,"min_p":0.05,"logit_bias":{{"15":-100," 7":2.5}},
+                "stop_token_ids":[2,9],"min_tokens":3,"max_tokens":20,"include_stop_str_in_output":true,
+                "skip_special_tokens":false}}"#
+            );
+            let plan = if api == Api::Chat { parse_chat(body.as_bytes()) } else { parse_completion(body.as_bytes()) };
+            for choice in plan.unwrap().choices {
+                let r = choice.request;
+                let s = r.sampling.unwrap();
+                assert_eq!((s.top_k, s.min_p), (0, 0.05), "-1 turns top-k off");
+                assert_eq!(s.logit_bias, HashMap::from([(15, -100.0), (7, 2.5)]));
+                assert_eq!((r.stop_token_ids, r.min_tokens), (vec![2, 9], 3));
+                assert!(r.include_stop_str_in_output && r.keep_special_tokens);
+            }
+        }
+        let plan = parse_chat(format!(r#"{{"model":"m",{MSG}}}"#).as_bytes()).unwrap();
+        let r = &plan.choices[0].request;
+        assert!(!r.include_stop_str_in_output && !r.keep_special_tokens, "vLLM's defaults");
+        assert_eq!(completion_err(r#"{"model":"m","prompt":"x","min_tokens":17}"#).1.as_deref(), Some("min_tokens"));
     }
 
     #[test]

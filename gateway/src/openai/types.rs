@@ -2,7 +2,8 @@
 //!
 //! Requests keep loosely typed fields (`Number`, `Value`) where the gateway checks ranges and shapes
 //! itself, so that every violation gets a message naming the parameter and what is allowed.
-//! Unknown fields are ignored: clients send many.
+//! Unknown fields are ignored, with a debug log: clients send many. A known field herd cannot
+//! honour gets a 400 naming it.
 //!
 //! The chat and completions requests spell their shared sampling fields out twice on purpose:
 //! `#[serde(flatten)]` would deserialize them through a buffer that loses the field path, and
@@ -47,12 +48,40 @@ pub struct ChatCompletionRequest {
     pub stream: Option<bool>,
     /// Streaming options.
     pub stream_options: Option<StreamOptions>,
-    /// Extension: keep only the k most likely tokens (0 keeps all).
+    /// Only `{"type": "text"}` (or absent) is accepted until constrained decoding lands.
+    pub response_format: Option<Value>,
+    /// Only an empty list (or absent) is accepted until tool calls land.
+    pub tools: Option<Value>,
+    /// Only `"none"` (or absent) is accepted until tool calls land.
+    pub tool_choice: Option<Value>,
+    /// OpenAI's deprecated function calling: refused.
+    pub functions: Option<Value>,
+    /// OpenAI's deprecated function calling: refused.
+    pub function_call: Option<Value>,
+    /// Only `["text"]` (or absent) is accepted.
+    pub modalities: Option<Value>,
+    /// Audio output: refused.
+    pub audio: Option<Value>,
+    /// Predicted outputs: refused.
+    pub prediction: Option<Value>,
+    /// Extension: keep only the k most likely tokens (0 or -1 keeps all).
     pub top_k: Option<Number>,
     /// Extension: repetition penalty, > 0 (1 is none).
     pub repetition_penalty: Option<f64>,
     /// Extension (vLLM's): keep generating past EOS, for benchmarks.
     pub ignore_eos: Option<bool>,
+    /// Token id (as a string) to a bias in [-100, 100] added to its logit.
+    pub logit_bias: Option<Value>,
+    /// Extension (vLLM's): drop tokens less likely than this share of the most likely one, [0, 1].
+    pub min_p: Option<f64>,
+    /// Extension (vLLM's): token ids that end the answer besides EOS.
+    pub stop_token_ids: Option<Value>,
+    /// Extension (vLLM's): tokens to generate before EOS or a stop may end the answer.
+    pub min_tokens: Option<Number>,
+    /// Extension (vLLM's): keep the stop string that ended the answer in its text.
+    pub include_stop_str_in_output: Option<bool>,
+    /// Extension (vLLM's): leave special tokens out of the text (the default) or write them out.
+    pub skip_special_tokens: Option<bool>,
 }
 
 /// One message of a chat request.
@@ -108,12 +137,24 @@ pub struct CompletionRequest {
     pub stream: Option<bool>,
     /// Streaming options.
     pub stream_options: Option<StreamOptions>,
-    /// Extension: keep only the k most likely tokens (0 keeps all).
+    /// Extension: keep only the k most likely tokens (0 or -1 keeps all).
     pub top_k: Option<Number>,
     /// Extension: repetition penalty, > 0 (1 is none).
     pub repetition_penalty: Option<f64>,
     /// Extension (vLLM's): keep generating past EOS, for benchmarks.
     pub ignore_eos: Option<bool>,
+    /// Token id (as a string) to a bias in [-100, 100] added to its logit.
+    pub logit_bias: Option<Value>,
+    /// Extension (vLLM's): drop tokens less likely than this share of the most likely one, [0, 1].
+    pub min_p: Option<f64>,
+    /// Extension (vLLM's): token ids that end the answer besides EOS.
+    pub stop_token_ids: Option<Value>,
+    /// Extension (vLLM's): tokens to generate before EOS or a stop may end the answer.
+    pub min_tokens: Option<Number>,
+    /// Extension (vLLM's): keep the stop string that ended the answer in its text.
+    pub include_stop_str_in_output: Option<bool>,
+    /// Extension (vLLM's): leave special tokens out of the text (the default) or write them out.
+    pub skip_special_tokens: Option<bool>,
 }
 
 /// Token counts of a response.

@@ -15,19 +15,31 @@ pub struct IncrementalDecoder {
     prefix: usize,
     /// End of the text already emitted.
     read: usize,
+    /// Whether special tokens (`<|im_end|>`, `</s>`) are part of the text.
+    keep_special: bool,
 }
 
 impl IncrementalDecoder {
-    /// An empty decoder.
+    /// An empty decoder that leaves special tokens out of the text.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty decoder that writes special tokens out as text (vLLM's
+    /// `skip_special_tokens: false`).
+    pub fn keeping_special_tokens() -> Self {
+        Self { keep_special: true, ..Self::default() }
+    }
+
+    fn decode(&self, tok: &Tokenizer, ids: &[u32]) -> Result<String> {
+        Ok(tok.decode_with(ids, !self.keep_special)?)
     }
 
     /// Adds a token; returns new text when a complete character is available.
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
-        let before = tok.decode(&self.ids[self.prefix..self.read])?;
-        let now = tok.decode(&self.ids[self.prefix..])?;
+        let before = self.decode(tok, &self.ids[self.prefix..self.read])?;
+        let now = self.decode(tok, &self.ids[self.prefix..])?;
         if now.len() > before.len()
             && !now.ends_with('\u{FFFD}')
             && let Some(delta) = now.get(before.len()..)
@@ -42,8 +54,8 @@ impl IncrementalDecoder {
 
     /// Whatever is still held back (e.g. an incomplete character at the end of generation).
     pub fn finish(&mut self, tok: &Tokenizer) -> Result<String> {
-        let before = tok.decode(&self.ids[self.prefix..self.read])?;
-        let now = tok.decode(&self.ids[self.prefix..])?;
+        let before = self.decode(tok, &self.ids[self.prefix..self.read])?;
+        let now = self.decode(tok, &self.ids[self.prefix..])?;
         self.prefix = self.ids.len();
         self.read = self.ids.len();
         Ok(now.get(before.len()..).unwrap_or_default().to_string())

@@ -33,7 +33,7 @@ pub use tokenizer::Tokenizer;
 use detok::IncrementalDecoder;
 use kv::{KvOptions, KvStats, SeqCache, common_prefix};
 use sampler::Sampler;
-use stop::StopMatcher;
+use stop::{StopMatcher, StopStep};
 use tokenizer::TokenizerConfig;
 use tp::Ranks;
 pub use tp::parse_devices;
@@ -43,6 +43,8 @@ use weights::{GgufMode, Weights};
 pub const MAX_STOP_STRINGS: usize = 4;
 /// Longest stop string, in bytes (the gateway's limit too): each is matched on every token.
 pub const MAX_STOP_BYTES: usize = 1024;
+/// Most extra stop token ids per request.
+pub const MAX_STOP_TOKEN_IDS: usize = 64;
 /// More bytes than any token of a real vocabulary spans.
 pub const MAX_BYTES_PER_TOKEN: usize = 64;
 /// Most alternatives per position a request may ask logprobs for (OpenAI's limit).
@@ -170,6 +172,12 @@ pub struct GenerationParams {
     pub ignore_eos: bool,
     /// Report each sampled token's logprob and this many top alternatives.
     pub logprobs: Option<usize>,
+    /// Tokens to generate before EOS, a stop token or a stop string may end the answer.
+    pub min_tokens: usize,
+    /// Keep the stop string that ends the answer in its text.
+    pub include_stop_str_in_output: bool,
+    /// Write special tokens out in the text instead of leaving them out.
+    pub keep_special_tokens: bool,
 }
 
 /// Why generation ended, in OpenAI's terms.
@@ -522,6 +530,25 @@ impl Engine {
         if params.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
             return Err(EngineError::InvalidArgument(format!("top logprobs must be at most {MAX_TOP_LOGPROBS}")));
         }
+        let vocab = self.config().vocab_size;
+        let named = params.sampling.logit_bias.iter().map(|(id, _)| ("logit_bias", id));
+        if let Some((what, id)) = params
+            .stop_token_ids
+            .iter()
+            .map(|id| ("stop_token_ids", id))
+            .chain(named)
+            .find(|(_, id)| **id as usize >= vocab)
+        {
+            return Err(EngineError::InvalidArgument(format!(
+                "{what}: token id {id} is outside the vocabulary of {vocab}"
+            )));
+        }
+        if params.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+            return Err(EngineError::InvalidArgument(format!(
+                "at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed, got {}",
+                params.stop_token_ids.len()
+            )));
+        }
         let context = self.context_length();
         if prompt_len >= context {
             return Err(EngineError::PromptTooLong { prompt: prompt_len, context });
@@ -532,6 +559,12 @@ impl Engine {
         }
         if prompt_len + max_tokens > context {
             return Err(EngineError::ContextOverflow { prompt: prompt_len, max_tokens, context });
+        }
+        if params.min_tokens > max_tokens {
+            return Err(EngineError::InvalidArgument(format!(
+                "min_tokens ({}) must be at most max_tokens ({max_tokens})",
+                params.min_tokens
+            )));
         }
         Ok(max_tokens)
     }
@@ -550,11 +583,20 @@ impl Engine {
         Ok(Sequence {
             cache: self.model.new_cache(),
             sampler: Sampler::new(params.sampling.clone()),
-            detok: IncrementalDecoder::new(),
-            stopper: StopMatcher::new(&stops),
+            detok: if params.keep_special_tokens {
+                IncrementalDecoder::keeping_special_tokens()
+            } else {
+                IncrementalDecoder::new()
+            },
+            stopper: if params.include_stop_str_in_output {
+                StopMatcher::new(&stops).including_stop()
+            } else {
+                StopMatcher::new(&stops)
+            },
             stop_ids,
             logprobs: params.logprobs,
             max_tokens,
+            min_tokens: params.min_tokens,
             prompt_len: prompt_ids.len(),
             cached_prompt: 0,
             found: 0,
@@ -713,6 +755,14 @@ impl Engine {
     fn sample(&self, seq: &mut Sequence, mut row: Vec<f32>) -> Result<Step> {
         let logprob_of = seq.logprobs.map(|n| (n, sampler::log_softmax(&row)));
         seq.sampler.apply_penalties(&mut row, &seq.context, &seq.out);
+        let early = seq.out.len() < seq.min_tokens;
+        if early {
+            for &id in &seq.stop_ids {
+                if let Some(l) = row.get_mut(id as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
         let id = seq.sampler.sample(&row);
         seq.out.push(id);
         seq.context.push(id);
@@ -727,7 +777,13 @@ impl Engine {
             step.finish = Some(FinishReason::Stop);
             false
         } else {
-            let released = seq.stopper.push(&seq.detok.push(&self.tokenizer, id)?);
+            let text = seq.detok.push(&self.tokenizer, id)?;
+            // Stop strings count from the token that completes `min_tokens` on.
+            let released = if seq.out.len() < seq.min_tokens {
+                StopStep { emit: text, stopped: false }
+            } else {
+                seq.stopper.push(&text)
+            };
             step.token = Some(id);
             step.text = released.emit;
             step.logprob = logprob_of.map(|(n, lp)| TokenLogprob { logprob: lp[id as usize], top: top_n(&lp, n) });
@@ -792,6 +848,8 @@ pub struct Sequence {
     stop_ids: Vec<u32>,
     logprobs: Option<usize>,
     max_tokens: usize,
+    /// Tokens to sample before anything but `max_tokens` may end it.
+    min_tokens: usize,
     prompt_len: usize,
     /// Prompt tokens found in the cache when the prompt ran.
     cached_prompt: usize,

@@ -1,4 +1,5 @@
-//! Turns logits into the next token: penalties, temperature, top-k, top-p, seeded sampling.
+//! Turns logits into the next token: penalties, logit bias, temperature, top-k, top-p, min-p,
+//! seeded sampling.
 
 use std::collections::HashMap;
 
@@ -10,6 +11,9 @@ use super::error::{EngineError, Result};
 /// Temperatures below this are greedy: dividing logits by less overflows them to infinity (and
 /// the softmax to NaN), and the draw is the argmax anyway.
 pub const MIN_TEMPERATURE: f32 = 1e-5;
+
+/// Most tokens a `logit_bias` may name.
+pub const MAX_LOGIT_BIAS: usize = 1024;
 
 /// How to pick tokens; OpenAI semantics, with vLLM's extras.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,6 +32,10 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// Same seed, same output.
     pub seed: Option<u64>,
+    /// Drop tokens less likely than this share of the most likely one's probability; 0 keeps all.
+    pub min_p: f32,
+    /// Added to the logits of these token ids before sampling (OpenAI's `logit_bias`).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -40,6 +48,8 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: None,
+            min_p: 0.0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -67,6 +77,15 @@ impl SamplingParams {
                 return bad(format!("{name} must be in [-2, 2], got {v}"));
             }
         }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        if self.logit_bias.len() > MAX_LOGIT_BIAS {
+            return bad(format!("logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, got {}", self.logit_bias.len()));
+        }
+        if let Some((id, bias)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+            return bad(format!("logit_bias of token {id} must be in [-100, 100], got {bias}"));
+        }
         Ok(())
     }
 }
@@ -88,8 +107,18 @@ impl Sampler {
     }
 
     /// Applies penalties in place: repetition over `context` (prompt + output), presence and
-    /// frequency over `output`.
+    /// frequency over `output`; then the logit bias.
     pub fn apply_penalties(&self, logits: &mut [f32], context: &[u32], output: &[u32]) {
+        let p = &self.params;
+        self.penalize(logits, context, output);
+        for &(id, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += bias;
+            }
+        }
+    }
+
+    fn penalize(&self, logits: &mut [f32], context: &[u32], output: &[u32]) {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
             let mut seen = vec![false; logits.len()];
@@ -135,6 +164,10 @@ impl Sampler {
             cands.truncate(p.top_k);
         }
         let max = cands.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+        if p.min_p > 0.0 {
+            // exp(l - max) is a token's probability over the most likely one's.
+            cands.retain(|(_, l)| (l - max).exp() >= p.min_p);
+        }
         let total: f32 = cands.iter().map(|(_, l)| (l - max).exp()).sum();
         let keep = if p.top_p < 1.0 { nucleus(&mut cands, max, total, p.top_p) } else { cands.len() };
         let kept = &cands[..keep];
@@ -283,11 +316,36 @@ mod tests {
     }
 
     #[test]
+    fn logit_bias_moves_the_greedy_token() {
+        let s = Sampler::new(params(|p| p.logit_bias = vec![(0, -100.0), (3, 2.5), (99, 5.0)]));
+        let mut l = vec![4.0, 3.0, 1.0, 1.0];
+        s.apply_penalties(&mut l, &[], &[]);
+        assert_eq!(l, vec![-96.0, 3.0, 1.0, 3.5], "ids past the vocabulary are left alone");
+        assert_eq!(argmax(&l), 3);
+    }
+
+    #[test]
+    fn min_p_drops_the_unlikely() {
+        // Token 1 has e^-3 ≈ 0.05 of token 0's probability: min_p 0.1 drops it, 0.01 keeps it.
+        let logits = [0.0, -3.0];
+        let draws = |min_p| {
+            let mut s = Sampler::new(params(|p| p.min_p = min_p));
+            (0..2000).filter(|_| s.sample(&logits) == 1).count()
+        };
+        assert_eq!(draws(0.1), 0);
+        assert!(draws(0.01) > 20);
+    }
+
+    #[test]
     fn validation_names_the_parameter() {
         let e = params(|p| p.top_p = 0.0).validate().unwrap_err().to_string();
         assert!(e.contains("top_p"), "{e}");
         let e = params(|p| p.temperature = -1.0).validate().unwrap_err().to_string();
         assert!(e.contains("temperature"), "{e}");
+        let e = params(|p| p.min_p = 1.5).validate().unwrap_err().to_string();
+        assert!(e.contains("min_p"), "{e}");
+        let e = params(|p| p.logit_bias = vec![(5, 101.0)]).validate().unwrap_err().to_string();
+        assert!(e.contains("logit_bias of token 5"), "{e}");
         assert!(params(|_| {}).validate().is_ok());
     }
 

@@ -6,6 +6,9 @@
 pub struct StopMatcher {
     stops: Vec<String>,
     held: String,
+    /// Whether the stop string that ends the answer is part of it (vLLM's
+    /// `include_stop_str_in_output`).
+    include: bool,
 }
 
 /// What to do with a chunk of generated text.
@@ -18,17 +21,28 @@ pub struct StopStep {
 }
 
 impl StopMatcher {
-    /// A matcher for these (non-empty) stop strings.
+    /// A matcher for these (non-empty) stop strings, which the answer leaves out.
     pub fn new(stops: &[String]) -> Self {
-        Self { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), held: String::new() }
+        Self { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), held: String::new(), include: false }
+    }
+
+    /// The same matcher, keeping the stop string that ends the answer in it.
+    pub fn including_stop(self) -> Self {
+        Self { include: true, ..self }
     }
 
     /// Feeds newly decoded text.
     pub fn push(&mut self, text: &str) -> StopStep {
         self.held.push_str(text);
-        let first = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min();
-        if let Some(at) = first {
-            let emit = self.held[..at].to_string();
+        // The earliest match; of those starting there, the longest.
+        let first = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()).map(|at| (at, s.len())))
+            .min_by_key(|&(at, len)| (at, std::cmp::Reverse(len)));
+        if let Some((at, len)) = first {
+            let end = if self.include { at + len } else { at };
+            let emit = self.held[..end].to_string();
             self.held.clear();
             return StopStep { emit, stopped: true };
         }
@@ -90,6 +104,17 @@ mod tests {
         let (out, stopped, _) = run(&["world", "lo w"], &["hel", "lo world"]);
         assert!(stopped);
         assert_eq!(out.concat(), "hel");
+    }
+
+    #[test]
+    fn a_stop_kept_in_the_answer_ends_it_whole() {
+        let mut m = StopMatcher::new(&["lo w".into(), "lo".into(), "END".into()]).including_stop();
+        assert_eq!(m.push("hel"), StopStep { emit: "he".into(), stopped: false });
+        assert_eq!(
+            m.push("lo world"),
+            StopStep { emit: "llo w".into(), stopped: true },
+            "the longest at the earliest place"
+        );
     }
 
     #[test]
