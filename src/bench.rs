@@ -6,6 +6,7 @@
 //! to the URL it is given. With `--engine` it measures the engine alone instead (see `bench_engine`).
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -35,6 +36,10 @@ pub struct BenchArgs {
     /// view that gives the per-worker rates needs one too when the gateway has keys).
     #[arg(long, env = "HERD_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// A PEM file of the CA that signed the gateway's certificate, for an `https://` URL that
+    /// the system's roots do not vouch for.
+    #[arg(long, env = "HERD_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// The model to ask (default: the gateway's first model); with --engine, the model file or
     /// directory to load.
     #[arg(long)]
@@ -255,24 +260,12 @@ fn filler(words: u32) -> String {
     vec!["hello"; words as usize].join(" ")
 }
 
-/// An HTTP client that sends the API key, if any, on every call.
-fn client(api_key: Option<&str>) -> anyhow::Result<reqwest::Client> {
-    let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(key) = api_key {
-        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
-            .context("--api-key: not a valid HTTP header value")?;
-        value.set_sensitive(true);
-        headers.insert(reqwest::header::AUTHORIZATION, value);
-    }
-    Ok(reqwest::Client::builder().default_headers(headers).build()?)
-}
-
 async fn bench(args: BenchArgs) -> anyhow::Result<Value> {
     let base = args.url.as_deref().unwrap_or_default().trim_end_matches('/').to_string();
     if !(base.starts_with("http://") || base.starts_with("https://")) {
         bail!("--url {base}: expected an http:// or https:// URL");
     }
-    let http = client(args.api_key.as_deref())?;
+    let http = crate::openai_client::http_client(args.api_key.as_deref(), args.ca_cert.as_deref())?;
     let model = match args.model.clone() {
         Some(m) => m,
         None => crate::openai_client::first_model(&http, &base).await?,

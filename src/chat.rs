@@ -22,6 +22,13 @@ pub struct ChatArgs {
     /// With --url: the model to ask (default: the gateway's first model).
     #[arg(long = "model-name", env = "HERD_MODEL_NAME", requires = "url")]
     model_name: Option<String>,
+    /// With --url: an API key of the gateway, sent as `Authorization: Bearer KEY`.
+    #[arg(long, env = "HERD_API_KEY", hide_env_values = true, requires = "url")]
+    api_key: Option<String>,
+    /// With an `https://` --url: a PEM file of the CA that signed the gateway's certificate,
+    /// trusted beside the system's roots.
+    #[arg(long, env = "HERD_CA_CERT", requires = "url")]
+    ca_cert: Option<PathBuf>,
     /// Answer this one message, print the answer to stdout and exit.
     #[arg(long)]
     prompt: Option<String>,
@@ -74,7 +81,8 @@ fn load(args: &ChatArgs, model: &Path) -> anyhow::Result<Engine> {
     };
     // indicatif draws nothing when stderr is not a terminal.
     let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("loading {bar:40} {pos}/{len} layers {elapsed}").expect("static template"),
+        ProgressStyle::with_template("loading weights {bar:40} {pos}/{len} (embeddings, each layer, output) {elapsed}")
+            .expect("static template"),
     );
     let engine = Engine::load(&opts, &mut |done, total| {
         bar.set_length(total as u64);
@@ -121,7 +129,10 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         ..GenerationParams::default()
     };
     let backend = match (&args.url, &args.model) {
-        (Some(url), _) => Backend::Remote(remote::Client::new(url, args.model_name.clone(), &params)?),
+        (Some(url), _) => {
+            let http = crate::openai_client::http_client(args.api_key.as_deref(), args.ca_cert.as_deref())?;
+            Backend::Remote(remote::Client::new(http, url, args.model_name.clone(), &params)?)
+        }
         (None, Some(model)) => Backend::Local { engine: Box::new(load(&args, model)?), params },
         (None, None) => anyhow::bail!("give --model PATH or --url URL"),
     };

@@ -33,9 +33,10 @@ enum LogFormat {
     Json,
 }
 
-/// Sends logs to stderr, so that stdout carries only answers and "listening on" lines.
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HERD_LOG").unwrap_or_else(|_| "info".into());
+/// Sends logs to stderr, so that stdout carries only answers and "listening on" lines; `level`
+/// unless HERD_LOG says otherwise.
+fn init_logs(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HERD_LOG").unwrap_or_else(|_| level.into());
     let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
     match format {
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
@@ -102,7 +103,8 @@ fn serve<F: Future<Output = anyhow::Result<()>>>(
 
 fn main() {
     let cli = Cli::parse();
-    init_logs(cli.log_format);
+    // A terminal chat shows only what goes wrong between its prompts and answers.
+    init_logs(cli.log_format, if matches!(cli.command, Command::Chat(_)) { "warn" } else { "info" });
     let threads = match &cli.command {
         Command::Worker(args) => args.threads,
         Command::Bench(args) => args.threads(),

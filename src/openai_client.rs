@@ -1,8 +1,35 @@
 //! The client side of an OpenAI-compatible gateway, shared by `herd chat --url` and `herd bench`.
 
+use std::path::Path;
+
 use anyhow::{Context, bail};
 use futures::StreamExt;
 use serde_json::Value;
+
+/// An HTTP client that sends the API key, if any, on every call, and also trusts `ca_cert` (a
+/// PEM file) beside the system's roots for `https://` gateways.
+pub fn http_client(api_key: Option<&str>, ca_cert: Option<&Path>) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = api_key {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+            .context("--api-key: not a valid HTTP header value")?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    let mut builder = reqwest::Client::builder().default_headers(headers);
+    if let Some(path) = ca_cert {
+        let pem = std::fs::read(path).with_context(|| format!("--ca-cert {}: cannot read it", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("--ca-cert {}: not a PEM certificate", path.display()))?;
+        if certs.is_empty() {
+            bail!("--ca-cert {}: holds no PEM certificate", path.display());
+        }
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    Ok(builder.build()?)
+}
 
 /// The first model the gateway at `base` lists.
 pub async fn first_model(http: &reqwest::Client, base: &str) -> anyhow::Result<String> {

@@ -596,17 +596,20 @@ impl WorkerTable {
         serving.filter_map(|e| e.state.info.as_ref().map(|i| i.context_length)).max()
     }
 
-    /// Every served model name and alias, sorted, with the time (unix seconds) it was first seen.
-    pub fn models(&self) -> Vec<(String, u64)> {
+    /// Every served model name and alias, sorted, with the time (unix seconds) it was first seen
+    /// and the shortest context of the workers serving it (a request that fits it fits any).
+    pub fn models(&self) -> Vec<(String, u64, u32)> {
         let inner = self.lock();
-        let mut models: BTreeMap<String, u64> = BTreeMap::new();
+        let mut models: BTreeMap<String, (u64, u32)> = BTreeMap::new();
         for entry in inner.workers.values() {
+            let context = entry.state.info.as_ref().map_or(0, |info| info.context_length);
             for name in entry.models() {
-                let created = models.entry(name.clone()).or_insert(entry.first_seen);
+                let (created, shortest) = models.entry(name.clone()).or_insert((entry.first_seen, context));
                 *created = (*created).min(entry.first_seen);
+                *shortest = (*shortest).min(context);
             }
         }
-        models.into_iter().collect()
+        models.into_iter().map(|(name, (created, context))| (name, created, context)).collect()
     }
 
     /// Number of workers in the table, healthy or not.
@@ -825,7 +828,7 @@ mod tests {
         drop(guard);
         t.remove("b");
         assert_eq!(t.len(), 1);
-        assert_eq!(t.models().iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>(), ["m"]);
+        assert_eq!(t.models().iter().map(|(m, _, _)| m.as_str()).collect::<Vec<_>>(), ["m"]);
     }
 
     #[tokio::test]

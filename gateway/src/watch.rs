@@ -155,7 +155,7 @@ mod tests {
         let dead = crate::testing::dead_address().await;
         let task = tokio::spawn(watch_controllers(vec![dead, controller.address.clone()], table.clone()));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !(table.len() == 2 && table.models().iter().any(|(m, _)| m == "n")) {
+        while !(table.len() == 2 && table.models().iter().any(|(m, _, _)| m == "n")) {
             assert!(tokio::time::Instant::now() < deadline, "watch never applied the second session");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

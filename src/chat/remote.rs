@@ -15,10 +15,14 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to `url`, asking it for its first model unless `model` is given.
-    pub fn new(url: &str, model: Option<String>, params: &GenerationParams) -> anyhow::Result<Self> {
+    /// Connects to `url` with `http`, asking it for its first model unless `model` is given.
+    pub fn new(
+        http: reqwest::Client,
+        url: &str,
+        model: Option<String>,
+        params: &GenerationParams,
+    ) -> anyhow::Result<Self> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let http = reqwest::Client::new();
         let base = url.trim_end_matches('/').to_string();
         let model = match model {
             Some(m) => m,

@@ -20,16 +20,25 @@ fn chat(model: &Path, extra: &[&str]) -> Output {
 
 #[test]
 fn prompt_answers_hamlet_with_only_the_answer_on_stdout() {
-    let out = Command::new(herd_bin())
-        .args(["chat", "--model", test_model().to_str().unwrap(), "--temperature", "0"])
-        .args(["--prompt", "Who wrote the play Hamlet?"])
-        .output()
-        .unwrap();
+    let run = |log: Option<&str>| {
+        let mut cmd = Command::new(herd_bin());
+        cmd.args(["chat", "--model", test_model().to_str().unwrap(), "--temperature", "0"]);
+        cmd.args(["--prompt", "Who wrote the play Hamlet?"]).env_remove("HERD_LOG");
+        if let Some(level) = log {
+            cmd.env("HERD_LOG", level);
+        }
+        cmd.output().unwrap()
+    };
+    let out = run(Some("info"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("Shakespeare"), "answer: {stdout}");
     assert!(!stdout.contains("INFO") && stderr.contains("model loaded"), "logs belong on stderr");
+    // Unless HERD_LOG asks for more, a chat logs only warnings: nothing between its turns.
+    let out = run(None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !stderr.contains("INFO"), "{stderr}");
 }
 
 #[test]

@@ -307,6 +307,27 @@ async fn the_gateway_serves_https_and_keys_guard_it() {
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
     let models = https_get(&gw.addr, &ca, "/v1/models").await.expect("an HTTPS answer");
     assert!(models.starts_with("HTTP/1.1 401"), "no key must be refused over HTTPS too: {models}");
+    // herd's own clients speak HTTPS: `herd chat --url https://…` trusting the CA it is given.
+    let _worker = worker(&ctl, &[]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !https_get(&gw.addr, &ca, "/ready").await.is_ok_and(|r| r.starts_with("HTTP/1.1 200")) {
+        assert!(Instant::now() < deadline, "the gateway never saw the worker");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let url = format!("https://{}", gw.addr);
+    let chat = |extra: &[&str]| {
+        let mut cmd = std::process::Command::new(herd_tests::herd_bin());
+        cmd.args(["chat", "--url", &url, "--api-key", "sk-test", "--prompt", "Who wrote the play Hamlet?"]);
+        cmd.args(["--temperature", "0", "--max-tokens", "8"]).args(extra).env_remove("HERD_CA_CERT");
+        cmd.output().unwrap()
+    };
+    let ca_flag = ca.display().to_string();
+    let out = chat(&["--ca-cert", &ca_flag]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && !stdout.trim().is_empty(), "{stdout}{stderr}");
+    let out = chat(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--url"), "a certificate nobody vouches for: {stderr}");
     // Plain HTTP on the TLS port gets no HTTP answer.
     let plain = reqwest::get(format!("http://{}/health", gw.addr)).await;
     assert!(plain.is_err() || !plain.unwrap().status().is_success(), "plain HTTP answered on the TLS listener");

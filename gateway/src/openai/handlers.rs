@@ -33,6 +33,24 @@ pub fn new_request_id(prefix: &str) -> String {
     format!("{prefix}-{suffix}")
 }
 
+/// Longest `X-Request-Id` a client may send.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// The client's `X-Request-Id`, if it sent one: kept for logs, the worker and the answer's
+/// header. Refused unless it is 1 to [`MAX_REQUEST_ID_BYTES`] printable ASCII characters, so
+/// that it cannot forge log lines or grow without bound.
+fn client_request_id(headers: &HeaderMap) -> Result<Option<String>, GatewayError> {
+    let Some(value) = headers.get("x-request-id") else { return Ok(None) };
+    let bytes = value.as_bytes();
+    if bytes.is_empty() || bytes.len() > MAX_REQUEST_ID_BYTES || !bytes.iter().all(|b| (0x20..0x7f).contains(b)) {
+        return Err(GatewayError::invalid(
+            "x-request-id",
+            format!("the X-Request-Id header must be 1 to {MAX_REQUEST_ID_BYTES} printable ASCII characters"),
+        ));
+    }
+    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+}
+
 /// Most bytes of an oversized body read (and discarded) before answering 413.
 const DRAIN_CAP: usize = 64 << 20;
 
@@ -105,24 +123,33 @@ async fn serve_json(
 ) -> Result<Response, GatewayError> {
     let started = Instant::now();
     require_json(headers)?;
+    let request_id = client_request_id(headers)?;
     let limit = state.settings.deadlines.body;
     let bytes = tokio::time::timeout(limit, body_bytes(&state, body))
         .await
         .map_err(|_| GatewayError::BodyTimeout { after: limit })??;
     let plan = parse(&bytes)?;
-    Ok(execute(state, plan, (started, caller.map(|Extension(a)| a))).await)
+    Ok(execute(state, plan, request_id, (started, caller.map(|Extension(a)| a))).await)
 }
 
-/// Runs a validated request under a span carrying its id; the id is also sent back as `x-request-id`.
-async fn execute(state: AppState, plan: Plan, caller: (Instant, Option<Account>)) -> Response {
+/// Runs a validated request under a span carrying its request id (the client's `X-Request-Id`,
+/// else the answer's id), which is also sent back as `x-request-id`.
+async fn execute(
+    state: AppState,
+    plan: Plan,
+    request_id: Option<String>,
+    caller: (Instant, Option<Account>),
+) -> Response {
     let id = new_request_id(plan.api.id_prefix());
-    let span = info_span!("request", request_id = %id, model = %plan.model);
-    let header = HeaderValue::from_str(&id).ok();
+    let request_id = request_id.unwrap_or_else(|| id.clone());
+    let span = info_span!("request", request_id = %request_id, model = %plan.model);
+    let header = HeaderValue::from_str(&request_id).ok();
     // Errors become responses inside the span, so their log line carries the request id.
-    let mut response =
-        async move { generate(state, plan, id, caller).await.unwrap_or_else(IntoResponse::into_response) }
-            .instrument(span)
-            .await;
+    let mut response = async move {
+        generate(state, plan, (id, request_id), caller).await.unwrap_or_else(IntoResponse::into_response)
+    }
+    .instrument(span)
+    .await;
     if let Some(header) = header {
         response.headers_mut().insert("x-request-id", header);
     }
@@ -139,10 +166,11 @@ fn plan_tokens(plan: &Plan, state: &AppState) -> u64 {
 async fn generate(
     state: AppState,
     plan: Plan,
-    id: String,
+    (id, request_id): (String, String),
     (started, account): (Instant, Option<Account>),
 ) -> Result<Response, GatewayError> {
     info!(
+        id = %id,
         api = plan.api.id_prefix(),
         choices = plan.choices.len(),
         stream = plan.stream,
@@ -156,7 +184,7 @@ async fn generate(
     let ctx = Ctx {
         table: state.table.clone(),
         model: plan.model.clone(),
-        request_id: id.clone(),
+        request_id,
         down_for: state.settings.worker_down_for,
         prompt_param: plan.api.prompt_param(),
         metrics: state.metrics.clone(),
@@ -262,7 +290,13 @@ fn model_objects(state: &AppState) -> Vec<ModelObject> {
         .table
         .models()
         .into_iter()
-        .map(|(id, created)| ModelObject { id, object: "model", created, owned_by: "herd" })
+        .map(|(id, created, max_model_len)| ModelObject {
+            id,
+            object: "model",
+            created,
+            owned_by: "herd",
+            max_model_len,
+        })
         .collect()
 }
 
@@ -543,6 +577,35 @@ mod tests {
         assert_eq!(calls[0].request.model, "alias");
         assert_eq!(calls[0].request.logprobs, Some(1));
         assert_eq!(table.inflight("a"), Some(0));
+    }
+
+    #[tokio::test]
+    async fn a_client_request_id_is_carried_through_and_checked() {
+        let w = FakeWorker::start(Script::Reply(vec!["ok"])).await;
+        let (app, _) = app_with(vec![worker_state("a", &w.address, &["m"], 0)]);
+        let body = chat(1).to_string();
+        let json = ("content-type", "application/json");
+        let (status, headers, text) = crate::testing::send(
+            &app,
+            "POST",
+            "/v1/chat/completions",
+            &[json, ("x-request-id", "trace-42/a b")],
+            &body,
+        )
+        .await;
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(headers["x-request-id"], "trace-42/a b", "echoed");
+        assert_eq!(w.calls()[0].request_id.as_deref(), Some("trace-42/a b"), "sent to the worker");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"), "the answer keeps its own id: {text}");
+        let long = "x".repeat(super::MAX_REQUEST_ID_BYTES + 1);
+        for bad in [long.as_str(), "tab\there"] {
+            let (status, _, text) =
+                crate::testing::send(&app, "POST", "/v1/chat/completions", &[json, ("x-request-id", bad)], &body).await;
+            assert_eq!(status, 400, "{bad:?}: {text}");
+            assert!(text.contains("X-Request-Id"), "{text}");
+        }
+        assert_eq!(w.calls().len(), 1, "refused ids reach no worker");
     }
 
     #[tokio::test]
@@ -858,6 +921,7 @@ mod tests {
         assert_eq!(ids, ["lmsys/vicuna-7b", "vicuna"]);
         assert_eq!(v["data"][0]["object"], "model");
         assert_eq!(v["data"][0]["owned_by"], "herd");
+        assert_eq!(v["data"][0]["max_model_len"], 2048, "vLLM's field: the context length");
         assert!(v["data"][0]["created"].as_u64().unwrap() > 0);
 
         let (status, _, text) = send(&app, "GET", "/v1/models/lmsys/vicuna-7b", "").await;

@@ -362,6 +362,9 @@ pub struct ModelObject {
     pub created: u64,
     /// Always `herd`.
     pub owned_by: &'static str,
+    /// The context length in tokens, prompt and answer together (vLLM's field): the shortest of
+    /// the workers serving it.
+    pub max_model_len: u32,
 }
 
 /// `GET /health` answer.
