@@ -137,10 +137,45 @@ fn logprobs_report_the_sampled_token_and_top_alternatives() {
     for (id, lp) in seen {
         let lp = lp.expect("logprob requested");
         assert_eq!(lp.top.len(), 3);
-        assert_eq!(lp.top[0].0, id, "greedy picks the most likely token");
-        assert!(lp.logprob <= 0.0 && (lp.logprob - lp.top[0].1).abs() < 1e-6);
-        assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
+        assert_eq!(lp.top[0].id, id, "greedy picks the most likely token");
+        assert_eq!(lp.top[0].text, lp.text, "the top alternative is the token itself");
+        assert!(lp.logprob <= 0.0 && (lp.logprob - lp.top[0].logprob).abs() < 1e-6);
+        assert!(lp.top.windows(2).all(|w| w[0].logprob >= w[1].logprob));
     }
+}
+
+#[test]
+fn logprob_tokens_of_a_sentencepiece_model_add_up_to_the_text() {
+    // A tiny random LLaMA with the sentencepiece fixture's tokenizer: words start with "▁" (a
+    // space decoding alone drops) and unknown characters fall back to byte tokens.
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    herd_tests::tiny::write_hf(
+        &model,
+        herd_tests::tiny::Dims::BASE,
+        &herd_tests::tiny::tensors(herd_tests::tiny::Dims::BASE, 5),
+        1,
+    );
+    let engine = Engine::load(&LoadOptions::new(&model), &mut |_, _| {}).unwrap();
+    let ids = engine.tokenizer().encode("the quick brown fox é ü").unwrap();
+    let (mut spaced, mut split) = (false, false);
+    for seed in 0..8 {
+        let params = GenerationParams {
+            sampling: SamplingParams { seed: Some(seed), ..SamplingParams::default() },
+            max_tokens: Some(48),
+            logprobs: Some(2),
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let mut tokens = Vec::new();
+        let done = engine.generate(&ids, &params, &mut |t| tokens.push(t.logprob.clone().unwrap())).unwrap();
+        let joined: String = tokens.iter().map(|lp| lp.text.as_str()).collect();
+        assert_eq!(joined, done.text, "seed {seed}");
+        spaced |= tokens.iter().any(|lp| lp.text.starts_with(' '));
+        split |= tokens.iter().any(|lp| lp.text.is_empty());
+    }
+    assert!(spaced, "no token began a word: the test shows nothing about leading spaces");
+    assert!(split, "no character came in pieces: the test shows nothing about byte tokens");
 }
 
 #[test]

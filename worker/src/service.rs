@@ -243,16 +243,12 @@ fn generation_params(req: &pb::GenerateRequest) -> GenerationParams {
     }
 }
 
-fn token_text(engine: &Engine, id: u32) -> String {
-    engine.tokenizer().decode(&[id]).unwrap_or_default()
-}
-
-fn chunk(engine: &Engine, step: Step, prompt_tokens: usize, completion_tokens: usize) -> pb::GenerateChunk {
-    let logprobs = match (&step.logprob, step.token) {
-        (Some(lp), Some(id)) => vec![pb::TokenLogprob {
-            token: token_text(engine, id),
+fn chunk(step: Step, prompt_tokens: usize, completion_tokens: usize) -> pb::GenerateChunk {
+    let logprobs = match (step.logprob, step.token) {
+        (Some(lp), Some(_)) => vec![pb::TokenLogprob {
+            token: lp.text,
             logprob: lp.logprob,
-            top: lp.top.iter().map(|&(t, l)| pb::TopLogprob { token: token_text(engine, t), logprob: l }).collect(),
+            top: lp.top.into_iter().map(|alt| pb::TopLogprob { token: alt.text, logprob: alt.logprob }).collect(),
         }],
         _ => Vec::new(),
     };
@@ -284,29 +280,25 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateChunk, Status>> 
 /// The steps of one sequence as chunks; a channel that closes before the finishing step (the
 /// engine thread died) ends the stream with an error rather than passing for a finished answer.
 fn chunks(
-    engine: Arc<Engine>,
     rx: UnboundedReceiver<StepResult>,
     prompt_tokens: usize,
 ) -> impl Stream<Item = Result<pb::GenerateChunk, Status>> + Send {
-    futures::stream::unfold(Some((rx, 0usize)), move |state| {
-        let engine = engine.clone();
-        async move {
-            let (mut rx, sampled) = state?;
-            match rx.recv().await {
-                Some(Ok(step)) => {
-                    let finished = step.finish.is_some();
-                    let chunk = chunk(&engine, step, prompt_tokens, sampled + 1);
-                    Some((Ok(chunk), (!finished).then_some((rx, sampled + 1))))
-                }
-                Some(Err(e)) => Some((Err(Status::from(WorkerError::from(e))), None)),
-                None => Some((Err(Status::from(WorkerError::Stopped)), None)),
+    futures::stream::unfold(Some((rx, 0usize)), move |state| async move {
+        let (mut rx, sampled) = state?;
+        match rx.recv().await {
+            Some(Ok(step)) => {
+                let finished = step.finish.is_some();
+                let chunk = chunk(step, prompt_tokens, sampled + 1);
+                Some((Ok(chunk), (!finished).then_some((rx, sampled + 1))))
             }
+            Some(Err(e)) => Some((Err(Status::from(WorkerError::from(e))), None)),
+            None => Some((Err(Status::from(WorkerError::Stopped)), None)),
         }
     })
 }
 
-/// A queued sequence: its engine, where its steps arrive, and its prompt length.
-type Queued = (Arc<Engine>, UnboundedReceiver<StepResult>, usize);
+/// A queued sequence: where its steps arrive, and its prompt length.
+type Queued = (UnboundedReceiver<StepResult>, usize);
 
 impl WorkerService {
     /// Validates, tokenizes and queues a generation.
@@ -321,7 +313,7 @@ impl WorkerService {
             SubmitError::Stopped => WorkerError::Stopped,
         })?;
         tracing::debug!(prompt_tokens = ids.len(), "generation queued");
-        Ok((engine, rx, ids.len()))
+        Ok((rx, ids.len()))
     }
 }
 
@@ -346,10 +338,10 @@ impl pb::worker_server::Worker for WorkerService {
         let result = self.queue(request.into_inner()).instrument(span).await;
         let metrics = &self.core.metrics;
         metrics.requests.with_label_values(&[result_label(&result)]).inc();
-        let (engine, rx, prompt_tokens) = result?;
+        let (rx, prompt_tokens) = result?;
         metrics.prompt_tokens.inc_by(prompt_tokens as u64);
         let generated = metrics.generated_tokens.clone();
-        let stream = chunks(engine, rx, prompt_tokens).inspect(move |chunk| {
+        let stream = chunks(rx, prompt_tokens).inspect(move |chunk| {
             if let Ok(chunk) = chunk {
                 generated.inc_by(chunk.token_ids.len() as u64);
             }

@@ -52,6 +52,18 @@ impl IncrementalDecoder {
         Ok(String::new())
     }
 
+    /// The text `id` would add if it came next, without adding it.
+    pub fn peek(&self, tok: &Tokenizer, id: u32) -> Result<String> {
+        let mut ids = self.ids[self.prefix..].to_vec();
+        ids.push(id);
+        let before = self.decode(tok, &ids[..self.read - self.prefix])?;
+        let now = self.decode(tok, &ids)?;
+        Ok(match now.get(before.len()..) {
+            Some(delta) if now.len() > before.len() && !now.ends_with('\u{FFFD}') => delta.to_string(),
+            _ => String::new(),
+        })
+    }
+
     /// Whatever is still held back (e.g. an incomplete character at the end of generation).
     pub fn finish(&mut self, tok: &Tokenizer) -> Result<String> {
         let before = self.decode(tok, &self.ids[self.prefix..self.read])?;

@@ -203,8 +203,20 @@ impl FinishReason {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenLogprob {
     pub logprob: f32,
-    /// `(token id, logprob)`, most likely first.
-    pub top: Vec<(u32, f32)>,
+    /// What the token adds to the text after the tokens before it: the sampled tokens' texts
+    /// add up to the answer (a character split over several tokens comes with its last one).
+    pub text: String,
+    /// The most likely tokens, most likely first.
+    pub top: Vec<Alternative>,
+}
+
+/// One of the most likely tokens at a step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alternative {
+    pub id: u32,
+    pub logprob: f32,
+    /// What it would have added to the text.
+    pub text: String,
 }
 
 /// One sampled token as it streams out.
@@ -777,7 +789,16 @@ impl Engine {
             step.finish = Some(FinishReason::Stop);
             false
         } else {
+            // Alternatives are decoded after the same tokens as the sampled one, before it joins them.
+            let top = match &logprob_of {
+                Some((n, lp)) => top_n(lp, *n)
+                    .into_iter()
+                    .map(|(id, logprob)| Ok(Alternative { id, logprob, text: seq.detok.peek(&self.tokenizer, id)? }))
+                    .collect::<Result<Vec<_>>>()?,
+                None => Vec::new(),
+            };
             let text = seq.detok.push(&self.tokenizer, id)?;
+            step.logprob = logprob_of.map(|(_, lp)| TokenLogprob { logprob: lp[id as usize], text: text.clone(), top });
             // Stop strings count from the token that completes `min_tokens` on.
             let released = if seq.out.len() < seq.min_tokens {
                 StopStep { emit: text, stopped: false }
@@ -786,7 +807,6 @@ impl Engine {
             };
             step.token = Some(id);
             step.text = released.emit;
-            step.logprob = logprob_of.map(|(n, lp)| TokenLogprob { logprob: lp[id as usize], top: top_n(&lp, n) });
             if released.stopped {
                 step.finish = Some(FinishReason::Stop);
             } else if seq.out.len() >= seq.max_tokens {
@@ -796,7 +816,11 @@ impl Engine {
         };
         // Release what the decoder and the stop matcher still hold, unless a stop string ended it.
         if step.finish.is_some() && !by_stop_string {
-            let tail = seq.stopper.push(&seq.detok.finish(&self.tokenizer)?);
+            let held = seq.detok.finish(&self.tokenizer)?;
+            if let Some(lp) = &mut step.logprob {
+                lp.text.push_str(&held);
+            }
+            let tail = seq.stopper.push(&held);
             step.text.push_str(&tail.emit);
             if !tail.stopped {
                 step.text.push_str(&seq.stopper.finish());
