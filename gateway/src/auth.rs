@@ -339,16 +339,21 @@ mod tests {
     /// A gateway with keys `sk-right` and `sk-other` under `limits`, over a worker playing `script`.
     async fn app_of(script: Script, limits: Limits) -> (axum::Router, FakeWorker) {
         let worker = FakeWorker::start(script).await;
+        (router(state_of(Some(&worker), &["sk-right", "sk-other"], limits)), worker)
+    }
+
+    /// The state of a gateway with `keys` under `limits`, over `worker` if any.
+    fn state_of(worker: Option<&FakeWorker>, keys: &[&str], limits: Limits) -> AppState {
         let table = Arc::new(WorkerTable::new());
-        table.apply_snapshot(vec![worker_state("w", &worker.address, &["m"], 0)], Duration::ZERO);
+        let workers = worker.map(|w| worker_state("w", &w.address, &["m"], 0)).into_iter().collect();
+        table.apply_snapshot(workers, Duration::ZERO);
         let settings = Settings {
             max_body_bytes: 1 << 20,
             worker_down_for: Duration::from_secs(10),
             retry_after: 1,
             deadlines: Default::default(),
         };
-        let auth = Auth::new(Keys::new(["sk-right", "sk-other"]).unwrap(), limits);
-        (router(AppState::new(table, settings).with_auth(Some(auth))), worker)
+        AppState::new(table, settings).with_auth(Some(Auth::new(Keys::new(keys.iter().copied()).unwrap(), limits)))
     }
 
     const UNLIMITED: Limits = Limits { requests: None, tokens: None, period: Duration::from_secs(60) };
@@ -368,15 +373,7 @@ mod tests {
     async fn metrics_can_be_put_behind_the_keys() {
         let (open, _worker) = app(UNLIMITED).await;
         assert_eq!(send(&open, "GET", "/metrics", &[], "").await.0, 200, "open by default");
-        let table = Arc::new(WorkerTable::new());
-        let settings = Settings {
-            max_body_bytes: 1 << 20,
-            worker_down_for: Duration::from_secs(10),
-            retry_after: 1,
-            deadlines: Default::default(),
-        };
-        let auth = Auth::new(Keys::new(["sk-right"]).unwrap(), UNLIMITED);
-        let private = router(AppState::new(table, settings).with_auth(Some(auth)).with_private_metrics(true));
+        let private = router(state_of(None, &["sk-right"], UNLIMITED).with_private_metrics(true));
         assert_eq!(send(&private, "GET", "/metrics", &[], "").await.0, 401);
         assert_eq!(send(&private, "GET", "/metrics", &[("authorization", "Bearer sk-wrong")], "").await.0, 401);
         let (status, _, text) = send(&private, "GET", "/metrics", &[("authorization", "Bearer sk-right")], "").await;
@@ -385,6 +382,36 @@ mod tests {
         let mut args = crate::GatewayArgs::new(vec![], String::new());
         args.metrics_require_key = true;
         assert!(args.auth().err().unwrap().to_string().contains("--metrics-require-key"));
+    }
+
+    #[tokio::test]
+    async fn browsers_from_allowed_origins_get_cors_answers_and_still_need_a_key() {
+        let (closed, _worker) = app(UNLIMITED).await;
+        let from = |origin| [("origin", origin), ("access-control-request-method", "POST")];
+        let (_, headers, _) = send(&closed, "OPTIONS", "/v1/chat/completions", &from("https://app.example"), "").await;
+        assert!(headers.get("access-control-allow-origin").is_none(), "no CORS unless configured");
+
+        let worker = FakeWorker::start(Script::Reply(vec!["hi"])).await;
+        let open =
+            router(state_of(Some(&worker), &["sk-right"], UNLIMITED).with_cors(vec!["https://app.example".into()]));
+        // The preflight carries no key, and is answered.
+        let mut preflight = from("https://app.example").to_vec();
+        preflight.push(("access-control-request-headers", "authorization,content-type"));
+        let (status, headers, _) = send(&open, "OPTIONS", "/v1/chat/completions", &preflight, "").await;
+        assert_eq!(status, 200);
+        assert_eq!(headers["access-control-allow-origin"], "https://app.example");
+        let allowed = headers["access-control-allow-headers"].to_str().unwrap().to_string();
+        assert!(allowed.contains("authorization") && allowed.contains("content-type"), "{allowed}");
+        let (_, headers, _) = send(&open, "OPTIONS", "/v1/chat/completions", &from("https://evil.example"), "").await;
+        assert!(headers.get("access-control-allow-origin").is_none(), "another origin is not allowed");
+        // The call itself still needs a key, and its answer is readable by the page.
+        let page = [("origin", "https://app.example"), ("content-type", "application/json")];
+        assert_eq!(send(&open, "POST", "/v1/chat/completions", &page, CHAT).await.0, 401);
+        let keyed = [page[0], page[1], ("authorization", "Bearer sk-right")];
+        let (status, headers, text) = send(&open, "POST", "/v1/chat/completions", &keyed, CHAT).await;
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(headers["access-control-allow-origin"], "https://app.example");
+        assert!(headers["access-control-expose-headers"].to_str().unwrap().contains("x-request-id"));
     }
 
     #[tokio::test]

@@ -7,6 +7,7 @@
 //! and serves the chat page and the cluster dashboard ([`ui`]).
 
 pub mod auth;
+mod cors;
 mod dispatch;
 mod https;
 mod live;
@@ -112,6 +113,10 @@ pub struct GatewayArgs {
     #[arg(long, default_value_t = DEFAULT_BALANCE_THRESHOLD, value_parser = balance_threshold,
           env = "HERD_ROUTING_BALANCE_THRESHOLD")]
     pub routing_balance_threshold: f64,
+    /// Origins whose web pages may call the API from a browser (CORS): `*` or
+    /// scheme://host[:port], comma-separated; none by default.
+    #[arg(long, value_delimiter = ',', value_parser = cors::origin, env = "HERD_CORS_ALLOW_ORIGIN")]
+    pub cors_allow_origin: Vec<String>,
     /// Mutual TLS towards the controller and workers.
     #[command(flatten)]
     pub tls: TlsArgs,
@@ -158,6 +163,7 @@ impl GatewayArgs {
             metrics_require_key: false,
             routing_policy: policy::PolicyName::KvAware,
             routing_balance_threshold: DEFAULT_BALANCE_THRESHOLD,
+            cors_allow_origin: Vec::new(),
             tls: TlsArgs::default(),
             cluster_token: TokenArgs::default(),
         }
@@ -278,6 +284,8 @@ pub struct AppState {
     pub metrics: Arc<GatewayMetrics>,
     /// Whether `/metrics` needs an API key too.
     pub private_metrics: bool,
+    /// Origins allowed to call from a browser (`--cors-allow-origin`).
+    pub cors_origins: Vec<String>,
 }
 
 impl AppState {
@@ -289,6 +297,7 @@ impl AppState {
             auth: None,
             metrics: Arc::new(GatewayMetrics::new()),
             private_metrics: false,
+            cors_origins: Vec::new(),
         }
     }
 
@@ -296,6 +305,13 @@ impl AppState {
     #[must_use]
     pub fn with_auth(mut self, auth: Option<Auth>) -> Self {
         self.auth = auth.map(Arc::new);
+        self
+    }
+
+    /// Lets web pages from `origins` call the API (see [`cors::layer`]).
+    #[must_use]
+    pub fn with_cors(mut self, origins: Vec<String>) -> Self {
+        self.cors_origins = origins;
         self
     }
 
@@ -311,6 +327,7 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     use openai::handlers;
     let retry_after = state.settings.retry_after;
+    let cors = cors::layer(&state.cors_origins);
     let mut api = Router::new()
         .route("/v1/models", get(handlers::list_models))
         .route("/v1/models/{*model}", get(handlers::get_model))
@@ -328,7 +345,8 @@ pub fn router(state: AppState) -> Router {
         api = api.route_layer(axum::middleware::from_fn_with_state(auth.clone(), auth::require_key));
         admin = admin.route_layer(axum::middleware::from_fn_with_state(auth, auth::require_key_only));
     }
-    api.merge(admin)
+    let app = api
+        .merge(admin)
         .merge(open)
         .route("/", get(ui::chat_page))
         .route("/dashboard", get(ui::dashboard_page))
@@ -340,8 +358,13 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .fallback(handlers::not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
-        .layer(axum::middleware::map_response_with_state(retry_after, handlers::add_retry_after))
-        .with_state(state)
+        .layer(axum::middleware::map_response_with_state(retry_after, handlers::add_retry_after));
+    // Outermost, so that preflights (which carry no API key) are answered before auth.
+    let app = match cors {
+        Some(cors) => app.layer(cors),
+        None => app,
+    };
+    app.with_state(state)
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, watching the controllers meanwhile.
@@ -374,7 +397,10 @@ pub async fn serve(
     info!(?addr, controllers = ?args.controller, api_keys, https = https.is_some(), routing = table.policy_name(),
           "gateway serving");
     let app = router(
-        AppState::new(table, Settings::from(&args)).with_auth(auth).with_private_metrics(args.metrics_require_key),
+        AppState::new(table, Settings::from(&args))
+            .with_auth(auth)
+            .with_private_metrics(args.metrics_require_key)
+            .with_cors(args.cors_allow_origin.clone()),
     );
     match https {
         Some(config) => {
