@@ -4,9 +4,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use herd_ops::AuthChannel;
 use herd_proto::v1::worker_client::WorkerClient;
 use herd_proto::v1::{GenerateChunk, GenerateRequest, TokenLogprob, Usage, generate_request};
-use tonic::metadata::MetadataValue;
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Status, Streaming};
 use tracing::{debug, warn};
 
@@ -51,6 +52,67 @@ pub(crate) struct Ctx {
     pub deadlines: Deadlines,
     /// The block hashes of the request's prompts, encoded once for all its choices.
     pub prefixes: Arc<tokio::sync::Mutex<Vec<Prefix>>>,
+}
+
+impl Ctx {
+    /// The context of a request for `model` that arrived at `started`, without a token reservation.
+    pub fn new(
+        state: &crate::AppState,
+        model: String,
+        request_id: String,
+        prompt_param: &'static str,
+        started: Instant,
+    ) -> Self {
+        Ctx {
+            table: state.table.clone(),
+            model,
+            request_id,
+            down_for: state.settings.worker_down_for,
+            prompt_param,
+            metrics: state.metrics.clone(),
+            started,
+            reservation: None,
+            deadlines: state.settings.deadlines,
+            prefixes: Default::default(),
+        }
+    }
+
+    /// Runs a unary call (`call` with a client of the chosen worker) on the best worker by load,
+    /// failing over like [`Ctx::open`] while the failure is the worker's.
+    pub async fn unary<T, F, Fut>(&self, call: F) -> Result<T, GatewayError>
+    where
+        F: Fn(WorkerClient<AuthChannel>, MetadataMap) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let mut attempts = Attempts::default();
+        loop {
+            let Some(picked) = self.table.pick(&self.model, &attempts.tried, None) else {
+                return Err(self.no_worker(&attempts));
+            };
+            attempts.tried.insert(picked.worker_id.clone());
+            let client = WorkerClient::new(picked.channel.clone())
+                .max_encoding_message_size(herd_proto::MAX_WORKER_REQUEST_BYTES)
+                .max_decoding_message_size(herd_proto::MAX_WORKER_REQUEST_BYTES);
+            let mut metadata = MetadataMap::new();
+            if let Ok(value) = MetadataValue::try_from(self.request_id.as_str()) {
+                metadata.insert("x-request-id", value);
+            }
+            let accept = self.deadlines.accept;
+            let status = match tokio::time::timeout(accept, call(client, metadata)).await {
+                Ok(Ok(response)) => return Ok(response.into_inner()),
+                Ok(Err(status)) => status,
+                Err(_) => Status::unavailable(format!("the worker did not answer within {accept:?}")),
+            };
+            match status.code() {
+                Code::ResourceExhausted => attempts.exhausted = true,
+                code if is_worker_failure(code) => {
+                    self.worker_failed(&picked.worker_id, &status);
+                    attempts.last_failure = Some(status.message().to_string());
+                }
+                _ => return Err(GatewayError::from_status(&status, self.prompt_param)),
+            }
+        }
+    }
 }
 
 /// A prompt and its blocks (`None`: not encoded, the call is routed by load).

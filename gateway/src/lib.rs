@@ -332,7 +332,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(handlers::list_models))
         .route("/v1/models/{*model}", get(handlers::get_model))
         .route("/v1/chat/completions", post(handlers::chat_completions))
-        .route("/v1/completions", post(handlers::completions));
+        .route("/v1/completions", post(handlers::completions))
+        .route("/tokenize", post(openai::tokens::tokenize))
+        .route("/detokenize", post(openai::tokens::detokenize));
     let mut admin = Router::new().route("/admin/cluster", get(ui::cluster));
     let mut open = Router::new();
     if state.private_metrics && state.auth.is_some() {

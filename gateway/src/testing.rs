@@ -190,6 +190,10 @@ impl Worker for FakeWorkerService {
         Err(Status::unimplemented("fake worker"))
     }
 
+    async fn detokenize(&self, _: Request<DetokenizeRequest>) -> Result<Response<DetokenizeResponse>, Status> {
+        Err(Status::unimplemented("fake worker"))
+    }
+
     async fn model_info(&self, _: Request<ModelInfoRequest>) -> Result<Response<ModelInfoResponse>, Status> {
         Err(Status::unimplemented("fake worker"))
     }

@@ -100,10 +100,13 @@ async fn worker_codes(url: &str, token: Option<&str>) -> Vec<(&'static str, Code
     let count = pb::CountTokensRequest {
         model: MODEL.into(),
         input: Some(pb::count_tokens_request::Input::Text("Hello".into())),
+        with_ids: true,
     };
+    let detokenize = pb::DetokenizeRequest { model: MODEL.into(), ids: vec![1, 2] };
     vec![
         ("Generate", code(w.generate(generate).await.map(drop))),
         ("CountTokens", code(w.count_tokens(count).await.map(drop))),
+        ("Detokenize", code(w.detokenize(detokenize).await.map(drop))),
         ("ModelInfo", code(w.model_info(pb::ModelInfoRequest {}).await.map(drop))),
         ("Health", code(w.health(pb::HealthRequest {}).await.map(drop))),
         ("WatchLoad", code(w.watch_load(pb::WatchLoadRequest {}).await.map(drop))),

@@ -264,3 +264,45 @@ async fn logit_bias_stop_token_ids_and_min_tokens_change_the_answer() {
     // top_k -1 is "off", as vLLM and FastChat send it.
     assert_eq!(ask(question, json!({"top_k": -1})).await.0, text);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokenize_and_detokenize_round_trip_through_a_worker() {
+    let ctl = controller("127.0.0.1:0", "5s");
+    let _w = worker(&ctl, &[]);
+    let gw = gateway(&ctl);
+    wait_for_workers(&gw, 1, Duration::from_secs(120)).await;
+    let (tokenize, detokenize) = (format!("{}/tokenize", gw.url()), format!("{}/detokenize", gw.url()));
+
+    let text = "Who wrote the play Hamlet?";
+    let (status, resp) = post(&tokenize, &json!({"model": MODEL, "prompt": text})).await;
+    assert_eq!(status, 200, "{resp}");
+    let ids: Vec<u32> = serde_json::from_value(resp["tokens"].clone()).unwrap();
+    assert_eq!(ids, engine().tokenizer().encode(text).unwrap(), "the worker's own encoding");
+    assert_eq!((resp["count"].as_u64(), resp["max_model_len"].as_u64()), (Some(ids.len() as u64), Some(8192)));
+    let (status, resp) = post(&detokenize, &json!({"model": MODEL, "tokens": ids})).await;
+    assert_eq!((status, resp["prompt"].as_str()), (200, Some(text)), "{resp}");
+
+    // A conversation is counted as a chat completion would send it: template and all.
+    let messages = json!([{"role": "user", "content": text}]);
+    let (status, resp) = post(&tokenize, &json!({"model": MODEL, "messages": messages})).await;
+    assert_eq!(status, 200, "{resp}");
+    let chat_ids = engine().encode_chat(&[Message::new("user", text)]).unwrap();
+    assert_eq!(resp["tokens"], json!(chat_ids));
+    let (_, resp) = post(&detokenize, &json!({"model": MODEL, "tokens": chat_ids})).await;
+    assert!(resp["prompt"].as_str().unwrap().contains("<|im_start|>user"), "special tokens written out: {resp}");
+
+    for (url, body, want, param) in [
+        (&tokenize, json!({"model": MODEL}), 400, "prompt"),
+        (&tokenize, json!({"model": MODEL, "prompt": "a", "messages": messages}), 400, "prompt"),
+        (&tokenize, json!({"model": MODEL, "messages": [{"role": "wizard", "content": "a"}]}), 400, "messages[0].role"),
+        (&tokenize, json!({"model": "nope", "prompt": "a"}), 404, "model"),
+        (&detokenize, json!({"model": MODEL, "tokens": [1, -1]}), 400, "tokens[1]"),
+        (&detokenize, json!({"model": MODEL, "tokens": [4000000]}), 400, ""),
+    ] {
+        let (status, resp) = post(url, &body).await;
+        assert_eq!(status, want, "{body}: {resp}");
+        if !param.is_empty() {
+            assert_eq!(resp["error"]["param"], param, "{body}: {resp}");
+        }
+    }
+}

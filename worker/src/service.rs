@@ -11,7 +11,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::engine::{ChatTemplate, Engine, FinishReason, GenerationParams, Message, SamplingParams, Step};
+use crate::engine::{ChatTemplate, Engine, EngineError, FinishReason, GenerationParams, Message, SamplingParams, Step};
 use crate::error::WorkerError;
 use crate::metrics::WorkerMetrics;
 use crate::scheduler::{Load, Scheduler, StepResult, SubmitError};
@@ -359,7 +359,33 @@ impl pb::worker_server::Worker for WorkerService {
         Ok(Response::new(pb::CountTokensResponse {
             tokens: ids.len() as u32,
             context_length: engine.context_length() as u32,
+            ids: if req.with_ids { ids.to_vec() } else { Vec::new() },
         }))
+    }
+
+    async fn detokenize(
+        &self,
+        request: Request<pb::DetokenizeRequest>,
+    ) -> Result<Response<pb::DetokenizeResponse>, Status> {
+        let req = request.into_inner();
+        let engine = self.core.serving_model(&req.model)?.engine.clone();
+        let vocab = engine.tokenizer().vocab_size();
+        let invalid = |message: String| Status::from(WorkerError::from(EngineError::InvalidArgument(message)));
+        if req.ids.len() > engine.context_length() {
+            return Err(invalid(format!(
+                "at most the context length ({}) of ids at once, got {}",
+                engine.context_length(),
+                req.ids.len()
+            )));
+        }
+        if let Some(id) = req.ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(invalid(format!("token id {id} is outside the vocabulary of {vocab}")));
+        }
+        let text = tokio::task::spawn_blocking(move || engine.tokenizer().decode_with(&req.ids, false))
+            .await
+            .map_err(|e| WorkerError::Server(format!("tokenizer task: {e}")))?
+            .map_err(|e| WorkerError::from(EngineError::from(e)))?;
+        Ok(Response::new(pb::DetokenizeResponse { text }))
     }
 
     async fn model_info(&self, _: Request<pb::ModelInfoRequest>) -> Result<Response<pb::ModelInfoResponse>, Status> {

@@ -114,6 +114,21 @@ pub async fn completions(
     serve_json(state, (caller, &headers), body, parse_completion).await
 }
 
+/// Reads a JSON body within `--body-timeout`, with the client's `X-Request-Id` if it sent one.
+pub(crate) async fn read_json(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Vec<u8>, Option<String>), GatewayError> {
+    require_json(headers)?;
+    let request_id = client_request_id(headers)?;
+    let limit = state.settings.deadlines.body;
+    let bytes = tokio::time::timeout(limit, body_bytes(state, body))
+        .await
+        .map_err(|_| GatewayError::BodyTimeout { after: limit })??;
+    Ok((bytes, request_id))
+}
+
 /// Reads a JSON body, checks it with `parse` and runs the plan.
 async fn serve_json(
     state: AppState,
@@ -122,12 +137,7 @@ async fn serve_json(
     parse: fn(&[u8]) -> Result<Plan, GatewayError>,
 ) -> Result<Response, GatewayError> {
     let started = Instant::now();
-    require_json(headers)?;
-    let request_id = client_request_id(headers)?;
-    let limit = state.settings.deadlines.body;
-    let bytes = tokio::time::timeout(limit, body_bytes(&state, body))
-        .await
-        .map_err(|_| GatewayError::BodyTimeout { after: limit })??;
+    let (bytes, request_id) = read_json(&state, headers, body).await?;
     let plan = parse(&bytes)?;
     Ok(execute(state, plan, request_id, (started, caller.map(|Extension(a)| a))).await)
 }
@@ -181,18 +191,7 @@ async fn generate(
         Some(account) => Some(Arc::new(account.reserve(plan_tokens(&plan, &state))?)),
         None => None,
     };
-    let ctx = Ctx {
-        table: state.table.clone(),
-        model: plan.model.clone(),
-        request_id,
-        down_for: state.settings.worker_down_for,
-        prompt_param: plan.api.prompt_param(),
-        metrics: state.metrics.clone(),
-        started,
-        reservation,
-        deadlines: state.settings.deadlines,
-        prefixes: Default::default(),
-    };
+    let ctx = Ctx { reservation, ..Ctx::new(&state, plan.model.clone(), request_id, plan.api.prompt_param(), started) };
     let created = unix_now();
     if plan.stream {
         let meta = StreamMeta {

@@ -4,4 +4,5 @@ pub mod errors;
 pub mod handlers;
 pub mod params;
 pub mod sse;
+pub mod tokens;
 pub mod types;

@@ -7,7 +7,7 @@ use herd_proto::v1::{ChatInput, ChatMessage, GenerateRequest, Sampling, TokenIds
 use serde::de::DeserializeOwned;
 use serde_json::{Number, Value};
 
-use super::types::{ChatCompletionRequest, CompletionRequest, StreamOptions};
+use super::types::{ChatCompletionRequest, ChatMessageIn, CompletionRequest, StreamOptions};
 use crate::GatewayError;
 
 /// Most choices per prompt.
@@ -344,7 +344,7 @@ fn common(c: CommonIn<'_>) -> Result<Common, GatewayError> {
     })
 }
 
-fn require_model(model: &str) -> Result<String, GatewayError> {
+pub(crate) fn require_model(model: &str) -> Result<String, GatewayError> {
     if model.is_empty() {
         return Err(invalid("model", "`model` must be a non-empty string naming a served model"));
     }
@@ -419,16 +419,13 @@ macro_rules! common_in {
     };
 }
 
-/// Validates a chat request body.
-pub fn parse_chat(body: &[u8]) -> Result<Plan, GatewayError> {
-    let req: ChatCompletionRequest = parse_json(body)?;
-    let model = require_model(&req.model)?;
-    refuse_unsupported(&req)?;
-    if req.messages.is_empty() {
+/// The checked messages of a chat: roles named as templates know them, contents as text.
+pub(crate) fn chat_messages(input: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, GatewayError> {
+    if input.is_empty() {
         return Err(invalid("messages", "`messages` must contain at least one message"));
     }
-    let mut messages = Vec::with_capacity(req.messages.len());
-    for (i, m) in req.messages.iter().enumerate() {
+    let mut messages = Vec::with_capacity(input.len());
+    for (i, m) in input.iter().enumerate() {
         let role = match m.role.as_str() {
             "system" | "developer" => "system",
             "user" => "user",
@@ -445,6 +442,15 @@ pub fn parse_chat(body: &[u8]) -> Result<Plan, GatewayError> {
         let content = message_text(i, role, m.content.as_ref())?;
         messages.push(ChatMessage { role: role.to_string(), content });
     }
+    Ok(messages)
+}
+
+/// Validates a chat request body.
+pub fn parse_chat(body: &[u8]) -> Result<Plan, GatewayError> {
+    let req: ChatCompletionRequest = parse_json(body)?;
+    let model = require_model(&req.model)?;
+    refuse_unsupported(&req)?;
+    let messages = chat_messages(&req.messages)?;
     let common = common(common_in!(req))?;
     let max_tokens = max_tokens_param("max_tokens", req.max_tokens.as_ref())?;
     let max_completion_tokens = max_tokens_param("max_completion_tokens", req.max_completion_tokens.as_ref())?;
@@ -548,7 +554,7 @@ fn refuse_unsupported(req: &ChatCompletionRequest) -> Result<(), GatewayError> {
 }
 
 /// A list of token ids at `path` (e.g. `prompt` or `prompt[2]`), each naming itself when invalid.
-fn token_ids(list: &[Value], path: &str) -> Result<Vec<u32>, GatewayError> {
+pub(crate) fn token_ids(list: &[Value], path: &str) -> Result<Vec<u32>, GatewayError> {
     list.iter()
         .enumerate()
         .map(|(k, v)| {
