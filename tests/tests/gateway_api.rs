@@ -141,7 +141,8 @@ async fn malformed_requests_get_documented_errors() {
         ("logit_bias past the vocabulary", with("logit_bias", json!({"4000000": 5})), 400),
         ("stop_token_ids past the vocabulary", with("stop_token_ids", json!([4000000])), 400),
         ("min_tokens over max_tokens", with("min_tokens", json!(3)), 400),
-        ("json mode, not supported yet", with("response_format", json!({"type": "json_object"})), 400),
+        ("a json_schema without its schema", with("response_format", json!({"type": "json_schema"})), 400),
+        ("a regex llguidance refuses", with("structured_outputs", json!({"regex": "(unclosed"})), 400),
         ("tools, not supported yet", with("tools", json!([{"type": "function", "function": {"name": "f"}}])), 400),
         ("unknown model", with("model", json!("no-such-model")), 404),
         ("prompt over the context", with("messages", json!([{"role": "user", "content": long_prompt}])), 400),
@@ -184,6 +185,24 @@ async fn malformed_requests_get_documented_errors() {
     }
 }
 
+/// A chat request asking `content`, with `extra` fields set over `base`'s.
+fn chat_body(content: &str, base: Value, extra: Value) -> Value {
+    let mut body = json!({"model": MODEL, "messages": [{"role": "user", "content": content}]});
+    for (k, v) in base.as_object().unwrap().iter().chain(extra.as_object().unwrap()) {
+        body[k] = v.clone();
+    }
+    body
+}
+
+/// A controller, one worker on the test model and a gateway that has seen it.
+async fn one_worker_cluster() -> (herd_tests::cluster::Proc, herd_tests::cluster::Proc, herd_tests::cluster::Proc) {
+    let ctl = controller("127.0.0.1:0", "5s");
+    let w = worker(&ctl, &[]);
+    let gw = gateway(&ctl);
+    wait_for_workers(&gw, 1, Duration::from_secs(120)).await;
+    (ctl, w, gw)
+}
+
 /// The test model in-process, for the token ids of answers the gateway gives as text.
 fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
@@ -201,17 +220,10 @@ fn greedy_ids(question: &str, max_tokens: usize) -> (Vec<u32>, String, &'static 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn logit_bias_stop_token_ids_and_min_tokens_change_the_answer() {
-    let ctl = controller("127.0.0.1:0", "5s");
-    let _w = worker(&ctl, &[]);
-    let gw = gateway(&ctl);
-    wait_for_workers(&gw, 1, Duration::from_secs(120)).await;
+    let (_ctl, _w, gw) = one_worker_cluster().await;
     let url = format!("{}/v1/chat/completions", gw.url());
     let ask = |question: &str, extra: Value| {
-        let mut body = json!({"model": MODEL, "messages": [{"role": "user", "content": question}],
-            "temperature": 0, "max_tokens": 40});
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
+        let body = chat_body(question, json!({"temperature": 0, "max_tokens": 40}), extra);
         let url = url.clone();
         async move {
             let (status, resp) = post(&url, &body).await;
@@ -305,4 +317,63 @@ async fn tokenize_and_detokenize_round_trip_through_a_worker() {
             assert_eq!(resp["error"]["param"], param, "{body}: {resp}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn constrained_answers_are_json_of_their_schema_or_match_their_regex() {
+    let (_ctl, _w, gw) = one_worker_cluster().await;
+    let url = format!("{}/v1/chat/completions", gw.url());
+    let ask = |content: &str, extra: Value| chat_body(content, json!({"max_tokens": 300}), extra);
+    let answer = |resp: &Value| {
+        let choice = &resp["choices"][0];
+        assert_eq!(choice["finish_reason"], "stop", "the constraint ends the answer: {resp}");
+        choice["message"]["content"].as_str().unwrap().to_string()
+    };
+
+    let schema = json!({"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0, "maximum": 30},
+        "color": {"enum": ["black", "white", "orange"]},
+        "toys": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 3}},
+        "required": ["name", "age", "color", "toys"], "additionalProperties": false});
+    let format = json!({"type": "json_schema", "json_schema": {"name": "cat", "schema": schema, "strict": true}});
+    for seed in 0..3 {
+        let body = ask("Describe a cat as JSON.", json!({"response_format": format, "seed": seed, "temperature": 1}));
+        let (status, resp) = post(&url, &body).await;
+        assert_eq!(status, 200, "{resp}");
+        let text = answer(&resp);
+        let cat: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+        let keys: std::collections::BTreeSet<&str> = cat.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(keys, ["age", "color", "name", "toys"].into(), "{text}");
+        assert!(cat["name"].as_str().is_some_and(|n| n.chars().count() <= 20), "{text}");
+        assert!(cat["age"].as_i64().is_some_and(|a| (0..=30).contains(&a)), "{text}");
+        assert!(["black", "white", "orange"].contains(&cat["color"].as_str().unwrap()), "{text}");
+        let toys = cat["toys"].as_array().unwrap();
+        assert!(toys.len() <= 3 && toys.iter().all(|t| t.as_str().is_some_and(|t| t.chars().count() <= 10)), "{text}");
+        // Streamed, the same seed gives the same JSON.
+        let mut streaming = body.clone();
+        streaming["stream"] = json!(true);
+        assert_eq!(stream_text(&url, &streaming).await.0, text);
+    }
+
+    let (status, resp) = post(
+        &url,
+        &ask(
+            "Who wrote Hamlet? Reply with a JSON object with one key, \"author\".",
+            json!({"response_format": {"type": "json_object"}, "temperature": 0}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{resp}");
+    let text = answer(&resp);
+    assert!(serde_json::from_str::<Value>(&text).is_ok_and(|v| v.is_object()), "{text:?}");
+
+    let (status, resp) =
+        post(&url, &ask("What is your phone number?", json!({"structured_outputs": {"regex": "[0-9]{3}-[0-9]{4}"}})))
+            .await;
+    assert_eq!(status, 200, "{resp}");
+    let phone = answer(&resp);
+    let digits: Vec<&str> = phone.split('-').collect();
+    assert!(digits.len() == 2 && digits[0].len() == 3 && digits[1].len() == 4, "{phone:?}");
+    assert!(digits.iter().all(|d| d.bytes().all(|b| b.is_ascii_digit())), "{phone:?}");
 }

@@ -11,6 +11,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::engine::grammar::Constraint;
 use crate::engine::{ChatTemplate, Engine, EngineError, FinishReason, GenerationParams, Message, SamplingParams, Step};
 use crate::error::WorkerError;
 use crate::metrics::WorkerMetrics;
@@ -218,7 +219,21 @@ impl Prompt {
     }
 }
 
-fn generation_params(req: &pb::GenerateRequest) -> GenerationParams {
+/// The engine's form of a request's output constraint; a schema that is not JSON is refused.
+fn constraint(req: &pb::GenerateRequest) -> Result<Option<Constraint>, WorkerError> {
+    use pb::output_constraint::Kind;
+    let Some(kind) = req.constraint.as_ref().and_then(|c| c.kind.clone()) else { return Ok(None) };
+    Ok(Some(match kind {
+        Kind::JsonObject(_) => Constraint::JsonObject,
+        Kind::JsonSchema(text) => Constraint::JsonSchema(serde_json::from_str(&text).map_err(|e| {
+            WorkerError::from(EngineError::InvalidArgument(format!("the JSON schema is not JSON: {e}")))
+        })?),
+        Kind::Regex(rx) => Constraint::Regex(rx),
+        Kind::Lark(lark) => Constraint::Lark(lark),
+    }))
+}
+
+fn generation_params(req: &pb::GenerateRequest) -> Result<GenerationParams, WorkerError> {
     let sampling = req.sampling.as_ref().map_or_else(SamplingParams::default, |s| SamplingParams {
         temperature: s.temperature,
         top_p: if s.top_p == 0.0 { 1.0 } else { s.top_p },
@@ -230,7 +245,7 @@ fn generation_params(req: &pb::GenerateRequest) -> GenerationParams {
         min_p: s.min_p,
         logit_bias: s.logit_bias.iter().map(|(&id, &bias)| (id, bias)).collect(),
     });
-    GenerationParams {
+    Ok(GenerationParams {
         sampling,
         max_tokens: req.max_tokens.map(|n| n as usize),
         stop: req.stop.clone(),
@@ -240,7 +255,8 @@ fn generation_params(req: &pb::GenerateRequest) -> GenerationParams {
         min_tokens: req.min_tokens as usize,
         include_stop_str_in_output: req.include_stop_str_in_output,
         keep_special_tokens: req.keep_special_tokens,
-    }
+        constraint: constraint(req)?,
+    })
 }
 
 fn chunk(step: Step, prompt_tokens: usize, completion_tokens: usize) -> pb::GenerateChunk {
@@ -306,7 +322,7 @@ impl WorkerService {
         let (serving, _admitting) = self.core.admit(&req.model)?;
         let engine = serving.engine.clone();
         let ids = Prompt::from_generate(req.input.take())?.ids(&engine, &self.core.tokenized).await?;
-        let seq = engine.start(&ids, &generation_params(&req))?;
+        let seq = engine.start(&ids, &generation_params(&req)?)?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         serving.scheduler.submit(seq, tx).map_err(|e| match e {
             SubmitError::QueueFull => WorkerError::QueueFull(serving.scheduler.load().waiting()),

@@ -3,7 +3,8 @@
 use std::collections::HashMap;
 
 use herd_proto::v1::generate_request::Input;
-use herd_proto::v1::{ChatInput, ChatMessage, GenerateRequest, Sampling, TokenIds};
+use herd_proto::v1::output_constraint::Kind;
+use herd_proto::v1::{ChatInput, ChatMessage, GenerateRequest, OutputConstraint, Sampling, TokenIds};
 use serde::de::DeserializeOwned;
 use serde_json::{Number, Value};
 
@@ -266,6 +267,7 @@ struct CommonIn<'a> {
     min_tokens: Option<&'a Number>,
     include_stop_str_in_output: Option<bool>,
     skip_special_tokens: Option<bool>,
+    structured_outputs: Option<&'a Value>,
 }
 
 /// The shared parameters, checked.
@@ -280,6 +282,7 @@ struct Common {
     min_tokens: u32,
     include_stop_str_in_output: bool,
     skip_special_tokens: bool,
+    constraint: Option<OutputConstraint>,
 }
 
 fn common(c: CommonIn<'_>) -> Result<Common, GatewayError> {
@@ -341,6 +344,7 @@ fn common(c: CommonIn<'_>) -> Result<Common, GatewayError> {
         min_tokens,
         include_stop_str_in_output: c.include_stop_str_in_output.unwrap_or(false),
         skip_special_tokens: c.skip_special_tokens.unwrap_or(true),
+        constraint: structured_outputs(c.structured_outputs)?,
     })
 }
 
@@ -415,6 +419,7 @@ macro_rules! common_in {
             min_tokens: $req.min_tokens.as_ref(),
             include_stop_str_in_output: $req.include_stop_str_in_output,
             skip_special_tokens: $req.skip_special_tokens,
+            structured_outputs: $req.structured_outputs.as_ref(),
         }
     };
 }
@@ -451,7 +456,13 @@ pub fn parse_chat(body: &[u8]) -> Result<Plan, GatewayError> {
     let model = require_model(&req.model)?;
     refuse_unsupported(&req)?;
     let messages = chat_messages(&req.messages)?;
-    let common = common(common_in!(req))?;
+    let mut common = common(common_in!(req))?;
+    if let Some(format) = response_format(req.response_format.as_ref())? {
+        if common.constraint.is_some() {
+            return Err(invalid("response_format", "give `response_format` or `structured_outputs`, not both"));
+        }
+        common.constraint = Some(format);
+    }
     let max_tokens = max_tokens_param("max_tokens", req.max_tokens.as_ref())?;
     let max_completion_tokens = max_tokens_param("max_completion_tokens", req.max_completion_tokens.as_ref())?;
     check_min_tokens(&common, max_completion_tokens.or(max_tokens))?;
@@ -495,6 +506,7 @@ fn with_seed(base: &GenerateRequest, common: &Common, j: u32) -> GenerateRequest
         min_tokens: common.min_tokens,
         include_stop_str_in_output: common.include_stop_str_in_output,
         keep_special_tokens: !common.skip_special_tokens,
+        constraint: common.constraint.clone(),
         ..base.clone()
     }
 }
@@ -510,22 +522,81 @@ fn check_min_tokens(common: &Common, max_tokens: Option<u32>) -> Result<(), Gate
     }
 }
 
+/// Longest JSON schema, regex or grammar a request may carry, in bytes (compiled per request).
+pub const MAX_CONSTRAINT_BYTES: usize = 256 << 10;
+
+/// The output constraint of OpenAI's `response_format`: JSON mode, or a JSON schema.
+fn response_format(value: Option<&Value>) -> Result<Option<OutputConstraint>, GatewayError> {
+    let kind = match value {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(format)) => format,
+        Some(_) => return Err(invalid("response_format", "`response_format` must be an object with a `type`")),
+    };
+    match kind.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(OutputConstraint { kind: Some(Kind::JsonObject(true)) })),
+        Some("json_schema") => {
+            let schema = kind.get("json_schema").and_then(|s| s.get("schema"));
+            match schema {
+                Some(schema @ Value::Object(_)) => {
+                    Ok(Some(constraint_of(Kind::JsonSchema(schema.to_string()), "response_format")?))
+                }
+                _ => Err(invalid(
+                    "response_format.json_schema.schema",
+                    "`response_format.json_schema.schema` must be a JSON schema object",
+                )),
+            }
+        }
+        _ => Err(invalid(
+            "response_format",
+            "`response_format.type` must be \"text\", \"json_object\" or \"json_schema\"",
+        )),
+    }
+}
+
+/// vLLM's `structured_outputs` extension: exactly one of `json` (a schema), `regex` or `grammar`
+/// (Lark).
+fn structured_outputs(value: Option<&Value>) -> Result<Option<OutputConstraint>, GatewayError> {
+    let param = "structured_outputs";
+    let fields = match value {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(fields)) => fields,
+        Some(_) => return Err(invalid(param, "`structured_outputs` must be an object")),
+    };
+    let given: Vec<(&String, &Value)> = fields.iter().filter(|(_, v)| !v.is_null()).collect();
+    let kind = match given.as_slice() {
+        [(name, Value::Object(_))] if name.as_str() == "json" => Kind::JsonSchema(given[0].1.to_string()),
+        [(name, Value::String(rx))] if name.as_str() == "regex" => Kind::Regex(rx.clone()),
+        [(name, Value::String(lark))] if name.as_str() == "grammar" => Kind::Lark(lark.clone()),
+        _ => {
+            return Err(invalid(
+                param,
+                "`structured_outputs` takes exactly one of `json` (a schema object), `regex` or `grammar` (a string)",
+            ));
+        }
+    };
+    Ok(Some(constraint_of(kind, param)?))
+}
+
+/// A constraint of at most [`MAX_CONSTRAINT_BYTES`].
+fn constraint_of(kind: Kind, param: &str) -> Result<OutputConstraint, GatewayError> {
+    let bytes = match &kind {
+        Kind::JsonSchema(text) | Kind::Regex(text) | Kind::Lark(text) => text.len(),
+        Kind::JsonObject(_) => 0,
+    };
+    if bytes > MAX_CONSTRAINT_BYTES {
+        return Err(invalid(
+            param,
+            format!("an output constraint may be at most {MAX_CONSTRAINT_BYTES} bytes, got {bytes}"),
+        ));
+    }
+    Ok(OutputConstraint { kind: Some(kind) })
+}
+
 /// Refuses the chat fields herd knows but cannot honour yet, rather than answering as if they
 /// were not there.
 fn refuse_unsupported(req: &ChatCompletionRequest) -> Result<(), GatewayError> {
     let absent = |v: &Option<Value>| matches!(v, None | Some(Value::Null));
-    match &req.response_format {
-        None | Some(Value::Null) => {}
-        Some(Value::Object(format)) if format.get("type").and_then(Value::as_str) == Some("text") => {}
-        Some(Value::Object(format)) => {
-            let kind = format.get("type").map_or_else(|| "no type".to_string(), Value::to_string);
-            return Err(invalid(
-                "response_format",
-                format!("`response_format` of type {kind} is not supported: herd does not constrain output yet"),
-            ));
-        }
-        Some(_) => return Err(invalid("response_format", "`response_format` must be an object with a `type`")),
-    }
     if !absent(&req.tools) && req.tools.as_ref().and_then(Value::as_array).is_none_or(|t| !t.is_empty()) {
         return Err(invalid("tools", "`tools` is not supported: herd does not call tools yet"));
     }
@@ -748,7 +819,11 @@ mod tests {
             (format!(r#"{{"model":"m",{MSG},"min_tokens":-1}}"#), Some("min_tokens"), "between 0"),
             (format!(r#"{{"model":"m",{MSG},"min_tokens":9,"max_tokens":8}}"#), Some("min_tokens"), "at most `max_tokens` (8)"),
             (format!(r#"{{"model":"m",{MSG},"skip_special_tokens":"no"}}"#), Some("skip_special_tokens"), "invalid type"),
-            (format!(r#"{{"model":"m",{MSG},"response_format":{{"type":"json_object"}}}}"#), Some("response_format"), "\"json_object\" is not supported"),
+            (format!(r#"{{"model":"m",{MSG},"response_format":{{"type":"xml"}}}}"#), Some("response_format"), "must be \"text\""),
+            (format!(r#"{{"model":"m",{MSG},"response_format":{{"type":"json_schema","json_schema":{{"name":"x"}}}}}}"#), Some("response_format.json_schema.schema"), "JSON schema object"),
+            (format!(r#"{{"model":"m",{MSG},"structured_outputs":{{"regex":"a+","grammar":"start: \"a\""}}}}"#), Some("structured_outputs"), "exactly one"),
+            (format!(r#"{{"model":"m",{MSG},"structured_outputs":{{"json":"not an object"}}}}"#), Some("structured_outputs"), "exactly one"),
+            (format!(r#"{{"model":"m",{MSG},"structured_outputs":{{"regex":"a"}},"response_format":{{"type":"json_object"}}}}"#), Some("response_format"), "not both"),
             (format!(r#"{{"model":"m",{MSG},"response_format":"json"}}"#), Some("response_format"), "an object"),
             (format!(r#"{{"model":"m",{MSG},"tools":[{{"type":"function","function":{{"name":"f"}}}}]}}"#), Some("tools"), "not supported"),
             (format!(r#"{{"model":"m",{MSG},"tool_choice":"required"}}"#), Some("tool_choice"), "not supported"),
@@ -849,6 +924,36 @@ mod tests {
         let r = &plan.choices[0].request;
         assert!(!r.include_stop_str_in_output && !r.keep_special_tokens, "vLLM's defaults");
         assert_eq!(completion_err(r#"{"model":"m","prompt":"x","min_tokens":17}"#).1.as_deref(), Some("min_tokens"));
+    }
+
+    #[test]
+    fn output_constraints_travel_to_the_worker() {
+        let kind = |body: &str| {
+            let plan = parse_chat(format!(r#"{{"model":"m",{MSG},"n":2,{body}}}"#).as_bytes()).unwrap();
+            let kinds: Vec<_> =
+                plan.choices.iter().map(|c| c.request.constraint.clone().and_then(|c| c.kind)).collect();
+            assert_eq!(kinds[0], kinds[1], "every choice is constrained alike");
+            kinds[0].clone()
+        };
+        assert_eq!(kind(r#""response_format":{"type":"text"}"#), None);
+        assert_eq!(kind(r#""response_format":{"type":"json_object"}"#), Some(Kind::JsonObject(true)));
+        let schema = r#"{"type":"object","properties":{"a":{"type":"integer"}}}"#;
+        let Some(Kind::JsonSchema(text)) = kind(&format!(
+            r#""response_format":{{"type":"json_schema","json_schema":{{"name":"n","schema":{schema},"strict":true}}}}"#
+        )) else {
+            panic!("no schema")
+        };
+        assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), serde_json::from_str::<Value>(schema).unwrap());
+        assert_eq!(kind(r#""structured_outputs":{"regex":"[0-9]+"}"#), Some(Kind::Regex("[0-9]+".into())));
+        assert_eq!(
+            kind(r#""structured_outputs":{"grammar":"start: \"a\"","json":null}"#),
+            Some(Kind::Lark("start: \"a\"".into()))
+        );
+        let huge = format!(
+            r#"{{"model":"m","prompt":"x","structured_outputs":{{"regex":"{}"}}}}"#,
+            "a".repeat(MAX_CONSTRAINT_BYTES + 1)
+        );
+        assert_eq!(completion_err(&huge).1.as_deref(), Some("structured_outputs"));
     }
 
     #[test]

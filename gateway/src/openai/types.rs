@@ -48,7 +48,8 @@ pub struct ChatCompletionRequest {
     pub stream: Option<bool>,
     /// Streaming options.
     pub stream_options: Option<StreamOptions>,
-    /// Only `{"type": "text"}` (or absent) is accepted until constrained decoding lands.
+    /// `{"type": "text"}`, `{"type": "json_object"}` (JSON mode) or `{"type": "json_schema",
+    /// "json_schema": {"name", "schema", "strict"}}`.
     pub response_format: Option<Value>,
     /// Only an empty list (or absent) is accepted until tool calls land.
     pub tools: Option<Value>,
@@ -82,6 +83,8 @@ pub struct ChatCompletionRequest {
     pub include_stop_str_in_output: Option<bool>,
     /// Extension (vLLM's): leave special tokens out of the text (the default) or write them out.
     pub skip_special_tokens: Option<bool>,
+    /// Extension (vLLM's): constrain the output to one of `json` (a schema), `regex` or `grammar`.
+    pub structured_outputs: Option<Value>,
 }
 
 /// One message of a chat request.
@@ -155,6 +158,8 @@ pub struct CompletionRequest {
     pub include_stop_str_in_output: Option<bool>,
     /// Extension (vLLM's): leave special tokens out of the text (the default) or write them out.
     pub skip_special_tokens: Option<bool>,
+    /// Extension (vLLM's): constrain the output to one of `json` (a schema), `regex` or `grammar`.
+    pub structured_outputs: Option<Value>,
 }
 
 /// Token counts of a response.

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod detok;
 pub mod error;
+pub mod grammar;
 pub mod host;
 pub mod kv;
 pub mod llamacpp;
@@ -178,6 +179,8 @@ pub struct GenerationParams {
     pub include_stop_str_in_output: bool,
     /// Write special tokens out in the text instead of leaving them out.
     pub keep_special_tokens: bool,
+    /// What the output must match (JSON, a schema, a regex, a grammar).
+    pub constraint: Option<grammar::Constraint>,
 }
 
 /// Why generation ended, in OpenAI's terms.
@@ -246,6 +249,8 @@ pub struct Engine {
     template_source: TemplateSource,
     eos_ids: Vec<u32>,
     path: PathBuf,
+    /// Compiles output constraints (JSON mode, schemas, regexes) for this vocabulary.
+    grammars: grammar::Grammars,
 }
 
 /// Prompt tokens shared with a prompt of the same step worth waiting a step for.
@@ -419,7 +424,15 @@ impl Engine {
             prefix_caching = opts.kv.prefix_caching,
             "model loaded"
         );
-        Ok(Self { model, tokenizer, template, template_source, eos_ids, path: path.clone() })
+        Ok(Self {
+            model,
+            tokenizer,
+            template,
+            template_source,
+            eos_ids,
+            path: path.clone(),
+            grammars: Default::default(),
+        })
     }
 
     /// The model's hyper-parameters.
@@ -592,6 +605,13 @@ impl Engine {
         if !params.ignore_eos {
             stop_ids.extend(&self.eos_ids);
         }
+        let grammar = match &params.constraint {
+            Some(_) if params.ignore_eos => {
+                return Err(EngineError::InvalidArgument("an output constraint needs EOS: drop ignore_eos".into()));
+            }
+            Some(c) => Some(self.grammars.matcher(c, &self.tokenizer, self.config().vocab_size, &self.eos_ids)?),
+            None => None,
+        };
         Ok(Sequence {
             cache: self.model.new_cache(),
             sampler: Sampler::new(params.sampling.clone()),
@@ -606,6 +626,7 @@ impl Engine {
                 StopMatcher::new(&stops)
             },
             stop_ids,
+            grammar,
             logprobs: params.logprobs,
             max_tokens,
             min_tokens: params.min_tokens,
@@ -775,9 +796,24 @@ impl Engine {
                 }
             }
         }
+        if let Some(matcher) = &mut seq.grammar {
+            // Only what the constraint allows next; EOS once it is complete.
+            let allowed =
+                matcher.compute_mask_or_eos().map_err(|e| EngineError::Model(format!("output constraint: {e}")))?;
+            allowed.iter_unset_entries(|i| {
+                if let Some(l) = row.get_mut(i) {
+                    *l = f32::NEG_INFINITY;
+                }
+            });
+        }
         let id = seq.sampler.sample(&row);
         seq.out.push(id);
         seq.context.push(id);
+        let mut complete = false;
+        if let Some(matcher) = seq.grammar.as_mut().filter(|_| !seq.stop_ids.contains(&id)) {
+            matcher.consume_token(id).map_err(|e| EngineError::Model(format!("output constraint: {e}")))?;
+            complete = matcher.is_stopped();
+        }
         let mut step = Step {
             token: None,
             text: String::new(),
@@ -807,7 +843,7 @@ impl Engine {
             };
             step.token = Some(id);
             step.text = released.emit;
-            if released.stopped {
+            if released.stopped || complete {
                 step.finish = Some(FinishReason::Stop);
             } else if seq.out.len() >= seq.max_tokens {
                 step.finish = Some(FinishReason::Length);
@@ -870,6 +906,8 @@ pub struct Sequence {
     detok: IncrementalDecoder,
     stopper: StopMatcher,
     stop_ids: Vec<u32>,
+    /// The matcher of its output constraint, advanced token by token.
+    grammar: Option<llguidance::Matcher>,
     logprobs: Option<usize>,
     max_tokens: usize,
     /// Tokens to sample before anything but `max_tokens` may end it.
