@@ -96,6 +96,11 @@ pub struct BenchArgs {
     /// (Multi-turn user messages always carry such numbers.)
     #[arg(long, conflicts_with = "engine")]
     unique_prompts: bool,
+    /// Constrain every answer to this JSON schema (a file), as `structured_outputs.json`: measures
+    /// what constrained decoding costs. EOS is then not ignored; a schema that needs more than
+    /// `--max-tokens` tokens still makes every request that long.
+    #[arg(long, value_name = "FILE", conflicts_with = "engine")]
+    json_schema: Option<PathBuf>,
     /// Stop starting requests after this long, and give up on those still running.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     time_limit: Duration,
@@ -265,6 +270,9 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Value> {
     if !(base.starts_with("http://") || base.starts_with("https://")) {
         bail!("--url {base}: expected an http:// or https:// URL");
     }
+    if args.json_schema.is_some() && args.workload == Workload::MultiTurn {
+        bail!("--json-schema applies to the single workload only");
+    }
     let http = crate::openai_client::http_client(args.api_key.as_deref(), args.ca_cert.as_deref())?;
     let model = match args.model.clone() {
         Some(m) => m,
@@ -287,14 +295,29 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Value> {
 async fn single(args: &BenchArgs, http: &reqwest::Client, base: &str, model: &str) -> anyhow::Result<Value> {
     let prompt = filler(args.prompt_tokens);
     let (unique, max_tokens, name) = (args.unique_prompts, args.max_tokens, model.to_string());
+    let schema = match &args.json_schema {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--json-schema {}: cannot read it", path.display()))?;
+            let schema: Value =
+                serde_json::from_str(&text).with_context(|| format!("--json-schema {}: not JSON", path.display()))?;
+            Some(schema)
+        }
+    };
     // A number of this run's own, so that no earlier run's prompts are cached either.
     let run = rand::random::<u32>();
     let body = move |i: usize| {
         let prompt = if unique { format!("{run}-{i} {prompt}") } else { prompt.clone() };
-        json!({
+        let mut body = json!({
             "model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "stream": true, "stream_options": {"include_usage": true}, "ignore_eos": true,
-        })
+            "stream": true, "stream_options": {"include_usage": true},
+        });
+        match &schema {
+            Some(schema) => body["structured_outputs"] = json!({"json": schema}),
+            None => body["ignore_eos"] = json!(true),
+        }
+        body
     };
     let url = format!("{base}/v1/completions");
     let deadline = Instant::now() + args.time_limit;
@@ -328,6 +351,7 @@ async fn single(args: &BenchArgs, http: &reqwest::Client, base: &str, model: &st
         "workload": "single",
         "url": base, "model": model, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
         "prompt_tokens": args.prompt_tokens, "unique_prompts": args.unique_prompts,
+        "json_schema": args.json_schema.as_ref().map(|p| p.display().to_string()),
         "completed": ok.len(), "failed": failed.len(), "errors": distinct_errors(&failed),
         "not_started": args.requests as usize - ok.len() - failed.len(),
         "seconds": elapsed, "output_tokens": tokens, "output_tokens_per_s": tokens as f64 / elapsed,
