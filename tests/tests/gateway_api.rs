@@ -376,4 +376,12 @@ async fn constrained_answers_are_json_of_their_schema_or_match_their_regex() {
     let digits: Vec<&str> = phone.split('-').collect();
     assert!(digits.len() == 2 && digits[0].len() == 3 && digits[1].len() == 4, "{phone:?}");
     assert!(digits.iter().all(|d| d.bytes().all(|b| b.is_ascii_digit())), "{phone:?}");
+    // A complete constraint ends the answer even before min_tokens: it allows nothing more.
+    let body = ask(
+        "What is your phone number?",
+        json!({"structured_outputs": {"regex": "[0-9]{3}-[0-9]{4}"}, "min_tokens": 30}),
+    );
+    let (status, resp) = post(&url, &body).await;
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(answer(&resp).len(), 8, "{resp}");
 }

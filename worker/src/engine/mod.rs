@@ -788,14 +788,6 @@ impl Engine {
     fn sample(&self, seq: &mut Sequence, mut row: Vec<f32>) -> Result<Step> {
         let logprob_of = seq.logprobs.map(|n| (n, sampler::log_softmax(&row)));
         seq.sampler.apply_penalties(&mut row, &seq.context, &seq.out);
-        let early = seq.out.len() < seq.min_tokens;
-        if early {
-            for &id in &seq.stop_ids {
-                if let Some(l) = row.get_mut(id as usize) {
-                    *l = f32::NEG_INFINITY;
-                }
-            }
-        }
         if let Some(matcher) = &mut seq.grammar {
             // Only what the constraint allows next; EOS once it is complete.
             let allowed =
@@ -805,6 +797,19 @@ impl Engine {
                     *l = f32::NEG_INFINITY;
                 }
             });
+        }
+        if seq.out.len() < seq.min_tokens {
+            let ends: Vec<(usize, f32)> =
+                seq.stop_ids.iter().filter_map(|&id| row.get(id as usize).map(|&l| (id as usize, l))).collect();
+            for &(id, _) in &ends {
+                row[id] = f32::NEG_INFINITY;
+            }
+            // A constraint that allows nothing but the end wins over min_tokens.
+            if !row.iter().any(|l| l.is_finite()) {
+                for (id, l) in ends {
+                    row[id] = l;
+                }
+            }
         }
         let id = seq.sampler.sample(&row);
         seq.out.push(id);
