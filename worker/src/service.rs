@@ -322,7 +322,17 @@ impl WorkerService {
         let (serving, _admitting) = self.core.admit(&req.model)?;
         let engine = serving.engine.clone();
         let ids = Prompt::from_generate(req.input.take())?.ids(&engine, &self.core.tokenized).await?;
-        let seq = engine.start(&ids, &generation_params(&req)?)?;
+        let params = generation_params(&req)?;
+        // Compiling an output constraint (and, the first time, the vocabulary's token trie) can
+        // take a while: not on the async threads.
+        let seq = if params.constraint.is_some() {
+            let (engine, ids) = (engine.clone(), ids.clone());
+            tokio::task::spawn_blocking(move || engine.start(&ids, &params))
+                .await
+                .map_err(|e| WorkerError::Server(format!("constraint compile task: {e}")))??
+        } else {
+            engine.start(&ids, &params)?
+        };
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         serving.scheduler.submit(seq, tx).map_err(|e| match e {
             SubmitError::QueueFull => WorkerError::QueueFull(serving.scheduler.load().waiting()),
