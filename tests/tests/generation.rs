@@ -202,3 +202,34 @@ fn message_text_never_becomes_special_tokens() {
     let clean = e.encode_chat(&[Message::new("user", "a"), Message::new("assistant", "b"), Message::new("user", "c")]);
     assert_eq!(count(&ids), count(&clean.unwrap()));
 }
+
+#[test]
+fn constraints_hold_on_a_sentencepiece_vocabulary() {
+    // Vicuna's kind of vocabulary: "▁" for spaces and byte-fallback tokens.
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    let dims = herd_tests::tiny::Dims::BASE;
+    herd_tests::tiny::write_hf(&model, dims, &herd_tests::tiny::tensors(dims, 5), 1);
+    let engine = Engine::load(&LoadOptions::new(&model), &mut |_, _| {}).unwrap();
+    let ids = engine.tokenizer().encode("the quick brown fox").unwrap();
+    use herd_worker::engine::grammar::Constraint;
+    for seed in 0..4 {
+        let params = |constraint| GenerationParams {
+            sampling: SamplingParams { seed: Some(seed), ..SamplingParams::default() },
+            max_tokens: Some(64),
+            constraint: Some(constraint),
+            ..Default::default()
+        };
+        let done = engine.generate(&ids, &params(Constraint::Regex("[a-z]{3} [a-z]{2}!".into())), &mut |_| {}).unwrap();
+        let (word, rest) = done.text.split_once(' ').unwrap_or_else(|| panic!("{:?}", done.text));
+        assert!(word.len() == 3 && rest.len() == 3 && rest.ends_with('!'), "{:?}", done.text);
+        assert!(format!("{word}{}", &rest[..2]).bytes().all(|b| b.is_ascii_lowercase()), "{:?}", done.text);
+        assert_eq!(done.finish_reason, FinishReason::Stop);
+        let schema = serde_json::json!({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+            "required": ["n"], "additionalProperties": false});
+        let done = engine.generate(&ids, &params(Constraint::JsonSchema(schema)), &mut |_| {}).unwrap();
+        let value: serde_json::Value =
+            serde_json::from_str(&done.text).unwrap_or_else(|e| panic!("{e}: {:?}", done.text));
+        assert!(value["n"].as_u64().is_some_and(|n| n <= 9), "{value}");
+    }
+}
