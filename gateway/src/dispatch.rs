@@ -14,7 +14,7 @@ use tracing::{debug, warn};
 use crate::auth::Reservation;
 use crate::metrics::{GatewayMetrics, Pacer, since};
 use crate::prefix::Route;
-use crate::router::{InflightGuard, Lookup, WorkerTable};
+use crate::router::{InflightGuard, Lookup, Picked, WorkerTable};
 use crate::{Deadlines, GatewayError};
 
 /// Codes after which a worker is presumed broken: mark it down and try another. `Unknown` is what a
@@ -77,6 +77,30 @@ impl Ctx {
         }
     }
 
+    /// Marks a call with the request id, for the worker's logs.
+    fn tag(&self, metadata: &mut MetadataMap) {
+        if let Ok(value) = MetadataValue::try_from(self.request_id.as_str()) {
+            metadata.insert("x-request-id", value);
+        }
+    }
+
+    /// What a failed call to `worker_id` means: a full queue or a broken worker lets the caller
+    /// try another (noted in `attempts`); any other failure is the request's, and its answer.
+    fn failed_over(&self, worker_id: &str, status: &Status, attempts: &mut Attempts) -> Result<(), GatewayError> {
+        match status.code() {
+            Code::ResourceExhausted => {
+                debug!(request_id = %self.request_id, worker = %worker_id, "worker queue full; trying another");
+                attempts.exhausted = true;
+            }
+            code if is_worker_failure(code) => {
+                self.worker_failed(worker_id, status);
+                attempts.last_failure = Some(status.message().to_string());
+            }
+            _ => return Err(GatewayError::from_status(status, self.prompt_param)),
+        }
+        Ok(())
+    }
+
     /// Runs a unary call (`call` with a client of the chosen worker) on the best worker by load,
     /// failing over like [`Ctx::open`] while the failure is the worker's.
     pub async fn unary<T, F, Fut>(&self, call: F) -> Result<T, GatewayError>
@@ -90,29 +114,24 @@ impl Ctx {
                 return Err(self.no_worker(&attempts));
             };
             attempts.tried.insert(picked.worker_id.clone());
-            let client = WorkerClient::new(picked.channel.clone())
-                .max_encoding_message_size(herd_proto::MAX_WORKER_REQUEST_BYTES)
-                .max_decoding_message_size(herd_proto::MAX_WORKER_REQUEST_BYTES);
             let mut metadata = MetadataMap::new();
-            if let Ok(value) = MetadataValue::try_from(self.request_id.as_str()) {
-                metadata.insert("x-request-id", value);
-            }
+            self.tag(&mut metadata);
             let accept = self.deadlines.accept;
-            let status = match tokio::time::timeout(accept, call(client, metadata)).await {
+            let status = match tokio::time::timeout(accept, call(client(&picked), metadata)).await {
                 Ok(Ok(response)) => return Ok(response.into_inner()),
                 Ok(Err(status)) => status,
                 Err(_) => Status::unavailable(format!("the worker did not answer within {accept:?}")),
             };
-            match status.code() {
-                Code::ResourceExhausted => attempts.exhausted = true,
-                code if is_worker_failure(code) => {
-                    self.worker_failed(&picked.worker_id, &status);
-                    attempts.last_failure = Some(status.message().to_string());
-                }
-                _ => return Err(GatewayError::from_status(&status, self.prompt_param)),
-            }
+            self.failed_over(&picked.worker_id, &status, &mut attempts)?;
         }
     }
+}
+
+/// A client of the picked worker, sending and reading messages up to the workers' request limit.
+fn client(picked: &Picked) -> WorkerClient<AuthChannel> {
+    WorkerClient::new(picked.channel.clone())
+        .max_encoding_message_size(herd_proto::MAX_WORKER_REQUEST_BYTES)
+        .max_decoding_message_size(herd_proto::MAX_WORKER_REQUEST_BYTES)
 }
 
 /// A prompt and its blocks (`None`: not encoded, the call is routed by load).
@@ -232,12 +251,9 @@ impl Ctx {
                    policy = d.policy, reason = d.reason.label(), overlap_blocks = d.overlap,
                    shared_blocks = d.shared, prompt_blocks = d.prompt_blocks, load = d.load, least_load = d.least_load, "calling worker");
             self.metrics.routed(d);
-            let mut client = WorkerClient::new(picked.channel.clone())
-                .max_encoding_message_size(herd_proto::MAX_WORKER_REQUEST_BYTES);
+            let mut client = client(&picked);
             let mut call = tonic::Request::new(request.clone());
-            if let Ok(value) = MetadataValue::try_from(self.request_id.as_str()) {
-                call.metadata_mut().insert("x-request-id", value);
-            }
+            self.tag(call.metadata_mut());
             // A worker that accepts connections and never answers (or never gets to the first
             // token) counts as failed, so the choice moves on instead of hanging.
             let called = Instant::now();
@@ -266,15 +282,7 @@ impl Ctx {
                     self.metrics.first_token(since(self.started));
                     return Ok(Opened { worker_id: picked.worker_id, first, rest, guard: picked.guard });
                 }
-                Err(status) if status.code() == Code::ResourceExhausted => {
-                    debug!(request_id = %self.request_id, worker = %picked.worker_id, "worker queue full; trying another");
-                    attempts.exhausted = true;
-                }
-                Err(status) if is_worker_failure(status.code()) => {
-                    self.worker_failed(&picked.worker_id, &status);
-                    attempts.last_failure = Some(status.message().to_string());
-                }
-                Err(status) => return Err(GatewayError::from_status(&status, self.prompt_param)),
+                Err(status) => self.failed_over(&picked.worker_id, &status, attempts)?,
             }
         }
     }

@@ -310,6 +310,7 @@ async fn tokenize_and_detokenize_round_trip_through_a_worker() {
         (&tokenize, json!({"model": "nope", "prompt": "a"}), 404, "model"),
         (&detokenize, json!({"model": MODEL, "tokens": [1, -1]}), 400, "tokens[1]"),
         (&detokenize, json!({"model": MODEL, "tokens": [4000000]}), 400, ""),
+        (&detokenize, json!({"model": MODEL, "tokens": vec![1; 8193]}), 400, ""),
     ] {
         let (status, resp) = post(url, &body).await;
         assert_eq!(status, want, "{body}: {resp}");
